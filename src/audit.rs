@@ -1,0 +1,108 @@
+//! The audit trail: one JSON object per line for every transition of a run.
+//!
+//! Lines are appended with O_APPEND and fdatasync'ed before the call returns, so a
+//! line that was written survives the process being killed right after, and every
+//! exit path (including the deadline watchdog) has flushed its lines before the
+//! process ends. Each event is also logged through `tracing` for the job's stderr.
+//! Nothing here ever carries key material: only versions and fingerprints.
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+/// One audit line.
+#[derive(Clone, Debug, Serialize, Default)]
+pub struct Event {
+    pub ts: String,
+    pub event: &'static str,
+    pub run_id: String,
+    pub domain: String,
+    pub host: String,
+    pub pool: Option<String>,
+    pub operator: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<u8>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<&'static str>,
+    pub reason: Option<String>,
+    pub from_version: Option<u64>,
+    pub to_version: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub from_fingerprint: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub to_fingerprint: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resolved_run: Option<String>,
+}
+
+impl Event {
+    /// An event about `run`, with the identity fields filled in.
+    pub fn of(event: &'static str, run: &crate::ledger::NewRun) -> Event {
+        Event {
+            event,
+            run_id: run.run_id.clone(),
+            domain: run.domain.clone(),
+            host: run.host.clone(),
+            pool: run.pool.clone(),
+            operator: run.operator.clone(),
+            ..Event::default()
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Audit {
+    path: PathBuf,
+}
+
+impl Audit {
+    pub fn new(path: &Path) -> Audit {
+        Audit {
+            path: path.to_path_buf(),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Appends `event` durably. The timestamp is filled in here.
+    pub fn emit(&self, mut event: Event) -> Result<(), String> {
+        event.ts = crate::ledger::now();
+        tracing::info!(
+            target: "keyrotate::audit",
+            event = event.event,
+            run_id = %event.run_id,
+            domain = %event.domain,
+            exit_code = event.exit_code,
+            reason = event.reason.as_deref().unwrap_or(""),
+            "audit"
+        );
+        let mut line = serde_json::to_vec(&event).expect("json");
+        line.push(b'\n');
+        let fail = |e: std::io::Error| {
+            format!(
+                "audit file {}: {}",
+                self.path.display(),
+                crate::fsutil::io_reason(&e)
+            )
+        };
+        if let Some(parent) = self.path.parent() {
+            if !parent.exists() {
+                crate::fsutil::ensure_private_dir(parent, "audit folder")?;
+            }
+        }
+        let mut f = OpenOptions::new()
+            .append(true)
+            .create(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&self.path)
+            .map_err(fail)?;
+        f.write_all(&line).map_err(fail)?;
+        f.sync_data().map_err(fail)
+    }
+}

@@ -1,0 +1,80 @@
+//! Rotation backends: what one rotation does to the keys, once `rotate` has admitted
+//! the run. The orchestration (lock, ledger, deadline, audit, exit codes) is the same
+//! for every backend; a backend only sees a [`Step`] context through which it reports
+//! progress and asks whether it may go on.
+
+pub mod keystore;
+
+use crate::audit::{Audit, Event};
+use crate::guard::Guard;
+use crate::ledger::{Ledger, NewRun};
+use crate::outcome::{Failure, Outcome};
+
+/// A finished rotation.
+#[derive(Debug, Default)]
+pub struct Rotated {
+    pub from_version: Option<u64>,
+    pub to_version: Option<u64>,
+    pub from_fingerprint: Option<String>,
+    pub to_fingerprint: Option<String>,
+    /// What went wrong after the commit point: the rotation stands, the next run
+    /// finishes the work.
+    pub warnings: Vec<String>,
+    pub summary: String,
+}
+
+/// What a backend may do with the run while it works.
+pub struct Step<'a> {
+    pub run: &'a NewRun,
+    pub guard: &'a Guard,
+    pub ledger: &'a mut Ledger,
+    pub audit: &'a Audit,
+}
+
+impl Step<'_> {
+    /// Records progress (`staged`, `committed`) in the ledger.
+    pub fn advance(
+        &mut self,
+        state: &str,
+        to_version: Option<u64>,
+        detail: &str,
+    ) -> Result<(), String> {
+        let run_id = self.run.run_id.clone();
+        self.ledger
+            .write(state, |w| w.advance(&run_id, state, to_version, detail))
+    }
+
+    /// Records a step event without changing the run's state.
+    pub fn event(&mut self, phase: &str, detail: &str) -> Result<(), String> {
+        let run_id = self.run.run_id.clone();
+        self.ledger
+            .write("event", |w| w.event(&run_id, phase, Some(detail)))
+    }
+
+    /// The commit happened: say so in the ledger and the audit trail. A ledger that
+    /// cannot record it leaves the run's outcome uncertain to everyone else.
+    pub fn committed(&mut self, r: &Rotated) -> Result<(), Failure> {
+        let ledger = self.advance("committed", r.to_version, &r.summary);
+        let audit = self.audit.emit(Event {
+            reason: Some(r.summary.clone()),
+            from_version: r.from_version,
+            to_version: r.to_version,
+            from_fingerprint: r.from_fingerprint.clone(),
+            to_fingerprint: r.to_fingerprint.clone(),
+            ..Event::of("rotation.committed", self.run)
+        });
+        if let Err(e) = ledger {
+            return Err(Failure::new(
+                Outcome::NeedsReview,
+                format!(
+                    "{}, but the ledger could not record the commit: {e}",
+                    r.summary
+                ),
+            ));
+        }
+        if let Err(e) = audit {
+            tracing::warn!("{e}");
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,146 @@
+//! The command line: every clap type lives here; each subcommand's behaviour lives in
+//! its own file under `cmd/`.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "keyrotate",
+    version,
+    about = "Rotate one key domain safely, once, within a deadline (built for Control-M OS jobs)",
+    after_help = "Exit codes: 0 ROTATED, 2 USAGE, 3 ABORTED, 4 NEEDS_REVIEW, 5 BUSY, 6 NOT_DESIGNATED, 7 NOT_DUE, 8 TIMED_OUT"
+)]
+pub struct Cli {
+    /// Config file [default: $KEYROTATE_CONFIG, else /etc/keyrotate/rotate.toml]
+    #[arg(long, global = true, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+
+    /// Format of the log on stderr
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// More log detail on stderr (-v debug, -vv trace)
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+
+    /// Only warnings and errors on stderr
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    pub quiet: bool,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Default)]
+pub enum OutputFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Rotate one domain's keys (the scheduled job)
+    Rotate(RotateArgs),
+    /// Show each domain's versions, last run, block and next due time
+    Status(StatusArgs),
+    /// Show ledger rows, newest first
+    History(HistoryArgs),
+    /// Record the review of a run that blocks its domain, and unblock it
+    Resolve(ResolveArgs),
+    /// Validate config, folders, permissions and backends without changing anything
+    Check(CheckArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct RotateArgs {
+    /// The key domain to rotate
+    #[arg(long, value_name = "NAME")]
+    pub domain: String,
+
+    /// When the run must be finished: a duration (90s, 10m, 1h30m) or an RFC 3339 instant
+    #[arg(long, value_name = "WHEN")]
+    pub deadline: String,
+
+    /// Print the plan and the exit code the real run would return; change nothing
+    #[arg(long)]
+    pub dry_run: bool,
+
+    /// Rotate even if the last success is within min_interval (emergency rotation)
+    #[arg(long)]
+    pub force: bool,
+
+    /// This host's pool [default: $KEYROTATE_POOL, else [host].pool]
+    #[arg(long, value_name = "NAME")]
+    pub pool: Option<String>,
+
+    /// External correlation id, unique in the ledger (e.g. %%ORDERID-%%RUNCOUNT)
+    #[arg(long, value_name = "ID")]
+    pub run_id: Option<String>,
+
+    /// Who runs it [default: $SUDO_USER, else $USER, else the uid]; marks the run manual
+    #[arg(long, value_name = "NAME")]
+    pub operator: Option<String>,
+
+    /// Why this rotation runs (recorded in the ledger and audit)
+    #[arg(long, value_name = "TEXT")]
+    pub reason: Option<String>,
+
+    #[arg(long, value_enum, default_value_t)]
+    pub output: OutputFormat,
+}
+
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    #[arg(long, value_name = "NAME")]
+    pub domain: Option<String>,
+    #[arg(long, value_enum, default_value_t)]
+    pub output: OutputFormat,
+}
+
+#[derive(Args, Debug)]
+pub struct HistoryArgs {
+    #[arg(long, value_name = "NAME")]
+    pub domain: Option<String>,
+    /// At most this many rows
+    #[arg(
+        long,
+        value_name = "N",
+        default_value = "50",
+        allow_hyphen_values = true
+    )]
+    pub limit: String,
+    /// Only runs started at or after WHEN: a duration ago (24h) or an RFC 3339 instant
+    #[arg(long, value_name = "WHEN")]
+    pub since: Option<String>,
+    #[arg(long, value_enum, default_value_t)]
+    pub output: OutputFormat,
+}
+
+#[derive(Args, Debug)]
+pub struct ResolveArgs {
+    #[arg(long, value_name = "NAME")]
+    pub domain: String,
+    /// The run id that blocks the domain (status names it)
+    #[arg(long = "run", value_name = "ID")]
+    pub run: String,
+    /// What was checked and decided
+    #[arg(long, value_name = "TEXT")]
+    pub note: String,
+    #[arg(long, value_name = "NAME")]
+    pub operator: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct CheckArgs {
+    #[arg(long, value_name = "NAME")]
+    pub domain: Option<String>,
+}

@@ -1,0 +1,132 @@
+//! `keyrotate check`: validates config, folders, permissions, ownership, designation
+//! and backend readiness without changing anything. Lists every problem, each naming
+//! the config key it comes from, and exits USAGE (2) if there is any.
+
+use std::os::unix::fs::PermissionsExt;
+
+use super::{load_config, report_failure};
+use crate::cli::{CheckArgs, Cli};
+use crate::config::{Backend, DomainConfig};
+use crate::fsutil;
+use crate::keystore::Keystore;
+use crate::ledger::Ledger;
+use crate::outcome::{Failure, Outcome};
+
+pub fn run(cli: &Cli, args: &CheckArgs) -> Outcome {
+    let config = match load_config(cli) {
+        Ok(c) => c,
+        Err(f) => return report_failure(&f),
+    };
+    let domains: Vec<&DomainConfig> = match &args.domain {
+        Some(d) => match config.domain(d) {
+            Ok(d) => vec![d],
+            Err(e) => return report_failure(&Failure::usage(e)),
+        },
+        None => config.domains.values().collect(),
+    };
+    let mut problems: Vec<String> = Vec::new();
+    let mut notes: Vec<String> = Vec::new();
+    let file = config.path.display().to_string();
+
+    for (dir, key) in [
+        (config.state_dir.clone(), "state.dir"),
+        (config.lock_dir(), "state.dir (locks/)"),
+    ] {
+        if std::fs::symlink_metadata(&dir).is_ok() {
+            if let Err(e) = fsutil::check_secure_dir(&dir, "folder") {
+                problems.push(format!("{file}: {key}: {e}"));
+            }
+        } else {
+            notes.push(format!(
+                "{key}: {} does not exist yet; the first rotate creates it",
+                dir.display()
+            ));
+        }
+    }
+    if let Err(e) = Ledger::open_read_only(&config.ledger_path()) {
+        problems.push(format!("{file}: state.dir: {e}"));
+    }
+    let pool = std::env::var("KEYROTATE_POOL")
+        .ok()
+        .filter(|s| !s.is_empty())
+        .or_else(|| config.host_pool.clone());
+    if pool.is_none() {
+        notes.push("host.pool: not set (and no KEYROTATE_POOL): rotate needs --pool".into());
+    }
+    for d in &domains {
+        let key = format!("domains.{}", d.name);
+        match &pool {
+            Some(p) if *p == d.designated_pool => {
+                notes.push(format!("{key}: this host (pool {p}) is designated"))
+            }
+            Some(p) => notes.push(format!(
+                "{key}: this host (pool {p}) is not designated ({}): rotate exits 6",
+                d.designated_pool
+            )),
+            None => {}
+        }
+        match &d.backend {
+            Backend::Keystore { keystore, .. } => {
+                let ks = Keystore::new(keystore, &d.name);
+                if let Err(e) = ks.check_folders() {
+                    problems.push(format!("{file}: {key}.keystore: {e}"));
+                } else if let Err(e) = ks.inspect() {
+                    problems.push(format!(
+                        "{file}: {key}.keystore: inconsistent key store: {e}"
+                    ));
+                }
+            }
+            Backend::Command { program, .. } => {
+                if let Err(e) = check_program(program) {
+                    problems.push(format!("{file}: {key}.command: {e}"));
+                }
+            }
+        }
+    }
+    for n in &notes {
+        println!("note: {n}");
+    }
+    for p in &problems {
+        println!("problem: {p}");
+    }
+    if problems.is_empty() {
+        println!(
+            "OK {}: {} domain(s) checked, no problems",
+            file,
+            domains.len()
+        );
+        Outcome::Rotated
+    } else {
+        tracing::error!("{} problem(s) found in {file}", problems.len());
+        Outcome::Usage
+    }
+}
+
+/// A hook program must exist, be a regular executable file, and not be writable by
+/// group or others (anyone who can write it can run code as keyrotate).
+pub fn check_program(program: &std::path::Path) -> Result<(), String> {
+    let meta = std::fs::metadata(program)
+        .map_err(|e| format!("program {}: {}", program.display(), fsutil::io_reason(&e)))?;
+    let mode = meta.permissions().mode();
+    if !meta.is_file() {
+        return Err(format!(
+            "program {} is not a regular file",
+            program.display()
+        ));
+    }
+    if mode & 0o111 == 0 {
+        return Err(format!(
+            "program {} is not executable (mode {:04o})",
+            program.display(),
+            mode & 0o7777
+        ));
+    }
+    if mode & 0o022 != 0 {
+        return Err(format!(
+            "program {} is writable by group or others (mode {:04o})",
+            program.display(),
+            mode & 0o7777
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,104 @@
+//! `keyrotate history`: ledger rows, newest first.
+
+use super::{load_config, print_json, report_failure};
+use crate::cli::{Cli, HistoryArgs, OutputFormat};
+use crate::deadline::parse_duration;
+use crate::keystore::manifest::now_rfc3339;
+use crate::ledger::{Ledger, RunRow};
+use crate::outcome::{Failure, Outcome};
+
+pub fn run(cli: &Cli, args: &HistoryArgs) -> Outcome {
+    match history(cli, args) {
+        Ok(()) => Outcome::Rotated,
+        Err(f) => report_failure(&f),
+    }
+}
+
+/// `--since`: a duration ago (`24h`) or an RFC 3339 instant, as a ledger timestamp.
+fn since(when: &str) -> Result<String, Failure> {
+    if let Ok(at) = chrono::DateTime::parse_from_rfc3339(when.trim()) {
+        return Ok(now_rfc3339(at.with_timezone(&chrono::Utc)));
+    }
+    let ago = parse_duration(when)
+        .ok()
+        .and_then(|d| chrono::Duration::from_std(d).ok())
+        .and_then(|d| chrono::Utc::now().checked_sub_signed(d))
+        .ok_or_else(|| {
+            Failure::usage(format!(
+                "--since {when:?} is neither a duration (24h, 7d) nor an RFC 3339 instant"
+            ))
+        })?;
+    Ok(now_rfc3339(ago))
+}
+
+fn history(cli: &Cli, args: &HistoryArgs) -> Result<(), Failure> {
+    let config = load_config(cli)?;
+    if let Some(d) = &args.domain {
+        config.domain(d).map_err(Failure::usage)?;
+    }
+    let limit: u32 = args.limit.parse().ok().filter(|n| *n >= 1).ok_or_else(|| {
+        Failure::usage(format!(
+            "--limit {:?} must be a whole number of at least 1",
+            args.limit
+        ))
+    })?;
+    let since = args.since.as_deref().map(since).transpose()?;
+    let rows = match Ledger::open_read_only(&config.ledger_path())
+        .map_err(|e| Failure::new(Outcome::Aborted, e))?
+    {
+        None => Vec::new(),
+        Some(l) => l
+            .history(args.domain.as_deref(), since.as_deref(), limit)
+            .map_err(|e| Failure::new(Outcome::Aborted, e))?,
+    };
+    match args.output {
+        OutputFormat::Json => print_json(&serde_json::json!({ "runs": rows })),
+        OutputFormat::Text => print_table(&rows),
+    }
+    Ok(())
+}
+
+fn print_table(rows: &[RunRow]) {
+    if rows.is_empty() {
+        println!("no runs recorded");
+        return;
+    }
+    let opt = |v: Option<i64>| v.map_or("-".to_string(), |n| format!("v{n}"));
+    let table: Vec<[String; 9]> = rows
+        .iter()
+        .map(|r| {
+            [
+                r.started_at.clone(),
+                r.domain.clone(),
+                r.run_id.clone(),
+                r.state.clone(),
+                r.exit_code.map_or("-".into(), |c| c.to_string()),
+                format!("{}/{}", r.trigger, r.operator.as_deref().unwrap_or("-")),
+                r.host.clone(),
+                format!("{}->{}", opt(r.from_version), opt(r.to_version)),
+                match (&r.reason, &r.resolution) {
+                    (reason, Some(res)) => format!(
+                        "{} | resolved by {}: {res}",
+                        reason.as_deref().unwrap_or(""),
+                        r.resolved_by.as_deref().unwrap_or("?")
+                    ),
+                    (reason, None) => reason.clone().unwrap_or_default(),
+                },
+            ]
+        })
+        .collect();
+    super::status::print_columns(
+        &[
+            "STARTED",
+            "DOMAIN",
+            "RUN",
+            "STATE",
+            "EXIT",
+            "TRIGGER/OPERATOR",
+            "HOST",
+            "VERSIONS",
+            "REASON",
+        ],
+        &table,
+    );
+}

@@ -1,0 +1,251 @@
+//! `keyrotate status`: per domain, its versions, last run, block, what is in flight
+//! and when it is next due. Exits NEEDS_REVIEW (4) when any domain shown is blocked,
+//! so Control-M can run it as a monitoring job. Reads only: no file is created or
+//! changed.
+
+use serde::Serialize;
+
+use super::{load_config, print_json, report_failure};
+use crate::cli::{Cli, OutputFormat, StatusArgs};
+use crate::config::{Backend, Config, DomainConfig};
+use crate::keystore::manifest::{now_rfc3339, VersionState};
+use crate::keystore::Keystore;
+use crate::ledger::{DomainRecord, Ledger};
+use crate::lock;
+use crate::outcome::{Failure, Outcome};
+
+#[derive(Serialize, Debug)]
+struct DomainStatus {
+    domain: String,
+    backend: &'static str,
+    algorithm: Option<&'static str>,
+    designated_pool: String,
+    primary: Option<u64>,
+    primary_activated_at: Option<String>,
+    pending: Option<u64>,
+    retired: Vec<u64>,
+    last_run: Option<LastRun>,
+    next_due: Option<String>,
+    blocked_by: Option<String>,
+    in_flight: Option<InFlight>,
+    /// Problems found while reading the key store or ledger.
+    problems: Vec<String>,
+}
+
+#[derive(Serialize, Debug)]
+struct LastRun {
+    run_id: String,
+    state: String,
+    outcome: Option<&'static str>,
+    exit_code: Option<i64>,
+    started_at: String,
+    ended_at: Option<String>,
+}
+
+#[derive(Serialize, Debug)]
+struct InFlight {
+    run_id: String,
+    state: String,
+    pid: i64,
+    host: String,
+    started_at: String,
+    /// False means the process is gone: the next rotate will flag the run for review.
+    lock_held: bool,
+}
+
+pub fn run(cli: &Cli, args: &StatusArgs) -> Outcome {
+    match status(cli, args) {
+        Ok(o) => o,
+        Err(f) => report_failure(&f),
+    }
+}
+
+fn status(cli: &Cli, args: &StatusArgs) -> Result<Outcome, Failure> {
+    let config = load_config(cli)?;
+    let domains: Vec<&DomainConfig> = match &args.domain {
+        Some(d) => vec![config.domain(d).map_err(Failure::usage)?],
+        None => config.domains.values().collect(),
+    };
+    let ledger = Ledger::open_read_only(&config.ledger_path())
+        .map_err(|e| Failure::new(Outcome::Aborted, e))?;
+    let statuses: Vec<DomainStatus> = domains
+        .iter()
+        .map(|d| domain_status(&config, d, ledger.as_ref()))
+        .collect();
+    match args.output {
+        OutputFormat::Json => print_json(&serde_json::json!({ "domains": statuses })),
+        OutputFormat::Text => print_text(&statuses),
+    }
+    let blocked = statuses.iter().any(|s| s.blocked_by.is_some());
+    Ok(if blocked {
+        Outcome::NeedsReview
+    } else {
+        Outcome::Rotated
+    })
+}
+
+fn domain_status(config: &Config, d: &DomainConfig, ledger: Option<&Ledger>) -> DomainStatus {
+    let mut s = DomainStatus {
+        domain: d.name.clone(),
+        backend: d.backend.name(),
+        algorithm: d.backend.algorithm_name(),
+        designated_pool: d.designated_pool.clone(),
+        primary: None,
+        primary_activated_at: None,
+        pending: None,
+        retired: Vec::new(),
+        last_run: None,
+        next_due: None,
+        blocked_by: None,
+        in_flight: None,
+        problems: Vec::new(),
+    };
+    if let Backend::Keystore { keystore, .. } = &d.backend {
+        let ks = Keystore::new(keystore, &d.name);
+        match ks.check_folders().and_then(|()| ks.inspect()) {
+            Ok(i) => {
+                let m = &i.manifest;
+                s.primary = m.primary;
+                s.primary_activated_at = m.active().and_then(|v| v.activated_at.clone());
+                s.pending = m.pending().map(|v| v.version);
+                s.retired = m
+                    .versions
+                    .iter()
+                    .filter(|v| v.state == VersionState::Retired)
+                    .map(|v| v.version)
+                    .collect();
+            }
+            Err(e) => s.problems.push(format!("key store: {e}")),
+        }
+    }
+    let rec = match ledger.map(|l| l.domain_record(&d.name)) {
+        None => DomainRecord::default(),
+        Some(Ok(r)) => r,
+        Some(Err(e)) => {
+            s.problems.push(e);
+            DomainRecord::default()
+        }
+    };
+    s.last_run = rec.last_run.as_ref().map(|r| LastRun {
+        run_id: r.run_id.clone(),
+        state: r.state.clone(),
+        outcome: r.exit_code.and_then(Outcome::from_code).map(Outcome::name),
+        exit_code: r.exit_code,
+        started_at: r.started_at.clone(),
+        ended_at: r.ended_at.clone(),
+    });
+    s.next_due = Some(
+        match super::rotate::next_due(rec.last_success.as_ref(), d.min_interval) {
+            Some(t) if t > chrono::Utc::now() => now_rfc3339(t),
+            _ => "now".to_string(),
+        },
+    );
+    if let Some(r) = &rec.in_flight {
+        let lock_held = lock::probe(&lock::lock_path(&config.lock_dir(), &d.name))
+            .ok()
+            .flatten()
+            .is_some();
+        if !lock_held {
+            // A rotate now would flag it and refuse: report it as the block it is.
+            s.blocked_by = Some(r.run_id.clone());
+        }
+        s.in_flight = Some(InFlight {
+            run_id: r.run_id.clone(),
+            state: r.state.clone(),
+            pid: r.pid,
+            host: r.host.clone(),
+            started_at: r.started_at.clone(),
+            lock_held,
+        });
+    }
+    if let Some(b) = &rec.blocking {
+        s.blocked_by = Some(b.run_id.clone());
+    }
+    s
+}
+
+fn age(since: Option<&str>) -> String {
+    let Some(t) = since.and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok()) else {
+        return String::new();
+    };
+    let secs = (chrono::Utc::now() - t.with_timezone(&chrono::Utc))
+        .num_seconds()
+        .max(0) as u64;
+    let rounded = if secs >= 86_400 {
+        secs / 3600 * 3600
+    } else if secs >= 3600 {
+        secs / 60 * 60
+    } else {
+        secs
+    };
+    format!(
+        " ({} ago)",
+        humantime::format_duration(std::time::Duration::from_secs(rounded))
+    )
+}
+
+fn print_text(statuses: &[DomainStatus]) {
+    let v = |n: Option<u64>| n.map_or("-".to_string(), |n| format!("v{n}"));
+    let rows: Vec<[String; 8]> = statuses
+        .iter()
+        .map(|s| {
+            [
+                s.domain.clone(),
+                format!(
+                    "{}{}",
+                    s.backend,
+                    s.algorithm.map(|a| format!("/{a}")).unwrap_or_default()
+                ),
+                format!("{}{}", v(s.primary), age(s.primary_activated_at.as_deref())),
+                v(s.pending),
+                s.retired.len().to_string(),
+                s.last_run.as_ref().map_or("-".into(), |r| {
+                    format!(
+                        "{} {}{}",
+                        r.run_id,
+                        r.outcome.unwrap_or(&r.state),
+                        age(r.ended_at.as_deref().or(Some(&r.started_at)))
+                    )
+                }),
+                s.next_due.clone().unwrap_or_default(),
+                match (&s.blocked_by, &s.in_flight) {
+                    (Some(b), _) => format!("BLOCKED by {b}"),
+                    (None, Some(f)) => format!("running: {} pid {} on {}", f.run_id, f.pid, f.host),
+                    (None, None) if !s.problems.is_empty() => s.problems.join("; "),
+                    _ => "ok".into(),
+                },
+            ]
+        })
+        .collect();
+    print_columns(
+        &[
+            "DOMAIN", "BACKEND", "ACTIVE", "PENDING", "RETIRED", "LAST RUN", "NEXT DUE", "STATE",
+        ],
+        &rows,
+    );
+}
+
+/// Prints a left-aligned table; the last column is not padded.
+pub(crate) fn print_columns<const N: usize>(headers: &[&str; N], rows: &[[String; N]]) {
+    let mut widths = headers.map(|h| h.chars().count());
+    for r in rows {
+        for (w, cell) in widths.iter_mut().zip(r) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let mut out = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            if i + 1 == N {
+                out.push_str(c);
+            } else {
+                out.push_str(&format!("{c:<w$}  ", w = widths[i]));
+            }
+        }
+        println!("{}", out.trim_end());
+    };
+    line(headers.to_vec());
+    for r in rows {
+        line(r.iter().map(String::as_str).collect());
+    }
+}

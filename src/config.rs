@@ -1,0 +1,545 @@
+//! `rotate.toml`: loading, defaults and validation.
+//!
+//! Everything an operator can get wrong in the file is caught here, before any lock,
+//! ledger or key file is touched, and reported on one line that names the file, the
+//! key and what was expected. Relative paths are resolved against the config file's
+//! folder so that a config works the same from any working directory.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::deadline::parse_duration;
+use crate::keystore::Algorithm;
+
+pub const DEFAULT_CONFIG: &str = "/etc/keyrotate/rotate.toml";
+const DEFAULT_MAX_DEADLINE: Duration = Duration::from_secs(3600);
+const DEFAULT_MIN_INTERVAL: Duration = Duration::from_secs(86_400);
+const DEFAULT_RETAIN: u32 = 3;
+/// Larger files are refused unread: a config is a few KiB, never megabytes.
+const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
+/// A loaded, validated configuration with every path absolute.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub path: PathBuf,
+    pub state_dir: PathBuf,
+    pub host_pool: Option<String>,
+    pub audit_file: PathBuf,
+    pub domains: BTreeMap<String, DomainConfig>,
+}
+
+#[derive(Clone, Debug)]
+pub struct DomainConfig {
+    pub name: String,
+    pub designated_pool: String,
+    pub backend: Backend,
+    pub max_deadline: Duration,
+    pub min_interval: Duration,
+    pub retain: u32,
+}
+
+#[derive(Clone, Debug)]
+pub enum Backend {
+    Keystore {
+        algorithm: Algorithm,
+        keystore: PathBuf,
+        activation: Activation,
+    },
+    Command {
+        program: PathBuf,
+        args: Vec<String>,
+    },
+}
+
+impl Backend {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Backend::Keystore { .. } => "keystore",
+            Backend::Command { .. } => "command",
+        }
+    }
+    pub fn algorithm_name(&self) -> Option<&'static str> {
+        match self {
+            Backend::Keystore { algorithm, .. } => Some(algorithm.name()),
+            Backend::Command { .. } => None,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    Immediate,
+    Prepublish,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    state: RawState,
+    host: Option<RawHost>,
+    audit: Option<RawAudit>,
+    defaults: Option<RawDomain>,
+    #[serde(default)]
+    domains: BTreeMap<String, RawDomain>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawState {
+    dir: PathBuf,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHost {
+    pool: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAudit {
+    file: Option<PathBuf>,
+}
+
+#[derive(Deserialize, Default, Clone)]
+#[serde(deny_unknown_fields)]
+struct RawDomain {
+    designated_pool: Option<String>,
+    backend: Option<String>,
+    algorithm: Option<String>,
+    keystore: Option<PathBuf>,
+    retain: Option<i64>,
+    activation: Option<String>,
+    command: Option<Vec<String>>,
+    max_deadline: Option<String>,
+    min_interval: Option<String>,
+}
+
+impl RawDomain {
+    /// Fills every unset key from `defaults`.
+    fn or(self, d: &RawDomain) -> RawDomain {
+        RawDomain {
+            designated_pool: self.designated_pool.or_else(|| d.designated_pool.clone()),
+            backend: self.backend.or_else(|| d.backend.clone()),
+            algorithm: self.algorithm.or_else(|| d.algorithm.clone()),
+            keystore: self.keystore.or_else(|| d.keystore.clone()),
+            retain: self.retain.or(d.retain),
+            activation: self.activation.or_else(|| d.activation.clone()),
+            command: self.command.or_else(|| d.command.clone()),
+            max_deadline: self.max_deadline.or_else(|| d.max_deadline.clone()),
+            min_interval: self.min_interval.or_else(|| d.min_interval.clone()),
+        }
+    }
+}
+
+/// Where the config comes from: `--config`, else `$KEYROTATE_CONFIG`, else the default.
+pub fn locate(flag: Option<&Path>) -> PathBuf {
+    if let Some(p) = flag {
+        return p.to_path_buf();
+    }
+    match std::env::var_os("KEYROTATE_CONFIG") {
+        Some(p) if !p.is_empty() => PathBuf::from(p),
+        _ => PathBuf::from(DEFAULT_CONFIG),
+    }
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, String> {
+        let shown = path.display();
+        let meta = std::fs::metadata(path)
+            .map_err(|e| format!("config {shown}: {}", crate::fsutil::io_reason(&e)))?;
+        if !meta.is_file() {
+            return Err(format!("config {shown}: not a regular file"));
+        }
+        if meta.len() > MAX_CONFIG_BYTES {
+            return Err(format!(
+                "config {shown}: {} bytes is too large for a config file (limit {MAX_CONFIG_BYTES})",
+                meta.len()
+            ));
+        }
+        let bytes = std::fs::read(path)
+            .map_err(|e| format!("config {shown}: {}", crate::fsutil::io_reason(&e)))?;
+        let text = String::from_utf8(bytes).map_err(|e| {
+            format!(
+                "config {shown}: not UTF-8 text (byte {})",
+                e.utf8_error().valid_up_to()
+            )
+        })?;
+        let abs = std::path::absolute(path).map_err(|e| format!("config {shown}: {e}"))?;
+        Config::parse(&text, &abs)
+    }
+
+    /// Parses config text as if it were the file at `path` (absolute).
+    pub fn parse(text: &str, path: &Path) -> Result<Config, String> {
+        let shown = path.display();
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            let line = e
+                .span()
+                .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
+            let msg = e.message().replace('\n', " ");
+            match line {
+                Some(l) => format!("config {shown}:{l}: {msg}"),
+                None => format!("config {shown}: {msg}"),
+            }
+        })?;
+        let base = path.parent().unwrap_or(Path::new("/"));
+        let err = |key: &str, what: String| format!("config {shown}: {key}: {what}");
+
+        let state_dir = resolve(base, &raw.state.dir);
+        if raw.state.dir.as_os_str().is_empty() {
+            return Err(err(
+                "state.dir",
+                "expected a folder path, found an empty string".into(),
+            ));
+        }
+        let host_pool = match raw.host.and_then(|h| h.pool) {
+            Some(p) => Some(validate_pool(&p).map_err(|w| err("host.pool", w))?),
+            None => None,
+        };
+        let audit_file = match raw.audit.and_then(|a| a.file) {
+            Some(f) if f.as_os_str().is_empty() => {
+                return Err(err(
+                    "audit.file",
+                    "expected a file path, found an empty string".into(),
+                ))
+            }
+            Some(f) => resolve(base, &f),
+            None => state_dir.join("audit.jsonl"),
+        };
+        let defaults = raw.defaults.unwrap_or_default();
+        let mut domains = BTreeMap::new();
+        for (name, d) in raw.domains {
+            let prefix = format!("domains.{name}");
+            validate_domain_name(&name).map_err(|w| err(&prefix, w))?;
+            let d = d.or(&defaults);
+            let dc = domain(&name, d, base)
+                .map_err(|(key, what)| err(&format!("{prefix}.{key}"), what))?;
+            domains.insert(name, dc);
+        }
+        Ok(Config {
+            path: path.to_path_buf(),
+            state_dir,
+            host_pool,
+            audit_file,
+            domains,
+        })
+    }
+
+    /// The domain named on the command line, or a usage error naming the known ones.
+    pub fn domain(&self, name: &str) -> Result<&DomainConfig, String> {
+        validate_domain_name(name).map_err(|w| format!("--domain: {w}"))?;
+        self.domains.get(name).ok_or_else(|| {
+            let known: Vec<&str> = self.domains.keys().map(String::as_str).collect();
+            format!(
+                "--domain {name:?} is not configured in {} (known: {})",
+                self.path.display(),
+                if known.is_empty() {
+                    "none".to_string()
+                } else {
+                    known.join(", ")
+                }
+            )
+        })
+    }
+
+    pub fn ledger_path(&self) -> PathBuf {
+        self.state_dir.join("ledger.sqlite3")
+    }
+
+    pub fn lock_dir(&self) -> PathBuf {
+        self.state_dir.join("locks")
+    }
+}
+
+fn resolve(base: &Path, p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        base.join(p)
+    }
+}
+
+fn domain(name: &str, d: RawDomain, base: &Path) -> Result<DomainConfig, (&'static str, String)> {
+    let designated_pool = d.designated_pool.ok_or((
+        "designated_pool",
+        "missing: every domain needs the pool that rotates it".to_string(),
+    ))?;
+    let designated_pool = validate_pool(&designated_pool).map_err(|w| ("designated_pool", w))?;
+    let max_deadline = match d.max_deadline {
+        Some(s) => positive_duration(&s).map_err(|w| ("max_deadline", w))?,
+        None => DEFAULT_MAX_DEADLINE,
+    };
+    let min_interval = match d.min_interval {
+        Some(s) => parse_duration(&s).map_err(|w| {
+            (
+                "min_interval",
+                format!("expected a duration such as 1d or 12h: {w}"),
+            )
+        })?,
+        None => DEFAULT_MIN_INTERVAL,
+    };
+    let retain = match d.retain {
+        Some(r) if (0..=1000).contains(&r) => r as u32,
+        Some(r) => {
+            return Err((
+                "retain",
+                format!("expected a whole number from 0 to 1000, found {r}"),
+            ))
+        }
+        None => DEFAULT_RETAIN,
+    };
+    let backend = match d.backend.as_deref() {
+        Some("keystore") => {
+            if d.command.is_some() {
+                return Err(("command", "only for backend = \"command\"".into()));
+            }
+            let algorithm = d.algorithm.ok_or((
+                "algorithm",
+                format!("missing: expected one of {}", Algorithm::names()),
+            ))?;
+            let algorithm = algorithm.parse::<Algorithm>().map_err(|_| {
+                (
+                    "algorithm",
+                    format!(
+                        "expected one of {}, found {algorithm:?}",
+                        Algorithm::names()
+                    ),
+                )
+            })?;
+            let keystore = d.keystore.ok_or((
+                "keystore",
+                "missing: expected the key store folder".to_string(),
+            ))?;
+            if keystore.as_os_str().is_empty() {
+                return Err((
+                    "keystore",
+                    "expected a folder path, found an empty string".into(),
+                ));
+            }
+            let activation = match d.activation.as_deref() {
+                None | Some("immediate") => Activation::Immediate,
+                Some("prepublish") => Activation::Prepublish,
+                Some(other) => {
+                    return Err((
+                        "activation",
+                        format!("expected \"immediate\" or \"prepublish\", found {other:?}"),
+                    ))
+                }
+            };
+            Backend::Keystore {
+                algorithm,
+                keystore: resolve(base, &keystore),
+                activation,
+            }
+        }
+        Some("command") => {
+            for key in [
+                ("algorithm", d.algorithm.is_some()),
+                ("keystore", d.keystore.is_some()),
+                ("activation", d.activation.is_some()),
+            ] {
+                if key.1 {
+                    return Err((key.0, "only for backend = \"keystore\"".into()));
+                }
+            }
+            let mut command = d.command.ok_or((
+                "command",
+                "missing: expected [\"/path/to/hook\", \"arg\", ...]".to_string(),
+            ))?;
+            if command.is_empty() || command[0].is_empty() {
+                return Err((
+                    "command",
+                    "expected a non-empty list whose first item is the program".into(),
+                ));
+            }
+            let program = PathBuf::from(command.remove(0));
+            if !program.is_absolute()
+                && program.components().count() < 2
+                && !program.starts_with(".")
+            {
+                return Err((
+                    "command",
+                    format!(
+                        "program {:?} must be an absolute path or relative to the config file (./{}); PATH is not searched",
+                        program.display().to_string(),
+                        program.display()
+                    ),
+                ));
+            }
+            Backend::Command {
+                program: resolve(base, &program),
+                args: command,
+            }
+        }
+        Some(other) => {
+            return Err((
+                "backend",
+                format!("expected \"keystore\" or \"command\", found {other:?}"),
+            ))
+        }
+        None => {
+            return Err((
+                "backend",
+                "missing: expected \"keystore\" or \"command\"".into(),
+            ))
+        }
+    };
+    Ok(DomainConfig {
+        name: name.to_string(),
+        designated_pool,
+        backend,
+        max_deadline,
+        min_interval,
+        retain,
+    })
+}
+
+fn positive_duration(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s).map_err(|w| format!("expected a duration such as 1h: {w}"))?;
+    if d.is_zero() {
+        return Err("expected a duration greater than zero".into());
+    }
+    Ok(d)
+}
+
+/// Domain names: 1–64 of `[a-z0-9._-]`, starting with a letter or digit. They become
+/// file names, so anything that could be a path (or hide in one) is refused.
+pub fn validate_domain_name(name: &str) -> Result<(), String> {
+    let shown: String = name.escape_debug().take(80).collect();
+    if name.is_empty() {
+        return Err("domain name is empty".into());
+    }
+    if name.len() > 64 {
+        return Err(format!(
+            "domain name \"{shown}…\" is {} bytes, longer than 64",
+            name.len()
+        ));
+    }
+    let first = name.as_bytes()[0];
+    if !(first.is_ascii_lowercase() || first.is_ascii_digit()) {
+        return Err(format!(
+            "domain name \"{shown}\" must start with a-z or 0-9"
+        ));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !matches!(c, 'a'..='z' | '0'..='9' | '.' | '_' | '-'))
+    {
+        return Err(format!(
+            "domain name \"{shown}\" has {:?}: only a-z, 0-9, '.', '_' and '-' are allowed",
+            c
+        ));
+    }
+    Ok(())
+}
+
+fn validate_pool(pool: &str) -> Result<String, String> {
+    if pool.is_empty()
+        || pool.len() > 128
+        || !pool
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+    {
+        return Err(format!(
+            "expected a pool name of 1-128 characters from A-Z a-z 0-9 . _ -, found {:?}",
+            pool
+        ));
+    }
+    Ok(pool.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, String> {
+        Config::parse(text, Path::new("/etc/kr/rotate.toml"))
+    }
+
+    const GOOD: &str = r#"
+[state]
+dir = "state"
+[defaults]
+designated_pool = "pool-a"
+min_interval = "1h"
+[domains.sig]
+backend = "keystore"
+algorithm = "ed25519"
+keystore = "keys"
+"#;
+
+    #[test]
+    fn relative_paths_and_defaults() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.state_dir, Path::new("/etc/kr/state"));
+        assert_eq!(c.audit_file, Path::new("/etc/kr/state/audit.jsonl"));
+        let d = &c.domains["sig"];
+        assert_eq!(d.designated_pool, "pool-a");
+        assert_eq!(d.min_interval, Duration::from_secs(3600));
+        assert_eq!(d.retain, 3);
+        match &d.backend {
+            Backend::Keystore {
+                keystore,
+                activation,
+                ..
+            } => {
+                assert_eq!(keystore, Path::new("/etc/kr/keys"));
+                assert_eq!(*activation, Activation::Immediate);
+            }
+            _ => panic!("wrong backend"),
+        }
+    }
+
+    #[test]
+    fn errors_name_file_and_key() {
+        let e = parse(&GOOD.replace("ed25519", "rsa-512")).unwrap_err();
+        assert!(
+            e.contains("/etc/kr/rotate.toml") && e.contains("domains.sig.algorithm"),
+            "{e}"
+        );
+        let e = parse(&format!("{GOOD}\ncolour = 1\n")).unwrap_err();
+        assert!(e.contains("unknown field") && e.contains("colour"), "{e}");
+        let e = parse("[state]\ndir = 5\n").unwrap_err();
+        assert!(e.contains("rotate.toml:2"), "{e}");
+        let e = parse(&GOOD.replace("[domains.sig]", "[domains.\"../x\"]")).unwrap_err();
+        assert!(e.contains("domains.../x"), "{e}");
+        assert!(!e.contains('\n'));
+    }
+
+    #[test]
+    fn domain_names() {
+        for ok in ["a", "payments-signing", "0.x_y", &"a".repeat(64)] {
+            validate_domain_name(ok).unwrap();
+        }
+        for bad in [
+            "",
+            "A",
+            "../etc",
+            ".hidden",
+            "-x",
+            "a/b",
+            "a\u{7}",
+            &"a".repeat(65),
+            "é",
+        ] {
+            assert!(validate_domain_name(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn command_program_must_be_a_path() {
+        let text = "[state]\ndir='s'\n[domains.pw]\ndesignated_pool='p'\nbackend='command'\ncommand=['hook']\n";
+        assert!(parse(text).unwrap_err().contains("PATH is not searched"));
+        let text = text.replace("'hook'", "'./hooks/pg', '--role', 'x'");
+        match &parse(&text).unwrap().domains["pw"].backend {
+            Backend::Command { program, args } => {
+                assert_eq!(program, Path::new("/etc/kr/./hooks/pg"));
+                assert_eq!(args, &["--role", "x"]);
+            }
+            _ => panic!(),
+        }
+    }
+}

@@ -1,0 +1,486 @@
+//! Key algorithms: generation from the OS CSPRNG, the self-test every new key must
+//! pass, the on-disk encoding, fingerprints and public JWKs.
+//!
+//! All cryptography is aws-lc-rs (maintained, FIPS-capable). Private keys are written
+//! as PKCS#8 v1 PEM, the form `openssl pkey` reads; symmetric keys as base64 on one
+//! line. Every buffer that holds key bytes is `Zeroizing`, and `KeyFile`'s `Debug`
+//! shows only the algorithm and fingerprint.
+
+use std::fmt;
+use std::str::FromStr;
+
+use aws_lc_rs::aead::{self, LessSafeKey, UnboundKey, AES_256_GCM};
+use aws_lc_rs::encoding::{AsDer, Pkcs8V1Der, PublicKeyX509Der};
+use aws_lc_rs::rand::{SecureRandom, SystemRandom};
+use aws_lc_rs::signature::{self, EcdsaKeyPair, Ed25519KeyPair, KeyPair};
+use aws_lc_rs::{digest, hmac, rsa};
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use base64::Engine;
+use serde_json::{json, Map, Value};
+use zeroize::Zeroizing;
+
+const SELF_TEST_MESSAGE: &[u8] = b"keyrotate self-test";
+const SYMMETRIC_FINGERPRINT_LABEL: &[u8] = b"keyrotate-fingerprint-v1";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Algorithm {
+    Ed25519,
+    EcdsaP256,
+    EcdsaP384,
+    Rsa2048,
+    Rsa3072,
+    Rsa4096,
+    HmacSha256,
+    Aes256,
+}
+
+impl Algorithm {
+    pub const ALL: [Algorithm; 8] = [
+        Algorithm::Ed25519,
+        Algorithm::EcdsaP256,
+        Algorithm::EcdsaP384,
+        Algorithm::Rsa2048,
+        Algorithm::Rsa3072,
+        Algorithm::Rsa4096,
+        Algorithm::HmacSha256,
+        Algorithm::Aes256,
+    ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Algorithm::Ed25519 => "ed25519",
+            Algorithm::EcdsaP256 => "ecdsa-p256",
+            Algorithm::EcdsaP384 => "ecdsa-p384",
+            Algorithm::Rsa2048 => "rsa-2048",
+            Algorithm::Rsa3072 => "rsa-3072",
+            Algorithm::Rsa4096 => "rsa-4096",
+            Algorithm::HmacSha256 => "hmac-sha256",
+            Algorithm::Aes256 => "aes-256",
+        }
+    }
+
+    pub fn names() -> String {
+        Algorithm::ALL.map(Algorithm::name).join(", ")
+    }
+
+    pub const fn is_symmetric(self) -> bool {
+        matches!(self, Algorithm::HmacSha256 | Algorithm::Aes256)
+    }
+
+    /// The key file extension: `pem` for PKCS#8, `key` for base64 symmetric keys.
+    pub const fn extension(self) -> &'static str {
+        if self.is_symmetric() {
+            "key"
+        } else {
+            "pem"
+        }
+    }
+
+    /// The JOSE `alg` a verifier should expect.
+    pub const fn jose_alg(self) -> &'static str {
+        match self {
+            Algorithm::Ed25519 => "EdDSA",
+            Algorithm::EcdsaP256 => "ES256",
+            Algorithm::EcdsaP384 => "ES384",
+            Algorithm::Rsa2048 | Algorithm::Rsa3072 | Algorithm::Rsa4096 => "RS256",
+            Algorithm::HmacSha256 => "HS256",
+            Algorithm::Aes256 => "A256GCM",
+        }
+    }
+
+    fn ecdsa(
+        self,
+    ) -> Option<(
+        &'static signature::EcdsaSigningAlgorithm,
+        &'static signature::EcdsaVerificationAlgorithm,
+        &'static str,
+    )> {
+        match self {
+            Algorithm::EcdsaP256 => Some((
+                &signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+                &signature::ECDSA_P256_SHA256_FIXED,
+                "P-256",
+            )),
+            Algorithm::EcdsaP384 => Some((
+                &signature::ECDSA_P384_SHA384_FIXED_SIGNING,
+                &signature::ECDSA_P384_SHA384_FIXED,
+                "P-384",
+            )),
+            _ => None,
+        }
+    }
+
+    fn rsa_size(self) -> Option<rsa::KeySize> {
+        match self {
+            Algorithm::Rsa2048 => Some(rsa::KeySize::Rsa2048),
+            Algorithm::Rsa3072 => Some(rsa::KeySize::Rsa3072),
+            Algorithm::Rsa4096 => Some(rsa::KeySize::Rsa4096),
+            _ => None,
+        }
+    }
+
+    /// Generates a new key from the OS CSPRNG and self-tests it.
+    pub fn generate(self) -> Result<KeyFile, String> {
+        let fail = |what: &str| format!("{}: {what}", self.name());
+        let secret: Zeroizing<Vec<u8>> = if self.is_symmetric() {
+            let mut bytes = Zeroizing::new(vec![0u8; 32]);
+            SystemRandom::new()
+                .fill(&mut bytes)
+                .map_err(|_| fail("the OS random source failed"))?;
+            bytes
+        } else if self == Algorithm::Ed25519 {
+            let pair = Ed25519KeyPair::generate().map_err(|_| fail("key generation failed"))?;
+            let doc = pair
+                .to_pkcs8v1()
+                .map_err(|_| fail("PKCS#8 encoding failed"))?;
+            Zeroizing::new(doc.as_ref().to_vec())
+        } else if let Some((alg, _, _)) = self.ecdsa() {
+            let pair = EcdsaKeyPair::generate(alg).map_err(|_| fail("key generation failed"))?;
+            let doc = pair
+                .to_pkcs8v1()
+                .map_err(|_| fail("PKCS#8 encoding failed"))?;
+            Zeroizing::new(doc.as_ref().to_vec())
+        } else {
+            let size = self.rsa_size().expect("every algorithm is handled");
+            let pair = rsa::KeyPair::generate(size).map_err(|_| fail("key generation failed"))?;
+            let der: Pkcs8V1Der = pair.as_der().map_err(|_| fail("PKCS#8 encoding failed"))?;
+            Zeroizing::new(der.as_ref().to_vec())
+        };
+        KeyFile::from_secret(self, secret)
+    }
+}
+
+impl FromStr for Algorithm {
+    type Err = ();
+    fn from_str(s: &str) -> Result<Algorithm, ()> {
+        Algorithm::ALL.into_iter().find(|a| a.name() == s).ok_or(())
+    }
+}
+
+impl fmt::Display for Algorithm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A parsed key: its algorithm, the exact bytes of its file, its fingerprint and (for
+/// asymmetric keys) its public half.
+pub struct KeyFile {
+    algorithm: Algorithm,
+    /// PKCS#8 DER, or the raw symmetric key.
+    secret: Zeroizing<Vec<u8>>,
+    file_bytes: Zeroizing<Vec<u8>>,
+    fingerprint: String,
+    public: Option<PublicKey>,
+}
+
+/// The public half of an asymmetric key.
+#[derive(Clone, Debug)]
+pub struct PublicKey {
+    pub spki_der: Vec<u8>,
+    /// RFC 7517 members for this key, without `kid`.
+    pub jwk: Map<String, Value>,
+}
+
+impl fmt::Debug for KeyFile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyFile")
+            .field("algorithm", &self.algorithm)
+            .field("fingerprint", &self.fingerprint)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KeyFile {
+    /// Parses a key file's bytes as `algorithm`, checking it is well formed and passes
+    /// the self-test. Errors never quote the bytes.
+    pub fn parse(algorithm: Algorithm, file_bytes: &[u8]) -> Result<KeyFile, String> {
+        let name = algorithm.name();
+        let secret = if algorithm.is_symmetric() {
+            let text = std::str::from_utf8(file_bytes)
+                .map_err(|_| format!("{name} key file is not text"))?;
+            let bytes = Zeroizing::new(
+                STANDARD
+                    .decode(text.trim_end_matches('\n'))
+                    .map_err(|_| format!("{name} key file is not one line of base64"))?,
+            );
+            if bytes.len() != 32 {
+                return Err(format!(
+                    "{name} key file holds {} bytes, expected 32",
+                    bytes.len()
+                ));
+            }
+            bytes
+        } else {
+            let parsed =
+                pem::parse(file_bytes).map_err(|_| format!("{name} key file is not PEM"))?;
+            if parsed.tag() != "PRIVATE KEY" {
+                return Err(format!(
+                    "{name} key file is PEM {:?}, expected \"PRIVATE KEY\" (PKCS#8)",
+                    parsed.tag()
+                ));
+            }
+            Zeroizing::new(parsed.into_contents())
+        };
+        let key = KeyFile::from_secret(algorithm, secret)?;
+        if key.file_bytes.as_slice() != file_bytes {
+            return Err(format!(
+                "{name} key file is not in keyrotate's canonical encoding"
+            ));
+        }
+        Ok(key)
+    }
+
+    fn from_secret(algorithm: Algorithm, secret: Zeroizing<Vec<u8>>) -> Result<KeyFile, String> {
+        let public = public_key(algorithm, &secret)?;
+        self_test(algorithm, &secret, public.as_ref())?;
+        let fingerprint = match &public {
+            Some(p) => format!(
+                "sha256:{}",
+                hex(digest::digest(&digest::SHA256, &p.spki_der).as_ref())
+            ),
+            None => {
+                let k = hmac::Key::new(hmac::HMAC_SHA256, &secret);
+                format!(
+                    "sha256:{}",
+                    hex(hmac::sign(&k, SYMMETRIC_FINGERPRINT_LABEL).as_ref())
+                )
+            }
+        };
+        let file_bytes = if algorithm.is_symmetric() {
+            let mut line = Zeroizing::new(STANDARD.encode(secret.as_slice()));
+            line.push('\n');
+            Zeroizing::new(std::mem::take(&mut *line).into_bytes())
+        } else {
+            let encoded = Zeroizing::new(pem::encode_config(
+                &pem::Pem::new("PRIVATE KEY", secret.to_vec()),
+                pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF),
+            ));
+            Zeroizing::new(encoded.as_bytes().to_vec())
+        };
+        Ok(KeyFile {
+            algorithm,
+            secret,
+            file_bytes,
+            fingerprint,
+            public,
+        })
+    }
+
+    pub fn algorithm(&self) -> Algorithm {
+        self.algorithm
+    }
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
+    pub fn public(&self) -> Option<&PublicKey> {
+        self.public.as_ref()
+    }
+    /// The bytes to write to the key file. Handle with care: this is key material.
+    pub fn file_bytes(&self) -> &[u8] {
+        &self.file_bytes
+    }
+
+    /// Signs `message` (asymmetric keys and HMAC). The signature is what a verifier of
+    /// the JOSE `alg` expects: raw r||s for ECDSA, PKCS#1 v1.5 for RSA.
+    pub fn sign(&self, message: &[u8]) -> Result<Vec<u8>, String> {
+        sign(self.algorithm, &self.secret, message)
+    }
+}
+
+fn public_key(algorithm: Algorithm, secret: &[u8]) -> Result<Option<PublicKey>, String> {
+    let name = algorithm.name();
+    let bad = |_| format!("{name} key does not parse as PKCS#8");
+    let der_fail = |_| format!("{name} public key encoding failed");
+    let (spki, jwk) = match algorithm {
+        Algorithm::HmacSha256 | Algorithm::Aes256 => return Ok(None),
+        Algorithm::Ed25519 => {
+            let pair = Ed25519KeyPair::from_pkcs8_maybe_unchecked(secret).map_err(bad)?;
+            let spki: PublicKeyX509Der = pair.public_key().as_der().map_err(der_fail)?;
+            let x = URL_SAFE_NO_PAD.encode(pair.public_key().as_ref());
+            (
+                spki.as_ref().to_vec(),
+                json!({"kty": "OKP", "crv": "Ed25519", "x": x}),
+            )
+        }
+        Algorithm::EcdsaP256 | Algorithm::EcdsaP384 => {
+            let (alg, _, crv) = algorithm.ecdsa().expect("ecdsa");
+            let pair = EcdsaKeyPair::from_pkcs8(alg, secret).map_err(bad)?;
+            let spki: PublicKeyX509Der = pair.public_key().as_der().map_err(der_fail)?;
+            let point = pair.public_key().as_ref();
+            let half = (point.len() - 1) / 2;
+            let (x, y) = (&point[1..1 + half], &point[1 + half..]);
+            (
+                spki.as_ref().to_vec(),
+                json!({"kty": "EC", "crv": crv, "x": URL_SAFE_NO_PAD.encode(x), "y": URL_SAFE_NO_PAD.encode(y)}),
+            )
+        }
+        Algorithm::Rsa2048 | Algorithm::Rsa3072 | Algorithm::Rsa4096 => {
+            let pair = rsa::KeyPair::from_pkcs8(secret).map_err(bad)?;
+            let expected = algorithm.rsa_size().expect("rsa").len();
+            if pair.public_modulus_len() != expected {
+                return Err(format!(
+                    "{name} key has a {}-bit modulus",
+                    pair.public_modulus_len() * 8
+                ));
+            }
+            let public = pair.public_key();
+            let spki: PublicKeyX509Der = public.as_der().map_err(der_fail)?;
+            let n = URL_SAFE_NO_PAD.encode(public.modulus().big_endian_without_leading_zero());
+            let e = URL_SAFE_NO_PAD.encode(public.exponent().big_endian_without_leading_zero());
+            (
+                spki.as_ref().to_vec(),
+                json!({"kty": "RSA", "n": n, "e": e}),
+            )
+        }
+    };
+    let mut jwk = match jwk {
+        Value::Object(m) => m,
+        _ => unreachable!("jwk literals are objects"),
+    };
+    jwk.insert("alg".into(), algorithm.jose_alg().into());
+    jwk.insert("use".into(), "sig".into());
+    Ok(Some(PublicKey {
+        spki_der: spki,
+        jwk,
+    }))
+}
+
+fn sign(algorithm: Algorithm, secret: &[u8], message: &[u8]) -> Result<Vec<u8>, String> {
+    let name = algorithm.name();
+    let fail = |_| format!("{name} signing failed");
+    match algorithm {
+        Algorithm::Ed25519 => {
+            let pair = Ed25519KeyPair::from_pkcs8_maybe_unchecked(secret)
+                .map_err(|_| format!("{name} key does not parse"))?;
+            Ok(pair.sign(message).as_ref().to_vec())
+        }
+        Algorithm::EcdsaP256 | Algorithm::EcdsaP384 => {
+            let (alg, _, _) = algorithm.ecdsa().expect("ecdsa");
+            let pair = EcdsaKeyPair::from_pkcs8(alg, secret)
+                .map_err(|_| format!("{name} key does not parse"))?;
+            Ok(pair
+                .sign(&SystemRandom::new(), message)
+                .map_err(fail)?
+                .as_ref()
+                .to_vec())
+        }
+        Algorithm::Rsa2048 | Algorithm::Rsa3072 | Algorithm::Rsa4096 => {
+            let pair = rsa::KeyPair::from_pkcs8(secret)
+                .map_err(|_| format!("{name} key does not parse"))?;
+            let mut sig = vec![0u8; pair.public_modulus_len()];
+            pair.sign(
+                &signature::RSA_PKCS1_SHA256,
+                &SystemRandom::new(),
+                message,
+                &mut sig,
+            )
+            .map_err(fail)?;
+            Ok(sig)
+        }
+        Algorithm::HmacSha256 => {
+            let k = hmac::Key::new(hmac::HMAC_SHA256, secret);
+            Ok(hmac::sign(&k, message).as_ref().to_vec())
+        }
+        Algorithm::Aes256 => Err(format!("{name} is an encryption key: it does not sign")),
+    }
+}
+
+/// Verifies `sig` over `message` with a public key in SPKI DER form.
+pub fn verify(algorithm: Algorithm, spki_der: &[u8], message: &[u8], sig: &[u8]) -> bool {
+    let alg: &'static dyn signature::VerificationAlgorithm = match algorithm {
+        Algorithm::Ed25519 => &signature::ED25519,
+        Algorithm::EcdsaP256 | Algorithm::EcdsaP384 => algorithm.ecdsa().expect("ecdsa").1,
+        Algorithm::Rsa2048 | Algorithm::Rsa3072 | Algorithm::Rsa4096 => {
+            &signature::RSA_PKCS1_2048_8192_SHA256
+        }
+        Algorithm::HmacSha256 | Algorithm::Aes256 => return false,
+    };
+    signature::ParsedPublicKey::new(alg, spki_der)
+        .is_ok_and(|key| key.verify_sig(message, sig).is_ok())
+}
+
+/// Proves a key works before it is staged: sign and verify, or seal and open.
+fn self_test(
+    algorithm: Algorithm,
+    secret: &[u8],
+    public: Option<&PublicKey>,
+) -> Result<(), String> {
+    let failed = || format!("{} self-test failed", algorithm.name());
+    match algorithm {
+        Algorithm::Aes256 => {
+            let key =
+                LessSafeKey::new(UnboundKey::new(&AES_256_GCM, secret).map_err(|_| failed())?);
+            let mut nonce = [0u8; aead::NONCE_LEN];
+            SystemRandom::new().fill(&mut nonce).map_err(|_| failed())?;
+            let mut buf = SELF_TEST_MESSAGE.to_vec();
+            key.seal_in_place_append_tag(
+                aead::Nonce::assume_unique_for_key(nonce),
+                aead::Aad::empty(),
+                &mut buf,
+            )
+            .map_err(|_| failed())?;
+            let opened = key
+                .open_in_place(
+                    aead::Nonce::assume_unique_for_key(nonce),
+                    aead::Aad::empty(),
+                    &mut buf,
+                )
+                .map_err(|_| failed())?;
+            (opened == SELF_TEST_MESSAGE)
+                .then_some(())
+                .ok_or_else(failed)
+        }
+        Algorithm::HmacSha256 => {
+            let k = hmac::Key::new(hmac::HMAC_SHA256, secret);
+            let tag = hmac::sign(&k, SELF_TEST_MESSAGE);
+            hmac::verify(&k, SELF_TEST_MESSAGE, tag.as_ref()).map_err(|_| failed())
+        }
+        _ => {
+            let public = public.ok_or_else(failed)?;
+            let sig = sign(algorithm, secret, SELF_TEST_MESSAGE)?;
+            verify(algorithm, &public.spki_der, SELF_TEST_MESSAGE, &sig)
+                .then_some(())
+                .ok_or_else(failed)
+        }
+    }
+}
+
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_fast_algorithm_round_trips_through_its_file() {
+        for alg in Algorithm::ALL
+            .into_iter()
+            .filter(|a| a.rsa_size().is_none())
+        {
+            let key = alg.generate().unwrap();
+            let again = KeyFile::parse(alg, key.file_bytes()).unwrap();
+            assert_eq!(again.fingerprint(), key.fingerprint(), "{alg}");
+            assert!(key.fingerprint().starts_with("sha256:") && key.fingerprint().len() == 71);
+            assert_eq!(alg.is_symmetric(), key.public().is_none());
+            let dbg = format!("{key:?}");
+            assert!(!dbg.contains(std::str::from_utf8(&key.file_bytes()[30..40]).unwrap()));
+        }
+    }
+
+    #[test]
+    fn rejects_wrong_algorithm_and_garbage() {
+        let ed = Algorithm::Ed25519.generate().unwrap();
+        assert!(KeyFile::parse(Algorithm::EcdsaP256, ed.file_bytes()).is_err());
+        assert!(KeyFile::parse(Algorithm::Ed25519, b"garbage").is_err());
+        assert!(KeyFile::parse(Algorithm::HmacSha256, b"AAAA\n").is_err());
+    }
+}

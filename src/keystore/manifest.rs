@@ -1,0 +1,399 @@
+//! `keyring.json`, the manifest: the single source of truth for a domain's versions.
+//!
+//! Its atomic replacement is the commit point of a rotation. Parsing is strict (the
+//! manifest names files that are opened, so a tampered one must not be able to point
+//! outside the domain folder), and [`Manifest::rotated`] computes the next manifest
+//! as a pure function so that a dry run and the real run agree on the plan.
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::{Deserialize, Serialize};
+
+use super::Algorithm;
+use crate::config::Activation;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VersionState {
+    Pending,
+    Active,
+    Retired,
+    Destroyed,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VersionEntry {
+    pub version: u64,
+    pub state: VersionState,
+    pub algorithm: String,
+    pub created_at: String,
+    pub activated_at: Option<String>,
+    pub retired_at: Option<String>,
+    pub destroyed_at: Option<String>,
+    pub fingerprint: String,
+    pub file: String,
+    pub created_by_run: String,
+}
+
+impl VersionEntry {
+    pub fn algorithm(&self) -> Algorithm {
+        self.algorithm
+            .parse()
+            .expect("validated when the manifest was parsed")
+    }
+    pub fn is_live(&self) -> bool {
+        self.state != VersionState::Destroyed
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    pub domain: String,
+    pub primary: Option<u64>,
+    pub versions: Vec<VersionEntry>,
+}
+
+/// A new version to be created by a rotation.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NewVersion {
+    pub version: u64,
+    pub state: VersionState,
+    pub algorithm: Algorithm,
+}
+
+/// What one rotation does to the manifest.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Plan {
+    pub from_version: Option<u64>,
+    pub to_version: u64,
+    pub create: Vec<NewVersion>,
+    pub promote: Option<u64>,
+    pub retire: Vec<u64>,
+    pub destroy: Vec<u64>,
+}
+
+pub fn version_file(version: u64, algorithm: Algorithm) -> String {
+    format!("v{version:06}.{}", algorithm.extension())
+}
+
+/// The version number in a `vNNNNNN.pem|key` file name.
+pub fn parse_version_file(name: &str) -> Option<u64> {
+    let (stem, ext) = name.split_once('.')?;
+    let digits = stem.strip_prefix('v')?;
+    if digits.len() != 6
+        || !digits.bytes().all(|b| b.is_ascii_digit())
+        || !matches!(ext, "pem" | "key")
+    {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+pub fn now_rfc3339(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+impl Manifest {
+    pub fn empty(domain: &str) -> Manifest {
+        Manifest {
+            domain: domain.to_string(),
+            primary: None,
+            versions: Vec::new(),
+        }
+    }
+
+    /// Parses and validates a manifest for `domain`. Errors describe the inconsistency.
+    pub fn parse(bytes: &[u8], domain: &str) -> Result<Manifest, String> {
+        let m: Manifest = serde_json::from_slice(bytes)
+            .map_err(|e| format!("keyring.json is not a valid manifest: {e}"))?;
+        if m.domain != domain {
+            return Err(format!(
+                "keyring.json belongs to domain {:?}, not {domain:?}",
+                m.domain
+            ));
+        }
+        let mut last = 0;
+        for v in &m.versions {
+            if v.version <= last {
+                return Err(format!(
+                    "keyring.json lists version {} after {last}: versions must only grow",
+                    v.version
+                ));
+            }
+            last = v.version;
+            let alg: Algorithm = v.algorithm.parse().map_err(|_| {
+                format!(
+                    "keyring.json v{}: unknown algorithm {:?}",
+                    v.version, v.algorithm
+                )
+            })?;
+            if v.file != version_file(v.version, alg) {
+                return Err(format!(
+                    "keyring.json v{}: file {:?} is not {:?}",
+                    v.version,
+                    v.file,
+                    version_file(v.version, alg)
+                ));
+            }
+        }
+        let active: Vec<&VersionEntry> = m
+            .versions
+            .iter()
+            .filter(|v| v.state == VersionState::Active)
+            .collect();
+        let pending: Vec<&VersionEntry> = m
+            .versions
+            .iter()
+            .filter(|v| v.state == VersionState::Pending)
+            .collect();
+        match (active.as_slice(), m.primary) {
+            ([], None) if m.versions.iter().all(|v| !v.is_live()) && pending.is_empty() => {}
+            ([], _) => return Err("keyring.json has no active version".into()),
+            ([a], Some(p)) if a.version == p => {}
+            ([a], p) => {
+                return Err(format!(
+                    "keyring.json primary is {p:?} but the active version is v{}",
+                    a.version
+                ))
+            }
+            (many, _) => {
+                return Err(format!(
+                    "keyring.json has {} active versions; exactly one is allowed",
+                    many.len()
+                ))
+            }
+        }
+        if pending.len() > 1 {
+            return Err(format!(
+                "keyring.json has {} pending versions; at most one is allowed",
+                pending.len()
+            ));
+        }
+        if let (Some(p), Some(a)) = (pending.first(), active.first()) {
+            if p.version < a.version {
+                return Err(format!(
+                    "keyring.json pending v{} is older than active v{}",
+                    p.version, a.version
+                ));
+            }
+        }
+        Ok(m)
+    }
+
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut v = serde_json::to_vec_pretty(self).expect("a manifest always serializes");
+        v.push(b'\n');
+        v
+    }
+
+    pub fn active(&self) -> Option<&VersionEntry> {
+        self.versions
+            .iter()
+            .find(|v| v.state == VersionState::Active)
+    }
+    pub fn pending(&self) -> Option<&VersionEntry> {
+        self.versions
+            .iter()
+            .find(|v| v.state == VersionState::Pending)
+    }
+    pub fn live(&self) -> impl Iterator<Item = &VersionEntry> {
+        self.versions.iter().filter(|v| v.is_live())
+    }
+    pub fn get(&self, version: u64) -> Option<&VersionEntry> {
+        self.versions.iter().find(|v| v.version == version)
+    }
+    pub fn max_version(&self) -> u64 {
+        self.versions.last().map_or(0, |v| v.version)
+    }
+
+    /// What a rotation does, given the next free version number.
+    pub fn plan(
+        &self,
+        algorithm: Algorithm,
+        activation: Activation,
+        retain: u32,
+        next: u64,
+    ) -> Plan {
+        let active = self.active().map(|v| v.version);
+        let pending = self.pending().map(|v| v.version);
+        let mut create = Vec::new();
+        let mut retire = Vec::new();
+        let mut promote = None;
+        let to_version;
+        match activation {
+            Activation::Immediate => {
+                create.push(NewVersion {
+                    version: next,
+                    state: VersionState::Active,
+                    algorithm,
+                });
+                retire.extend(active);
+                // A pending version left by a switch from prepublish is kept for
+                // verification but never activated behind the operator's back.
+                retire.extend(pending);
+                to_version = next;
+            }
+            Activation::Prepublish => match (active, pending) {
+                (None, _) => {
+                    create.push(NewVersion {
+                        version: next,
+                        state: VersionState::Active,
+                        algorithm,
+                    });
+                    create.push(NewVersion {
+                        version: next + 1,
+                        state: VersionState::Pending,
+                        algorithm,
+                    });
+                    to_version = next;
+                }
+                (Some(a), None) => {
+                    create.push(NewVersion {
+                        version: next,
+                        state: VersionState::Pending,
+                        algorithm,
+                    });
+                    to_version = a;
+                }
+                (Some(a), Some(p)) => {
+                    promote = Some(p);
+                    retire.push(a);
+                    create.push(NewVersion {
+                        version: next,
+                        state: VersionState::Pending,
+                        algorithm,
+                    });
+                    to_version = p;
+                }
+            },
+        }
+        let mut retired: Vec<u64> = self
+            .versions
+            .iter()
+            .filter(|v| v.state == VersionState::Retired)
+            .map(|v| v.version)
+            .chain(retire.iter().copied())
+            .collect();
+        retired.sort_unstable_by(|a, b| b.cmp(a));
+        let destroy = retired.into_iter().skip(retain as usize).collect();
+        Plan {
+            from_version: active,
+            to_version,
+            create,
+            promote,
+            retire,
+            destroy,
+        }
+    }
+
+    /// The manifest after `plan`, with `created` giving each new version's
+    /// fingerprint. This is what the commit writes.
+    pub fn rotated(
+        &self,
+        plan: &Plan,
+        fingerprints: &[String],
+        run_id: &str,
+        now: DateTime<Utc>,
+    ) -> Manifest {
+        let ts = now_rfc3339(now);
+        let mut m = self.clone();
+        for v in &mut m.versions {
+            if Some(v.version) == plan.promote {
+                v.state = VersionState::Active;
+                v.activated_at = Some(ts.clone());
+            }
+            if plan.retire.contains(&v.version) {
+                v.state = VersionState::Retired;
+                v.retired_at = Some(ts.clone());
+            }
+            if plan.destroy.contains(&v.version) {
+                v.state = VersionState::Destroyed;
+                v.destroyed_at = Some(ts.clone());
+            }
+        }
+        for (n, fp) in plan.create.iter().zip(fingerprints) {
+            m.versions.push(VersionEntry {
+                version: n.version,
+                state: n.state,
+                algorithm: n.algorithm.name().to_string(),
+                created_at: ts.clone(),
+                activated_at: (n.state == VersionState::Active).then(|| ts.clone()),
+                retired_at: None,
+                destroyed_at: None,
+                fingerprint: fp.clone(),
+                file: version_file(n.version, n.algorithm),
+                created_by_run: run_id.to_string(),
+            });
+        }
+        m.primary = m.active().map(|v| v.version);
+        m
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rotate(m: &Manifest, act: Activation, retain: u32) -> (Plan, Manifest) {
+        let plan = m.plan(Algorithm::Ed25519, act, retain, m.max_version() + 1);
+        let fps: Vec<String> = plan
+            .create
+            .iter()
+            .map(|n| format!("sha256:{}", n.version))
+            .collect();
+        let next = m.rotated(&plan, &fps, "run", Utc::now());
+        Manifest::parse(&next.to_bytes(), "d").expect("rotated manifests are valid");
+        (plan, next)
+    }
+
+    #[test]
+    fn immediate_rotation_retires_and_destroys_beyond_retain() {
+        let mut m = Manifest::empty("d");
+        for _ in 0..5 {
+            m = rotate(&m, Activation::Immediate, 2).1;
+        }
+        let states: Vec<VersionState> = m.versions.iter().map(|v| v.state).collect();
+        use VersionState::*;
+        assert_eq!(states, [Destroyed, Destroyed, Retired, Retired, Active]);
+        assert_eq!(m.primary, Some(5));
+    }
+
+    #[test]
+    fn prepublish_lifecycle() {
+        let (p, m) = rotate(&Manifest::empty("d"), Activation::Prepublish, 3);
+        assert_eq!((p.from_version, p.to_version), (None, 1));
+        assert_eq!(m.pending().unwrap().version, 2);
+        let (p, m) = rotate(&m, Activation::Prepublish, 3);
+        assert_eq!(
+            (p.from_version, p.to_version, p.promote),
+            (Some(1), 2, Some(2))
+        );
+        assert_eq!(m.pending().unwrap().version, 3);
+        let (_, m) = rotate(&m, Activation::Immediate, 3);
+        assert_eq!(m.active().unwrap().version, 4);
+        assert!(m.pending().is_none());
+        let (p, m) = rotate(&m, Activation::Prepublish, 3);
+        assert_eq!((p.promote, p.to_version), (None, 4));
+        assert_eq!(m.pending().unwrap().version, 5);
+    }
+
+    #[test]
+    fn strict_parsing() {
+        let (_, m) = rotate(&Manifest::empty("d"), Activation::Immediate, 3);
+        let good = String::from_utf8(m.to_bytes()).unwrap();
+        assert!(Manifest::parse(good.as_bytes(), "other").is_err());
+        let evil = good.replace("v000001.pem", "../../etc/passwd");
+        assert!(Manifest::parse(evil.as_bytes(), "d")
+            .unwrap_err()
+            .contains("file"));
+        let none = good.replace("\"active\"", "\"retired\"");
+        assert!(Manifest::parse(none.as_bytes(), "d")
+            .unwrap_err()
+            .contains("no active"));
+        assert!(Manifest::parse(b"{", "d").is_err());
+        assert_eq!(parse_version_file("v000012.pem"), Some(12));
+        assert_eq!(parse_version_file("v12.pem"), None);
+        assert_eq!(parse_version_file("v000012.pem.tmp"), None);
+    }
+}

@@ -1,0 +1,28 @@
+//! keyrotate: rotate cryptographic keys and secrets safely as a single-shot job.
+//!
+//! The binary is the product (see README.md and DESIGN.md); the library exposes its
+//! parts for the binary and its tests. Module map:
+//!
+//! - [`outcome`]: the exit-code table, the one source of the numbers;
+//! - [`cli`] and `cmd`: the command line and one file per subcommand;
+//! - [`config`]: `rotate.toml`; [`deadline`]: `--deadline` and its clock;
+//! - [`lock`]: the per-domain OS lock; [`ledger`]: the SQLite rotation ledger;
+//! - [`keystore`]: the built-in key store (files, manifest, algorithms);
+//! - [`backend`]: what one rotation does, per backend; [`guard`]: signals and deadline;
+//! - [`audit`]: the JSON audit trail; [`fsutil`]: durable, symlink-safe file writes.
+
+pub mod audit;
+pub mod backend;
+pub mod cli;
+mod cmd;
+pub mod config;
+pub mod deadline;
+pub mod failpoint;
+pub mod fsutil;
+pub mod guard;
+pub mod keystore;
+pub mod ledger;
+pub mod lock;
+pub mod outcome;
+
+pub use cmd::main;
