@@ -83,13 +83,7 @@ impl Audit {
         );
         let mut line = serde_json::to_vec(&event).expect("json");
         line.push(b'\n');
-        let fail = |e: std::io::Error| {
-            format!(
-                "audit file {}: {}",
-                self.path.display(),
-                crate::fsutil::io_reason(&e)
-            )
-        };
+        let fail = |e: std::io::Error| format!("audit file {}: {}", self.path.display(), crate::fsutil::io_reason(&e));
         if let Some(parent) = self.path.parent() {
             if !parent.exists() {
                 crate::fsutil::ensure_private_dir(parent, "audit folder")?;

@@ -111,12 +111,7 @@ pub struct HistoryArgs {
     #[arg(long, value_name = "NAME")]
     pub domain: Option<String>,
     /// At most this many rows
-    #[arg(
-        long,
-        value_name = "N",
-        default_value = "50",
-        allow_hyphen_values = true
-    )]
+    #[arg(long, value_name = "N", default_value = "50", allow_hyphen_values = true)]
     pub limit: String,
     /// Only runs started at or after WHEN: a duration ago (24h) or an RFC 3339 instant
     #[arg(long, value_name = "WHEN")]

@@ -149,8 +149,7 @@ pub fn locate(flag: Option<&Path>) -> PathBuf {
 impl Config {
     pub fn load(path: &Path) -> Result<Config, String> {
         let shown = path.display();
-        let meta = std::fs::metadata(path)
-            .map_err(|e| format!("config {shown}: {}", crate::fsutil::io_reason(&e)))?;
+        let meta = std::fs::metadata(path).map_err(|e| format!("config {shown}: {}", crate::fsutil::io_reason(&e)))?;
         if !meta.is_file() {
             return Err(format!("config {shown}: not a regular file"));
         }
@@ -160,14 +159,9 @@ impl Config {
                 meta.len()
             ));
         }
-        let bytes = std::fs::read(path)
-            .map_err(|e| format!("config {shown}: {}", crate::fsutil::io_reason(&e)))?;
-        let text = String::from_utf8(bytes).map_err(|e| {
-            format!(
-                "config {shown}: not UTF-8 text (byte {})",
-                e.utf8_error().valid_up_to()
-            )
-        })?;
+        let bytes = std::fs::read(path).map_err(|e| format!("config {shown}: {}", crate::fsutil::io_reason(&e)))?;
+        let text = String::from_utf8(bytes)
+            .map_err(|e| format!("config {shown}: not UTF-8 text (byte {})", e.utf8_error().valid_up_to()))?;
         let abs = std::path::absolute(path).map_err(|e| format!("config {shown}: {e}"))?;
         Config::parse(&text, &abs)
     }
@@ -190,10 +184,7 @@ impl Config {
 
         let state_dir = resolve(base, &raw.state.dir);
         if raw.state.dir.as_os_str().is_empty() {
-            return Err(err(
-                "state.dir",
-                "expected a folder path, found an empty string".into(),
-            ));
+            return Err(err("state.dir", "expected a folder path, found an empty string".into()));
         }
         let host_pool = match raw.host.and_then(|h| h.pool) {
             Some(p) => Some(validate_pool(&p).map_err(|w| err("host.pool", w))?),
@@ -201,10 +192,7 @@ impl Config {
         };
         let audit_file = match raw.audit.and_then(|a| a.file) {
             Some(f) if f.as_os_str().is_empty() => {
-                return Err(err(
-                    "audit.file",
-                    "expected a file path, found an empty string".into(),
-                ))
+                return Err(err("audit.file", "expected a file path, found an empty string".into()))
             }
             Some(f) => resolve(base, &f),
             None => state_dir.join("audit.jsonl"),
@@ -215,8 +203,7 @@ impl Config {
             let prefix = format!("domains.{name}");
             validate_domain_name(&name).map_err(|w| err(&prefix, w))?;
             let d = d.or(&defaults);
-            let dc = domain(&name, d, base)
-                .map_err(|(key, what)| err(&format!("{prefix}.{key}"), what))?;
+            let dc = domain(&name, d, base).map_err(|(key, what)| err(&format!("{prefix}.{key}"), what))?;
             domains.insert(name, dc);
         }
         Ok(Config {
@@ -273,22 +260,14 @@ fn domain(name: &str, d: RawDomain, base: &Path) -> Result<DomainConfig, (&'stat
         None => DEFAULT_MAX_DEADLINE,
     };
     let min_interval = match d.min_interval {
-        Some(s) => parse_duration(&s).map_err(|w| {
-            (
-                "min_interval",
-                format!("expected a duration such as 1d or 12h: {w}"),
-            )
-        })?,
+        Some(s) => {
+            parse_duration(&s).map_err(|w| ("min_interval", format!("expected a duration such as 1d or 12h: {w}")))?
+        }
         None => DEFAULT_MIN_INTERVAL,
     };
     let retain = match d.retain {
         Some(r) if (0..=1000).contains(&r) => r as u32,
-        Some(r) => {
-            return Err((
-                "retain",
-                format!("expected a whole number from 0 to 1000, found {r}"),
-            ))
-        }
+        Some(r) => return Err(("retain", format!("expected a whole number from 0 to 1000, found {r}"))),
         None => DEFAULT_RETAIN,
     };
     let backend = match d.backend.as_deref() {
@@ -296,28 +275,20 @@ fn domain(name: &str, d: RawDomain, base: &Path) -> Result<DomainConfig, (&'stat
             if d.command.is_some() {
                 return Err(("command", "only for backend = \"command\"".into()));
             }
-            let algorithm = d.algorithm.ok_or((
-                "algorithm",
-                format!("missing: expected one of {}", Algorithm::names()),
-            ))?;
+            let algorithm = d
+                .algorithm
+                .ok_or(("algorithm", format!("missing: expected one of {}", Algorithm::names())))?;
             let algorithm = algorithm.parse::<Algorithm>().map_err(|_| {
                 (
                     "algorithm",
-                    format!(
-                        "expected one of {}, found {algorithm:?}",
-                        Algorithm::names()
-                    ),
+                    format!("expected one of {}, found {algorithm:?}", Algorithm::names()),
                 )
             })?;
-            let keystore = d.keystore.ok_or((
-                "keystore",
-                "missing: expected the key store folder".to_string(),
-            ))?;
+            let keystore = d
+                .keystore
+                .ok_or(("keystore", "missing: expected the key store folder".to_string()))?;
             if keystore.as_os_str().is_empty() {
-                return Err((
-                    "keystore",
-                    "expected a folder path, found an empty string".into(),
-                ));
+                return Err(("keystore", "expected a folder path, found an empty string".into()));
             }
             let activation = match d.activation.as_deref() {
                 None | Some("immediate") => Activation::Immediate,
@@ -356,10 +327,7 @@ fn domain(name: &str, d: RawDomain, base: &Path) -> Result<DomainConfig, (&'stat
                 ));
             }
             let program = PathBuf::from(command.remove(0));
-            if !program.is_absolute()
-                && program.components().count() < 2
-                && !program.starts_with(".")
-            {
+            if !program.is_absolute() && program.components().count() < 2 && !program.starts_with(".") {
                 return Err((
                     "command",
                     format!(
@@ -380,12 +348,7 @@ fn domain(name: &str, d: RawDomain, base: &Path) -> Result<DomainConfig, (&'stat
                 format!("expected \"keystore\" or \"command\", found {other:?}"),
             ))
         }
-        None => {
-            return Err((
-                "backend",
-                "missing: expected \"keystore\" or \"command\"".into(),
-            ))
-        }
+        None => return Err(("backend", "missing: expected \"keystore\" or \"command\"".into())),
     };
     Ok(DomainConfig {
         name: name.to_string(),
@@ -420,9 +383,7 @@ pub fn validate_domain_name(name: &str) -> Result<(), String> {
     }
     let first = name.as_bytes()[0];
     if !(first.is_ascii_lowercase() || first.is_ascii_digit()) {
-        return Err(format!(
-            "domain name \"{shown}\" must start with a-z or 0-9"
-        ));
+        return Err(format!("domain name \"{shown}\" must start with a-z or 0-9"));
     }
     if let Some(c) = name
         .chars()
@@ -437,12 +398,7 @@ pub fn validate_domain_name(name: &str) -> Result<(), String> {
 }
 
 fn validate_pool(pool: &str) -> Result<String, String> {
-    if pool.is_empty()
-        || pool.len() > 128
-        || !pool
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
-    {
+    if pool.is_empty() || pool.len() > 128 || !pool.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)) {
         return Err(format!(
             "expected a pool name of 1-128 characters from A-Z a-z 0-9 . _ -, found {:?}",
             pool
@@ -482,9 +438,7 @@ keystore = "keys"
         assert_eq!(d.retain, 3);
         match &d.backend {
             Backend::Keystore {
-                keystore,
-                activation,
-                ..
+                keystore, activation, ..
             } => {
                 assert_eq!(keystore, Path::new("/etc/kr/keys"));
                 assert_eq!(*activation, Activation::Immediate);

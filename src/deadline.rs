@@ -28,8 +28,8 @@ impl Deadline {
                 humantime::format_duration(max)
             ));
         }
-        let chrono_total = chrono::Duration::from_std(total)
-            .map_err(|_| format!("--deadline {when:?} is out of range"))?;
+        let chrono_total =
+            chrono::Duration::from_std(total).map_err(|_| format!("--deadline {when:?} is out of range"))?;
         Ok(Deadline {
             at: now + chrono_total,
             instant: start + total,
@@ -69,14 +69,10 @@ fn round_secs(d: Duration) -> Duration {
 pub fn parse_when(when: &str, now: DateTime<Utc>) -> Result<Duration, String> {
     let when_trimmed = when.trim();
     if when_trimmed.is_empty() {
-        return Err(
-            "--deadline is empty: give a duration (90s, 10m, 1h30m) or an RFC 3339 instant".into(),
-        );
+        return Err("--deadline is empty: give a duration (90s, 10m, 1h30m) or an RFC 3339 instant".into());
     }
     if when_trimmed.starts_with('-') {
-        return Err(format!(
-            "--deadline {when:?} is negative: it must be in the future"
-        ));
+        return Err(format!("--deadline {when:?} is negative: it must be in the future"));
     }
     if looks_like_instant(when_trimmed) {
         let at = DateTime::parse_from_rfc3339(when_trimmed)
@@ -92,9 +88,7 @@ pub fn parse_when(when: &str, now: DateTime<Utc>) -> Result<Duration, String> {
         format!("--deadline {when:?} is neither a duration (90s, 10m, 1h30m) nor an RFC 3339 instant: {e}")
     })?;
     if d.is_zero() {
-        return Err(format!(
-            "--deadline {when:?} is zero: give the time the run may take"
-        ));
+        return Err(format!("--deadline {when:?} is zero: give the time the run may take"));
     }
     Ok(d)
 }
@@ -119,10 +113,7 @@ mod tests {
     #[test]
     fn durations_and_instants() {
         assert_eq!(parse_when("90s", now()).unwrap(), Duration::from_secs(90));
-        assert_eq!(
-            parse_when("1h30m", now()).unwrap(),
-            Duration::from_secs(5400)
-        );
+        assert_eq!(parse_when("1h30m", now()).unwrap(), Duration::from_secs(5400));
         assert_eq!(
             parse_when("2026-11-25T20:00:00Z", now()).unwrap(),
             Duration::from_secs(3600)

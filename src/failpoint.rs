@@ -30,10 +30,7 @@ pub fn hit(step: &str, op: &str) -> io::Result<()> {
     static COUNT: AtomicUsize = AtomicUsize::new(0);
     let n = COUNT.fetch_add(1, Ordering::SeqCst) + 1;
     if let Some(log) = std::env::var_os("KEYROTATE_FAILPOINT_LOG") {
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)?;
+        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
         writeln!(f, "{n} {step}")?;
     }
     let Ok(spec) = std::env::var("KEYROTATE_FAILPOINTS") else {

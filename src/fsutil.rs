@@ -37,12 +37,9 @@ pub fn io_reason(e: &io::Error) -> String {
 /// owned by someone other than the effective user.
 pub fn check_secure_dir(path: &Path, what: &str) -> Result<(), String> {
     let shown = path.display();
-    let meta =
-        fs::symlink_metadata(path).map_err(|e| format!("{what} {shown}: {}", io_reason(&e)))?;
+    let meta = fs::symlink_metadata(path).map_err(|e| format!("{what} {shown}: {}", io_reason(&e)))?;
     if meta.file_type().is_symlink() {
-        return Err(format!(
-            "{what} {shown} is a symlink; refusing to follow it"
-        ));
+        return Err(format!("{what} {shown} is a symlink; refusing to follow it"));
     }
     if !meta.is_dir() {
         return Err(format!("{what} {shown} is not a folder"));
@@ -72,15 +69,11 @@ pub fn ensure_private_dir(path: &Path, what: &str) -> Result<(), String> {
                 .recursive(true)
                 .mode(PRIVATE_DIR_MODE)
                 .create(path)
-                .map_err(|e| {
-                    format!("cannot create {what} {}: {}", path.display(), io_reason(&e))
-                })?;
-            fs::set_permissions(path, fs::Permissions::from_mode(PRIVATE_DIR_MODE)).map_err(
-                |e| format!("cannot chmod {what} {}: {}", path.display(), io_reason(&e)),
-            )?;
+                .map_err(|e| format!("cannot create {what} {}: {}", path.display(), io_reason(&e)))?;
+            fs::set_permissions(path, fs::Permissions::from_mode(PRIVATE_DIR_MODE))
+                .map_err(|e| format!("cannot chmod {what} {}: {}", path.display(), io_reason(&e)))?;
             if let Some(parent) = path.parent() {
-                fsync_dir(parent)
-                    .map_err(|e| format!("cannot sync {}: {}", parent.display(), io_reason(&e)))?;
+                fsync_dir(parent).map_err(|e| format!("cannot sync {}: {}", parent.display(), io_reason(&e)))?;
             }
         }
         Err(e) => return Err(format!("{what} {}: {}", path.display(), io_reason(&e))),
@@ -181,10 +174,7 @@ pub fn read_nofollow(path: &Path, limit: u64) -> io::Result<Zeroizing<Vec<u8>>> 
         .open(path)?;
     let meta = f.metadata()?;
     if !meta.is_file() {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            "not a regular file",
-        ));
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "not a regular file"));
     }
     if meta.len() > limit {
         return Err(io::Error::new(
@@ -209,10 +199,7 @@ mod tests {
         write_atomic(d.path(), "f", b"two", "t").unwrap();
         unsafe { libc::umask(old) };
         assert_eq!(fs::read(d.path().join("f")).unwrap(), b"two");
-        assert_eq!(
-            fs::metadata(d.path().join("f")).unwrap().mode() & 0o777,
-            0o600
-        );
+        assert_eq!(fs::metadata(d.path().join("f")).unwrap().mode() & 0o777, 0o600);
         assert!(!d.path().join(".f.tmp").exists());
     }
 
@@ -223,10 +210,7 @@ mod tests {
         assert!(write_new(d.path(), "k", b"other", "t").is_err());
         std::os::unix::fs::symlink("k", d.path().join("link")).unwrap();
         assert!(read_nofollow(&d.path().join("link"), 100).is_err());
-        assert_eq!(
-            &*read_nofollow(&d.path().join("k"), 100).unwrap(),
-            b"secret"
-        );
+        assert_eq!(&*read_nofollow(&d.path().join("k"), 100).unwrap(), b"secret");
         assert!(read_nofollow(&d.path().join("k"), 3).is_err());
     }
 
@@ -237,9 +221,7 @@ mod tests {
         ensure_private_dir(&p, "state folder").unwrap();
         assert_eq!(fs::metadata(&p).unwrap().mode() & 0o777, 0o700);
         fs::set_permissions(&p, fs::Permissions::from_mode(0o770)).unwrap();
-        assert!(check_secure_dir(&p, "x")
-            .unwrap_err()
-            .contains("writable by group"));
+        assert!(check_secure_dir(&p, "x").unwrap_err().contains("writable by group"));
         std::os::unix::fs::symlink(&p, d.path().join("l")).unwrap();
         assert!(check_secure_dir(&d.path().join("l"), "x")
             .unwrap_err()

@@ -97,12 +97,10 @@ impl Guard {
     /// Stops the watchdog (commit started, or the run is ending on its own). If the
     /// watchdog won the race it is ending the process: wait for it.
     pub fn stand_down(&self) {
-        match self.phase.compare_exchange(
-            PRE_COMMIT,
-            PAST_WATCH,
-            Ordering::SeqCst,
-            Ordering::SeqCst,
-        ) {
+        match self
+            .phase
+            .compare_exchange(PRE_COMMIT, PAST_WATCH, Ordering::SeqCst, Ordering::SeqCst)
+        {
             Ok(_) | Err(PAST_WATCH) => {}
             Err(_) => loop {
                 std::thread::park();

@@ -60,10 +60,7 @@ fn open_lock_file(path: &Path) -> io::Result<File> {
         .open(path)?;
     let meta = f.metadata()?;
     if !meta.is_file() {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "not a regular file",
-        ));
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "not a regular file"));
     }
     if meta.mode() & 0o077 != 0 {
         f.set_permissions(fs::Permissions::from_mode(0o600))?;
@@ -74,13 +71,8 @@ fn open_lock_file(path: &Path) -> io::Result<File> {
 impl DomainLock {
     /// Tries once to take the lock; never waits.
     pub fn try_acquire(path: &Path) -> Result<Acquire, String> {
-        let file = open_lock_file(path).map_err(|e| {
-            format!(
-                "lock file {}: {}",
-                path.display(),
-                crate::fsutil::io_reason(&e)
-            )
-        })?;
+        let file = open_lock_file(path)
+            .map_err(|e| format!("lock file {}: {}", path.display(), crate::fsutil::io_reason(&e)))?;
         match file.try_lock_exclusive() {
             Ok(()) => Ok(Acquire::Acquired(DomainLock {
                 file,
@@ -107,13 +99,7 @@ impl DomainLock {
             self.file.rewind()?;
             self.file.write_all(&line)
         })();
-        res.map_err(|e| {
-            format!(
-                "lock file {}: {}",
-                self.path.display(),
-                crate::fsutil::io_reason(&e)
-            )
-        })
+        res.map_err(|e| format!("lock file {}: {}", self.path.display(), crate::fsutil::io_reason(&e)))
     }
 }
 
@@ -125,10 +111,7 @@ pub fn read_holder(path: &Path) -> Option<Holder> {
         .open(path)
         .ok()?;
     let mut s = String::new();
-    Read::by_ref(&mut f)
-        .take(4096)
-        .read_to_string(&mut s)
-        .ok()?;
+    Read::by_ref(&mut f).take(4096).read_to_string(&mut s).ok()?;
     serde_json::from_str(s.trim()).ok()
 }
 
@@ -147,15 +130,14 @@ pub fn probe(path: &Path) -> Result<Option<u32>, String> {
             ))
         }
     };
-    let locks = fs::read_to_string("/proc/locks")
-        .map_err(|e| format!("/proc/locks: {}", crate::fsutil::io_reason(&e)))?;
+    let locks =
+        fs::read_to_string("/proc/locks").map_err(|e| format!("/proc/locks: {}", crate::fsutil::io_reason(&e)))?;
     let (maj, min) = (libc::major(meta.dev()), libc::minor(meta.dev()));
     let want = format!("{maj:02x}:{min:02x}:{}", meta.ino());
     for line in locks.lines() {
         // "1: FLOCK  ADVISORY  WRITE 4242 fd:01:1234 0 EOF" ("->" marks waiters)
         let fields: Vec<&str> = line.split_whitespace().collect();
-        if fields.len() >= 6 && fields[1] == "FLOCK" && !fields.contains(&"->") && fields[5] == want
-        {
+        if fields.len() >= 6 && fields[1] == "FLOCK" && !fields.contains(&"->") && fields[5] == want {
             return Ok(fields[4].parse().ok());
         }
     }

@@ -72,9 +72,7 @@ impl Outcome {
     }
 
     pub fn from_code(code: i64) -> Option<Outcome> {
-        Outcome::ALL
-            .into_iter()
-            .find(|o| i64::from(o.code()) == code)
+        Outcome::ALL.into_iter().find(|o| i64::from(o.code()) == code)
     }
 
     /// The terminal ledger state a run with this outcome is closed with.
@@ -95,18 +93,13 @@ impl Outcome {
             Outcome::Aborted => "rotation.aborted",
             Outcome::TimedOut => "rotation.timed_out",
             Outcome::NeedsReview => "rotation.needs_review",
-            Outcome::Usage | Outcome::Busy | Outcome::NotDesignated | Outcome::NotDue => {
-                "rotation.refused"
-            }
+            Outcome::Usage | Outcome::Busy | Outcome::NotDesignated | Outcome::NotDue => "rotation.refused",
         }
     }
 
     /// Whether Control-M should treat the job as OK.
     pub const fn is_ok_for_scheduler(self) -> bool {
-        matches!(
-            self,
-            Outcome::Rotated | Outcome::NotDesignated | Outcome::NotDue
-        )
+        matches!(self, Outcome::Rotated | Outcome::NotDesignated | Outcome::NotDue)
     }
 }
 

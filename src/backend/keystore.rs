@@ -52,12 +52,9 @@ impl KeystoreRotation<'_> {
                 "removed files left by an interrupted run"
             );
         }
-        let plan = inspection.manifest.plan(
-            self.algorithm,
-            self.activation,
-            self.retain,
-            inspection.next_version,
-        );
+        let plan = inspection
+            .manifest
+            .plan(self.algorithm, self.activation, self.retain, inspection.next_version);
 
         guard.checkpoint("generate")?;
         let keys: Vec<KeyFile> = plan
@@ -103,9 +100,7 @@ impl KeystoreRotation<'_> {
         let guard = self.step.guard.clone();
         let ks = self.keystore.clone();
         let run_id = self.step.run.run_id.clone();
-        let io = |what: &str, e: std::io::Error| {
-            aborted(format!("{what}: {}", crate::fsutil::io_reason(&e)))
-        };
+        let io = |what: &str, e: std::io::Error| aborted(format!("{what}: {}", crate::fsutil::io_reason(&e)));
 
         for (n, key) in plan.create.iter().zip(keys) {
             guard.checkpoint("stage")?;
@@ -115,15 +110,11 @@ impl KeystoreRotation<'_> {
             ks.stage(&file, key)
                 .map_err(|e| io(&format!("cannot stage {file}"), e))?;
         }
-        let new_versions: Vec<String> = plan
-            .create
-            .iter()
-            .map(|n| format!("v{}", n.version))
-            .collect();
+        let new_versions: Vec<String> = plan.create.iter().map(|n| format!("v{}", n.version)).collect();
         self.step
             .advance(
                 "staged",
-                Some(plan.to_version),
+                (plan.from_version, Some(plan.to_version)),
                 &format!("staged {}", new_versions.join(", ")),
             )
             .map_err(aborted)?;
@@ -136,9 +127,7 @@ impl KeystoreRotation<'_> {
 
         let now = Utc::now();
         let fingerprints: Vec<String> = keys.iter().map(|k| k.fingerprint().to_string()).collect();
-        let next = inspection
-            .manifest
-            .rotated(plan, &fingerprints, &run_id, now);
+        let next = inspection.manifest.rotated(plan, &fingerprints, &run_id, now);
         let mut publics: BTreeMap<u64, _> = inspection.publics.clone();
         for (n, key) in plan.create.iter().zip(keys) {
             if let Some(p) = key.public() {
@@ -192,21 +181,13 @@ impl KeystoreRotation<'_> {
             summary: summary(plan, &next),
         };
         let recorded = self.step.committed(&rotated);
-        let warn = |what: &str, e: std::io::Error| {
-            format!(
-                "{what}: {} (the next run retries)",
-                crate::fsutil::io_reason(&e)
-            )
-        };
+        let warn =
+            |what: &str, e: std::io::Error| format!("{what}: {} (the next run retries)", crate::fsutil::io_reason(&e));
         if let Err(e) = ks.point_current(&next) {
-            rotated
-                .warnings
-                .push(warn("cannot update the current symlink", e));
+            rotated.warnings.push(warn("cannot update the current symlink", e));
         }
         if let Err(e) = ks.destroy_files(&next, &plan.destroy) {
-            rotated
-                .warnings
-                .push(warn("cannot unlink destroyed versions", e));
+            rotated.warnings.push(warn("cannot unlink destroyed versions", e));
         }
         if let Err(e) = ks.publish_jwks(&next, &publics) {
             rotated.warnings.push(warn("cannot rewrite jwks.json", e));
@@ -218,11 +199,7 @@ impl KeystoreRotation<'_> {
 
 fn summary(plan: &Plan, next: &Manifest) -> String {
     let v = |n: Option<u64>| n.map_or("none".to_string(), |n| format!("v{n}"));
-    let mut s = format!(
-        "active {} -> {}",
-        v(plan.from_version),
-        v(Some(plan.to_version))
-    );
+    let mut s = format!("active {} -> {}", v(plan.from_version), v(Some(plan.to_version)));
     if let Some(p) = next.pending() {
         s.push_str(&format!(", pending v{}", p.version));
     }

@@ -7,7 +7,7 @@ pub mod keystore;
 
 use crate::audit::{Audit, Event};
 use crate::guard::Guard;
-use crate::ledger::{Ledger, NewRun};
+use crate::ledger::{Ledger, NewRun, Versions};
 use crate::outcome::{Failure, Outcome};
 
 /// A finished rotation.
@@ -33,28 +33,22 @@ pub struct Step<'a> {
 
 impl Step<'_> {
     /// Records progress (`staged`, `committed`) in the ledger.
-    pub fn advance(
-        &mut self,
-        state: &str,
-        to_version: Option<u64>,
-        detail: &str,
-    ) -> Result<(), String> {
+    pub fn advance(&mut self, state: &str, versions: Versions, detail: &str) -> Result<(), String> {
         let run_id = self.run.run_id.clone();
         self.ledger
-            .write(state, |w| w.advance(&run_id, state, to_version, detail))
+            .write(state, |w| w.advance(&run_id, state, versions, detail))
     }
 
     /// Records a step event without changing the run's state.
     pub fn event(&mut self, phase: &str, detail: &str) -> Result<(), String> {
         let run_id = self.run.run_id.clone();
-        self.ledger
-            .write("event", |w| w.event(&run_id, phase, Some(detail)))
+        self.ledger.write("event", |w| w.event(&run_id, phase, Some(detail)))
     }
 
     /// The commit happened: say so in the ledger and the audit trail. A ledger that
     /// cannot record it leaves the run's outcome uncertain to everyone else.
     pub fn committed(&mut self, r: &Rotated) -> Result<(), Failure> {
-        let ledger = self.advance("committed", r.to_version, &r.summary);
+        let ledger = self.advance("committed", (r.from_version, r.to_version), &r.summary);
         let audit = self.audit.emit(Event {
             reason: Some(r.summary.clone()),
             from_version: r.from_version,
@@ -66,10 +60,7 @@ impl Step<'_> {
         if let Err(e) = ledger {
             return Err(Failure::new(
                 Outcome::NeedsReview,
-                format!(
-                    "{}, but the ledger could not record the commit: {e}",
-                    r.summary
-                ),
+                format!("{}, but the ledger could not record the commit: {e}", r.summary),
             ));
         }
         if let Err(e) = audit {

@@ -56,9 +56,7 @@ pub fn run(cli: &Cli, args: &CheckArgs) -> Outcome {
     for d in &domains {
         let key = format!("domains.{}", d.name);
         match &pool {
-            Some(p) if *p == d.designated_pool => {
-                notes.push(format!("{key}: this host (pool {p}) is designated"))
-            }
+            Some(p) if *p == d.designated_pool => notes.push(format!("{key}: this host (pool {p}) is designated")),
             Some(p) => notes.push(format!(
                 "{key}: this host (pool {p}) is not designated ({}): rotate exits 6",
                 d.designated_pool
@@ -71,9 +69,7 @@ pub fn run(cli: &Cli, args: &CheckArgs) -> Outcome {
                 if let Err(e) = ks.check_folders() {
                     problems.push(format!("{file}: {key}.keystore: {e}"));
                 } else if let Err(e) = ks.inspect() {
-                    problems.push(format!(
-                        "{file}: {key}.keystore: inconsistent key store: {e}"
-                    ));
+                    problems.push(format!("{file}: {key}.keystore: inconsistent key store: {e}"));
                 }
             }
             Backend::Command { program, .. } => {
@@ -90,11 +86,7 @@ pub fn run(cli: &Cli, args: &CheckArgs) -> Outcome {
         println!("problem: {p}");
     }
     if problems.is_empty() {
-        println!(
-            "OK {}: {} domain(s) checked, no problems",
-            file,
-            domains.len()
-        );
+        println!("OK {}: {} domain(s) checked, no problems", file, domains.len());
         Outcome::Rotated
     } else {
         tracing::error!("{} problem(s) found in {file}", problems.len());
@@ -105,14 +97,11 @@ pub fn run(cli: &Cli, args: &CheckArgs) -> Outcome {
 /// A hook program must exist, be a regular executable file, and not be writable by
 /// group or others (anyone who can write it can run code as keyrotate).
 pub fn check_program(program: &std::path::Path) -> Result<(), String> {
-    let meta = std::fs::metadata(program)
-        .map_err(|e| format!("program {}: {}", program.display(), fsutil::io_reason(&e)))?;
+    let meta =
+        std::fs::metadata(program).map_err(|e| format!("program {}: {}", program.display(), fsutil::io_reason(&e)))?;
     let mode = meta.permissions().mode();
     if !meta.is_file() {
-        return Err(format!(
-            "program {} is not a regular file",
-            program.display()
-        ));
+        return Err(format!("program {} is not a regular file", program.display()));
     }
     if mode & 0o111 == 0 {
         return Err(format!(

@@ -36,16 +36,14 @@ fn history(cli: &Cli, args: &HistoryArgs) -> Result<(), Failure> {
     if let Some(d) = &args.domain {
         config.domain(d).map_err(Failure::usage)?;
     }
-    let limit: u32 = args.limit.parse().ok().filter(|n| *n >= 1).ok_or_else(|| {
-        Failure::usage(format!(
-            "--limit {:?} must be a whole number of at least 1",
-            args.limit
-        ))
-    })?;
+    let limit: u32 = args
+        .limit
+        .parse()
+        .ok()
+        .filter(|n| *n >= 1)
+        .ok_or_else(|| Failure::usage(format!("--limit {:?} must be a whole number of at least 1", args.limit)))?;
     let since = args.since.as_deref().map(since).transpose()?;
-    let rows = match Ledger::open_read_only(&config.ledger_path())
-        .map_err(|e| Failure::new(Outcome::Aborted, e))?
-    {
+    let rows = match Ledger::open_read_only(&config.ledger_path()).map_err(|e| Failure::new(Outcome::Aborted, e))? {
         None => Vec::new(),
         Some(l) => l
             .history(args.domain.as_deref(), since.as_deref(), limit)

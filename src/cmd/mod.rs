@@ -54,21 +54,15 @@ fn init_logging(cli: &Cli) {
         (false, 1) => "debug",
         _ => "trace",
     };
-    let filter = EnvFilter::try_from_env("KEYROTATE_LOG")
-        .unwrap_or_else(|_| EnvFilter::new(format!("keyrotate={level}")));
+    let filter =
+        EnvFilter::try_from_env("KEYROTATE_LOG").unwrap_or_else(|_| EnvFilter::new(format!("keyrotate={level}")));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_target(false);
     let _ = match cli.log_format {
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .try_init(),
-        LogFormat::Text => builder
-            .with_ansi(std::io::stderr().is_terminal())
-            .try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).try_init(),
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).try_init(),
     };
 }
 
@@ -103,14 +97,10 @@ pub(crate) fn operator(flag: Option<&str>) -> String {
 /// note): bounded and free of control characters, so it cannot forge log lines.
 pub(crate) fn clean_text(what: &str, value: &str, max: usize) -> Result<String, Failure> {
     if value.chars().count() > max {
-        return Err(Failure::usage(format!(
-            "{what} is longer than {max} characters"
-        )));
+        return Err(Failure::usage(format!("{what} is longer than {max} characters")));
     }
     if value.chars().any(char::is_control) {
-        return Err(Failure::usage(format!(
-            "{what} contains control characters"
-        )));
+        return Err(Failure::usage(format!("{what} contains control characters")));
     }
     Ok(value.to_string())
 }

@@ -26,9 +26,7 @@ fn resolve(cli: &Cli, args: &ResolveArgs) -> Result<String, Failure> {
     let domain = config.domain(&args.domain).map_err(Failure::usage)?;
     let note = clean_text("--note", args.note.trim(), 2000)?;
     if note.is_empty() {
-        return Err(Failure::usage(
-            "--note is empty: say what was checked and decided",
-        ));
+        return Err(Failure::usage("--note is empty: say what was checked and decided"));
     }
     let by = clean_text("--operator", &operator(args.operator.as_deref()), 128)?;
     let path = config.ledger_path();
@@ -38,8 +36,8 @@ fn resolve(cli: &Cli, args: &ResolveArgs) -> Result<String, Failure> {
             path.display()
         )));
     }
-    let mut ledger = Ledger::open(&path, std::time::Duration::from_secs(10))
-        .map_err(|e| Failure::new(Outcome::Aborted, e))?;
+    let mut ledger =
+        Ledger::open(&path, std::time::Duration::from_secs(10)).map_err(|e| Failure::new(Outcome::Aborted, e))?;
     let lock_held = lock::probe(&lock::lock_path(&config.lock_dir(), &domain.name))
         .unwrap_or(None)
         .is_some();
@@ -49,12 +47,18 @@ fn resolve(cli: &Cli, args: &ResolveArgs) -> Result<String, Failure> {
                 return Ok(Err(format!("run {} is not in the ledger", args.run)));
             };
             if row.domain != domain.name {
-                return Ok(Err(format!("run {} belongs to domain {}, not {}", row.run_id, row.domain, domain.name)));
+                return Ok(Err(format!(
+                    "run {} belongs to domain {}, not {}",
+                    row.run_id, row.domain, domain.name
+                )));
             }
             match row.state.as_str() {
                 "needs_review" => {}
                 _ if row.in_flight() && !lock_held => {
-                    w.mark_stale(&row.run_id, "stale: the process died mid-rotation; resolved before any later run flagged it")?;
+                    w.mark_stale(
+                        &row.run_id,
+                        "stale: the process died mid-rotation; resolved before any later run flagged it",
+                    )?;
                 }
                 "resolved" => {
                     return Ok(Err(format!(
@@ -64,7 +68,12 @@ fn resolve(cli: &Cli, args: &ResolveArgs) -> Result<String, Failure> {
                         row.resolved_at.as_deref().unwrap_or("?")
                     )))
                 }
-                state => return Ok(Err(format!("run {} does not block {}: its state is {state}", row.run_id, domain.name))),
+                state => {
+                    return Ok(Err(format!(
+                        "run {} does not block {}: its state is {state}",
+                        row.run_id, domain.name
+                    )))
+                }
             }
             w.resolve(&row.run_id, &by, &note)?;
             Ok(Ok(row))

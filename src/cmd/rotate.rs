@@ -104,10 +104,7 @@ fn print_report(r: &Report, output: OutputFormat) {
                 format!(" [run {}]", r.run_id)
             };
             let would = if r.dry_run { "would exit " } else { "" };
-            println!(
-                "{} {}: {}{run} ({would}{})",
-                r.outcome, r.domain, r.reason, r.exit_code
-            );
+            println!("{} {}: {}{run} ({would}{})", r.outcome, r.domain, r.reason, r.exit_code);
         }
     }
 }
@@ -118,10 +115,16 @@ fn prepare(cli: &Cli, args: &RotateArgs) -> Result<Prepared, Failure> {
     let config = load_config(cli)?;
     let domain = config.domain(&args.domain).map_err(Failure::usage)?.clone();
     let deadline = Deadline::parse(&args.deadline, domain.max_deadline).map_err(Failure::usage)?;
-    let pool = match args.pool.clone().or_else(|| std::env::var("KEYROTATE_POOL").ok().filter(|s| !s.is_empty())) {
+    let pool = match args
+        .pool
+        .clone()
+        .or_else(|| std::env::var("KEYROTATE_POOL").ok().filter(|s| !s.is_empty()))
+    {
         Some(p) => p,
         None => config.host_pool.clone().ok_or_else(|| {
-            Failure::usage("this host's pool is unknown: pass --pool, set KEYROTATE_POOL, or set [host].pool in the config")
+            Failure::usage(
+                "this host's pool is unknown: pass --pool, set KEYROTATE_POOL, or set [host].pool in the config",
+            )
         })?,
     };
     let run_id = match &args.run_id {
@@ -161,11 +164,8 @@ fn prepare(cli: &Cli, args: &RotateArgs) -> Result<Prepared, Failure> {
 }
 
 fn validate_run_id(id: &str) -> Result<String, Failure> {
-    let ok = !id.is_empty()
-        && id.len() <= 128
-        && id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "._:@+-%".contains(c));
+    let ok =
+        !id.is_empty() && id.len() <= 128 && id.chars().all(|c| c.is_ascii_alphanumeric() || "._:@+-%".contains(c));
     if !ok {
         return Err(Failure::usage(format!(
             "--run-id {:?} must be 1-128 characters of A-Z a-z 0-9 . _ : @ + - %",
@@ -210,29 +210,20 @@ fn admit(p: &Prepared, rec: &DomainRecord, remaining: Duration) -> Admission {
     if let Some(next_due) = next_due(rec.last_success.as_ref(), p.domain.min_interval) {
         if !p.run.forced && next_due > chrono::Utc::now() {
             return Admission::NotDue {
-                last: rec
-                    .last_success
-                    .clone()
-                    .expect("a due time comes from a success"),
+                last: rec.last_success.clone().expect("a due time comes from a success"),
                 next_due: now_rfc3339(next_due),
             };
         }
     }
     let need = budget(&p.domain);
     if remaining < need {
-        return Admission::OverBudget {
-            left: remaining,
-            need,
-        };
+        return Admission::OverBudget { left: remaining, need };
     }
     Admission::Go
 }
 
 /// When a domain is next due, from its last success.
-pub(crate) fn next_due(
-    last_success: Option<&RunRow>,
-    min_interval: Duration,
-) -> Option<chrono::DateTime<chrono::Utc>> {
+pub(crate) fn next_due(last_success: Option<&RunRow>, min_interval: Duration) -> Option<chrono::DateTime<chrono::Utc>> {
     let last = last_success?;
     let at = last.ended_at.as_deref().unwrap_or(&last.started_at);
     let at = chrono::DateTime::parse_from_rfc3339(at)
@@ -247,15 +238,9 @@ pub(crate) fn next_due(
 fn budget(d: &DomainConfig) -> Duration {
     use crate::keystore::Algorithm::*;
     match &d.backend {
-        Backend::Keystore {
-            algorithm: Rsa4096, ..
-        } => Duration::from_secs(5),
-        Backend::Keystore {
-            algorithm: Rsa3072, ..
-        } => Duration::from_secs(2),
-        Backend::Keystore {
-            algorithm: Rsa2048, ..
-        } => Duration::from_millis(800),
+        Backend::Keystore { algorithm: Rsa4096, .. } => Duration::from_secs(5),
+        Backend::Keystore { algorithm: Rsa3072, .. } => Duration::from_secs(2),
+        Backend::Keystore { algorithm: Rsa2048, .. } => Duration::from_millis(800),
         Backend::Keystore { .. } => Duration::from_millis(200),
         Backend::Command { .. } => Duration::from_secs(1),
     }
@@ -295,10 +280,7 @@ fn diagnose(p: &Prepared, dead: &RunRow, last_step: Option<&str>) -> String {
                         .filter(|v| v.created_by_run == dead.run_id)
                         .map(|v| format!("v{}", v.version))
                         .collect();
-                    let primary = i
-                        .manifest
-                        .primary
-                        .map_or("empty".into(), |n| format!("v{n}"));
+                    let primary = i.manifest.primary.map_or("empty".into(), |n| format!("v{n}"));
                     if mine.is_empty() {
                         format!(
                             "{step}keyring primary is {primary}, not created by that run: it did not commit, the old key state stands{}",
@@ -487,23 +469,20 @@ fn open_ledger(p: &Prepared) -> Result<Ledger, String> {
 
 /// Closes the run's row and writes its last audit line. Used by the main thread and by
 /// the deadline watchdog.
-fn conclude(
-    ledger: &mut Ledger,
-    p: &Prepared,
-    outcome: Outcome,
-    reason: &str,
-    rotated: Option<&Rotated>,
-) {
+fn conclude(ledger: &mut Ledger, p: &Prepared, outcome: Outcome, reason: &str, rotated: Option<&Rotated>) {
     let to_version = rotated.and_then(|r| r.to_version);
+    let from_version = rotated.and_then(|r| r.from_version);
     let run_id = p.run.run_id.clone();
-    if let Err(e) = ledger.write("close", |w| w.close(&run_id, outcome, reason, to_version)) {
+    if let Err(e) = ledger.write("close", |w| {
+        w.close(&run_id, outcome, reason, (from_version, to_version))
+    }) {
         tracing::error!("{e}; the run's row stays open and the next run will flag it for review");
     }
     let event = Event {
         exit_code: Some(outcome.code()),
         outcome: Some(outcome.name()),
         reason: Some(reason.to_string()),
-        from_version: rotated.and_then(|r| r.from_version),
+        from_version,
         to_version,
         from_fingerprint: rotated.and_then(|r| r.from_fingerprint.clone()),
         to_fingerprint: rotated.and_then(|r| r.to_fingerprint.clone()),
@@ -519,19 +498,15 @@ fn conclude(
 }
 
 fn refuse_busy(p: &Prepared, holder: Option<Holder>) -> Concluded {
-    let who = holder.map_or(
-        "another process (the lock file does not name it)".to_string(),
-        |h| h.describe(),
-    );
+    let who = holder.map_or("another process (the lock file does not name it)".to_string(), |h| {
+        h.describe()
+    });
     let reason = format!("another rotation of {} is running: {who}", p.domain.name);
     match open_ledger(p) {
         Ok(mut ledger) => {
             let res = ledger.write("refuse", |w| {
                 if w.get(&p.run.run_id)?.is_some() {
-                    return Err(format!(
-                        "--run-id {} is already in the ledger",
-                        p.run.run_id
-                    ));
+                    return Err(format!("--run-id {} is already in the ledger", p.run.run_id));
                 }
                 w.insert(&p.run, Some(("refused", Outcome::Busy, &reason)), None)
             });
@@ -546,11 +521,7 @@ fn refuse_busy(p: &Prepared, holder: Option<Holder>) -> Concluded {
 }
 
 /// Phases 4-6 under the lock. `Ok(None)`: admitted, the row is in flight.
-fn admit_and_record(
-    p: &Prepared,
-    ledger: &mut Ledger,
-    guard: &Guard,
-) -> Result<Option<Concluded>, Failure> {
+fn admit_and_record(p: &Prepared, ledger: &mut Ledger, guard: &Guard) -> Result<Option<Concluded>, Failure> {
     let rec = ledger
         .domain_record(&p.domain.name)
         .map_err(|e| Failure::new(Outcome::Aborted, e))?;
@@ -729,10 +700,7 @@ fn dry_run_decide(p: &Prepared, plan: &mut Vec<String>) -> (Outcome, String, Ver
             none,
         );
     }
-    plan.push(format!(
-        "designation: pool {} is the designated pool",
-        p.pool
-    ));
+    plan.push(format!("designation: pool {} is the designated pool", p.pool));
 
     for (dir, what) in [
         (&p.config.state_dir, "state folder"),
@@ -741,11 +709,7 @@ fn dry_run_decide(p: &Prepared, plan: &mut Vec<String>) -> (Outcome, String, Ver
         if dir.exists() || std::fs::symlink_metadata(dir).is_ok() {
             if let Err(e) = fsutil::check_secure_dir(dir, what) {
                 plan.push(format!("folders: {e}"));
-                return (
-                    Outcome::Aborted,
-                    format!("{e}; the real run would refuse it"),
-                    none,
-                );
+                return (Outcome::Aborted, format!("{e}; the real run would refuse it"), none);
             }
         } else {
             plan.push(format!(
@@ -759,11 +723,7 @@ fn dry_run_decide(p: &Prepared, plan: &mut Vec<String>) -> (Outcome, String, Ver
         Ok(Some(pid)) => {
             let who = lock::read_holder(&lock_path).map_or(format!("pid {pid}"), |h| h.describe());
             plan.push(format!("lock: held by {who}"));
-            return (
-                Outcome::Busy,
-                format!("another rotation is running: {who}"),
-                none,
-            );
+            return (Outcome::Busy, format!("another rotation is running: {who}"), none);
         }
         Ok(None) => plan.push("lock: free".into()),
         Err(e) => plan.push(format!("lock: cannot tell whether it is held ({e})")),
@@ -829,15 +789,18 @@ fn dry_run_decide(p: &Prepared, plan: &mut Vec<String>) -> (Outcome, String, Ver
         }
         Admission::Blocked(row) => {
             plan.push(format!("ledger: blocked by run {}", row.run_id));
-            return (
-                Outcome::NeedsReview,
-                blocked_message(&p.domain.name, &row),
-                none,
-            );
+            return (Outcome::NeedsReview, blocked_message(&p.domain.name, &row), none);
         }
         Admission::NotDue { last, next_due } => {
             plan.push(format!("due: no, next due {next_due}"));
-            return (Outcome::NotDue, format!("not due: run {} succeeded recently; next due {next_due}; --force would override", last.run_id), none);
+            return (
+                Outcome::NotDue,
+                format!(
+                    "not due: run {} succeeded recently; next due {next_due}; --force would override",
+                    last.run_id
+                ),
+                none,
+            );
         }
         Admission::OverBudget { left, need } => {
             return (
@@ -862,21 +825,13 @@ fn dry_run_decide(p: &Prepared, plan: &mut Vec<String>) -> (Outcome, String, Ver
             let ks = Keystore::new(keystore, &p.domain.name);
             if let Err(e) = ks.check_folders() {
                 plan.push(format!("key store: {e}"));
-                return (
-                    Outcome::Aborted,
-                    format!("{e}; the real run would refuse it"),
-                    none,
-                );
+                return (Outcome::Aborted, format!("{e}; the real run would refuse it"), none);
             }
             let insp = match ks.inspect() {
                 Ok(i) => i,
                 Err(d) => {
                     plan.push(format!("key store: inconsistent: {d}"));
-                    return (
-                        Outcome::NeedsReview,
-                        format!("key store is inconsistent: {d}"),
-                        none,
-                    );
+                    return (Outcome::NeedsReview, format!("key store is inconsistent: {d}"), none);
                 }
             };
             if !insp.exists {
@@ -891,9 +846,9 @@ fn dry_run_decide(p: &Prepared, plan: &mut Vec<String>) -> (Outcome, String, Ver
                     insp.leftovers.join(", ")
                 ));
             }
-            let rp =
-                insp.manifest
-                    .plan(*algorithm, *activation, p.domain.retain, insp.next_version);
+            let rp = insp
+                .manifest
+                .plan(*algorithm, *activation, p.domain.retain, insp.next_version);
             for n in &rp.create {
                 plan.push(
                     format!(
@@ -913,15 +868,9 @@ fn dry_run_decide(p: &Prepared, plan: &mut Vec<String>) -> (Outcome, String, Ver
                 plan.push(format!("retire: v{v}"));
             }
             for v in &rp.destroy {
-                plan.push(format!(
-                    "destroy: v{v} (beyond retain = {})",
-                    p.domain.retain
-                ));
+                plan.push(format!("destroy: v{v} (beyond retain = {})", p.domain.retain));
             }
-            plan.push(
-                "commit: replace keyring.json atomically; update current symlink and jwks.json"
-                    .into(),
-            );
+            plan.push("commit: replace keyring.json atomically; update current symlink and jwks.json".into());
             let v = |n: Option<u64>| n.map_or("none".into(), |n| format!("v{n}"));
             (
                 Outcome::Rotated,

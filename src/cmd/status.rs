@@ -66,8 +66,7 @@ fn status(cli: &Cli, args: &StatusArgs) -> Result<Outcome, Failure> {
         Some(d) => vec![config.domain(d).map_err(Failure::usage)?],
         None => config.domains.values().collect(),
     };
-    let ledger = Ledger::open_read_only(&config.ledger_path())
-        .map_err(|e| Failure::new(Outcome::Aborted, e))?;
+    let ledger = Ledger::open_read_only(&config.ledger_path()).map_err(|e| Failure::new(Outcome::Aborted, e))?;
     let statuses: Vec<DomainStatus> = domains
         .iter()
         .map(|d| domain_status(&config, d, ledger.as_ref()))

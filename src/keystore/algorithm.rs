@@ -130,15 +130,11 @@ impl Algorithm {
             bytes
         } else if self == Algorithm::Ed25519 {
             let pair = Ed25519KeyPair::generate().map_err(|_| fail("key generation failed"))?;
-            let doc = pair
-                .to_pkcs8v1()
-                .map_err(|_| fail("PKCS#8 encoding failed"))?;
+            let doc = pair.to_pkcs8v1().map_err(|_| fail("PKCS#8 encoding failed"))?;
             Zeroizing::new(doc.as_ref().to_vec())
         } else if let Some((alg, _, _)) = self.ecdsa() {
             let pair = EcdsaKeyPair::generate(alg).map_err(|_| fail("key generation failed"))?;
-            let doc = pair
-                .to_pkcs8v1()
-                .map_err(|_| fail("PKCS#8 encoding failed"))?;
+            let doc = pair.to_pkcs8v1().map_err(|_| fail("PKCS#8 encoding failed"))?;
             Zeroizing::new(doc.as_ref().to_vec())
         } else {
             let size = self.rsa_size().expect("every algorithm is handled");
@@ -197,23 +193,18 @@ impl KeyFile {
     pub fn parse(algorithm: Algorithm, file_bytes: &[u8]) -> Result<KeyFile, String> {
         let name = algorithm.name();
         let secret = if algorithm.is_symmetric() {
-            let text = std::str::from_utf8(file_bytes)
-                .map_err(|_| format!("{name} key file is not text"))?;
+            let text = std::str::from_utf8(file_bytes).map_err(|_| format!("{name} key file is not text"))?;
             let bytes = Zeroizing::new(
                 STANDARD
                     .decode(text.trim_end_matches('\n'))
                     .map_err(|_| format!("{name} key file is not one line of base64"))?,
             );
             if bytes.len() != 32 {
-                return Err(format!(
-                    "{name} key file holds {} bytes, expected 32",
-                    bytes.len()
-                ));
+                return Err(format!("{name} key file holds {} bytes, expected 32", bytes.len()));
             }
             bytes
         } else {
-            let parsed =
-                pem::parse(file_bytes).map_err(|_| format!("{name} key file is not PEM"))?;
+            let parsed = pem::parse(file_bytes).map_err(|_| format!("{name} key file is not PEM"))?;
             if parsed.tag() != "PRIVATE KEY" {
                 return Err(format!(
                     "{name} key file is PEM {:?}, expected \"PRIVATE KEY\" (PKCS#8)",
@@ -224,9 +215,7 @@ impl KeyFile {
         };
         let key = KeyFile::from_secret(algorithm, secret)?;
         if key.file_bytes.as_slice() != file_bytes {
-            return Err(format!(
-                "{name} key file is not in keyrotate's canonical encoding"
-            ));
+            return Err(format!("{name} key file is not in keyrotate's canonical encoding"));
         }
         Ok(key)
     }
@@ -235,16 +224,10 @@ impl KeyFile {
         let public = public_key(algorithm, &secret)?;
         self_test(algorithm, &secret, public.as_ref())?;
         let fingerprint = match &public {
-            Some(p) => format!(
-                "sha256:{}",
-                hex(digest::digest(&digest::SHA256, &p.spki_der).as_ref())
-            ),
+            Some(p) => format!("sha256:{}", hex(digest::digest(&digest::SHA256, &p.spki_der).as_ref())),
             None => {
                 let k = hmac::Key::new(hmac::HMAC_SHA256, &secret);
-                format!(
-                    "sha256:{}",
-                    hex(hmac::sign(&k, SYMMETRIC_FINGERPRINT_LABEL).as_ref())
-                )
+                format!("sha256:{}", hex(hmac::sign(&k, SYMMETRIC_FINGERPRINT_LABEL).as_ref()))
             }
         };
         let file_bytes = if algorithm.is_symmetric() {
@@ -298,10 +281,7 @@ fn public_key(algorithm: Algorithm, secret: &[u8]) -> Result<Option<PublicKey>, 
             let pair = Ed25519KeyPair::from_pkcs8_maybe_unchecked(secret).map_err(bad)?;
             let spki: PublicKeyX509Der = pair.public_key().as_der().map_err(der_fail)?;
             let x = URL_SAFE_NO_PAD.encode(pair.public_key().as_ref());
-            (
-                spki.as_ref().to_vec(),
-                json!({"kty": "OKP", "crv": "Ed25519", "x": x}),
-            )
+            (spki.as_ref().to_vec(), json!({"kty": "OKP", "crv": "Ed25519", "x": x}))
         }
         Algorithm::EcdsaP256 | Algorithm::EcdsaP384 => {
             let (alg, _, crv) = algorithm.ecdsa().expect("ecdsa");
@@ -328,10 +308,7 @@ fn public_key(algorithm: Algorithm, secret: &[u8]) -> Result<Option<PublicKey>, 
             let spki: PublicKeyX509Der = public.as_der().map_err(der_fail)?;
             let n = URL_SAFE_NO_PAD.encode(public.modulus().big_endian_without_leading_zero());
             let e = URL_SAFE_NO_PAD.encode(public.exponent().big_endian_without_leading_zero());
-            (
-                spki.as_ref().to_vec(),
-                json!({"kty": "RSA", "n": n, "e": e}),
-            )
+            (spki.as_ref().to_vec(), json!({"kty": "RSA", "n": n, "e": e}))
         }
     };
     let mut jwk = match jwk {
@@ -340,10 +317,7 @@ fn public_key(algorithm: Algorithm, secret: &[u8]) -> Result<Option<PublicKey>, 
     };
     jwk.insert("alg".into(), algorithm.jose_alg().into());
     jwk.insert("use".into(), "sig".into());
-    Ok(Some(PublicKey {
-        spki_der: spki,
-        jwk,
-    }))
+    Ok(Some(PublicKey { spki_der: spki, jwk }))
 }
 
 fn sign(algorithm: Algorithm, secret: &[u8], message: &[u8]) -> Result<Vec<u8>, String> {
@@ -351,14 +325,13 @@ fn sign(algorithm: Algorithm, secret: &[u8], message: &[u8]) -> Result<Vec<u8>, 
     let fail = |_| format!("{name} signing failed");
     match algorithm {
         Algorithm::Ed25519 => {
-            let pair = Ed25519KeyPair::from_pkcs8_maybe_unchecked(secret)
-                .map_err(|_| format!("{name} key does not parse"))?;
+            let pair =
+                Ed25519KeyPair::from_pkcs8_maybe_unchecked(secret).map_err(|_| format!("{name} key does not parse"))?;
             Ok(pair.sign(message).as_ref().to_vec())
         }
         Algorithm::EcdsaP256 | Algorithm::EcdsaP384 => {
             let (alg, _, _) = algorithm.ecdsa().expect("ecdsa");
-            let pair = EcdsaKeyPair::from_pkcs8(alg, secret)
-                .map_err(|_| format!("{name} key does not parse"))?;
+            let pair = EcdsaKeyPair::from_pkcs8(alg, secret).map_err(|_| format!("{name} key does not parse"))?;
             Ok(pair
                 .sign(&SystemRandom::new(), message)
                 .map_err(fail)?
@@ -366,16 +339,10 @@ fn sign(algorithm: Algorithm, secret: &[u8], message: &[u8]) -> Result<Vec<u8>, 
                 .to_vec())
         }
         Algorithm::Rsa2048 | Algorithm::Rsa3072 | Algorithm::Rsa4096 => {
-            let pair = rsa::KeyPair::from_pkcs8(secret)
-                .map_err(|_| format!("{name} key does not parse"))?;
+            let pair = rsa::KeyPair::from_pkcs8(secret).map_err(|_| format!("{name} key does not parse"))?;
             let mut sig = vec![0u8; pair.public_modulus_len()];
-            pair.sign(
-                &signature::RSA_PKCS1_SHA256,
-                &SystemRandom::new(),
-                message,
-                &mut sig,
-            )
-            .map_err(fail)?;
+            pair.sign(&signature::RSA_PKCS1_SHA256, &SystemRandom::new(), message, &mut sig)
+                .map_err(fail)?;
             Ok(sig)
         }
         Algorithm::HmacSha256 => {
@@ -391,45 +358,27 @@ pub fn verify(algorithm: Algorithm, spki_der: &[u8], message: &[u8], sig: &[u8])
     let alg: &'static dyn signature::VerificationAlgorithm = match algorithm {
         Algorithm::Ed25519 => &signature::ED25519,
         Algorithm::EcdsaP256 | Algorithm::EcdsaP384 => algorithm.ecdsa().expect("ecdsa").1,
-        Algorithm::Rsa2048 | Algorithm::Rsa3072 | Algorithm::Rsa4096 => {
-            &signature::RSA_PKCS1_2048_8192_SHA256
-        }
+        Algorithm::Rsa2048 | Algorithm::Rsa3072 | Algorithm::Rsa4096 => &signature::RSA_PKCS1_2048_8192_SHA256,
         Algorithm::HmacSha256 | Algorithm::Aes256 => return false,
     };
-    signature::ParsedPublicKey::new(alg, spki_der)
-        .is_ok_and(|key| key.verify_sig(message, sig).is_ok())
+    signature::ParsedPublicKey::new(alg, spki_der).is_ok_and(|key| key.verify_sig(message, sig).is_ok())
 }
 
 /// Proves a key works before it is staged: sign and verify, or seal and open.
-fn self_test(
-    algorithm: Algorithm,
-    secret: &[u8],
-    public: Option<&PublicKey>,
-) -> Result<(), String> {
+fn self_test(algorithm: Algorithm, secret: &[u8], public: Option<&PublicKey>) -> Result<(), String> {
     let failed = || format!("{} self-test failed", algorithm.name());
     match algorithm {
         Algorithm::Aes256 => {
-            let key =
-                LessSafeKey::new(UnboundKey::new(&AES_256_GCM, secret).map_err(|_| failed())?);
+            let key = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, secret).map_err(|_| failed())?);
             let mut nonce = [0u8; aead::NONCE_LEN];
             SystemRandom::new().fill(&mut nonce).map_err(|_| failed())?;
             let mut buf = SELF_TEST_MESSAGE.to_vec();
-            key.seal_in_place_append_tag(
-                aead::Nonce::assume_unique_for_key(nonce),
-                aead::Aad::empty(),
-                &mut buf,
-            )
-            .map_err(|_| failed())?;
-            let opened = key
-                .open_in_place(
-                    aead::Nonce::assume_unique_for_key(nonce),
-                    aead::Aad::empty(),
-                    &mut buf,
-                )
+            key.seal_in_place_append_tag(aead::Nonce::assume_unique_for_key(nonce), aead::Aad::empty(), &mut buf)
                 .map_err(|_| failed())?;
-            (opened == SELF_TEST_MESSAGE)
-                .then_some(())
-                .ok_or_else(failed)
+            let opened = key
+                .open_in_place(aead::Nonce::assume_unique_for_key(nonce), aead::Aad::empty(), &mut buf)
+                .map_err(|_| failed())?;
+            (opened == SELF_TEST_MESSAGE).then_some(()).ok_or_else(failed)
         }
         Algorithm::HmacSha256 => {
             let k = hmac::Key::new(hmac::HMAC_SHA256, secret);
@@ -448,12 +397,10 @@ fn self_test(
 
 pub(crate) fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write;
-    bytes
-        .iter()
-        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-            let _ = write!(s, "{b:02x}");
-            s
-        })
+    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
 }
 
 #[cfg(test)]
@@ -462,10 +409,7 @@ mod tests {
 
     #[test]
     fn every_fast_algorithm_round_trips_through_its_file() {
-        for alg in Algorithm::ALL
-            .into_iter()
-            .filter(|a| a.rsa_size().is_none())
-        {
+        for alg in Algorithm::ALL.into_iter().filter(|a| a.rsa_size().is_none()) {
             let key = alg.generate().unwrap();
             let again = KeyFile::parse(alg, key.file_bytes()).unwrap();
             assert_eq!(again.fingerprint(), key.fingerprint(), "{alg}");

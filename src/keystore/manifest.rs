@@ -37,9 +37,7 @@ pub struct VersionEntry {
 
 impl VersionEntry {
     pub fn algorithm(&self) -> Algorithm {
-        self.algorithm
-            .parse()
-            .expect("validated when the manifest was parsed")
+        self.algorithm.parse().expect("validated when the manifest was parsed")
     }
     pub fn is_live(&self) -> bool {
         self.state != VersionState::Destroyed
@@ -81,10 +79,7 @@ pub fn version_file(version: u64, algorithm: Algorithm) -> String {
 pub fn parse_version_file(name: &str) -> Option<u64> {
     let (stem, ext) = name.split_once('.')?;
     let digits = stem.strip_prefix('v')?;
-    if digits.len() != 6
-        || !digits.bytes().all(|b| b.is_ascii_digit())
-        || !matches!(ext, "pem" | "key")
-    {
+    if digits.len() != 6 || !digits.bytes().all(|b| b.is_ascii_digit()) || !matches!(ext, "pem" | "key") {
         return None;
     }
     digits.parse().ok()
@@ -105,13 +100,10 @@ impl Manifest {
 
     /// Parses and validates a manifest for `domain`. Errors describe the inconsistency.
     pub fn parse(bytes: &[u8], domain: &str) -> Result<Manifest, String> {
-        let m: Manifest = serde_json::from_slice(bytes)
-            .map_err(|e| format!("keyring.json is not a valid manifest: {e}"))?;
+        let m: Manifest =
+            serde_json::from_slice(bytes).map_err(|e| format!("keyring.json is not a valid manifest: {e}"))?;
         if m.domain != domain {
-            return Err(format!(
-                "keyring.json belongs to domain {:?}, not {domain:?}",
-                m.domain
-            ));
+            return Err(format!("keyring.json belongs to domain {:?}, not {domain:?}", m.domain));
         }
         let mut last = 0;
         for v in &m.versions {
@@ -122,12 +114,10 @@ impl Manifest {
                 ));
             }
             last = v.version;
-            let alg: Algorithm = v.algorithm.parse().map_err(|_| {
-                format!(
-                    "keyring.json v{}: unknown algorithm {:?}",
-                    v.version, v.algorithm
-                )
-            })?;
+            let alg: Algorithm = v
+                .algorithm
+                .parse()
+                .map_err(|_| format!("keyring.json v{}: unknown algorithm {:?}", v.version, v.algorithm))?;
             if v.file != version_file(v.version, alg) {
                 return Err(format!(
                     "keyring.json v{}: file {:?} is not {:?}",
@@ -137,16 +127,8 @@ impl Manifest {
                 ));
             }
         }
-        let active: Vec<&VersionEntry> = m
-            .versions
-            .iter()
-            .filter(|v| v.state == VersionState::Active)
-            .collect();
-        let pending: Vec<&VersionEntry> = m
-            .versions
-            .iter()
-            .filter(|v| v.state == VersionState::Pending)
-            .collect();
+        let active: Vec<&VersionEntry> = m.versions.iter().filter(|v| v.state == VersionState::Active).collect();
+        let pending: Vec<&VersionEntry> = m.versions.iter().filter(|v| v.state == VersionState::Pending).collect();
         match (active.as_slice(), m.primary) {
             ([], None) if m.versions.iter().all(|v| !v.is_live()) && pending.is_empty() => {}
             ([], _) => return Err("keyring.json has no active version".into()),
@@ -188,14 +170,10 @@ impl Manifest {
     }
 
     pub fn active(&self) -> Option<&VersionEntry> {
-        self.versions
-            .iter()
-            .find(|v| v.state == VersionState::Active)
+        self.versions.iter().find(|v| v.state == VersionState::Active)
     }
     pub fn pending(&self) -> Option<&VersionEntry> {
-        self.versions
-            .iter()
-            .find(|v| v.state == VersionState::Pending)
+        self.versions.iter().find(|v| v.state == VersionState::Pending)
     }
     pub fn live(&self) -> impl Iterator<Item = &VersionEntry> {
         self.versions.iter().filter(|v| v.is_live())
@@ -208,13 +186,7 @@ impl Manifest {
     }
 
     /// What a rotation does, given the next free version number.
-    pub fn plan(
-        &self,
-        algorithm: Algorithm,
-        activation: Activation,
-        retain: u32,
-        next: u64,
-    ) -> Plan {
+    pub fn plan(&self, algorithm: Algorithm, activation: Activation, retain: u32, next: u64) -> Plan {
         let active = self.active().map(|v| v.version);
         let pending = self.pending().map(|v| v.version);
         let mut create = Vec::new();
@@ -289,13 +261,7 @@ impl Manifest {
 
     /// The manifest after `plan`, with `created` giving each new version's
     /// fingerprint. This is what the commit writes.
-    pub fn rotated(
-        &self,
-        plan: &Plan,
-        fingerprints: &[String],
-        run_id: &str,
-        now: DateTime<Utc>,
-    ) -> Manifest {
+    pub fn rotated(&self, plan: &Plan, fingerprints: &[String], run_id: &str, now: DateTime<Utc>) -> Manifest {
         let ts = now_rfc3339(now);
         let mut m = self.clone();
         for v in &mut m.versions {
@@ -337,11 +303,7 @@ mod tests {
 
     fn rotate(m: &Manifest, act: Activation, retain: u32) -> (Plan, Manifest) {
         let plan = m.plan(Algorithm::Ed25519, act, retain, m.max_version() + 1);
-        let fps: Vec<String> = plan
-            .create
-            .iter()
-            .map(|n| format!("sha256:{}", n.version))
-            .collect();
+        let fps: Vec<String> = plan.create.iter().map(|n| format!("sha256:{}", n.version)).collect();
         let next = m.rotated(&plan, &fps, "run", Utc::now());
         Manifest::parse(&next.to_bytes(), "d").expect("rotated manifests are valid");
         (plan, next)
@@ -365,10 +327,7 @@ mod tests {
         assert_eq!((p.from_version, p.to_version), (None, 1));
         assert_eq!(m.pending().unwrap().version, 2);
         let (p, m) = rotate(&m, Activation::Prepublish, 3);
-        assert_eq!(
-            (p.from_version, p.to_version, p.promote),
-            (Some(1), 2, Some(2))
-        );
+        assert_eq!((p.from_version, p.to_version, p.promote), (Some(1), 2, Some(2)));
         assert_eq!(m.pending().unwrap().version, 3);
         let (_, m) = rotate(&m, Activation::Immediate, 3);
         assert_eq!(m.active().unwrap().version, 4);
@@ -384,13 +343,9 @@ mod tests {
         let good = String::from_utf8(m.to_bytes()).unwrap();
         assert!(Manifest::parse(good.as_bytes(), "other").is_err());
         let evil = good.replace("v000001.pem", "../../etc/passwd");
-        assert!(Manifest::parse(evil.as_bytes(), "d")
-            .unwrap_err()
-            .contains("file"));
+        assert!(Manifest::parse(evil.as_bytes(), "d").unwrap_err().contains("file"));
         let none = good.replace("\"active\"", "\"retired\"");
-        assert!(Manifest::parse(none.as_bytes(), "d")
-            .unwrap_err()
-            .contains("no active"));
+        assert!(Manifest::parse(none.as_bytes(), "d").unwrap_err().contains("no active"));
         assert!(Manifest::parse(b"{", "d").is_err());
         assert_eq!(parse_version_file("v000012.pem"), Some(12));
         assert_eq!(parse_version_file("v12.pem"), None);

@@ -86,13 +86,7 @@ impl Keystore {
         let (manifest, exists) = match fsutil::read_nofollow(&manifest_path, MANIFEST_LIMIT) {
             Ok(bytes) => (Manifest::parse(&bytes, &self.domain)?, true),
             Err(e) if e.kind() == io::ErrorKind::NotFound => (Manifest::empty(&self.domain), false),
-            Err(e) => {
-                return Err(format!(
-                    "{}: {}",
-                    manifest_path.display(),
-                    fsutil::io_reason(&e)
-                ))
-            }
+            Err(e) => return Err(format!("{}: {}", manifest_path.display(), fsutil::io_reason(&e))),
         };
         let mut publics = BTreeMap::new();
         for v in manifest.live() {
@@ -106,9 +100,7 @@ impl Keystore {
         match fs::read_dir(&self.dir) {
             Ok(entries) => {
                 for entry in entries {
-                    let entry = entry.map_err(|e| {
-                        format!("{}: {}", self.dir.display(), fsutil::io_reason(&e))
-                    })?;
+                    let entry = entry.map_err(|e| format!("{}: {}", self.dir.display(), fsutil::io_reason(&e)))?;
                     let Ok(name) = entry.file_name().into_string() else {
                         continue;
                     };
@@ -174,20 +166,10 @@ impl Keystore {
     }
 
     /// Reads a staged file back and proves it is the key that was generated.
-    pub fn verify_staged(
-        &self,
-        file: &str,
-        algorithm: Algorithm,
-        fingerprint: &str,
-    ) -> Result<(), String> {
-        let bytes = fsutil::read_nofollow(&self.dir.join(file), KEY_FILE_LIMIT).map_err(|e| {
-            format!(
-                "staged {file} cannot be read back: {}",
-                fsutil::io_reason(&e)
-            )
-        })?;
-        let key = KeyFile::parse(algorithm, &bytes)
-            .map_err(|e| format!("staged {file} does not parse: {e}"))?;
+    pub fn verify_staged(&self, file: &str, algorithm: Algorithm, fingerprint: &str) -> Result<(), String> {
+        let bytes = fsutil::read_nofollow(&self.dir.join(file), KEY_FILE_LIMIT)
+            .map_err(|e| format!("staged {file} cannot be read back: {}", fsutil::io_reason(&e)))?;
+        let key = KeyFile::parse(algorithm, &bytes).map_err(|e| format!("staged {file} does not parse: {e}"))?;
         if key.fingerprint() != fingerprint {
             return Err(format!(
                 "staged {file} read back with fingerprint {} instead of {fingerprint}",
@@ -204,18 +186,13 @@ impl Keystore {
 
     /// Writes `jwks.json` with the public keys of every pending, active and retired
     /// version of `manifest`. Symmetric-only domains have no JWKS.
-    pub fn publish_jwks(
-        &self,
-        manifest: &Manifest,
-        publics: &BTreeMap<u64, PublicKey>,
-    ) -> io::Result<()> {
+    pub fn publish_jwks(&self, manifest: &Manifest, publics: &BTreeMap<u64, PublicKey>) -> io::Result<()> {
         let doc = jwks(&self.domain, manifest, publics);
         let path = self.dir.join(JWKS);
         if doc.is_none() && fs::symlink_metadata(&path).is_err() {
             return Ok(());
         }
-        let mut bytes =
-            serde_json::to_vec_pretty(&doc.unwrap_or_else(|| json!({"keys": []}))).expect("json");
+        let mut bytes = serde_json::to_vec_pretty(&doc.unwrap_or_else(|| json!({"keys": []}))).expect("json");
         bytes.push(b'\n');
         if fs::read(&path).is_ok_and(|old| old == bytes) {
             return Ok(());
@@ -271,28 +248,18 @@ fn state_article(s: VersionState) -> &'static str {
 /// The `kid` of a version: its number and the start of its fingerprint, so a number
 /// reused after a lost orphan could never alias another key in a verifier's cache.
 pub fn kid(v: &VersionEntry) -> String {
-    let fp = v
-        .fingerprint
-        .strip_prefix("sha256:")
-        .unwrap_or(&v.fingerprint);
+    let fp = v.fingerprint.strip_prefix("sha256:").unwrap_or(&v.fingerprint);
     format!("v{:06}-{}", v.version, &fp[..fp.len().min(8)])
 }
 
 /// The RFC 7517 key set for `manifest`, or `None` when no version has a public key.
-pub fn jwks(
-    domain: &str,
-    manifest: &Manifest,
-    publics: &BTreeMap<u64, PublicKey>,
-) -> Option<Value> {
+pub fn jwks(domain: &str, manifest: &Manifest, publics: &BTreeMap<u64, PublicKey>) -> Option<Value> {
     let order = |s: VersionState| match s {
         VersionState::Pending => 0,
         VersionState::Active => 1,
         _ => 2,
     };
-    let mut live: Vec<&VersionEntry> = manifest
-        .live()
-        .filter(|v| publics.contains_key(&v.version))
-        .collect();
+    let mut live: Vec<&VersionEntry> = manifest.live().filter(|v| publics.contains_key(&v.version)).collect();
     live.sort_by_key(|v| (order(v.state), std::cmp::Reverse(v.version)));
     if live.is_empty() {
         return None;

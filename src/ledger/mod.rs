@@ -82,6 +82,9 @@ fn row(r: &Row<'_>) -> rusqlite::Result<RunRow> {
     })
 }
 
+/// `(from_version, to_version)`: the active version before and after a run.
+pub type Versions = (Option<u64>, Option<u64>);
+
 /// The identity of a new run, as recorded in its row.
 #[derive(Clone, Debug)]
 pub struct NewRun {
@@ -153,9 +156,8 @@ impl Ledger {
                     })?;
             }
         }
-        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
-            | OpenFlags::SQLITE_OPEN_NO_MUTEX
-            | OpenFlags::SQLITE_OPEN_NOFOLLOW;
+        let flags =
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_NOFOLLOW;
         let conn = Connection::open_with_flags(path, flags).map_err(|e| db_err(path, e))?;
         let mut ledger = Ledger {
             conn,
@@ -175,16 +177,8 @@ impl Ledger {
     pub fn open_read_only(path: &Path) -> Result<Option<Ledger>, String> {
         match std::fs::symlink_metadata(path) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => {
-                return Err(format!(
-                    "ledger {}: {}",
-                    path.display(),
-                    crate::fsutil::io_reason(&e)
-                ))
-            }
-            Ok(m) if !m.is_file() => {
-                return Err(format!("ledger {}: not a regular file", path.display()))
-            }
+            Err(e) => return Err(format!("ledger {}: {}", path.display(), crate::fsutil::io_reason(&e))),
+            Ok(m) if !m.is_file() => return Err(format!("ledger {}: not a regular file", path.display())),
             Ok(_) => {}
         }
         // Without a -wal file every committed row is in the main file, and
@@ -193,9 +187,8 @@ impl Ledger {
         let mut wal = path.as_os_str().to_owned();
         wal.push("-wal");
         let immutable = !Path::new(&wal).exists();
-        let mut flags = OpenFlags::SQLITE_OPEN_READ_ONLY
-            | OpenFlags::SQLITE_OPEN_NO_MUTEX
-            | OpenFlags::SQLITE_OPEN_NOFOLLOW;
+        let mut flags =
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_NOFOLLOW;
         let conn = if immutable {
             flags |= OpenFlags::SQLITE_OPEN_URI;
             let uri = format!("file:{}?immutable=1", uri_escape(path));
@@ -218,7 +211,10 @@ impl Ledger {
             return if version == 0 {
                 Ok(None)
             } else {
-                Err(format!("ledger {}: schema version {version} needs migrating; run any rotate or resolve first", path.display()))
+                Err(format!(
+                    "ledger {}: schema version {version} needs migrating; run any rotate or resolve first",
+                    path.display()
+                ))
             };
         }
         Ok(Some(ledger))
@@ -229,9 +225,7 @@ impl Ledger {
     }
 
     pub fn set_busy(&mut self, busy: Duration) -> Result<(), String> {
-        self.conn
-            .busy_timeout(busy)
-            .map_err(|e| db_err(&self.path, e))
+        self.conn.busy_timeout(busy).map_err(|e| db_err(&self.path, e))
     }
 
     fn user_version(&self) -> Result<i64, String> {
@@ -283,12 +277,7 @@ impl Ledger {
     }
 
     /// Ledger rows newest first, optionally for one domain and since an instant.
-    pub fn history(
-        &self,
-        domain: Option<&str>,
-        since: Option<&str>,
-        limit: u32,
-    ) -> Result<Vec<RunRow>, String> {
+    pub fn history(&self, domain: Option<&str>, since: Option<&str>, limit: u32) -> Result<Vec<RunRow>, String> {
         let mut stmt = self
             .conn
             .prepare(&format!(
@@ -320,21 +309,14 @@ impl Ledger {
 
     /// Runs `f` inside one IMMEDIATE transaction (the write lock is taken up front, so
     /// what `f` reads cannot change before it writes).
-    pub fn write<T>(
-        &mut self,
-        op: &str,
-        f: impl FnOnce(&Writer<'_>) -> Result<T, String>,
-    ) -> Result<T, String> {
+    pub fn write<T>(&mut self, op: &str, f: impl FnOnce(&Writer<'_>) -> Result<T, String>) -> Result<T, String> {
         failpoint::hit("ledger", op).map_err(|e| format!("ledger {}: {e}", self.path.display()))?;
         let path = self.path.clone();
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(|e| db_err(&path, e))?;
-        let out = f(&Writer {
-            tx: &tx,
-            path: &path,
-        })?;
+        let out = f(&Writer { tx: &tx, path: &path })?;
         tx.commit().map_err(|e| db_err(&path, e))?;
         Ok(out)
     }
@@ -399,42 +381,33 @@ impl Writer<'_> {
         self.event(&run.run_id, state, reason)
     }
 
-    /// Moves an in-flight run to `state` (`staged`, `committed`).
-    pub fn advance(
-        &self,
-        run_id: &str,
-        state: &str,
-        to_version: Option<u64>,
-        detail: &str,
-    ) -> Result<(), String> {
+    /// Moves an in-flight run to `state` (`staged`, `committed`), recording its
+    /// `(from_version, to_version)` where known.
+    pub fn advance(&self, run_id: &str, state: &str, versions: Versions, detail: &str) -> Result<(), String> {
         self.tx
             .execute(
-                "UPDATE rotations SET state = ?2, to_version = COALESCE(?3, to_version) WHERE run_id = ?1",
-                params![run_id, state, to_version],
+                "UPDATE rotations SET state = ?2, from_version = COALESCE(?3, from_version), \
+                 to_version = COALESCE(?4, to_version) WHERE run_id = ?1",
+                params![run_id, state, versions.0, versions.1],
             )
             .map_err(|e| self.err(e))?;
         self.event(run_id, state, Some(detail))
     }
 
     /// Closes a run with its outcome.
-    pub fn close(
-        &self,
-        run_id: &str,
-        outcome: Outcome,
-        reason: &str,
-        to_version: Option<u64>,
-    ) -> Result<(), String> {
+    pub fn close(&self, run_id: &str, outcome: Outcome, reason: &str, versions: Versions) -> Result<(), String> {
         self.tx
             .execute(
                 "UPDATE rotations SET state = ?2, exit_code = ?3, reason = ?4, ended_at = ?5, \
-                 to_version = COALESCE(?6, to_version) WHERE run_id = ?1",
+                 from_version = COALESCE(?6, from_version), to_version = COALESCE(?7, to_version) WHERE run_id = ?1",
                 params![
                     run_id,
                     outcome.ledger_state(),
                     outcome.code(),
                     reason,
                     now(),
-                    to_version
+                    versions.0,
+                    versions.1
                 ],
             )
             .map_err(|e| self.err(e))?;
@@ -545,7 +518,7 @@ mod tests {
         let mut l = Ledger::open(&path, Duration::from_secs(1)).unwrap();
         l.write("t", |w| w.insert(&run("a"), None, None)).unwrap();
         assert!(l.write("t", |w| w.insert(&run("b"), None, None)).is_err());
-        l.write("t", |w| w.close("a", Outcome::Rotated, "ok", Some(1)))
+        l.write("t", |w| w.close("a", Outcome::Rotated, "ok", (None, Some(1))))
             .unwrap();
         l.write("t", |w| w.insert(&run("b"), None, None)).unwrap();
         let rec = l.domain_record("d").unwrap();

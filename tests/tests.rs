@@ -1,0 +1,11 @@
+//! Integration tests: one binary, one module per area. Every test drives the real
+//! `keyrotate` binary in its own temporary folder (see `common`).
+
+mod common;
+
+mod cli_and_config;
+mod commands;
+mod crash;
+mod dry_run;
+mod failure_model;
+mod rotate;
