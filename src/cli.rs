@@ -67,7 +67,7 @@ pub struct RotateArgs {
     pub domain: String,
 
     /// When the run must be finished: a duration (90s, 10m, 1h30m) or an RFC 3339 instant
-    #[arg(long, value_name = "WHEN")]
+    #[arg(long, value_name = "WHEN", allow_hyphen_values = true)]
     pub deadline: String,
 
     /// Print the plan and the exit code the real run would return; change nothing

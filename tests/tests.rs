@@ -5,6 +5,7 @@ mod common;
 
 mod cli_and_config;
 mod commands;
+#[cfg(feature = "failpoints")]
 mod crash;
 mod dry_run;
 mod failure_model;
