@@ -61,13 +61,30 @@ fn clone_env(base: &Env) -> Env {
 fn steps(base: &Env) -> Vec<String> {
     let env = clone_env(base);
     let log = env.path("steps.log");
-    env.rotate("sig").arg("--force").env("KEYROTATE_FAILPOINT_LOG", &log).status(0);
+    env.rotate("sig")
+        .arg("--force")
+        .env("KEYROTATE_FAILPOINT_LOG", &log)
+        .status(0);
     let steps: Vec<String> = std::fs::read_to_string(&log)
         .unwrap()
         .lines()
         .map(|l| l.split_once(' ').unwrap().1.to_string())
         .collect();
-    for kind in ["sweep.unlink", "stage.fsync", "stage.dirsync", "ledger.staged", "jwks.rename", "commit.fsync", "commit.rename", "commit.dirsync", "ledger.committed", "current.symlink", "current.rename", "destroy.unlink", "ledger.close"] {
+    for kind in [
+        "sweep.unlink",
+        "stage.fsync",
+        "stage.dirsync",
+        "ledger.staged",
+        "jwks.rename",
+        "commit.fsync",
+        "commit.rename",
+        "commit.dirsync",
+        "ledger.committed",
+        "current.symlink",
+        "current.rename",
+        "destroy.unlink",
+        "ledger.close",
+    ] {
         assert!(steps.iter().any(|s| s == kind), "no {kind} step in {steps:?}");
     }
     steps
@@ -76,24 +93,51 @@ fn steps(base: &Env) -> Vec<String> {
 /// The key store verifies, and nothing the base state had was lost or renumbered.
 fn assert_consistent(env: &Env, base_versions: &[(u64, String)], context: &str) {
     let ks = keyrotate::keystore::Keystore::new(&env.path("keys"), "sig");
-    let insp = ks.inspect().unwrap_or_else(|e| panic!("{context}: key store does not verify: {e}\n{}", env.listing()));
+    let insp = ks
+        .inspect()
+        .unwrap_or_else(|e| panic!("{context}: key store does not verify: {e}\n{}", env.listing()));
     let m = &insp.manifest;
-    assert_eq!(m.versions.iter().filter(|v| v.state == keyrotate::keystore::manifest::VersionState::Active).count(), 1, "{context}");
+    assert_eq!(
+        m.versions
+            .iter()
+            .filter(|v| v.state == keyrotate::keystore::manifest::VersionState::Active)
+            .count(),
+        1,
+        "{context}"
+    );
     for (n, state) in base_versions {
-        let v = m.get(*n).unwrap_or_else(|| panic!("{context}: v{n} vanished from the manifest"));
+        let v = m
+            .get(*n)
+            .unwrap_or_else(|| panic!("{context}: v{n} vanished from the manifest"));
         if state != "destroyed" && v.state != keyrotate::keystore::manifest::VersionState::Destroyed {
-            assert!(env.key_dir("sig").join(&v.file).exists(), "{context}: v{n}'s file was lost");
+            assert!(
+                env.key_dir("sig").join(&v.file).exists(),
+                "{context}: v{n}'s file was lost"
+            );
         }
     }
-    assert!(m.max_version() >= base_versions.last().unwrap().0, "{context}: versions went backwards");
+    assert!(
+        m.max_version() >= base_versions.last().unwrap().0,
+        "{context}: versions went backwards"
+    );
 }
 
 fn no_orphans(env: &Env, context: &str) {
     let m = env.manifest("sig");
-    let live: BTreeSet<String> = m["versions"].as_array().unwrap().iter().filter(|v| v["state"] != "destroyed").map(|v| v["file"].as_str().unwrap().to_string()).collect();
+    let live: BTreeSet<String> = m["versions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|v| v["state"] != "destroyed")
+        .map(|v| v["file"].as_str().unwrap().to_string())
+        .collect();
     let files: BTreeSet<String> = env.key_files("sig").into_iter().collect();
     assert_eq!(files, live, "{context}: orphan or missing key files");
-    let tmp: Vec<String> = std::fs::read_dir(env.key_dir("sig")).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).filter(|n| n.ends_with(".tmp")).collect();
+    let tmp: Vec<String> = std::fs::read_dir(env.key_dir("sig"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.ends_with(".tmp"))
+        .collect();
     assert!(tmp.is_empty(), "{context}: temporaries left: {tmp:?}");
 }
 
@@ -123,10 +167,24 @@ fn sigkill_at_every_durable_step_leaves_a_consistent_store_and_a_flagged_run() {
                 // Died in flight: the next run must flag it, and only a review unblocks.
                 let out = env.rotate("sig").arg("--force").status(4);
                 assert!(out.stdout.contains("KILLED"), "{context}: {}", out.stdout);
-                let committed = env.manifest("sig")["versions"].as_array().unwrap().iter().any(|v| v["created_by_run"] == "KILLED");
-                let said = if committed { "it did commit" } else { "it did not commit" };
-                assert!(out.stdout.contains(said), "{context}: expected {said:?} in {}", out.stdout);
-                env.cmd().args(["resolve", "--domain", "sig", "--run", "KILLED", "--note", "crash test"]).status(0);
+                let committed = env.manifest("sig")["versions"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|v| v["created_by_run"] == "KILLED");
+                let said = if committed {
+                    "it did commit"
+                } else {
+                    "it did not commit"
+                };
+                assert!(
+                    out.stdout.contains(said),
+                    "{context}: expected {said:?} in {}",
+                    out.stdout
+                );
+                env.cmd()
+                    .args(["resolve", "--domain", "sig", "--run", "KILLED", "--note", "crash test"])
+                    .status(0);
             }
             Some(r) => assert_eq!(r["exit_code"], 0, "{context}: closed with an unexpected code"),
             None => {} // killed before its row was written: nothing to review
@@ -164,8 +222,16 @@ fn sigterm_at_every_durable_step_ends_the_run_itself_with_0_or_3() {
         assert_consistent(&env, &base_versions, &context);
         if expected == 3 {
             assert!(out.stdout.contains("terminated"), "{context}: {}", out.stdout);
-            assert_eq!(std::fs::read(env.key_dir("sig").join("keyring.json")).unwrap(), base_manifest, "{context}");
-            let staged: Vec<String> = env.key_files("sig").into_iter().filter(|f| f.as_str() > "v000003.pem").collect();
+            assert_eq!(
+                std::fs::read(env.key_dir("sig").join("keyring.json")).unwrap(),
+                base_manifest,
+                "{context}"
+            );
+            let staged: Vec<String> = env
+                .key_files("sig")
+                .into_iter()
+                .filter(|f| f.as_str() > "v000003.pem")
+                .collect();
             assert!(staged.is_empty(), "{context}: staged files left: {staged:?}");
         } else {
             assert_eq!(env.manifest("sig")["primary"], 4, "{context}");

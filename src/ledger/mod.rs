@@ -113,6 +113,8 @@ pub struct DomainRecord {
 pub struct Ledger {
     conn: Connection,
     path: PathBuf,
+    /// The private copy a read-only ledger reads when a -wal file exists.
+    _snapshot: Option<tempfile::TempDir>,
 }
 
 fn db_err(path: &Path, e: rusqlite::Error) -> String {
@@ -162,6 +164,7 @@ impl Ledger {
         let mut ledger = Ledger {
             conn,
             path: path.to_path_buf(),
+            _snapshot: None,
         };
         ledger.set_busy(busy)?;
         ledger
@@ -183,23 +186,30 @@ impl Ledger {
         }
         // Without a -wal file every committed row is in the main file, and
         // `immutable=1` reads it without creating -wal/-shm. With one, a writer is
-        // running or died: read through the WAL like any reader.
+        // running or died: reading through it would rewrite -shm, so read a private
+        // copy of the database and its WAL instead.
         let mut wal = path.as_os_str().to_owned();
         wal.push("-wal");
         let immutable = !Path::new(&wal).exists();
+        let mut snapshot = None;
         let mut flags =
             OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_NOFOLLOW;
         let conn = if immutable {
             flags |= OpenFlags::SQLITE_OPEN_URI;
             let uri = format!("file:{}?immutable=1", uri_escape(path));
-            Connection::open_with_flags(uri, flags)
+            Connection::open_with_flags(uri, flags).map_err(|e| db_err(path, e))?
         } else {
-            Connection::open_with_flags(path, flags)
-        }
-        .map_err(|e| db_err(path, e))?;
+            let copy = private_copy(path, Path::new(&wal))?;
+            let conn =
+                Connection::open_with_flags(copy.path().join("ledger.sqlite3"), OpenFlags::SQLITE_OPEN_READ_WRITE)
+                    .map_err(|e| db_err(path, e))?;
+            snapshot = Some(copy);
+            conn
+        };
         let ledger = Ledger {
             conn,
             path: path.to_path_buf(),
+            _snapshot: snapshot,
         };
         let version = ledger.user_version()?;
         if version as usize > MIGRATIONS.len() {
@@ -475,6 +485,24 @@ fn domain_record(conn: &Connection, path: &Path, domain: &str) -> Result<DomainR
         last_success: one("state = 'succeeded' ORDER BY id DESC LIMIT 1")?,
         last_run: one("1 ORDER BY id DESC LIMIT 1")?,
     })
+}
+
+/// Copies the database and its WAL into a private temporary folder.
+fn private_copy(db: &Path, wal: &Path) -> Result<tempfile::TempDir, String> {
+    let fail = |e: std::io::Error| {
+        format!(
+            "ledger {}: cannot take a read snapshot: {}",
+            db.display(),
+            crate::fsutil::io_reason(&e)
+        )
+    };
+    let dir = tempfile::Builder::new()
+        .prefix("keyrotate-ledger")
+        .tempdir()
+        .map_err(fail)?;
+    std::fs::copy(db, dir.path().join("ledger.sqlite3")).map_err(fail)?;
+    std::fs::copy(wal, dir.path().join("ledger.sqlite3-wal")).map_err(fail)?;
+    Ok(dir)
 }
 
 fn uri_escape(path: &Path) -> String {

@@ -163,6 +163,24 @@ impl Env {
         out
     }
 
+    /// Panics naming every path that differs between two snapshots.
+    #[track_caller]
+    pub fn assert_unchanged(&self, before: &BTreeMap<PathBuf, Vec<u8>>, what: &str) {
+        let after = self.snapshot();
+        let mut diffs = Vec::new();
+        for (p, b) in before {
+            match after.get(p) {
+                None => diffs.push(format!("removed {}", p.display())),
+                Some(a) if a != b => diffs.push(format!("changed {}", p.display())),
+                _ => {}
+            }
+        }
+        for p in after.keys().filter(|p| !before.contains_key(*p)) {
+            diffs.push(format!("added {}", p.display()));
+        }
+        assert!(diffs.is_empty(), "{what} changed files: {diffs:?}\n{}", self.listing());
+    }
+
     pub fn listing(&self) -> String {
         let mut s = String::new();
         let mut map = BTreeMap::new();
