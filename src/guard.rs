@@ -108,14 +108,16 @@ impl Guard {
         }
     }
 
-    /// Starts the watchdog: at the deadline, if the run is still before its commit,
-    /// `on_fire(step)` runs on the watchdog thread and must end the process.
-    pub fn spawn_watchdog(&self, on_fire: impl FnOnce(&'static str) + Send + 'static) {
+    /// Starts the watchdog: `after` the deadline, if the run is still before its
+    /// commit, `on_fire(step)` runs on the watchdog thread and must end the process.
+    /// (A backend that kills its own hung steps at the deadline gets a late watchdog,
+    /// as a backstop.)
+    pub fn spawn_watchdog(&self, after: std::time::Duration, on_fire: impl FnOnce(&'static str) + Send + 'static) {
         let guard = self.clone();
         std::thread::Builder::new()
             .name("deadline-watchdog".into())
             .spawn(move || {
-                let at = guard.deadline.instant();
+                let at = guard.deadline.instant() + after;
                 loop {
                     let now = Instant::now();
                     if now >= at {

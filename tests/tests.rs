@@ -4,6 +4,7 @@
 mod common;
 
 mod cli_and_config;
+mod command_backend;
 mod commands;
 #[cfg(feature = "failpoints")]
 mod crash;

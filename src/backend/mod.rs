@@ -3,6 +3,7 @@
 //! for every backend; a backend only sees a [`Step`] context through which it reports
 //! progress and asks whether it may go on.
 
+pub mod command;
 pub mod keystore;
 
 use crate::audit::{Audit, Event};

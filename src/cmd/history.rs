@@ -73,7 +73,10 @@ fn print_table(rows: &[RunRow]) {
                 r.exit_code.map_or("-".into(), |c| c.to_string()),
                 format!("{}/{}", r.trigger, r.operator.as_deref().unwrap_or("-")),
                 r.host.clone(),
-                format!("{}->{}", opt(r.from_version), opt(r.to_version)),
+                match (r.from_version, r.to_version) {
+                    (None, None) => "-".to_string(),
+                    (f, t) => format!("{}->{}", opt(f), opt(t)),
+                },
                 match (&r.reason, &r.resolution) {
                     (reason, Some(res)) => format!(
                         "{} | resolved by {}: {res}",

@@ -7,6 +7,8 @@ mod resolve;
 mod rotate;
 mod status;
 
+pub(crate) use check::check_program;
+
 use std::io::IsTerminal;
 use std::process::ExitCode;
 

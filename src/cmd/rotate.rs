@@ -21,6 +21,7 @@ use serde::Serialize;
 
 use super::{clean_text, hostname, load_config, operator, print_json};
 use crate::audit::{Audit, Event};
+use crate::backend::command::{self, CommandRotation};
 use crate::backend::keystore::KeystoreRotation;
 use crate::backend::{Rotated, Step};
 use crate::cli::{Cli, OutputFormat, RotateArgs};
@@ -115,6 +116,15 @@ fn prepare(cli: &Cli, args: &RotateArgs) -> Result<Prepared, Failure> {
     let config = load_config(cli)?;
     let domain = config.domain(&args.domain).map_err(Failure::usage)?.clone();
     let deadline = Deadline::parse(&args.deadline, domain.max_deadline).map_err(Failure::usage)?;
+    if let Backend::Command { program, .. } = &domain.backend {
+        hook_exists(program).map_err(|e| {
+            Failure::usage(format!(
+                "{}: domains.{}.command: {e}",
+                config.path.display(),
+                domain.name
+            ))
+        })?;
+    }
     let pool = match args
         .pool
         .clone()
@@ -161,6 +171,18 @@ fn prepare(cli: &Cli, args: &RotateArgs) -> Result<Prepared, Failure> {
         output: args.output,
         dry_run: args.dry_run,
     })
+}
+
+/// A hook that is missing or not executable is a configuration error (USAGE); one
+/// that is unsafe to run is refused later, like an unsafe folder (ABORTED).
+fn hook_exists(program: &std::path::Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta =
+        std::fs::metadata(program).map_err(|e| format!("program {}: {}", program.display(), fsutil::io_reason(&e)))?;
+    if !meta.is_file() || meta.permissions().mode() & 0o111 == 0 {
+        return Err(format!("program {} is not an executable file", program.display()));
+    }
+    Ok(())
 }
 
 fn validate_run_id(id: &str) -> Result<String, Failure> {
@@ -262,6 +284,16 @@ fn stale_message(domain: &str, dead: &RunRow, diagnosis: &str) -> String {
     )
 }
 
+/// The step a dead run was in: its last hook step if it ran hooks, else its last event.
+fn last_step(events: &[(String, String, Option<String>)]) -> Option<&str> {
+    events
+        .iter()
+        .rev()
+        .find(|e| e.1.starts_with("hook."))
+        .or(events.last())
+        .map(|e| e.1.as_str())
+}
+
 /// What the key store shows about a run that died: did it commit?
 fn diagnose(p: &Prepared, dead: &RunRow, last_step: Option<&str>) -> String {
     let step = last_step
@@ -296,9 +328,19 @@ fn diagnose(p: &Prepared, dead: &RunRow, last_step: Option<&str>) -> String {
                 }
             }
         }
-        Backend::Command { .. } => {
-            format!("{step}the command backend's target may hold a half-rotated secret")
-        }
+        Backend::Command { .. } => match last_step.and_then(|s| s.strip_prefix("hook.")) {
+            Some(hook) => {
+                let (name, phase) = hook.split_once('.').unwrap_or((hook, ""));
+                let when = if phase == "start" { "was running" } else { "had ended" };
+                let target = if name == "create" && phase == "start" {
+                    "the target was not changed yet"
+                } else {
+                    "the target may hold a half-rotated secret: check it"
+                };
+                format!("the hook step '{name}' {when} when it died; {target}")
+            }
+            None => format!("{step}no hook step had started: the target was not changed"),
+        },
     }
 }
 
@@ -435,10 +477,13 @@ fn real_run_inner(p: &Prepared) -> Concluded {
                 step,
             }
             .run(),
-            Backend::Command { .. } => Err(Failure::new(
-                Outcome::Aborted,
-                "the command backend is not available in this build",
-            )),
+            Backend::Command { program, args } => CommandRotation {
+                program: program.clone(),
+                args: args.clone(),
+                state_dir: p.config.state_dir.clone(),
+                step,
+            }
+            .run(),
         }
     };
     guard.stand_down();
@@ -528,7 +573,7 @@ fn admit_and_record(p: &Prepared, ledger: &mut Ledger, guard: &Guard) -> Result<
     // The diagnosis reads the key store, so it is made before the write transaction.
     let stale_diagnosis = rec.in_flight.as_ref().map(|dead| {
         let events = ledger.events(&dead.run_id).unwrap_or_default();
-        diagnose(p, dead, events.last().map(|e| e.1.as_str()))
+        diagnose(p, dead, last_step(&events))
     });
     let domain = p.domain.name.clone();
     let decision = ledger
@@ -619,10 +664,16 @@ fn arm_watchdog(p: &Prepared, guard: &Guard) {
         output: p.output,
         dry_run: false,
     };
-    guard.spawn_watchdog(move |step| {
+    // The command backend kills its own hung hooks at the deadline (SIGTERM, grace,
+    // SIGKILL); its watchdog is only a backstop behind that.
+    let after = match p.domain.backend {
+        Backend::Keystore { .. } => Duration::ZERO,
+        Backend::Command { .. } => command::KILL_GRACE + Duration::from_secs(3),
+    };
+    guard.spawn_watchdog(after, move |step| {
         let reason = format!(
             "deadline {} reached while '{step}' was still running: the step was abandoned before the commit point; \
-             the old key state stands and files the step left are removed by the next run",
+             the old key state stands and what the step left is cleaned up by the next run",
             snapshot.run.deadline_at
         );
         match Ledger::open(&ledger_path, Duration::from_secs(2)) {
@@ -776,7 +827,7 @@ fn dry_run_decide(p: &Prepared, plan: &mut Vec<String>) -> (Outcome, String, Ver
                 .as_ref()
                 .and_then(|l| l.events(&dead.run_id).ok())
                 .unwrap_or_default();
-            let diagnosis = diagnose(p, &dead, events.last().map(|e| e.1.as_str()));
+            let diagnosis = diagnose(p, &dead, last_step(&events));
             plan.push(format!(
                 "ledger: run {} is still in flight but holds no lock: it died",
                 dead.run_id
@@ -882,10 +933,23 @@ fn dry_run_decide(p: &Prepared, plan: &mut Vec<String>) -> (Outcome, String, Ver
                 (rp.from_version, Some(rp.to_version)),
             )
         }
-        Backend::Command { .. } => (
-            Outcome::Aborted,
-            "the command backend is not available in this build".into(),
-            none,
-        ),
+        Backend::Command { program, args } => {
+            if let Err(e) = crate::cmd::check_program(program) {
+                plan.push(format!("hook: {e}"));
+                return (
+                    Outcome::Aborted,
+                    format!("{e}; the real run would refuse to run it"),
+                    none,
+                );
+            }
+            for step in command::STEPS {
+                plan.push(format!(
+                    "run: KEYROTATE_STEP={step} {}",
+                    command::describe(program, args)
+                ));
+            }
+            plan.push("commit point: the 'set' step; a failure from there on blocks the domain".into());
+            (Outcome::Rotated, "would run the hook's four steps".into(), none)
+        }
     }
 }

@@ -1,0 +1,264 @@
+//! The command backend: rotate any secret through a hook program run once per step,
+//! `create`, `set`, `test`, `finish` (AWS Secrets Manager's four steps, without its
+//! retries).
+//!
+//! The hook runs directly (no shell), stdin closed, in its own process group, with
+//! `KEYROTATE_STEP`, `KEYROTATE_DOMAIN`, `KEYROTATE_RUN_ID`, `KEYROTATE_DEADLINE` and
+//! `KEYROTATE_STATE_DIR` set. Its output is passed to stderr as it runs (capped) and its
+//! tail kept in the ledger. At the deadline the whole group gets SIGTERM, then SIGKILL
+//! after a grace period; when a step ends, anything it left running in its group is
+//! killed too, so no child of a hook outlives its step.
+//!
+//! `set` is the commit point: a failure before it leaves the target untouched (ABORTED,
+//! or TIMED_OUT at the deadline); from `set` on, the target may hold a half-rotated
+//! secret, so any failure is NEEDS_REVIEW and blocks the domain.
+
+use std::io::{Read, Write};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::{Rotated, Step};
+use crate::outcome::{Failure, Outcome};
+
+pub const STEPS: [&str; 4] = ["create", "set", "test", "finish"];
+/// Between SIGTERM and SIGKILL when a step outlives the deadline.
+pub const KILL_GRACE: Duration = Duration::from_secs(2);
+/// Output of one step passed through to stderr; the rest is counted, not shown.
+const PASS_THROUGH_LIMIT: usize = 256 * 1024;
+/// Output tail kept in the ledger per step.
+const TAIL_BYTES: usize = 2048;
+
+pub struct CommandRotation<'a> {
+    pub program: PathBuf,
+    pub args: Vec<String>,
+    pub state_dir: PathBuf,
+    pub step: Step<'a>,
+}
+
+/// How one hook step ended.
+#[derive(Debug)]
+struct StepResult {
+    ok: bool,
+    /// "exit 0", "exit 3", "killed by signal 9", "killed at the deadline"
+    status: String,
+    timed_out: bool,
+    elapsed: Duration,
+    tail: String,
+}
+
+impl CommandRotation<'_> {
+    pub fn run(mut self) -> Result<Rotated, Failure> {
+        let guard = self.step.guard.clone();
+        crate::cmd::check_program(&self.program)
+            .map_err(|e| Failure::new(Outcome::Aborted, format!("{e}; refusing to run it")))?;
+        for name in STEPS {
+            let committing = name != "create";
+            if name == "set" {
+                // From here the target changes: signals no longer stop the run, and
+                // the deadline is enforced by killing the hook, not the process.
+                guard.enter_commit()?;
+            } else if !committing {
+                guard.checkpoint(name)?;
+            }
+            let _ = self.step.event(
+                &format!("hook.{name}.start"),
+                &format!("{} {}", self.program.display(), self.args.join(" ")),
+            );
+            let result = self.run_step(name).map_err(|e| {
+                let outcome = if committing {
+                    Outcome::NeedsReview
+                } else {
+                    Outcome::Aborted
+                };
+                Failure::new(outcome, format!("hook step '{name}' could not be started: {e}"))
+            })?;
+            let detail = format!(
+                "{} after {} ms; output tail: {}",
+                result.status,
+                result.elapsed.as_millis(),
+                result.tail
+            );
+            let _ = self.step.event(&format!("hook.{name}.end"), &detail);
+            if !result.ok {
+                let msg = format!("hook step '{name}' failed ({})", result.status);
+                return Err(match (committing, result.timed_out) {
+                    (false, true) => Failure::new(Outcome::TimedOut, format!("{msg}; the target was not changed")),
+                    (false, false) => Failure::new(Outcome::Aborted, format!("{msg}; the target was not changed")),
+                    (true, _) => Failure::new(
+                        Outcome::NeedsReview,
+                        format!("{msg}; the target may hold the new secret: check it, then resolve"),
+                    ),
+                });
+            }
+            if name == "create" {
+                self.step
+                    .advance("staged", (None, None), "hook created the new secret")
+                    .map_err(|e| Failure::new(Outcome::Aborted, e))?;
+            }
+        }
+        let rotated = Rotated {
+            summary: format!("hook steps {} succeeded", STEPS.join(", ")),
+            ..Rotated::default()
+        };
+        self.step.committed(&rotated)?;
+        Ok(rotated)
+    }
+
+    fn run_step(&self, name: &str) -> std::io::Result<StepResult> {
+        let deadline = self.step.guard.deadline();
+        let mut cmd = Command::new(&self.program);
+        cmd.args(&self.args)
+            .env("KEYROTATE_STEP", name)
+            .env("KEYROTATE_DOMAIN", &self.step.run.domain)
+            .env("KEYROTATE_RUN_ID", &self.step.run.run_id)
+            .env("KEYROTATE_DEADLINE", &self.step.run.deadline_at)
+            .env("KEYROTATE_STATE_DIR", &self.state_dir)
+            .env_remove("KEYROTATE_FAILPOINTS")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0);
+        let started = Instant::now();
+        let mut child = cmd.spawn()?;
+        let pgid = child.id() as i32;
+        let tail = Arc::new(Mutex::new(Tail::default()));
+        let readers = [
+            pump(
+                child.stdout.take().map(|s| Box::new(s) as Box<dyn Read + Send>),
+                name,
+                Arc::clone(&tail),
+            ),
+            pump(
+                child.stderr.take().map(|s| Box::new(s) as Box<dyn Read + Send>),
+                name,
+                Arc::clone(&tail),
+            ),
+        ];
+        let (status, timed_out) = wait_until(&mut child, pgid, deadline.instant())?;
+        // Whatever the step left running in its group does not outlive it.
+        kill_group(pgid);
+        for r in readers.into_iter().flatten() {
+            let _ = r.join();
+        }
+        let text = tail.lock().unwrap_or_else(|e| e.into_inner()).text();
+        let status_text = match (timed_out, status.code(), status.signal()) {
+            (true, _, _) => "killed at the deadline".to_string(),
+            (false, Some(c), _) => format!("exit {c}"),
+            (false, None, Some(s)) => format!("killed by signal {s}"),
+            _ => "ended".to_string(),
+        };
+        Ok(StepResult {
+            ok: !timed_out && status.success(),
+            status: status_text,
+            timed_out,
+            elapsed: started.elapsed(),
+            tail: text,
+        })
+    }
+}
+
+/// Waits for the hook; at `deadline` sends SIGTERM to its group, then SIGKILL after
+/// the grace period. Returns the exit status and whether the deadline killed it.
+fn wait_until(child: &mut Child, pgid: i32, deadline: Instant) -> std::io::Result<(std::process::ExitStatus, bool)> {
+    let mut signalled: Option<Instant> = None;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok((status, signalled.is_some()));
+        }
+        let now = Instant::now();
+        match signalled {
+            None if now >= deadline => {
+                unsafe { libc::killpg(pgid, libc::SIGTERM) };
+                signalled = Some(now);
+            }
+            Some(at) if now >= at + KILL_GRACE => {
+                unsafe { libc::killpg(pgid, libc::SIGKILL) };
+                let status = child.wait()?;
+                return Ok((status, true));
+            }
+            _ => std::thread::sleep(Duration::from_millis(5)),
+        }
+    }
+}
+
+fn kill_group(pgid: i32) {
+    // Probing with signal 0 tells whether anything is left in the group.
+    if unsafe { libc::killpg(pgid, 0) } == 0 {
+        unsafe { libc::killpg(pgid, libc::SIGTERM) };
+        let start = Instant::now();
+        while unsafe { libc::killpg(pgid, 0) } == 0 && start.elapsed() < KILL_GRACE {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        unsafe { libc::killpg(pgid, libc::SIGKILL) };
+    }
+}
+
+#[derive(Default)]
+struct Tail {
+    bytes: Vec<u8>,
+    passed: usize,
+    truncated_notice: bool,
+}
+
+impl Tail {
+    fn push(&mut self, chunk: &[u8]) {
+        self.bytes.extend_from_slice(chunk);
+        if self.bytes.len() > TAIL_BYTES {
+            let cut = self.bytes.len() - TAIL_BYTES;
+            self.bytes.drain(..cut);
+        }
+    }
+    fn text(&self) -> String {
+        let s = String::from_utf8_lossy(&self.bytes);
+        let s: String = s
+            .chars()
+            .map(|c| if c.is_control() && c != '\n' { '?' } else { c })
+            .collect();
+        s.trim().replace('\n', " | ")
+    }
+}
+
+/// Copies a hook's output to our stderr (up to the pass-through limit) and keeps its tail.
+fn pump(src: Option<Box<dyn Read + Send>>, step: &str, tail: Arc<Mutex<Tail>>) -> Option<std::thread::JoinHandle<()>> {
+    let mut src = src?;
+    let prefix = format!("[hook {step}] ");
+    Some(std::thread::spawn(move || {
+        let mut buf = [0u8; 8192];
+        let mut at_line_start = true;
+        loop {
+            let n = match src.read(&mut buf) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            let mut t = tail.lock().unwrap_or_else(|e| e.into_inner());
+            t.push(&buf[..n]);
+            if t.passed < PASS_THROUGH_LIMIT {
+                t.passed += n;
+                let mut err = std::io::stderr().lock();
+                for piece in buf[..n].split_inclusive(|b| *b == b'\n') {
+                    if at_line_start {
+                        let _ = err.write_all(prefix.as_bytes());
+                    }
+                    let _ = err.write_all(piece);
+                    at_line_start = piece.ends_with(b"\n");
+                }
+            } else if !t.truncated_notice {
+                t.truncated_notice = true;
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "\n{prefix}(output beyond {PASS_THROUGH_LIMIT} bytes not shown)"
+                );
+            }
+        }
+    }))
+}
+
+/// What `--dry-run` and `check` say about a hook without running it.
+pub fn describe(program: &Path, args: &[String]) -> String {
+    format!("{} {}", program.display(), args.join(" "))
+        .trim_end()
+        .to_string()
+}
