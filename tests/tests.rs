@@ -10,4 +10,5 @@ mod commands;
 mod crash;
 mod dry_run;
 mod failure_model;
+mod pg_hook;
 mod rotate;
