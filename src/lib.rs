@@ -8,6 +8,7 @@
 //! - [`config`]: `rotate.toml`; [`deadline`]: `--deadline` and its clock;
 //! - [`lock`]: the per-domain OS lock; [`ledger`]: the SQLite rotation ledger;
 //! - [`keystore`]: the built-in key store (files, manifest, algorithms);
+//! - [`keyring`]: the read-only API applications use to load the keys (see its docs);
 //! - [`backend`]: what one rotation does, per backend; [`guard`]: signals and deadline;
 //! - [`audit`]: the JSON audit trail; [`fsutil`]: durable, symlink-safe file writes.
 
@@ -20,6 +21,7 @@ pub mod deadline;
 pub mod failpoint;
 pub mod fsutil;
 pub mod guard;
+pub mod keyring;
 pub mod keystore;
 pub mod ledger;
 pub mod lock;

@@ -10,5 +10,6 @@ mod commands;
 mod crash;
 mod dry_run;
 mod failure_model;
+mod keystore;
 mod pg_hook;
 mod rotate;

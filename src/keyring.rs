@@ -1,0 +1,231 @@
+//! The read-only consumer API: how an application on the same host uses the keys
+//! keyrotate maintains, without ever writing to the key store.
+//!
+//! ```no_run
+//! use keyrotate::keyring::Keyring;
+//!
+//! let ring = Keyring::open("/var/lib/keyrotate/keys".as_ref(), "payments-signing")?;
+//! let active = ring.active()?;                  // verified against keyring.json
+//! let signature = active.key.sign(b"payload")?;  // EdDSA / ES256 / ES384 / RS256 / HS256
+//! println!("signed with kid {}", active.kid);
+//!
+//! // A verifier trusts every published version (pending, active, retired):
+//! for v in ring.verification_keys()? {
+//!     if keyrotate::keyring::verify_with_jwk(&v.jwk, b"payload", &signature) {
+//!         println!("verified by {}", v.kid);
+//!     }
+//! }
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! Every key is read without following symlinks and checked against the fingerprint
+//! the manifest records before it is returned; a damaged key store is an error, never
+//! a silently different key. Re-open the keyring to see a newer rotation: a `Keyring`
+//! is a snapshot of one manifest.
+
+use std::path::{Path, PathBuf};
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use serde_json::{Map, Value};
+
+use crate::keystore::manifest::{Manifest, VersionEntry, VersionState};
+use crate::keystore::{Algorithm, KeyFile, Keystore};
+
+/// Why a keyring or key could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyringError {
+    #[error("domain {domain:?} has no keyring in {dir} (never rotated?)")]
+    NotFound { domain: String, dir: PathBuf },
+    #[error("domain {domain:?} has no {what} version")]
+    NoSuchVersion { domain: String, what: String },
+    #[error("key store {dir}: {reason}")]
+    Invalid { dir: PathBuf, reason: String },
+}
+
+/// One domain's keyring, as its manifest described it when opened.
+#[derive(Debug)]
+pub struct Keyring {
+    store: Keystore,
+    manifest: Manifest,
+    domain: String,
+}
+
+/// A loaded, verified key version.
+#[derive(Debug)]
+pub struct Version {
+    pub version: u64,
+    pub state: VersionState,
+    /// The `kid` under which `jwks.json` publishes this version.
+    pub kid: String,
+    pub key: KeyFile,
+}
+
+/// A public key a verifier should trust, as published in `jwks.json`.
+#[derive(Debug, Clone)]
+pub struct VerificationKey {
+    pub version: u64,
+    pub state: VersionState,
+    pub kid: String,
+    /// The RFC 7517 JWK, `kid` included.
+    pub jwk: Map<String, Value>,
+}
+
+impl Keyring {
+    /// Opens `<keystore>/<domain>/keyring.json`. Only the manifest is read here.
+    pub fn open(keystore: &Path, domain: &str) -> Result<Keyring, KeyringError> {
+        crate::config::validate_domain_name(domain).map_err(|reason| KeyringError::Invalid {
+            dir: keystore.to_path_buf(),
+            reason,
+        })?;
+        let store = Keystore::new(keystore, domain);
+        let invalid = |reason: String| KeyringError::Invalid {
+            dir: store.dir().to_path_buf(),
+            reason,
+        };
+        let bytes =
+            crate::fsutil::read_nofollow(&store.dir().join(crate::keystore::MANIFEST), 16 << 20).map_err(|e| {
+                if e.kind() == std::io::ErrorKind::NotFound {
+                    KeyringError::NotFound {
+                        domain: domain.to_string(),
+                        dir: store.dir().to_path_buf(),
+                    }
+                } else {
+                    invalid(format!("keyring.json: {}", crate::fsutil::io_reason(&e)))
+                }
+            })?;
+        let manifest = Manifest::parse(&bytes, domain).map_err(invalid)?;
+        Ok(Keyring {
+            store,
+            manifest,
+            domain: domain.to_string(),
+        })
+    }
+
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// The active version: the one to sign or encrypt with.
+    pub fn active(&self) -> Result<Version, KeyringError> {
+        let entry = self.manifest.active().ok_or_else(|| self.missing("active"))?;
+        self.load(entry)
+    }
+
+    /// The pending version (pre-published, not yet signing), if any.
+    pub fn pending(&self) -> Result<Option<Version>, KeyringError> {
+        self.manifest.pending().map(|e| self.load(e)).transpose()
+    }
+
+    /// Any live version by number (to verify or decrypt with an older key).
+    pub fn version(&self, version: u64) -> Result<Version, KeyringError> {
+        let entry = self
+            .manifest
+            .get(version)
+            .filter(|e| e.is_live())
+            .ok_or_else(|| self.missing(&format!("live v{version}")))?;
+        self.load(entry)
+    }
+
+    /// Every version a verifier should accept (pending, active, retired), newest
+    /// first within each state, with the JWK published for it.
+    pub fn verification_keys(&self) -> Result<Vec<VerificationKey>, KeyringError> {
+        let mut out = Vec::new();
+        for state in [VersionState::Pending, VersionState::Active, VersionState::Retired] {
+            for entry in self.manifest.versions.iter().rev().filter(|v| v.state == state) {
+                let v = self.load(entry)?;
+                if let Some(public) = v.key.public() {
+                    let mut jwk = public.jwk.clone();
+                    jwk.insert("kid".into(), v.kid.clone().into());
+                    out.push(VerificationKey {
+                        version: v.version,
+                        state,
+                        kid: v.kid,
+                        jwk,
+                    });
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn load(&self, entry: &VersionEntry) -> Result<Version, KeyringError> {
+        let key = self.store.load_version(entry).map_err(|reason| KeyringError::Invalid {
+            dir: self.store.dir().to_path_buf(),
+            reason,
+        })?;
+        Ok(Version {
+            version: entry.version,
+            state: entry.state,
+            kid: crate::keystore::kid(entry),
+            key,
+        })
+    }
+
+    fn missing(&self, what: &str) -> KeyringError {
+        KeyringError::NoSuchVersion {
+            domain: self.domain.clone(),
+            what: what.to_string(),
+        }
+    }
+}
+
+/// Verifies `signature` over `message` with a public JWK (`OKP`/Ed25519, `EC` P-256 or
+/// P-384, `RSA` with RS256) such as an entry of `jwks.json`.
+pub fn verify_with_jwk(jwk: &Map<String, Value>, message: &[u8], signature: &[u8]) -> bool {
+    use aws_lc_rs::signature::{self, RsaPublicKeyComponents, UnparsedPublicKey};
+    let field = |name: &str| {
+        jwk.get(name)
+            .and_then(Value::as_str)
+            .and_then(|s| URL_SAFE_NO_PAD.decode(s).ok())
+    };
+    let text = |name: &str| jwk.get(name).and_then(Value::as_str).unwrap_or("");
+    match (text("kty"), text("crv"), text("alg")) {
+        ("OKP", "Ed25519", _) => field("x").is_some_and(|x| {
+            UnparsedPublicKey::new(&signature::ED25519, x)
+                .verify(message, signature)
+                .is_ok()
+        }),
+        ("EC", crv, _) => {
+            let alg: &'static dyn signature::VerificationAlgorithm = match crv {
+                "P-256" => &signature::ECDSA_P256_SHA256_FIXED,
+                "P-384" => &signature::ECDSA_P384_SHA384_FIXED,
+                _ => return false,
+            };
+            let (Some(x), Some(y)) = (field("x"), field("y")) else {
+                return false;
+            };
+            let point: Vec<u8> = [&[4u8][..], &x, &y].concat();
+            UnparsedPublicKey::new(alg, point).verify(message, signature).is_ok()
+        }
+        ("RSA", _, "RS256") => {
+            let (Some(n), Some(e)) = (field("n"), field("e")) else {
+                return false;
+            };
+            RsaPublicKeyComponents { n, e }
+                .verify(&signature::RSA_PKCS1_2048_8192_SHA256, message, signature)
+                .is_ok()
+        }
+        _ => false,
+    }
+}
+
+/// The algorithm a JWK's key belongs to, as keyrotate names it.
+pub fn jwk_algorithm(jwk: &Map<String, Value>) -> Option<Algorithm> {
+    match (
+        jwk.get("kty")?.as_str()?,
+        jwk.get("crv").and_then(Value::as_str),
+        jwk.get("alg").and_then(Value::as_str),
+    ) {
+        ("OKP", Some("Ed25519"), _) => Some(Algorithm::Ed25519),
+        ("EC", Some("P-256"), _) => Some(Algorithm::EcdsaP256),
+        ("EC", Some("P-384"), _) => Some(Algorithm::EcdsaP384),
+        ("RSA", _, _) => match URL_SAFE_NO_PAD.decode(jwk.get("n")?.as_str()?).ok()?.len() {
+            256 => Some(Algorithm::Rsa2048),
+            384 => Some(Algorithm::Rsa3072),
+            512 => Some(Algorithm::Rsa4096),
+            _ => None,
+        },
+        _ => None,
+    }
+}
