@@ -1,9 +1,13 @@
 //! The audit trail: one JSON object per line for every transition of a run.
 //!
-//! Lines are appended with O_APPEND and fdatasync'ed before the call returns, so a
-//! line that was written survives the process being killed right after, and every
-//! exit path (including the deadline watchdog) has flushed its lines before the
-//! process ends. Each event is also logged through `tracing` for the job's stderr.
+//! Lines are appended with O_APPEND in one write(2) each, so a line that was written
+//! survives the process being killed right after, and every exit path (including the
+//! deadline watchdog) has written its lines before the process ends. The line that
+//! ends a run (anything with an exit code) and review events are also fdatasync'ed,
+//! which makes every earlier line of the file durable with them; the in-between lines
+//! (`started`, `committed`) are only lost if the machine loses power mid-run, and then
+//! the ledger (which syncs every transition) still has the run and the next run flags
+//! it for review. Each event is also logged through `tracing` for the job's stderr.
 //! Nothing here ever carries key material: only versions and fingerprints.
 
 use std::fs::OpenOptions;
@@ -97,6 +101,11 @@ impl Audit {
             .open(&self.path)
             .map_err(fail)?;
         f.write_all(&line).map_err(fail)?;
-        f.sync_data().map_err(fail)
+        let ends_something =
+            event.exit_code.is_some() || !matches!(event.event, "rotation.started" | "rotation.committed");
+        if ends_something {
+            f.sync_data().map_err(fail)?;
+        }
+        Ok(())
     }
 }

@@ -16,6 +16,16 @@ use zeroize::Zeroizing;
 
 use crate::failpoint;
 
+/// Whether an operation fsyncs its folder itself, or leaves that to a later
+/// [`fsync_dir`] that covers a batch of operations in the same folder (each operation
+/// is atomic on its own, so any subset of a batch surviving a power loss is a
+/// consistent state; the batch is durable once the folder is synced).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DirSync {
+    Now,
+    Deferred,
+}
+
 pub const PRIVATE_FILE_MODE: u32 = 0o600;
 pub const PRIVATE_DIR_MODE: u32 = 0o700;
 
@@ -99,19 +109,18 @@ fn open_private(path: &Path, create_new: bool) -> io::Result<File> {
 /// Creates `dir/name`, which must not exist, with `bytes`, durably (file and folder
 /// fsynced). Used to stage a key version: O_EXCL means a version file is never
 /// overwritten.
-pub fn write_new(dir: &Path, name: &str, bytes: &[u8], step: &str) -> io::Result<()> {
+pub fn write_new(dir: &Path, name: &str, bytes: &[u8], step: &str, sync: DirSync) -> io::Result<()> {
     failpoint::hit(step, "create")?;
     let mut f = open_private(&dir.join(name), true)?;
     f.write_all(bytes)?;
     failpoint::hit(step, "fsync")?;
     f.sync_all()?;
-    failpoint::hit(step, "dirsync")?;
-    fsync_dir(dir)
+    sync_dir(dir, step, sync)
 }
 
 /// Replaces `dir/name` with `bytes` atomically and durably: readers see the old file
 /// or the new one, never a mix, and after return the new one survives power loss.
-pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8], step: &str) -> io::Result<()> {
+pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8], step: &str, sync: DirSync) -> io::Result<()> {
     let tmp = tmp_name(name);
     failpoint::hit(step, "create")?;
     let mut f = open_private(&dir.join(&tmp), false)?;
@@ -121,8 +130,7 @@ pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8], step: &str) -> io::Res
     drop(f);
     failpoint::hit(step, "rename")?;
     fs::rename(dir.join(&tmp), dir.join(name))?;
-    failpoint::hit(step, "dirsync")?;
-    fsync_dir(dir)
+    sync_dir(dir, step, sync)
 }
 
 /// The temporary name `write_atomic` uses for `name`; leftovers are swept by their owner.
@@ -131,7 +139,7 @@ pub fn tmp_name(name: &str) -> String {
 }
 
 /// Points the symlink `dir/name` at `target` (relative) atomically.
-pub fn replace_symlink(dir: &Path, name: &str, target: &str, step: &str) -> io::Result<()> {
+pub fn replace_symlink(dir: &Path, name: &str, target: &str, step: &str, sync: DirSync) -> io::Result<()> {
     let tmp = dir.join(tmp_name(name));
     match fs::remove_file(&tmp) {
         Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
@@ -141,12 +149,11 @@ pub fn replace_symlink(dir: &Path, name: &str, target: &str, step: &str) -> io::
     std::os::unix::fs::symlink(target, &tmp)?;
     failpoint::hit(step, "rename")?;
     fs::rename(&tmp, dir.join(name))?;
-    failpoint::hit(step, "dirsync")?;
-    fsync_dir(dir)
+    sync_dir(dir, step, sync)
 }
 
 /// Unlinks each of `names` in `dir` that exists, then fsyncs the folder once.
-pub fn remove_files(dir: &Path, names: &[String], step: &str) -> io::Result<()> {
+pub fn remove_files(dir: &Path, names: &[String], step: &str, sync: DirSync) -> io::Result<()> {
     if names.is_empty() {
         return Ok(());
     }
@@ -156,6 +163,13 @@ pub fn remove_files(dir: &Path, names: &[String], step: &str) -> io::Result<()> 
             Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
             _ => {}
         }
+    }
+    sync_dir(dir, step, sync)
+}
+
+fn sync_dir(dir: &Path, step: &str, sync: DirSync) -> io::Result<()> {
+    if sync == DirSync::Deferred {
+        return Ok(());
     }
     failpoint::hit(step, "dirsync")?;
     fsync_dir(dir)
@@ -195,8 +209,8 @@ mod tests {
     fn atomic_write_replaces_and_is_private_whatever_the_umask() {
         let d = tempfile::tempdir().unwrap();
         let old = unsafe { libc::umask(0) };
-        write_atomic(d.path(), "f", b"one", "t").unwrap();
-        write_atomic(d.path(), "f", b"two", "t").unwrap();
+        write_atomic(d.path(), "f", b"one", "t", DirSync::Now).unwrap();
+        write_atomic(d.path(), "f", b"two", "t", DirSync::Now).unwrap();
         unsafe { libc::umask(old) };
         assert_eq!(fs::read(d.path().join("f")).unwrap(), b"two");
         assert_eq!(fs::metadata(d.path().join("f")).unwrap().mode() & 0o777, 0o600);
@@ -206,8 +220,8 @@ mod tests {
     #[test]
     fn write_new_never_overwrites_and_reads_refuse_symlinks() {
         let d = tempfile::tempdir().unwrap();
-        write_new(d.path(), "k", b"secret", "t").unwrap();
-        assert!(write_new(d.path(), "k", b"other", "t").is_err());
+        write_new(d.path(), "k", b"secret", "t", DirSync::Now).unwrap();
+        assert!(write_new(d.path(), "k", b"other", "t", DirSync::Now).is_err());
         std::os::unix::fs::symlink("k", d.path().join("link")).unwrap();
         assert!(read_nofollow(&d.path().join("link"), 100).is_err());
         assert_eq!(&*read_nofollow(&d.path().join("k"), 100).unwrap(), b"secret");

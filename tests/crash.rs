@@ -73,7 +73,6 @@ fn steps(base: &Env) -> Vec<String> {
     for kind in [
         "sweep.unlink",
         "stage.fsync",
-        "stage.dirsync",
         "ledger.staged",
         "jwks.rename",
         "commit.fsync",
@@ -83,6 +82,7 @@ fn steps(base: &Env) -> Vec<String> {
         "current.symlink",
         "current.rename",
         "destroy.unlink",
+        "tidy.dirsync",
         "ledger.close",
     ] {
         assert!(steps.iter().any(|s| s == kind), "no {kind} step in {steps:?}");

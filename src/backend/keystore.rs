@@ -10,6 +10,7 @@ use chrono::Utc;
 
 use super::{Rotated, Step};
 use crate::config::Activation;
+use crate::fsutil::DirSync;
 use crate::keystore::manifest::{self, Manifest, Plan};
 use crate::keystore::{Algorithm, Inspection, KeyFile, Keystore};
 use crate::outcome::{Failure, Outcome};
@@ -77,7 +78,7 @@ impl KeystoreRotation<'_> {
                         crate::fsutil::io_reason(&e)
                     );
                 }
-                if let Err(e) = ks.publish_jwks(&inspection.manifest, &inspection.publics) {
+                if let Err(e) = ks.publish_jwks(&inspection.manifest, &inspection.publics, DirSync::Now) {
                     tracing::warn!(
                         "could not restore jwks.json ({}); the next rotation rewrites it",
                         crate::fsutil::io_reason(&e)
@@ -146,8 +147,15 @@ impl KeystoreRotation<'_> {
             &run_id,
             now,
         );
-        ks.publish_jwks(&preview, &publics)
+        let published = ks
+            .publish_jwks(&preview, &publics, DirSync::Now)
             .map_err(|e| io("cannot write jwks.json", e))?;
+        if !published {
+            // No JWKS folder sync happened: make the staged names durable before the
+            // manifest can refer to them.
+            ks.sync_folder("stage")
+                .map_err(|e| io("cannot sync the key folder", e))?;
+        }
 
         guard.enter_commit()?;
         if let Err(e) = ks.commit(&next) {
@@ -183,14 +191,20 @@ impl KeystoreRotation<'_> {
         let recorded = self.step.committed(&rotated);
         let warn =
             |what: &str, e: std::io::Error| format!("{what}: {} (the next run retries)", crate::fsutil::io_reason(&e));
-        if let Err(e) = ks.point_current(&next) {
+        // The tidy-up: three independent atomic changes, made durable by one folder
+        // sync (any subset surviving a power loss is consistent, and the next run
+        // redoes what is missing).
+        if let Err(e) = ks.point_current(&next, DirSync::Deferred) {
             rotated.warnings.push(warn("cannot update the current symlink", e));
         }
-        if let Err(e) = ks.destroy_files(&next, &plan.destroy) {
+        if let Err(e) = ks.destroy_files(&next, &plan.destroy, DirSync::Deferred) {
             rotated.warnings.push(warn("cannot unlink destroyed versions", e));
         }
-        if let Err(e) = ks.publish_jwks(&next, &publics) {
+        if let Err(e) = ks.publish_jwks(&next, &publics, DirSync::Deferred) {
             rotated.warnings.push(warn("cannot rewrite jwks.json", e));
+        }
+        if let Err(e) = ks.sync_folder("tidy") {
+            rotated.warnings.push(warn("cannot sync the key folder", e));
         }
         recorded?;
         Ok(rotated)

@@ -18,7 +18,7 @@ use serde_json::{json, Value};
 pub use algorithm::{verify, Algorithm, KeyFile, PublicKey};
 use manifest::{parse_version_file, Manifest, VersionEntry, VersionState};
 
-use crate::fsutil;
+use crate::fsutil::{self, DirSync};
 
 pub const MANIFEST: &str = "keyring.json";
 pub const JWKS: &str = "jwks.json";
@@ -157,12 +157,20 @@ impl Keystore {
 
     /// Removes what interrupted runs left behind.
     pub fn sweep(&self, leftovers: &[String]) -> io::Result<()> {
-        fsutil::remove_files(&self.dir, leftovers, "sweep")
+        fsutil::remove_files(&self.dir, leftovers, "sweep", DirSync::Now)
     }
 
-    /// Writes a new version's file (O_EXCL, 0600, fsynced with its folder).
+    /// Writes a new version's file (O_EXCL, 0600, fsynced). Its name becomes durable
+    /// with the next folder sync, which must come before the commit: the JWKS
+    /// publication's, or [`Keystore::sync_folder`] when there is none.
     pub fn stage(&self, file: &str, key: &KeyFile) -> io::Result<()> {
-        fsutil::write_new(&self.dir, file, key.file_bytes(), "stage")
+        fsutil::write_new(&self.dir, file, key.file_bytes(), "stage", DirSync::Deferred)
+    }
+
+    /// Makes every entry change in the domain folder so far durable.
+    pub fn sync_folder(&self, step: &str) -> io::Result<()> {
+        crate::failpoint::hit(step, "dirsync")?;
+        fsutil::fsync_dir(&self.dir)
     }
 
     /// Reads a staged file back and proves it is the key that was generated.
@@ -181,32 +189,40 @@ impl Keystore {
 
     /// Removes a staged file after a failure before the commit.
     pub fn unstage(&self, files: &[String]) -> io::Result<()> {
-        fsutil::remove_files(&self.dir, files, "unstage")
+        fsutil::remove_files(&self.dir, files, "unstage", DirSync::Now)
     }
 
     /// Writes `jwks.json` with the public keys of every pending, active and retired
-    /// version of `manifest`. Symmetric-only domains have no JWKS.
-    pub fn publish_jwks(&self, manifest: &Manifest, publics: &BTreeMap<u64, PublicKey>) -> io::Result<()> {
-        let doc = jwks(&self.domain, manifest, publics);
+    /// version of `manifest`, unless it already says exactly that. Symmetric-only
+    /// domains have no JWKS. Returns whether it wrote (and, with `DirSync::Now`,
+    /// synced the folder).
+    pub fn publish_jwks(
+        &self,
+        manifest: &Manifest,
+        publics: &BTreeMap<u64, PublicKey>,
+        sync: DirSync,
+    ) -> io::Result<bool> {
+        let doc = jwks(manifest, publics);
         let path = self.dir.join(JWKS);
         if doc.is_none() && fs::symlink_metadata(&path).is_err() {
-            return Ok(());
+            return Ok(false);
         }
         let mut bytes = serde_json::to_vec_pretty(&doc.unwrap_or_else(|| json!({"keys": []}))).expect("json");
         bytes.push(b'\n');
         if fs::read(&path).is_ok_and(|old| old == bytes) {
-            return Ok(());
+            return Ok(false);
         }
-        fsutil::write_atomic(&self.dir, JWKS, &bytes, "jwks")
+        fsutil::write_atomic(&self.dir, JWKS, &bytes, "jwks", sync)?;
+        Ok(true)
     }
 
     /// The commit point: atomically replaces `keyring.json`.
     pub fn commit(&self, manifest: &Manifest) -> io::Result<()> {
-        fsutil::write_atomic(&self.dir, MANIFEST, &manifest.to_bytes(), "commit")
+        fsutil::write_atomic(&self.dir, MANIFEST, &manifest.to_bytes(), "commit", DirSync::Now)
     }
 
     /// Points `current.pem` (or `current.key`) at the active version.
-    pub fn point_current(&self, manifest: &Manifest) -> io::Result<()> {
+    pub fn point_current(&self, manifest: &Manifest, sync: DirSync) -> io::Result<()> {
         let Some(active) = manifest.active() else {
             return Ok(());
         };
@@ -218,21 +234,21 @@ impl Keystore {
         {
             return Ok(());
         }
-        fsutil::replace_symlink(&self.dir, &name, &active.file, "current")?;
+        fsutil::replace_symlink(&self.dir, &name, &active.file, "current", sync)?;
         if fs::symlink_metadata(self.dir.join(&other)).is_ok() {
-            fsutil::remove_files(&self.dir, &[other], "current")?;
+            fsutil::remove_files(&self.dir, &[other], "current", sync)?;
         }
         Ok(())
     }
 
     /// Unlinks the files of destroyed versions (marked destroyed by the commit).
-    pub fn destroy_files(&self, manifest: &Manifest, versions: &[u64]) -> io::Result<()> {
+    pub fn destroy_files(&self, manifest: &Manifest, versions: &[u64], sync: DirSync) -> io::Result<()> {
         let files: Vec<String> = versions
             .iter()
             .filter_map(|n| manifest.get(*n))
             .map(|v| v.file.clone())
             .collect();
-        fsutil::remove_files(&self.dir, &files, "destroy")
+        fsutil::remove_files(&self.dir, &files, "destroy", sync)
     }
 }
 
@@ -253,7 +269,7 @@ pub fn kid(v: &VersionEntry) -> String {
 }
 
 /// The RFC 7517 key set for `manifest`, or `None` when no version has a public key.
-pub fn jwks(domain: &str, manifest: &Manifest, publics: &BTreeMap<u64, PublicKey>) -> Option<Value> {
+pub fn jwks(manifest: &Manifest, publics: &BTreeMap<u64, PublicKey>) -> Option<Value> {
     let order = |s: VersionState| match s {
         VersionState::Pending => 0,
         VersionState::Active => 1,
@@ -272,6 +288,5 @@ pub fn jwks(domain: &str, manifest: &Manifest, publics: &BTreeMap<u64, PublicKey
             Value::Object(jwk)
         })
         .collect();
-    let _ = domain;
     Some(json!({ "keys": keys }))
 }
