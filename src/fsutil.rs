@@ -43,6 +43,25 @@ pub fn io_reason(e: &io::Error) -> String {
     }
 }
 
+/// Why writes under `path` may be failing, when the file system itself says so:
+/// read-only, or (almost) full. SQLite reports both as a bare "disk I/O error".
+pub fn fs_trouble(path: &Path) -> Option<&'static str> {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = if path.is_dir() { path } else { path.parent()? };
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    if st.f_flag & libc::ST_RDONLY != 0 {
+        return Some("the file system is read-only");
+    }
+    if (st.f_bavail as u64).saturating_mul(st.f_frsize as u64) < 256 * 1024 {
+        return Some("no space left on the file system");
+    }
+    None
+}
+
 /// Refuses a folder that is a symlink, not a folder, writable by group or others, or
 /// owned by someone other than the effective user.
 pub fn check_secure_dir(path: &Path, what: &str) -> Result<(), String> {

@@ -20,6 +20,8 @@ pub mod config;
 pub mod deadline;
 pub mod failpoint;
 pub mod fsutil;
+#[cfg(test)]
+mod fuzz;
 pub mod guard;
 pub mod keyring;
 pub mod keystore;

@@ -10,6 +10,8 @@ mod commands;
 mod crash;
 mod dry_run;
 mod failure_model;
+mod hardening;
+mod hygiene;
 mod keystore;
 mod pg_hook;
 mod rotate;

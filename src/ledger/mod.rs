@@ -118,12 +118,21 @@ pub struct Ledger {
 }
 
 fn db_err(path: &Path, e: rusqlite::Error) -> String {
+    use rusqlite::ErrorCode::*;
     let detail = match &e {
-        rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::NotADatabase => {
+        rusqlite::Error::SqliteFailure(f, _) if f.code == NotADatabase => {
             "not a SQLite database (refusing to touch it)".to_string()
         }
-        rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::DatabaseBusy => {
+        rusqlite::Error::SqliteFailure(f, _) if f.code == DatabaseBusy => {
             "busy: another process held it past the time this run could wait".to_string()
+        }
+        rusqlite::Error::SqliteFailure(f, _)
+            if matches!(f.code, SystemIoFailure | DiskFull | ReadOnly | CannotOpen) =>
+        {
+            match crate::fsutil::fs_trouble(path) {
+                Some(why) => format!("{e} ({why})"),
+                None => e.to_string(),
+            }
         }
         _ => e.to_string(),
     };
