@@ -22,10 +22,20 @@ const DEFAULT_RETAIN: u32 = 3;
 const MAX_CONFIG_BYTES: u64 = 1 << 20;
 
 /// A loaded, validated configuration with every path absolute.
+/// Where the rotation ledger lives.
+#[derive(Clone, Debug, PartialEq)]
+pub enum LedgerLocation {
+    /// The embedded default: `<state.dir>/ledger.sqlite3`.
+    Sqlite(PathBuf),
+    /// `[state] ledger = "postgres://…"`: shared by every host of a pool.
+    Postgres(String),
+}
+
 #[derive(Clone, Debug)]
 pub struct Config {
     pub path: PathBuf,
     pub state_dir: PathBuf,
+    pub ledger: LedgerLocation,
     pub host_pool: Option<String>,
     pub audit_file: PathBuf,
     pub domains: BTreeMap<String, DomainConfig>,
@@ -90,6 +100,7 @@ struct RawConfig {
 #[serde(deny_unknown_fields)]
 struct RawState {
     dir: PathBuf,
+    ledger: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -186,6 +197,24 @@ impl Config {
         if raw.state.dir.as_os_str().is_empty() {
             return Err(err("state.dir", "expected a folder path, found an empty string".into()));
         }
+        let ledger = match raw.state.ledger {
+            None => LedgerLocation::Sqlite(state_dir.join("ledger.sqlite3")),
+            Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+                url.parse::<postgres::Config>().map_err(|e| {
+                    err(
+                        "state.ledger",
+                        format!("not a usable PostgreSQL URL: {}", e.to_string().replace(&url, "…")),
+                    )
+                })?;
+                LedgerLocation::Postgres(url)
+            }
+            Some(_) => {
+                return Err(err(
+                    "state.ledger",
+                    "expected a postgres:// URL (omit it for the embedded SQLite ledger)".into(),
+                ))
+            }
+        };
         let host_pool = match raw.host.and_then(|h| h.pool) {
             Some(p) => Some(validate_pool(&p).map_err(|w| err("host.pool", w))?),
             None => None,
@@ -209,6 +238,7 @@ impl Config {
         Ok(Config {
             path: path.to_path_buf(),
             state_dir,
+            ledger,
             host_pool,
             audit_file,
             domains,
@@ -230,10 +260,6 @@ impl Config {
                 }
             )
         })
-    }
-
-    pub fn ledger_path(&self) -> PathBuf {
-        self.state_dir.join("ledger.sqlite3")
     }
 
     pub fn lock_dir(&self) -> PathBuf {

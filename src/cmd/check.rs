@@ -43,7 +43,7 @@ pub fn run(cli: &Cli, args: &CheckArgs) -> Outcome {
             ));
         }
     }
-    if let Err(e) = Ledger::open_read_only(&config.ledger_path()) {
+    if let Err(e) = Ledger::open_read_only(&config.ledger) {
         problems.push(format!("{file}: state.dir: {e}"));
     }
     let pool = std::env::var("KEYROTATE_POOL")

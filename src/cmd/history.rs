@@ -43,7 +43,7 @@ fn history(cli: &Cli, args: &HistoryArgs) -> Result<(), Failure> {
         .filter(|n| *n >= 1)
         .ok_or_else(|| Failure::usage(format!("--limit {:?} must be a whole number of at least 1", args.limit)))?;
     let since = args.since.as_deref().map(since).transpose()?;
-    let rows = match Ledger::open_read_only(&config.ledger_path()).map_err(|e| Failure::new(Outcome::Aborted, e))? {
+    let rows = match Ledger::open_read_only(&config.ledger).map_err(|e| Failure::new(Outcome::Aborted, e))? {
         None => Vec::new(),
         Some(l) => l
             .history(args.domain.as_deref(), since.as_deref(), limit)

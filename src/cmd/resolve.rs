@@ -29,18 +29,26 @@ fn resolve(cli: &Cli, args: &ResolveArgs) -> Result<String, Failure> {
         return Err(Failure::usage("--note is empty: say what was checked and decided"));
     }
     let by = clean_text("--operator", &operator(args.operator.as_deref()), 128)?;
-    let path = config.ledger_path();
-    if !path.exists() {
-        return Err(Failure::usage(format!(
-            "ledger {} does not exist: there is nothing to resolve",
-            path.display()
-        )));
+    match Ledger::open_read_only(&config.ledger).map_err(|e| Failure::new(Outcome::Aborted, e))? {
+        None => return Err(Failure::usage("there is no ledger yet: there is nothing to resolve")),
+        Some(l)
+            if l.get(&args.run)
+                .map_err(|e| Failure::new(Outcome::Aborted, e))?
+                .is_none() =>
+        {
+            return Err(Failure::usage(format!("run {} is not in the ledger", args.run)));
+        }
+        Some(_) => {}
     }
-    let mut ledger =
-        Ledger::open(&path, std::time::Duration::from_secs(10)).map_err(|e| Failure::new(Outcome::Aborted, e))?;
-    let lock_held = lock::probe(&lock::lock_path(&config.lock_dir(), &domain.name))
-        .unwrap_or(None)
-        .is_some();
+    let mut ledger = Ledger::open(&config.ledger, std::time::Duration::from_secs(10))
+        .map_err(|e| Failure::new(Outcome::Aborted, e))?;
+    let held_elsewhere = ledger
+        .domain_locked_elsewhere(&domain.name)
+        .map_err(|e| Failure::new(Outcome::Aborted, e))?;
+    let lock_held = held_elsewhere
+        || lock::probe(&lock::lock_path(&config.lock_dir(), &domain.name))
+            .unwrap_or(None)
+            .is_some();
     let row = ledger
         .write("resolve", |w| {
             let Some(row) = w.get(&args.run)? else {

@@ -14,7 +14,6 @@
 //! A dry run takes no lock, opens the ledger read-only, writes nothing, and prints the
 //! plan with the code the real run would return now.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Serialize;
@@ -442,6 +441,24 @@ fn real_run_inner(p: &Prepared) -> Concluded {
         Ok(l) => l,
         Err(e) => return stop(Outcome::Aborted, format!("{e}; no key was touched")),
     };
+    // A shared ledger also guards the other hosts of the pool.
+    match ledger.lock_domain(&p.domain.name) {
+        Ok(true) => {}
+        Ok(false) => {
+            let holder = ledger
+                .domain_record(&p.domain.name)
+                .ok()
+                .and_then(|r| r.in_flight)
+                .map(|r| Holder {
+                    run_id: r.run_id,
+                    pid: r.pid as u32,
+                    host: r.host,
+                    started_at: r.started_at,
+                });
+            return refuse_busy(p, holder);
+        }
+        Err(e) => return stop(Outcome::Aborted, format!("{e}; no key was touched")),
+    }
 
     // 4-6. stale run, open review, due, budget: decided and recorded in one transaction
     match admit_and_record(p, &mut ledger, &guard) {
@@ -509,7 +526,7 @@ fn open_ledger(p: &Prepared) -> Result<Ledger, String> {
     // Waiting for another writer is bounded by the deadline (and by 10 s: ledger
     // transactions are milliseconds long; longer means something is wrong).
     let busy = p.deadline.remaining().min(Duration::from_secs(10));
-    Ledger::open(&p.config.ledger_path(), busy)
+    Ledger::open(&p.config.ledger, busy)
 }
 
 /// Closes the run's row and writes its last audit line. Used by the main thread and by
@@ -653,7 +670,7 @@ fn admit_and_record(p: &Prepared, ledger: &mut Ledger, guard: &Guard) -> Result<
 /// TIMED_OUT and ends the process: the hung step is abandoned like a crash before the
 /// commit, which leaves the old manifest authoritative.
 fn arm_watchdog(p: &Prepared, guard: &Guard) {
-    let ledger_path: PathBuf = p.config.ledger_path();
+    let ledger_at = p.config.ledger.clone();
     let snapshot = Prepared {
         config: p.config.clone(),
         domain: p.domain.clone(),
@@ -676,7 +693,7 @@ fn arm_watchdog(p: &Prepared, guard: &Guard) {
              the old key state stands and what the step left is cleaned up by the next run",
             snapshot.run.deadline_at
         );
-        match Ledger::open(&ledger_path, Duration::from_secs(2)) {
+        match Ledger::open(&ledger_at, Duration::from_secs(2)) {
             Ok(mut ledger) => conclude(&mut ledger, &snapshot, Outcome::TimedOut, &reason, None),
             Err(e) => tracing::error!("{e}"),
         }
@@ -780,7 +797,7 @@ fn dry_run_decide(p: &Prepared, plan: &mut Vec<String>) -> (Outcome, String, Ver
         Err(e) => plan.push(format!("lock: cannot tell whether it is held ({e})")),
     }
 
-    let ledger = match Ledger::open_read_only(&p.config.ledger_path()) {
+    let ledger = match Ledger::open_read_only(&p.config.ledger) {
         Ok(l) => l,
         Err(e) => {
             plan.push(format!("ledger: {e}"));
@@ -791,12 +808,33 @@ fn dry_run_decide(p: &Prepared, plan: &mut Vec<String>) -> (Outcome, String, Ver
             );
         }
     };
+    if let Some(l) = &ledger {
+        match l.domain_locked_elsewhere(&p.domain.name) {
+            Ok(true) => {
+                let who = l
+                    .domain_record(&p.domain.name)
+                    .ok()
+                    .and_then(|r| r.in_flight)
+                    .map_or("a session on another host".to_string(), |r| {
+                        format!("run {} (pid {} on {}, since {})", r.run_id, r.pid, r.host, r.started_at)
+                    });
+                plan.push(format!("lock: the shared ledger's lock is held by {who}"));
+                return (Outcome::Busy, format!("another rotation is running: {who}"), none);
+            }
+            Ok(false) => {}
+            Err(e) => return (Outcome::Aborted, e, none),
+        }
+    }
     let rec = match &ledger {
         None => {
-            plan.push(format!(
-                "ledger: {} does not exist yet; the real run creates it",
-                p.config.ledger_path().display()
-            ));
+            plan.push(match &p.config.ledger {
+                crate::config::LedgerLocation::Sqlite(path) => {
+                    format!("ledger: {} does not exist yet; the real run creates it", path.display())
+                }
+                crate::config::LedgerLocation::Postgres(_) => {
+                    "ledger: the database has no keyrotate tables yet; the real run creates them".into()
+                }
+            });
             DomainRecord::default()
         }
         Some(l) => {

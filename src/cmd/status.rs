@@ -66,7 +66,7 @@ fn status(cli: &Cli, args: &StatusArgs) -> Result<Outcome, Failure> {
         Some(d) => vec![config.domain(d).map_err(Failure::usage)?],
         None => config.domains.values().collect(),
     };
-    let ledger = Ledger::open_read_only(&config.ledger_path()).map_err(|e| Failure::new(Outcome::Aborted, e))?;
+    let ledger = Ledger::open_read_only(&config.ledger).map_err(|e| Failure::new(Outcome::Aborted, e))?;
     let statuses: Vec<DomainStatus> = domains
         .iter()
         .map(|d| domain_status(&config, d, ledger.as_ref()))
@@ -143,7 +143,8 @@ fn domain_status(config: &Config, d: &DomainConfig, ledger: Option<&Ledger>) -> 
         let lock_held = lock::probe(&lock::lock_path(&config.lock_dir(), &d.name))
             .ok()
             .flatten()
-            .is_some();
+            .is_some()
+            || ledger.is_some_and(|l| l.domain_locked_elsewhere(&d.name).unwrap_or(false));
         if !lock_held {
             // A rotate now would flag it and refuse: report it as the block it is.
             s.blocked_by = Some(r.run_id.clone());

@@ -1,0 +1,242 @@
+//! The embedded SQLite ledger: `<state.dir>/ledger.sqlite3`.
+//!
+//! Opening for writing creates the file 0600, sets WAL and `synchronous=FULL` (a
+//! committed row survives power loss), and applies the numbered migrations in
+//! `migrations/sqlite/`, tracked by `PRAGMA user_version`. Opening read-only never
+//! creates or modifies a file: without a -wal file it reads the main file with
+//! `immutable=1`; with one (a writer is running or died) it reads a private copy.
+
+use std::fs::OpenOptions;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+use std::time::Duration;
+
+use rusqlite::{Connection, OpenFlags, TransactionBehavior};
+
+use super::{Cols, Val};
+
+const MIGRATIONS: &[&str] = &[include_str!("migrations/sqlite/001_init.sql")];
+
+pub(super) struct Sqlite {
+    conn: Connection,
+    /// The private copy a read-only ledger reads when a -wal file exists.
+    _snapshot: Option<tempfile::TempDir>,
+}
+
+/// A SQLite error as one line naming the ledger, with the file system's reason where
+/// SQLite only says "disk I/O error".
+pub(super) fn err(label: &str, e: rusqlite::Error) -> String {
+    use rusqlite::ErrorCode::*;
+    let detail = match &e {
+        rusqlite::Error::SqliteFailure(f, _) if f.code == NotADatabase => {
+            "not a SQLite database (refusing to touch it)".to_string()
+        }
+        rusqlite::Error::SqliteFailure(f, _) if f.code == DatabaseBusy => {
+            "busy: another process held it past the time this run could wait".to_string()
+        }
+        rusqlite::Error::SqliteFailure(f, _)
+            if matches!(f.code, SystemIoFailure | DiskFull | ReadOnly | CannotOpen) =>
+        {
+            match crate::fsutil::fs_trouble(Path::new(label)) {
+                Some(why) => format!("{e} ({why})"),
+                None => e.to_string(),
+            }
+        }
+        _ => e.to_string(),
+    };
+    format!("ledger {label}: {detail}")
+}
+
+impl rusqlite::ToSql for Val {
+    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+        use rusqlite::types::{ToSqlOutput, ValueRef};
+        Ok(match self {
+            Val::Null => ToSqlOutput::Borrowed(ValueRef::Null),
+            Val::Int(n) => ToSqlOutput::Borrowed(ValueRef::Integer(*n)),
+            Val::Text(s) => ToSqlOutput::Borrowed(ValueRef::Text(s.as_bytes())),
+        })
+    }
+}
+
+impl Cols for rusqlite::Row<'_> {
+    fn int(&self, i: usize) -> Result<Option<i64>, String> {
+        self.get(i).map_err(|e| e.to_string())
+    }
+    fn text(&self, i: usize) -> Result<Option<String>, String> {
+        self.get(i).map_err(|e| e.to_string())
+    }
+}
+
+/// `$N` placeholders, as written for both engines, in SQLite's `?N` form.
+fn sql(text: &str) -> String {
+    text.replace('$', "?")
+}
+
+pub(super) fn exec(c: &Connection, text: &str, params: &[Val]) -> rusqlite::Result<u64> {
+    c.execute(&sql(text), rusqlite::params_from_iter(params))
+        .map(|n| n as u64)
+}
+
+pub(super) fn query<T>(
+    c: &Connection,
+    label: &str,
+    text: &str,
+    params: &[Val],
+    map: impl Fn(&dyn Cols) -> Result<T, String>,
+) -> Result<Vec<T>, String> {
+    let mut stmt = c.prepare_cached(&sql(text)).map_err(|e| err(label, e))?;
+    let mut rows = stmt
+        .query(rusqlite::params_from_iter(params))
+        .map_err(|e| err(label, e))?;
+    let mut out = Vec::new();
+    while let Some(r) = rows.next().map_err(|e| err(label, e))? {
+        out.push(map(r).map_err(|e| format!("ledger {label}: {e}"))?);
+    }
+    Ok(out)
+}
+
+impl Sqlite {
+    pub(super) fn conn(&self) -> &Connection {
+        &self.conn
+    }
+
+    pub(super) fn begin(&mut self) -> rusqlite::Result<rusqlite::Transaction<'_>> {
+        self.conn.transaction_with_behavior(TransactionBehavior::Immediate)
+    }
+
+    pub(super) fn open(path: &Path, busy: Duration) -> Result<Sqlite, String> {
+        let label = path.display().to_string();
+        match std::fs::symlink_metadata(path) {
+            Ok(m) if !m.is_file() => return Err(format!("ledger {label}: not a regular file")),
+            Ok(_) => {}
+            Err(_) => {
+                OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .custom_flags(libc::O_NOFOLLOW)
+                    .open(path)
+                    .map_err(|e| format!("ledger {label}: cannot create: {}", crate::fsutil::io_reason(&e)))?;
+            }
+        }
+        let flags =
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_NOFOLLOW;
+        let conn = Connection::open_with_flags(path, flags).map_err(|e| err(&label, e))?;
+        conn.busy_timeout(busy).map_err(|e| err(&label, e))?;
+        conn.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;")
+            .map_err(|e| err(&label, e))?;
+        let mut s = Sqlite { conn, _snapshot: None };
+        s.migrate(&label)?;
+        Ok(s)
+    }
+
+    pub(super) fn open_read_only(path: &Path) -> Result<Option<Sqlite>, String> {
+        let label = path.display().to_string();
+        match std::fs::symlink_metadata(path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(format!("ledger {label}: {}", crate::fsutil::io_reason(&e))),
+            Ok(m) if !m.is_file() => return Err(format!("ledger {label}: not a regular file")),
+            Ok(_) => {}
+        }
+        let mut wal = path.as_os_str().to_owned();
+        wal.push("-wal");
+        let flags =
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_NOFOLLOW;
+        let s = if !Path::new(&wal).exists() {
+            let uri = format!("file:{}?immutable=1", uri_escape(path));
+            let conn =
+                Connection::open_with_flags(uri, flags | OpenFlags::SQLITE_OPEN_URI).map_err(|e| err(&label, e))?;
+            Sqlite { conn, _snapshot: None }
+        } else {
+            // Reading through a live WAL would rewrite -shm: read a private copy.
+            let copy = private_copy(path, Path::new(&wal))?;
+            let conn =
+                Connection::open_with_flags(copy.path().join("ledger.sqlite3"), OpenFlags::SQLITE_OPEN_READ_WRITE)
+                    .map_err(|e| err(&label, e))?;
+            Sqlite {
+                conn,
+                _snapshot: Some(copy),
+            }
+        };
+        let version = s.user_version(&label)?;
+        if version as usize > MIGRATIONS.len() {
+            return Err(too_new(&label, version));
+        }
+        if version == 0 {
+            // Created but never migrated: as good as empty.
+            return Ok(None);
+        }
+        if (version as usize) < MIGRATIONS.len() {
+            return Err(format!(
+                "ledger {label}: schema version {version} needs migrating; run any rotate or resolve first"
+            ));
+        }
+        Ok(Some(s))
+    }
+
+    fn user_version(&self, label: &str) -> Result<i64, String> {
+        self.conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(|e| err(label, e))
+    }
+
+    fn migrate(&mut self, label: &str) -> Result<(), String> {
+        let version = self.user_version(label)?;
+        if version as usize > MIGRATIONS.len() {
+            return Err(too_new(label, version));
+        }
+        if version as usize == MIGRATIONS.len() {
+            return Ok(());
+        }
+        let tx = self.begin().map_err(|e| err(label, e))?;
+        // Re-read inside the write lock: another process may have migrated meanwhile.
+        let version: i64 = tx
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(|e| err(label, e))?;
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+            tx.execute_batch(sql).map_err(|e| err(label, e))?;
+            tx.pragma_update(None, "user_version", (i + 1) as i64)
+                .map_err(|e| err(label, e))?;
+        }
+        tx.commit().map_err(|e| err(label, e))
+    }
+}
+
+fn too_new(label: &str, version: i64) -> String {
+    format!(
+        "ledger {label}: schema version {version} is newer than this keyrotate knows ({}); upgrade keyrotate",
+        MIGRATIONS.len()
+    )
+}
+
+/// Copies the database and its WAL into a private temporary folder.
+fn private_copy(db: &Path, wal: &Path) -> Result<tempfile::TempDir, String> {
+    let fail = |e: std::io::Error| {
+        format!(
+            "ledger {}: cannot take a read snapshot: {}",
+            db.display(),
+            crate::fsutil::io_reason(&e)
+        )
+    };
+    let dir = tempfile::Builder::new()
+        .prefix("keyrotate-ledger")
+        .tempdir()
+        .map_err(fail)?;
+    std::fs::copy(db, dir.path().join("ledger.sqlite3")).map_err(fail)?;
+    std::fs::copy(wal, dir.path().join("ledger.sqlite3-wal")).map_err(fail)?;
+    Ok(dir)
+}
+
+fn uri_escape(path: &Path) -> String {
+    let s = path.to_string_lossy();
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '%' => out.push_str("%25"),
+            '?' => out.push_str("%3f"),
+            '#' => out.push_str("%23"),
+            c => out.push(c),
+        }
+    }
+    out
+}
