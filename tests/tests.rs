@@ -14,4 +14,5 @@ mod hardening;
 mod hygiene;
 mod keystore;
 mod pg_hook;
+mod postgres;
 mod rotate;

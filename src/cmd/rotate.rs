@@ -299,6 +299,14 @@ fn diagnose(p: &Prepared, dead: &RunRow, last_step: Option<&str>) -> String {
         .map(|s| format!("its last recorded step was '{s}'; "))
         .unwrap_or_default();
     match &p.domain.backend {
+        // With a shared ledger the dead run may have been on another host, whose key
+        // store this host cannot see.
+        Backend::Keystore { .. } if dead.host != p.run.host => {
+            format!(
+                "{step}it ran on host {}: inspect the key store there to see whether it committed",
+                dead.host
+            )
+        }
         Backend::Keystore { keystore, .. } => {
             let ks = Keystore::new(keystore, &p.domain.name);
             match ks.inspect() {

@@ -1,0 +1,368 @@
+//! The PostgreSQL ledger: the whole failure model on a shared database, two "hosts"
+//! (two state and key folders, one database) competing for one domain, a holder
+//! killed on one host caught on the other, and connection failures.
+//!
+//! Needs a PostgreSQL server. `.ci/run` starts the machine's PostgreSQL 15 and exports
+//! libpq variables for an admin role (`KEYROTATE_TEST_PG=1`); run as root elsewhere,
+//! the tests start the installed cluster themselves. Each test creates its own
+//! database. Only where no PostgreSQL is installed do they say SKIPPED and return.
+
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::OnceLock;
+
+use crate::common::Env;
+
+const ADMIN_USER: &str = "keyrotate_ci";
+const ADMIN_PASSWORD: &str = "ci-only-password";
+
+/// Makes sure a server and the admin role are there; `false` when PostgreSQL is not
+/// installed.
+fn server() -> bool {
+    static READY: OnceLock<bool> = OnceLock::new();
+    *READY.get_or_init(|| {
+        if std::env::var_os("KEYROTATE_TEST_PG").is_some() {
+            return true;
+        }
+        if !std::path::Path::new("/etc/postgresql/15/main").exists() || unsafe { libc::geteuid() } != 0 {
+            return false;
+        }
+        let _ = Command::new("pg_ctlcluster").args(["15", "main", "start"]).output();
+        let sql = format!(
+            "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{ADMIN_USER}') THEN \
+             CREATE ROLE {ADMIN_USER} LOGIN CREATEROLE CREATEDB PASSWORD '{ADMIN_PASSWORD}'; END IF; END $$"
+        );
+        Command::new("runuser")
+            .args(["-u", "postgres", "--", "psql", "-qX", "-c", &sql])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    })
+}
+
+fn psql(db: &str, sql: &str) -> String {
+    let out = Command::new("psql")
+        .args([
+            "-X",
+            "-A",
+            "-t",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-h",
+            "127.0.0.1",
+            "-U",
+            ADMIN_USER,
+            "-d",
+            db,
+            "-c",
+            sql,
+        ])
+        .env("PGPASSWORD", ADMIN_PASSWORD)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{sql}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// A fresh database, dropped when the test ends.
+struct Database(String);
+
+impl Database {
+    fn new() -> Database {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let name = format!("kr_test_{}_{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst));
+        psql("postgres", &format!("CREATE DATABASE {name}"));
+        Database(name)
+    }
+    fn url(&self) -> String {
+        format!("postgres://{ADMIN_USER}:{ADMIN_PASSWORD}@127.0.0.1/{}", self.0)
+    }
+    fn sql(&self, sql: &str) -> String {
+        psql(&self.0, sql)
+    }
+}
+
+impl Drop for Database {
+    fn drop(&mut self) {
+        let _ = Command::new("psql")
+            .args(["-X", "-q", "-h", "127.0.0.1", "-U", ADMIN_USER, "-d", "postgres", "-c"])
+            .arg(format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.0))
+            .env("PGPASSWORD", ADMIN_PASSWORD)
+            .output();
+    }
+}
+
+/// One "host": its own state and key folders, the shared ledger.
+fn host(url: &str) -> Env {
+    Env::with_config(&format!(
+        r#"
+[state]
+dir = "state"
+ledger = "{url}"
+[host]
+pool = "pool-a"
+[defaults]
+designated_pool = "pool-a"
+backend = "keystore"
+keystore = "keys"
+min_interval = "1h"
+[domains.sig]
+algorithm = "ed25519"
+"#
+    ))
+}
+
+macro_rules! need_postgres {
+    () => {
+        if !server() {
+            eprintln!("SKIPPED {}: PostgreSQL is not installed", module_path!());
+            return;
+        }
+    };
+}
+
+#[test]
+fn every_command_works_against_a_postgres_ledger() {
+    need_postgres!();
+    let db = Database::new();
+    let a = host(&db.url());
+    let out = a.rotate("sig").args(["--run-id", "PG-A1"]).status(0);
+    assert!(!out.stdout.contains(ADMIN_PASSWORD) && !out.stderr.contains(ADMIN_PASSWORD));
+    assert!(
+        !a.path("state/ledger.sqlite3").exists(),
+        "a SQLite ledger was created too"
+    );
+    assert_eq!(
+        db.sql("SELECT state || ' ' || exit_code || ' ' || to_version FROM rotations WHERE run_id = 'PG-A1'"),
+        "succeeded 0 1"
+    );
+    assert!(
+        db.sql("SELECT count(*) FROM rotation_events WHERE run_id = 'PG-A1'")
+            .parse::<i32>()
+            .unwrap()
+            >= 4
+    );
+    a.rotate("sig").args(["--run-id", "PG-A2"]).status(7);
+
+    let before = db.sql("SELECT count(*) FROM rotations");
+    a.rotate("sig").args(["--dry-run"]).status(7);
+    let plan = a
+        .rotate("sig")
+        .args(["--dry-run", "--force", "--output", "json"])
+        .status(0)
+        .json();
+    assert_eq!(plan["to_version"], 2);
+    assert_eq!(
+        db.sql("SELECT count(*) FROM rotations"),
+        before,
+        "a dry run wrote to the database"
+    );
+
+    let status = a.cmd().args(["status", "--output", "json"]).status(0).json();
+    assert_eq!(status["domains"][0]["last_run"]["run_id"], "PG-A2");
+    let history = a.cmd().args(["history", "--output", "json"]).status(0).json();
+    assert_eq!(history["runs"].as_array().unwrap().len(), 2);
+    a.cmd().arg("check").status(0);
+
+    // Blocked and resolved, as on one host.
+    std::fs::write(a.key_dir("sig").join("keyring.json"), "{").unwrap();
+    a.rotate("sig").args(["--force", "--run-id", "PG-BAD"]).status(4);
+    a.cmd().args(["status"]).status(4);
+    let good = keyrotate_manifest_for(&a);
+    std::fs::write(a.key_dir("sig").join("keyring.json"), good).unwrap();
+    a.rotate("sig").arg("--force").status(4);
+    a.cmd()
+        .args([
+            "resolve",
+            "--domain",
+            "sig",
+            "--run",
+            "PG-BAD",
+            "--note",
+            "restored keyring.json from backup",
+        ])
+        .status(0);
+    assert_eq!(
+        db.sql("SELECT state || ' ' || resolved_by FROM rotations WHERE run_id = 'PG-BAD'"),
+        "resolved tester"
+    );
+    a.rotate("sig").arg("--force").status(0);
+}
+
+/// A valid manifest for `env`'s v1 (rebuilt from the key file, as an operator
+/// restoring from backup would).
+fn keyrotate_manifest_for(env: &Env) -> String {
+    let key = std::fs::read(env.key_dir("sig").join("v000001.pem")).unwrap();
+    let parsed = keyrotate::keystore::KeyFile::parse(keyrotate::keystore::Algorithm::Ed25519, &key).unwrap();
+    serde_json::json!({
+        "domain": "sig", "primary": 1,
+        "versions": [{"version": 1, "state": "active", "algorithm": "ed25519", "created_at": "2026-01-01T00:00:00.000Z",
+            "activated_at": "2026-01-01T00:00:00.000Z", "retired_at": null, "destroyed_at": null,
+            "fingerprint": parsed.fingerprint(), "file": "v000001.pem", "created_by_run": "PG-A1"}]
+    })
+    .to_string()
+}
+
+#[test]
+fn a_storm_from_two_hosts_rotates_exactly_once() {
+    need_postgres!();
+    let db = Database::new();
+    let (a, b) = (host(&db.url()), host(&db.url()));
+    // Both hosts are set up (folders, schema) before the storm.
+    a.cmd().arg("check").status(0);
+    let mut children = Vec::new();
+    for i in 0..16 {
+        let h = if i % 2 == 0 { &a } else { &b };
+        children.push(h.rotate("sig").spawn());
+    }
+    let codes: Vec<i32> = children
+        .into_iter()
+        .map(|c| c.wait_with_output().unwrap().status.code().unwrap_or(-1))
+        .collect();
+    assert_eq!(codes.iter().filter(|c| **c == 0).count(), 1, "codes {codes:?}");
+    assert!(codes.iter().all(|c| [0, 5, 7].contains(c)), "codes {codes:?}");
+    assert_eq!(db.sql("SELECT count(*) FROM rotations WHERE state = 'succeeded'"), "1");
+    assert_eq!(
+        db.sql("SELECT count(*) FROM rotations"),
+        "16",
+        "every run has exactly one row"
+    );
+    let rotated = [&a, &b]
+        .iter()
+        .filter(|h| h.key_dir("sig").join("keyring.json").exists())
+        .count();
+    assert_eq!(rotated, 1, "both hosts rotated");
+}
+
+#[cfg(feature = "failpoints")]
+#[test]
+fn a_holder_killed_on_one_host_is_caught_on_the_other() {
+    need_postgres!();
+    let db = Database::new();
+    let (a, b) = (host(&db.url()), host(&db.url()));
+    let out = a
+        .rotate("sig")
+        .args(["--run-id", "DEAD-A"])
+        .env("KEYROTATE_FAILPOINTS", "commit.rename=kill")
+        .output();
+    assert_eq!(out.code, 137);
+    assert_eq!(db.sql("SELECT state FROM rotations WHERE run_id = 'DEAD-A'"), "staged");
+    // The server released host A's advisory lock with its session: B is not BUSY.
+    let out = b.rotate("sig").args(["--force", "--run-id", "B-1"]).status(4);
+    assert!(out.stdout.contains("DEAD-A"), "{}", out.stdout);
+    assert_eq!(
+        db.sql("SELECT state FROM rotations WHERE run_id = 'DEAD-A'"),
+        "needs_review"
+    );
+    b.cmd().args(["status"]).status(4);
+    a.cmd().args(["status"]).status(4);
+    a.rotate("sig").arg("--force").status(4);
+    b.cmd()
+        .args([
+            "resolve",
+            "--domain",
+            "sig",
+            "--run",
+            "DEAD-A",
+            "--note",
+            "host A never committed",
+        ])
+        .status(0);
+    b.rotate("sig").arg("--force").status(0);
+    a.rotate("sig").status(7);
+}
+
+#[cfg(feature = "failpoints")]
+#[test]
+fn a_run_holding_the_lock_makes_the_other_host_busy_and_its_dry_run_say_so() {
+    need_postgres!();
+    let db = Database::new();
+    let (a, b) = (host(&db.url()), host(&db.url()));
+    let log = a.path("steps.log");
+    let child = a
+        .rotate("sig")
+        .args(["--run-id", "SLOW-A"])
+        .env("KEYROTATE_FAILPOINT_LOG", &log)
+        .env("KEYROTATE_FAILPOINTS", "stage.create=sleep(2000)")
+        .spawn();
+    let start = std::time::Instant::now();
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("stage.create")
+    {
+        assert!(start.elapsed().as_secs() < 20);
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let out = b.rotate("sig").args(["--run-id", "B-BUSY"]).status(5);
+    assert!(out.stdout.contains("SLOW-A"), "{}", out.stdout);
+    let dry = b.rotate("sig").arg("--dry-run").status(5);
+    assert!(dry.stdout.contains("SLOW-A"), "{}", dry.stdout);
+    assert_eq!(child.wait_with_output().unwrap().status.code(), Some(0));
+    assert_eq!(db.sql("SELECT exit_code FROM rotations WHERE run_id = 'B-BUSY'"), "5");
+}
+
+#[test]
+fn unreachable_or_refusing_databases_stop_the_run_before_any_key() {
+    need_postgres!();
+    let db = Database::new();
+    for (url, needle) in [
+        (
+            db.url().replace(ADMIN_PASSWORD, "wrong-password"),
+            "password authentication failed",
+        ),
+        ("postgres://keyrotate_ci:x@127.0.0.1:1/nodb".to_string(), "onnect"),
+        (
+            "postgres://postgres@%2Fvar%2Frun%2Fpostgresql/postgres".to_string(),
+            "authentication failed",
+        ),
+    ] {
+        let env = host(&url);
+        let out = env.rotate("sig").status(3);
+        assert!(out.stdout.contains(needle), "{url}: {}", out.stdout);
+        assert!(out.stdout.contains("no key was touched"), "{}", out.stdout);
+        assert!(
+            !out.stdout.contains("wrong-password") && !out.stderr.contains("wrong-password"),
+            "the password leaked"
+        );
+        assert!(!env.path("keys").exists());
+        env.rotate("sig").arg("--dry-run").status(3);
+        env.cmd().arg("check").status(2);
+    }
+}
+
+#[cfg(feature = "failpoints")]
+#[test]
+fn a_database_that_disappears_mid_run_leaves_a_row_the_next_run_flags() {
+    need_postgres!();
+    let db = Database::new();
+    let a = host(&db.url());
+    let log = a.path("steps.log");
+    let child = a
+        .rotate("sig")
+        .args(["--run-id", "CUT-1"])
+        .env("KEYROTATE_FAILPOINT_LOG", &log)
+        .env("KEYROTATE_FAILPOINTS", "stage.create=sleep(1500)")
+        .spawn();
+    let start = std::time::Instant::now();
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("stage.create")
+    {
+        assert!(start.elapsed().as_secs() < 20);
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    db.sql(&format!("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{}' AND application_name = 'keyrotate'", db.0));
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(3), "{stdout}");
+    assert!(
+        !a.key_dir("sig").join("keyring.json").exists(),
+        "rotated without its ledger"
+    );
+    assert_eq!(db.sql("SELECT state FROM rotations WHERE run_id = 'CUT-1'"), "started");
+    let out = a.rotate("sig").status(4);
+    assert!(
+        out.stdout.contains("CUT-1") && out.stdout.contains("did not commit"),
+        "{}",
+        out.stdout
+    );
+}
