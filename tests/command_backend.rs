@@ -144,17 +144,7 @@ fn a_failed_create_aborts_and_later_steps_block_the_domain() {
             assert_eq!(env.last_row()["state"], "needs_review");
             env.rotate("pw").status(4);
             env.cmd().args(["status"]).status(4);
-            env.cmd()
-                .args([
-                    "resolve",
-                    "--domain",
-                    "pw",
-                    "--run",
-                    "F1",
-                    "--note",
-                    "role password verified",
-                ])
-                .status(0);
+            env.resolve("pw", "F1", "role password verified").status(0);
             env.rotate("pw").status(0);
         }
     }
@@ -268,16 +258,6 @@ fn keyrotate_killed_during_set_is_caught_as_stale_naming_the_step() {
         "{}",
         out.stdout
     );
-    env.cmd()
-        .args([
-            "resolve",
-            "--domain",
-            "pw",
-            "--run",
-            "K1",
-            "--note",
-            "set was applied; verified",
-        ])
-        .status(0);
+    env.resolve("pw", "K1", "set was applied; verified").status(0);
     env.rotate("pw").status(0);
 }

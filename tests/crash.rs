@@ -17,7 +17,6 @@
 //! (aborted, old manifest byte-identical, nothing staged left), its row closed with
 //! that code.
 
-use std::collections::BTreeSet;
 use std::path::Path;
 
 use serde_json::Value;
@@ -123,16 +122,11 @@ fn assert_consistent(env: &Env, base_versions: &[(u64, String)], context: &str) 
 }
 
 fn no_orphans(env: &Env, context: &str) {
-    let m = env.manifest("sig");
-    let live: BTreeSet<String> = m["versions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|v| v["state"] != "destroyed")
-        .map(|v| v["file"].as_str().unwrap().to_string())
-        .collect();
-    let files: BTreeSet<String> = env.key_files("sig").into_iter().collect();
-    assert_eq!(files, live, "{context}: orphan or missing key files");
+    assert_eq!(
+        env.key_files("sig"),
+        env.live_files("sig"),
+        "{context}: orphan or missing key files"
+    );
     let tmp: Vec<String> = std::fs::read_dir(env.key_dir("sig"))
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())

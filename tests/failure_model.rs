@@ -140,15 +140,7 @@ fn a_ledger_that_is_not_sqlite_stops_the_run_before_any_key() {
 mod injected {
     use std::time::{Duration, Instant};
 
-    use crate::common::Env;
-
-    fn wait_for_step(log: &std::path::Path, step: &str) {
-        let start = Instant::now();
-        while !std::fs::read_to_string(log).unwrap_or_default().contains(step) {
-            assert!(start.elapsed() < Duration::from_secs(20), "never reached {step}");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
+    use crate::common::{wait_for_step, Env};
 
     #[test]
     fn a_killed_run_is_caught_as_stale_with_what_the_key_store_shows() {
@@ -224,16 +216,11 @@ mod injected {
             assert!(dead["resolved_at"].is_string());
             assert_eq!(env.audit().pop().unwrap()["event"], "review.resolved");
             env.rotate("sig").arg("--force").status(0);
-            let m = env.manifest("sig");
-            let files = env.key_files("sig");
-            let live: Vec<String> = m["versions"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .filter(|v| v["state"] != "destroyed")
-                .map(|v| v["file"].as_str().unwrap().to_string())
-                .collect();
-            assert_eq!(files, live, "orphans remain after the next success");
+            assert_eq!(
+                env.key_files("sig"),
+                env.live_files("sig"),
+                "orphans remain after the next success"
+            );
         }
     }
 

@@ -4,7 +4,7 @@
 
 use std::process::Command;
 
-use crate::common::{have_openssl, Env, DEFAULT_CONFIG};
+use crate::common::{have_openssl, Env, ALL_ALGORITHMS, DEFAULT_CONFIG};
 
 fn kids(env: &Env, domain: &str) -> Vec<String> {
     env.jwks(domain)["keys"]
@@ -113,33 +113,6 @@ fn switching_activation_modes_keeps_every_key() {
     );
     assert_eq!(kids(&env, "sig").len(), 3);
 }
-
-const ALL_ALGORITHMS: &str = r#"
-[state]
-dir = "state"
-[host]
-pool = "p"
-[defaults]
-designated_pool = "p"
-backend = "keystore"
-keystore = "keys"
-[domains.ed25519]
-algorithm = "ed25519"
-[domains.p256]
-algorithm = "ecdsa-p256"
-[domains.p384]
-algorithm = "ecdsa-p384"
-[domains.rsa2048]
-algorithm = "rsa-2048"
-[domains.rsa3072]
-algorithm = "rsa-3072"
-[domains.rsa4096]
-algorithm = "rsa-4096"
-[domains.hmac]
-algorithm = "hmac-sha256"
-[domains.aes]
-algorithm = "aes-256"
-"#;
 
 #[test]
 fn every_algorithm_is_readable_by_openssl_with_a_correct_jwk() {

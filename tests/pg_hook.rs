@@ -1,56 +1,20 @@
 //! The example PostgreSQL hook (`examples/hooks/rotate-pg-role`) against a real
-//! server. `.ci/run` starts the machine's PostgreSQL and exports `KEYROTATE_TEST_PG=1`
-//! with libpq variables for an admin role; elsewhere the test says SKIPPED and returns.
+//! server (see `common::pg` for how the server is found or started).
 
-use std::process::Command;
-
+use crate::common::pg::{admin, admin_env, psql_as, server};
 use crate::common::{mode, Env};
-
-fn psql_as(user: &str, password: &str, sql: &str) -> Result<String, String> {
-    let out = Command::new("psql")
-        .args([
-            "-X",
-            "-A",
-            "-t",
-            "-v",
-            "ON_ERROR_STOP=1",
-            "-h",
-            "127.0.0.1",
-            "-U",
-            user,
-            "-d",
-            "postgres",
-            "-c",
-            sql,
-        ])
-        .env("PGPASSWORD", password)
-        .output()
-        .map_err(|e| e.to_string())?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr).into_owned())
-    }
-}
-
-fn admin(sql: &str) {
-    let out = Command::new("psql")
-        .args(["-X", "-v", "ON_ERROR_STOP=1", "-c", sql])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-}
 
 #[test]
 fn rotates_a_real_postgresql_role_password() {
-    if std::env::var_os("KEYROTATE_TEST_PG").is_none() {
-        eprintln!("SKIPPED rotates_a_real_postgresql_role_password: KEYROTATE_TEST_PG is not set (.ci/run starts PostgreSQL and sets it)");
+    if !server() {
+        eprintln!("SKIPPED rotates_a_real_postgresql_role_password: PostgreSQL is not installed");
         return;
     }
     let role = format!("kr_test_{}", std::process::id());
-    admin(&format!(
-        "DROP ROLE IF EXISTS {role}; CREATE ROLE {role} LOGIN PASSWORD 'old-password-1'"
-    ));
+    admin(
+        "postgres",
+        &format!("DROP ROLE IF EXISTS {role}; CREATE ROLE {role} LOGIN PASSWORD 'old-password-1'"),
+    );
     let hook = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/hooks/rotate-pg-role");
     let env = Env::with_config(&format!(
         r#"
@@ -67,16 +31,22 @@ min_interval = "0s"
         hook.display()
     ));
     std::fs::create_dir(env.path("secret")).unwrap();
-    // libpq variables (PGHOST, PGUSER, PGPASSWORD…) come from the CI environment; the
-    // hook's relative --secret-file resolves against the job's working folder.
-    let run = |id: &str| env.rotate("db").args(["--run-id", id]).status(0);
+    // The hook's admin session uses libpq variables, as a job's environment would set
+    // them; its relative --secret-file resolves against the job's working folder.
+    let run = |id: &str| {
+        let mut r = env.rotate("db").args(["--run-id", id]);
+        for (k, v) in admin_env() {
+            r = r.env(k, v);
+        }
+        r.status(0)
+    };
     let first = run("PG-1");
     let pw1 = std::fs::read_to_string(env.path("secret/db-password")).unwrap();
     assert!(pw1.len() >= 40);
     assert_eq!(mode(&env.path("secret/db-password")), 0o600);
-    assert_eq!(psql_as(&role, &pw1, "SELECT 1").unwrap(), "1");
+    assert_eq!(psql_as("postgres", &role, &pw1, "SELECT 1").unwrap(), "1");
     assert!(
-        psql_as(&role, "old-password-1", "SELECT 1").is_err(),
+        psql_as("postgres", &role, "old-password-1", "SELECT 1").is_err(),
         "the old password still works"
     );
 
@@ -87,7 +57,7 @@ min_interval = "0s"
         std::fs::read_to_string(env.path("secret/db-password.previous")).unwrap(),
         pw1
     );
-    assert_eq!(psql_as(&role, &pw2, "SELECT 1").unwrap(), "1");
+    assert_eq!(psql_as("postgres", &role, &pw2, "SELECT 1").unwrap(), "1");
 
     // The password never reaches keyrotate's output, ledger or audit trail.
     let ledger = std::fs::read(env.path("state/ledger.sqlite3")).unwrap();
@@ -107,5 +77,5 @@ min_interval = "0s"
             "the password leaked into the ledger"
         );
     }
-    admin(&format!("DROP ROLE {role}"));
+    admin("postgres", &format!("DROP ROLE {role}"));
 }

@@ -7,61 +7,10 @@
 //! the tests start the installed cluster themselves. Each test creates its own
 //! database. Only where no PostgreSQL is installed do they say SKIPPED and return.
 
-use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::OnceLock;
 
-use crate::common::Env;
-
-const ADMIN_USER: &str = "keyrotate_ci";
-const ADMIN_PASSWORD: &str = "ci-only-password";
-
-/// Makes sure a server and the admin role are there; `false` when PostgreSQL is not
-/// installed.
-fn server() -> bool {
-    static READY: OnceLock<bool> = OnceLock::new();
-    *READY.get_or_init(|| {
-        if std::env::var_os("KEYROTATE_TEST_PG").is_some() {
-            return true;
-        }
-        if !std::path::Path::new("/etc/postgresql/15/main").exists() || unsafe { libc::geteuid() } != 0 {
-            return false;
-        }
-        let _ = Command::new("pg_ctlcluster").args(["15", "main", "start"]).output();
-        let sql = format!(
-            "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{ADMIN_USER}') THEN \
-             CREATE ROLE {ADMIN_USER} LOGIN CREATEROLE CREATEDB PASSWORD '{ADMIN_PASSWORD}'; END IF; END $$"
-        );
-        Command::new("runuser")
-            .args(["-u", "postgres", "--", "psql", "-qX", "-c", &sql])
-            .output()
-            .is_ok_and(|o| o.status.success())
-    })
-}
-
-fn psql(db: &str, sql: &str) -> String {
-    let out = Command::new("psql")
-        .args([
-            "-X",
-            "-A",
-            "-t",
-            "-v",
-            "ON_ERROR_STOP=1",
-            "-h",
-            "127.0.0.1",
-            "-U",
-            ADMIN_USER,
-            "-d",
-            db,
-            "-c",
-            sql,
-        ])
-        .env("PGPASSWORD", ADMIN_PASSWORD)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{sql}: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
+use crate::common::pg::{admin, server, ADMIN_PASSWORD, ADMIN_USER};
+use crate::common::{wait_for_step, Env};
 
 /// A fresh database, dropped when the test ends.
 struct Database(String);
@@ -70,24 +19,25 @@ impl Database {
     fn new() -> Database {
         static N: AtomicUsize = AtomicUsize::new(0);
         let name = format!("kr_test_{}_{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst));
-        psql("postgres", &format!("CREATE DATABASE {name}"));
+        admin("postgres", &format!("CREATE DATABASE {name}"));
         Database(name)
     }
     fn url(&self) -> String {
         format!("postgres://{ADMIN_USER}:{ADMIN_PASSWORD}@127.0.0.1/{}", self.0)
     }
     fn sql(&self, sql: &str) -> String {
-        psql(&self.0, sql)
+        admin(&self.0, sql)
     }
 }
 
 impl Drop for Database {
     fn drop(&mut self) {
-        let _ = Command::new("psql")
-            .args(["-X", "-q", "-h", "127.0.0.1", "-U", ADMIN_USER, "-d", "postgres", "-c"])
-            .arg(format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.0))
-            .env("PGPASSWORD", ADMIN_PASSWORD)
-            .output();
+        let _ = crate::common::pg::psql_as(
+            "postgres",
+            ADMIN_USER,
+            ADMIN_PASSWORD,
+            &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.0),
+        );
     }
 }
 
@@ -284,14 +234,7 @@ fn a_run_holding_the_lock_makes_the_other_host_busy_and_its_dry_run_say_so() {
         .env("KEYROTATE_FAILPOINT_LOG", &log)
         .env("KEYROTATE_FAILPOINTS", "stage.create=sleep(2000)")
         .spawn();
-    let start = std::time::Instant::now();
-    while !std::fs::read_to_string(&log)
-        .unwrap_or_default()
-        .contains("stage.create")
-    {
-        assert!(start.elapsed().as_secs() < 20);
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
+    wait_for_step(&log, "stage.create");
     let out = b.rotate("sig").args(["--run-id", "B-BUSY"]).status(5);
     assert!(out.stdout.contains("SLOW-A"), "{}", out.stdout);
     let dry = b.rotate("sig").arg("--dry-run").status(5);
@@ -342,14 +285,7 @@ fn a_database_that_disappears_mid_run_leaves_a_row_the_next_run_flags() {
         .env("KEYROTATE_FAILPOINT_LOG", &log)
         .env("KEYROTATE_FAILPOINTS", "stage.create=sleep(1500)")
         .spawn();
-    let start = std::time::Instant::now();
-    while !std::fs::read_to_string(&log)
-        .unwrap_or_default()
-        .contains("stage.create")
-    {
-        assert!(start.elapsed().as_secs() < 20);
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
+    wait_for_step(&log, "stage.create");
     db.sql(&format!("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{}' AND application_name = 'keyrotate'", db.0));
     let out = child.wait_with_output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);

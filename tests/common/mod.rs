@@ -5,6 +5,8 @@
 
 #![allow(dead_code)]
 
+pub mod pg;
+
 use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -56,6 +58,35 @@ designated_pool = "pool-b"
 [domains.pre]
 algorithm = "ed25519"
 activation = "prepublish"
+"#;
+
+/// Every algorithm, one domain each, rotating without a minimum interval.
+pub const ALL_ALGORITHMS: &str = r#"
+[state]
+dir = "state"
+[host]
+pool = "p"
+[defaults]
+designated_pool = "p"
+backend = "keystore"
+keystore = "keys"
+min_interval = "0s"
+[domains.ed25519]
+algorithm = "ed25519"
+[domains.p256]
+algorithm = "ecdsa-p256"
+[domains.p384]
+algorithm = "ecdsa-p384"
+[domains.rsa2048]
+algorithm = "rsa-2048"
+[domains.rsa3072]
+algorithm = "rsa-3072"
+[domains.rsa4096]
+algorithm = "rsa-4096"
+[domains.hmac]
+algorithm = "hmac-sha256"
+[domains.aes]
+algorithm = "aes-256"
 "#;
 
 pub fn bin() -> PathBuf {
@@ -206,6 +237,25 @@ impl Env {
             .collect()
     }
 
+    /// `resolve --domain D --run RUN --note NOTE`
+    pub fn resolve(&self, domain: &str, run: &str, note: &str) -> Run<'_> {
+        self.cmd()
+            .args(["resolve", "--domain", domain, "--run", run, "--note", note])
+    }
+
+    /// The files of the versions the manifest lists as not destroyed, sorted.
+    pub fn live_files(&self, domain: &str) -> Vec<String> {
+        let mut v: Vec<String> = self.manifest(domain)["versions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|v| v["state"] != "destroyed")
+            .map(|v| v["file"].as_str().unwrap().to_string())
+            .collect();
+        v.sort();
+        v
+    }
+
     pub fn key_files(&self, domain: &str) -> Vec<String> {
         let mut v: Vec<String> = std::fs::read_dir(self.key_dir(domain))
             .map(|rd| rd.map(|e| e.unwrap().file_name().into_string().unwrap()).collect())
@@ -338,6 +388,18 @@ impl<'a> Run<'a> {
             );
         }
         out
+    }
+}
+
+/// Waits until a failpoint log shows that a process reached `step`.
+pub fn wait_for_step(log: &Path, step: &str) {
+    let start = std::time::Instant::now();
+    while !std::fs::read_to_string(log).unwrap_or_default().contains(step) {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(20),
+            "never reached {step}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
     }
 }
 

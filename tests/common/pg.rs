@@ -1,0 +1,76 @@
+//! A PostgreSQL server for the tests that need one. `.ci/run` starts the machine's
+//! PostgreSQL 15 and exports `KEYROTATE_TEST_PG=1`; run as root elsewhere, `server()`
+//! starts the installed cluster itself. Only where PostgreSQL is not installed do the
+//! tests say SKIPPED.
+
+use std::process::Command;
+use std::sync::OnceLock;
+
+pub const ADMIN_USER: &str = "keyrotate_ci";
+pub const ADMIN_PASSWORD: &str = "ci-only-password";
+
+/// Makes sure a server and the admin role (CREATEDB, CREATEROLE) are there; `false`
+/// when PostgreSQL is not installed.
+pub fn server() -> bool {
+    static READY: OnceLock<bool> = OnceLock::new();
+    *READY.get_or_init(|| {
+        if std::env::var_os("KEYROTATE_TEST_PG").is_some() {
+            return true;
+        }
+        if !std::path::Path::new("/etc/postgresql/15/main").exists() || unsafe { libc::geteuid() } != 0 {
+            return false;
+        }
+        let _ = Command::new("pg_ctlcluster").args(["15", "main", "start"]).output();
+        let sql = format!(
+            "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{ADMIN_USER}') THEN \\
+             CREATE ROLE {ADMIN_USER} LOGIN CREATEROLE CREATEDB PASSWORD '{ADMIN_PASSWORD}'; END IF; END $$"
+        );
+        Command::new("runuser")
+            .args(["-u", "postgres", "--", "psql", "-qX", "-c", &sql])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    })
+}
+
+/// Runs `sql` as `user` over TCP on `db`; the output, or psql's error.
+pub fn psql_as(db: &str, user: &str, password: &str, sql: &str) -> Result<String, String> {
+    let out = Command::new("psql")
+        .args([
+            "-X",
+            "-A",
+            "-t",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-h",
+            "127.0.0.1",
+            "-U",
+            user,
+            "-d",
+            db,
+            "-c",
+            sql,
+        ])
+        .env("PGPASSWORD", password)
+        .output()
+        .map_err(|e| e.to_string())?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+/// Runs `sql` as the admin role; panics on error.
+pub fn admin(db: &str, sql: &str) -> String {
+    psql_as(db, ADMIN_USER, ADMIN_PASSWORD, sql).unwrap_or_else(|e| panic!("{sql}: {e}"))
+}
+
+/// libpq variables that connect a hook or psql as the admin role.
+pub fn admin_env() -> [(&'static str, &'static str); 4] {
+    [
+        ("PGHOST", "127.0.0.1"),
+        ("PGUSER", ADMIN_USER),
+        ("PGPASSWORD", ADMIN_PASSWORD),
+        ("PGDATABASE", "postgres"),
+    ]
+}
