@@ -221,6 +221,17 @@ enum Conn {
     Postgres(RefCell<::postgres::Client>),
 }
 
+impl Drop for Ledger {
+    fn drop(&mut self) {
+        // The server would release the run's advisory lock when it notices the session
+        // end, a moment after this process exits; a rerun started in that moment would
+        // be refused as BUSY. Release it now, in order.
+        if let Conn::Postgres(c) = &self.conn {
+            let _ = c.borrow_mut().batch_execute("SELECT pg_advisory_unlock_all()");
+        }
+    }
+}
+
 /// The ledger of one installation.
 pub struct Ledger {
     conn: Conn,

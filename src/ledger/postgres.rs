@@ -207,9 +207,11 @@ pub(super) fn try_advisory_lock(c: &mut Client, domain: &str) -> Result<bool, po
 }
 
 pub(super) fn advisory_lock_held(c: &mut Client, domain: &str) -> Result<bool, postgres::Error> {
-    // A bigint advisory key is stored as classid (high 32 bits) and objid (low).
+    // Advisory locks belong to one database; a bigint key is stored as classid (high
+    // 32 bits) and objid (low).
     Ok(c.query_one(
         "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 1 \
+         AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
          AND ((classid::bigint << 32) | objid::bigint) = hashtextextended($1, 0) AND pid <> pg_backend_pid())",
         &[&lock_key(domain)],
     )?

@@ -10,25 +10,32 @@ pub const ADMIN_USER: &str = "keyrotate_ci";
 pub const ADMIN_PASSWORD: &str = "ci-only-password";
 
 /// Makes sure a server and the admin role (CREATEDB, CREATEROLE) are there; `false`
-/// when PostgreSQL is not installed.
+/// only when PostgreSQL is not installed (or, not being root, this process cannot set
+/// it up and `KEYROTATE_TEST_PG` is not set). An installed server that cannot be
+/// started is a test failure, not a skip.
 pub fn server() -> bool {
     static READY: OnceLock<bool> = OnceLock::new();
     *READY.get_or_init(|| {
         if std::env::var_os("KEYROTATE_TEST_PG").is_some() {
             return true;
         }
-        if !std::path::Path::new("/etc/postgresql/15/main").exists() || unsafe { libc::geteuid() } != 0 {
+        if !std::path::Path::new("/etc/postgresql/15/main").exists() {
             return false;
         }
-        let _ = Command::new("pg_ctlcluster").args(["15", "main", "start"]).output();
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("PostgreSQL is installed but this test run is not root: start it and set KEYROTATE_TEST_PG (see .ci/run)");
+            return false;
+        }
+        let start = Command::new("pg_ctlcluster").args(["15", "main", "start"]).output().expect("pg_ctlcluster");
+        let status = Command::new("pg_ctlcluster").args(["15", "main", "status"]).output().expect("pg_ctlcluster");
+        assert!(status.status.success(), "PostgreSQL is installed but does not start: {}", String::from_utf8_lossy(&start.stderr));
         let sql = format!(
-            "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{ADMIN_USER}') THEN \\
+            "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{ADMIN_USER}') THEN \
              CREATE ROLE {ADMIN_USER} LOGIN CREATEROLE CREATEDB PASSWORD '{ADMIN_PASSWORD}'; END IF; END $$"
         );
-        Command::new("runuser")
-            .args(["-u", "postgres", "--", "psql", "-qX", "-c", &sql])
-            .output()
-            .is_ok_and(|o| o.status.success())
+        let out = Command::new("runuser").args(["-u", "postgres", "--", "psql", "-qX", "-c", &sql]).output().expect("runuser");
+        assert!(out.status.success(), "cannot create the test role: {}", String::from_utf8_lossy(&out.stderr));
+        true
     })
 }
 
