@@ -38,8 +38,6 @@ pub struct Event {
     pub from_fingerprint: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub to_fingerprint: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub resolved_run: Option<String>,
 }
 
 impl Event {

@@ -36,14 +36,6 @@ impl Deadline {
         })
     }
 
-    /// A deadline `d` from now (for tests and internal budgets).
-    pub fn after(d: Duration) -> Deadline {
-        Deadline {
-            at: Utc::now() + chrono::Duration::from_std(d).unwrap_or(chrono::Duration::zero()),
-            instant: Instant::now() + d,
-        }
-    }
-
     pub fn at(&self) -> DateTime<Utc> {
         self.at
     }

@@ -96,11 +96,6 @@ impl Outcome {
             Outcome::Usage | Outcome::Busy | Outcome::NotDesignated | Outcome::NotDue => "rotation.refused",
         }
     }
-
-    /// Whether Control-M should treat the job as OK.
-    pub const fn is_ok_for_scheduler(self) -> bool {
-        matches!(self, Outcome::Rotated | Outcome::NotDesignated | Outcome::NotDue)
-    }
 }
 
 impl fmt::Display for Outcome {

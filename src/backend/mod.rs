@@ -33,11 +33,12 @@ pub struct Step<'a> {
 }
 
 impl Step<'_> {
-    /// Records progress (`staged`, `committed`) in the ledger.
+    /// Records progress (`staged`, `committed`) in the ledger: a progress mark, made
+    /// durable by the run's closing write.
     pub fn advance(&mut self, state: &str, versions: Versions, detail: &str) -> Result<(), String> {
         let run_id = self.run.run_id.clone();
         self.ledger
-            .write(state, |w| w.advance(&run_id, state, versions, detail))
+            .write_progress(state, |w| w.advance(&run_id, state, versions, detail))
     }
 
     /// Records a step event without changing the run's state.

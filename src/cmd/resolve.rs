@@ -90,13 +90,12 @@ fn resolve(cli: &Cli, args: &ResolveArgs) -> Result<String, Failure> {
         .map_err(Failure::usage)?;
     let audit = Audit::new(&config.audit_file);
     let event = Event {
-        run_id: format!("resolve-{}", row.run_id),
+        run_id: row.run_id.clone(),
         domain: domain.name.clone(),
         host: hostname(),
         pool: config.host_pool.clone(),
         operator: Some(by.clone()),
         reason: Some(note),
-        resolved_run: Some(row.run_id.clone()),
         ..Event::default()
     };
     audit

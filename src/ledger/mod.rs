@@ -345,25 +345,62 @@ impl Ledger {
         }
     }
 
-    /// Runs `f` inside one transaction. On SQLite it is IMMEDIATE (the write lock is
-    /// taken up front, so what `f` reads cannot change before it writes); on PostgreSQL
-    /// the domain's advisory lock and the one-in-flight index play that part.
+    /// Runs `f` inside one transaction, durable when this returns. On SQLite it is
+    /// IMMEDIATE (the write lock is taken up front, so what `f` reads cannot change
+    /// before it writes); on PostgreSQL the domain's advisory lock and the
+    /// one-in-flight index play that part.
     pub fn write<T>(&mut self, op: &str, f: impl FnOnce(&Writer<'_, '_>) -> Result<T, String>) -> Result<T, String> {
+        self.transaction(op, true, f)
+    }
+
+    /// Like [`Ledger::write`], for progress marks (`staged`, `committed`) whose loss in
+    /// a power failure is harmless: the commit is waited for without its own flush, so
+    /// it becomes durable with the next [`Ledger::write`] (the log is sequential: a
+    /// power loss can drop it only together with everything after it). The key store,
+    /// not this mark, is what a diagnosis reads to tell whether a run committed.
+    pub fn write_progress<T>(
+        &mut self,
+        op: &str,
+        f: impl FnOnce(&Writer<'_, '_>) -> Result<T, String>,
+    ) -> Result<T, String> {
+        self.transaction(op, false, f)
+    }
+
+    fn transaction<T>(
+        &mut self,
+        op: &str,
+        flush: bool,
+        f: impl FnOnce(&Writer<'_, '_>) -> Result<T, String>,
+    ) -> Result<T, String> {
         failpoint::hit("ledger", op).map_err(|e| format!("ledger {}: {e}", self.label))?;
         let label = self.label.clone();
         match &mut self.conn {
             Conn::Sqlite(s) => {
-                let tx = s.begin().map_err(|e| sqlite::err(&label, e))?;
-                let out = f(&Writer {
-                    db: Db::Sqlite(&tx),
-                    label: &label,
-                })?;
-                tx.commit().map_err(|e| sqlite::err(&label, e))?;
-                Ok(out)
+                if !flush {
+                    s.set_flush(false).map_err(|e| sqlite::err(&label, e))?;
+                }
+                let result = (|| {
+                    let tx = s.begin().map_err(|e| sqlite::err(&label, e))?;
+                    let out = f(&Writer {
+                        db: Db::Sqlite(&tx),
+                        label: &label,
+                    })?;
+                    tx.commit().map_err(|e| sqlite::err(&label, e))?;
+                    Ok(out)
+                })();
+                if !flush {
+                    s.set_flush(true).map_err(|e| sqlite::err(&label, e))?;
+                }
+                result
             }
             Conn::Postgres(c) => {
                 let mut client = c.borrow_mut();
-                let tx = RefCell::new(client.transaction().map_err(|e| postgres::err(&label, e))?);
+                let mut tx = client.transaction().map_err(|e| postgres::err(&label, e))?;
+                if !flush {
+                    tx.batch_execute("SET LOCAL synchronous_commit TO off")
+                        .map_err(|e| postgres::err(&label, e))?;
+                }
+                let tx = RefCell::new(tx);
                 let out = f(&Writer {
                     db: Db::PgTx(&tx),
                     label: &label,

@@ -100,6 +100,13 @@ impl Sqlite {
         &self.conn
     }
 
+    /// `synchronous=FULL` (every commit flushed) or `NORMAL` (a WAL commit is flushed
+    /// with the next FULL one).
+    pub(super) fn set_flush(&self, flush: bool) -> rusqlite::Result<()> {
+        self.conn
+            .pragma_update(None, "synchronous", if flush { "FULL" } else { "NORMAL" })
+    }
+
     pub(super) fn begin(&mut self) -> rusqlite::Result<rusqlite::Transaction<'_>> {
         self.conn.transaction_with_behavior(TransactionBehavior::Immediate)
     }
