@@ -1,0 +1,276 @@
+//! The dry run: the same decisions as the real run, read-only, with the plan it would
+//! carry out.
+
+use super::*;
+
+pub(super) fn dry_run(p: &Prepared) -> Report {
+    let mut plan = vec![
+        format!(
+            "domain {} (backend {}{})",
+            p.domain.name,
+            p.domain.backend.name(),
+            p.domain
+                .backend
+                .algorithm_name()
+                .map(|a| format!(", {a}"))
+                .unwrap_or_default()
+        ),
+        format!(
+            "deadline {} ({} from now)",
+            p.run.deadline_at,
+            humantime::format_duration(Duration::from_secs(p.deadline.remaining().as_secs()))
+        ),
+    ];
+    let (outcome, reason, versions) = dry_run_decide(p, &mut plan);
+    Report {
+        run_id: p.run.run_id.clone(),
+        domain: p.domain.name.clone(),
+        outcome: outcome.name(),
+        exit_code: outcome.code(),
+        from_version: versions.0,
+        to_version: versions.1,
+        reason,
+        dry_run: true,
+        plan: Some(plan),
+        warnings: Vec::new(),
+    }
+}
+
+pub(super) type Versions = (Option<u64>, Option<u64>);
+
+pub(super) fn dry_run_decide(p: &Prepared, plan: &mut Vec<String>) -> (Outcome, String, Versions) {
+    let none = (None, None);
+    if p.pool != p.domain.designated_pool {
+        plan.push(format!(
+            "designation: this host's pool {} is not the designated pool {}",
+            p.pool, p.domain.designated_pool
+        ));
+        return (
+            Outcome::NotDesignated,
+            "this host is not in the designated pool; the real run would do nothing".into(),
+            none,
+        );
+    }
+    plan.push(format!("designation: pool {} is the designated pool", p.pool));
+
+    for (dir, what) in [
+        (&p.config.state_dir, "state folder"),
+        (&p.config.lock_dir(), "lock folder"),
+    ] {
+        if dir.exists() || std::fs::symlink_metadata(dir).is_ok() {
+            if let Err(e) = fsutil::check_secure_dir(dir, what) {
+                plan.push(format!("folders: {e}"));
+                return (Outcome::Aborted, format!("{e}; the real run would refuse it"), none);
+            }
+        } else {
+            plan.push(format!(
+                "folders: {what} {} does not exist yet; the real run creates it (0700)",
+                dir.display()
+            ));
+        }
+    }
+    let lock_path = lock::lock_path(&p.config.lock_dir(), &p.domain.name);
+    match lock::probe(&lock_path) {
+        Ok(Some(pid)) => {
+            let who = lock::read_holder(&lock_path).map_or(format!("pid {pid}"), |h| h.describe());
+            plan.push(format!("lock: held by {who}"));
+            return (Outcome::Busy, format!("another rotation is running: {who}"), none);
+        }
+        Ok(None) => plan.push("lock: free".into()),
+        Err(e) => plan.push(format!("lock: cannot tell whether it is held ({e})")),
+    }
+
+    let ledger = match Ledger::open_read_only(&p.config.ledger) {
+        Ok(l) => l,
+        Err(e) => {
+            plan.push(format!("ledger: {e}"));
+            return (
+                Outcome::Aborted,
+                format!("{e}; the real run would stop before touching any key"),
+                none,
+            );
+        }
+    };
+    if let Some(l) = &ledger {
+        match l.domain_locked_elsewhere(&p.domain.name) {
+            Ok(true) => {
+                let who = l
+                    .domain_record(&p.domain.name)
+                    .ok()
+                    .and_then(|r| r.in_flight)
+                    .map_or("a session on another host".to_string(), |r| {
+                        format!("run {} (pid {} on {}, since {})", r.run_id, r.pid, r.host, r.started_at)
+                    });
+                plan.push(format!("lock: the shared ledger's lock is held by {who}"));
+                return (Outcome::Busy, format!("another rotation is running: {who}"), none);
+            }
+            Ok(false) => {}
+            Err(e) => return (Outcome::Aborted, e, none),
+        }
+    }
+    let rec = match &ledger {
+        None => {
+            plan.push(match &p.config.ledger {
+                crate::config::LedgerLocation::Sqlite(path) => {
+                    format!("ledger: {} does not exist yet; the real run creates it", path.display())
+                }
+                crate::config::LedgerLocation::Postgres(_) => {
+                    "ledger: the database has no keyrotate tables yet; the real run creates them".into()
+                }
+            });
+            DomainRecord::default()
+        }
+        Some(l) => {
+            if let Ok(Some(_)) = l.get(&p.run.run_id) {
+                return (
+                    Outcome::Usage,
+                    format!("--run-id {} is already in the ledger", p.run.run_id),
+                    none,
+                );
+            }
+            match l.domain_record(&p.domain.name) {
+                Ok(r) => r,
+                Err(e) => return (Outcome::Aborted, e, none),
+            }
+        }
+    };
+    if let Some(last) = &rec.last_run {
+        plan.push(format!(
+            "last run: {} {} at {}",
+            last.run_id,
+            last.state,
+            last.ended_at.as_deref().unwrap_or(&last.started_at)
+        ));
+    }
+    match admit(p, &rec, p.deadline.remaining()) {
+        Admission::Stale(dead) => {
+            let events = ledger
+                .as_ref()
+                .and_then(|l| l.events(&dead.run_id).ok())
+                .unwrap_or_default();
+            let diagnosis = diagnose(p, &dead, last_step(&events));
+            plan.push(format!(
+                "ledger: run {} is still in flight but holds no lock: it died",
+                dead.run_id
+            ));
+            return (
+                Outcome::NeedsReview,
+                stale_message(&p.domain.name, &dead, &diagnosis),
+                none,
+            );
+        }
+        Admission::Blocked(row) => {
+            plan.push(format!("ledger: blocked by run {}", row.run_id));
+            return (Outcome::NeedsReview, blocked_message(&p.domain.name, &row), none);
+        }
+        Admission::NotDue { last, next_due } => {
+            plan.push(format!("due: no, next due {next_due}"));
+            return (
+                Outcome::NotDue,
+                format!(
+                    "not due: run {} succeeded recently; next due {next_due}; --force would override",
+                    last.run_id
+                ),
+                none,
+            );
+        }
+        Admission::OverBudget { left, need } => {
+            return (
+                Outcome::TimedOut,
+                format!("deadline budget: {left:?} left, at least {need:?} needed"),
+                none,
+            );
+        }
+        Admission::Go => plan.push(if p.run.forced && rec.last_success.is_some() {
+            "due: forced".into()
+        } else {
+            "due: yes".into()
+        }),
+    }
+
+    match &p.domain.backend {
+        Backend::Keystore {
+            keystore,
+            algorithm,
+            activation,
+        } => {
+            let ks = Keystore::new(keystore, &p.domain.name);
+            if let Err(e) = ks.check_folders() {
+                plan.push(format!("key store: {e}"));
+                return (Outcome::Aborted, format!("{e}; the real run would refuse it"), none);
+            }
+            let insp = match ks.inspect() {
+                Ok(i) => i,
+                Err(d) => {
+                    plan.push(format!("key store: inconsistent: {d}"));
+                    return (Outcome::NeedsReview, format!("key store is inconsistent: {d}"), none);
+                }
+            };
+            if !insp.exists {
+                plan.push(format!(
+                    "key store: {} has no keyring yet (first rotation)",
+                    ks.dir().display()
+                ));
+            }
+            if !insp.leftovers.is_empty() {
+                plan.push(format!(
+                    "sweep: remove {} left by an interrupted run",
+                    insp.leftovers.join(", ")
+                ));
+            }
+            let rp = insp
+                .manifest
+                .plan(*algorithm, *activation, p.domain.retain, insp.next_version);
+            for n in &rp.create {
+                plan.push(
+                    format!(
+                        "create: v{} ({}, {:?}) as {}",
+                        n.version,
+                        n.algorithm,
+                        n.state,
+                        crate::keystore::manifest::version_file(n.version, n.algorithm)
+                    )
+                    .to_lowercase(),
+                );
+            }
+            if let Some(v) = rp.promote {
+                plan.push(format!("promote: v{v} pending -> active"));
+            }
+            for v in &rp.retire {
+                plan.push(format!("retire: v{v}"));
+            }
+            for v in &rp.destroy {
+                plan.push(format!("destroy: v{v} (beyond retain = {})", p.domain.retain));
+            }
+            plan.push("commit: replace keyring.json atomically; update current symlink and jwks.json".into());
+            let v = |n: Option<u64>| n.map_or("none".into(), |n| format!("v{n}"));
+            (
+                Outcome::Rotated,
+                format!(
+                    "would rotate: active {} -> {}",
+                    v(rp.from_version),
+                    v(Some(rp.to_version))
+                ),
+                (rp.from_version, Some(rp.to_version)),
+            )
+        }
+        Backend::Command { program, args } => {
+            if let Err(e) = crate::cmd::check_program(program) {
+                plan.push(format!("hook: {e}"));
+                return (
+                    Outcome::Aborted,
+                    format!("{e}; the real run would refuse to run it"),
+                    none,
+                );
+            }
+            for step in command::STEPS {
+                plan.push(format!(
+                    "run: KEYROTATE_STEP={step} {}",
+                    command::describe(program, args)
+                ));
+            }
+            plan.push("commit point: the 'set' step; a failure from there on blocks the domain".into());
+            (Outcome::Rotated, "would run the hook's four steps".into(), none)
+        }
+    }
+}

@@ -1,0 +1,220 @@
+//! `keyrotate rotate`: one rotation attempt of one domain.
+//!
+//! The real run and the dry run walk the same decisions in DESIGN.md section 5's
+//! order, and stop at the first that applies:
+//!
+//! 1. arguments and config ........ USAGE (2), nothing touched, no ledger row
+//! 2. designation ................. NOT_DESIGNATED (6), nothing touched, no ledger row
+//! 3. lock ........................ BUSY (5), a closed `refused` row
+//! 4. stale run / open review ..... NEEDS_REVIEW (4), a closed `refused` row
+//! 5. due ......................... NOT_DUE (7) unless --force
+//! 6. deadline budget ............. TIMED_OUT (8)
+//! 7. rotation (backend) .......... ROTATED (0), ABORTED (3), NEEDS_REVIEW (4), TIMED_OUT (8)
+//!
+//! A dry run takes no lock, opens the ledger read-only, writes nothing, and prints the
+//! plan with the code the real run would return now.
+
+mod decide;
+mod dry;
+mod real;
+
+use std::time::Duration;
+
+use serde::Serialize;
+
+use super::{clean_text, hostname, load_config, operator, print_json};
+use crate::audit::{Audit, Event};
+use crate::backend::command::{self, CommandRotation};
+use crate::backend::keystore::KeystoreRotation;
+use crate::backend::{Rotated, Step};
+use crate::cli::{Cli, OutputFormat, RotateArgs};
+use crate::config::{Backend, Config, DomainConfig};
+use crate::deadline::Deadline;
+use crate::guard::Guard;
+use crate::keystore::{Inspection, Keystore};
+use crate::ledger::{DomainRecord, Ledger, NewRun, RunRow};
+use crate::lock::{self, Acquire, DomainLock, Holder};
+use crate::outcome::{Failure, Outcome};
+use crate::{fsutil, keystore::manifest::now_rfc3339};
+
+/// What `rotate` prints on stdout (one line, or this object with `--output json`).
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub run_id: String,
+    pub domain: String,
+    pub outcome: &'static str,
+    pub exit_code: u8,
+    pub from_version: Option<u64>,
+    pub to_version: Option<u64>,
+    pub reason: String,
+    pub dry_run: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub plan: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
+}
+
+/// Everything phase 1 established.
+struct Prepared {
+    config: Config,
+    domain: DomainConfig,
+    deadline: Deadline,
+    pool: String,
+    run: NewRun,
+    audit: Audit,
+    output: OutputFormat,
+    dry_run: bool,
+}
+
+pub(crate) use decide::next_due;
+use decide::*;
+use dry::dry_run;
+use real::real_run;
+
+pub fn run(cli: &Cli, args: &RotateArgs) -> Outcome {
+    let p = match prepare(cli, args) {
+        Ok(p) => p,
+        Err(f) => {
+            tracing::error!("{}", f.message);
+            let report = Report {
+                run_id: args.run_id.clone().unwrap_or_default(),
+                domain: args.domain.clone(),
+                outcome: f.outcome.name(),
+                exit_code: f.outcome.code(),
+                from_version: None,
+                to_version: None,
+                reason: f.message.clone(),
+                dry_run: args.dry_run,
+                plan: None,
+                warnings: Vec::new(),
+            };
+            print_report(&report, args.output);
+            return f.outcome;
+        }
+    };
+    let report = if p.dry_run { dry_run(&p) } else { real_run(&p) };
+    print_report(&report, p.output);
+    Outcome::from_code(i64::from(report.exit_code)).unwrap_or(Outcome::Aborted)
+}
+
+fn print_report(r: &Report, output: OutputFormat) {
+    match output {
+        OutputFormat::Json => print_json(r),
+        OutputFormat::Text => {
+            if let Some(plan) = &r.plan {
+                println!("plan for {} (dry run, nothing changed):", r.domain);
+                for line in plan {
+                    println!("  {line}");
+                }
+            }
+            let run = if r.run_id.is_empty() {
+                String::new()
+            } else {
+                format!(" [run {}]", r.run_id)
+            };
+            let would = if r.dry_run { "would exit " } else { "" };
+            println!("{} {}: {}{run} ({would}{})", r.outcome, r.domain, r.reason, r.exit_code);
+        }
+    }
+}
+
+// ---- phase 1: arguments and config -------------------------------------------------
+
+fn prepare(cli: &Cli, args: &RotateArgs) -> Result<Prepared, Failure> {
+    let config = load_config(cli)?;
+    let domain = config.domain(&args.domain).map_err(Failure::usage)?.clone();
+    let deadline = Deadline::parse(&args.deadline, domain.max_deadline).map_err(Failure::usage)?;
+    if let Backend::Command { program, .. } = &domain.backend {
+        hook_exists(program).map_err(|e| {
+            Failure::usage(format!(
+                "{}: domains.{}.command: {e}",
+                config.path.display(),
+                domain.name
+            ))
+        })?;
+    }
+    let pool = match args
+        .pool
+        .clone()
+        .or_else(|| std::env::var("KEYROTATE_POOL").ok().filter(|s| !s.is_empty()))
+    {
+        Some(p) => p,
+        None => config.host_pool.clone().ok_or_else(|| {
+            Failure::usage(
+                "this host's pool is unknown: pass --pool, set KEYROTATE_POOL, or set [host].pool in the config",
+            )
+        })?,
+    };
+    let run_id = match &args.run_id {
+        Some(id) => validate_run_id(id)?,
+        None => generate_run_id(&domain.name),
+    };
+    let operator_name = clean_text("--operator", &operator(args.operator.as_deref()), 128)?;
+    let requested_reason = args
+        .reason
+        .as_deref()
+        .map(|r| clean_text("--reason", r, 1000))
+        .transpose()?;
+    let manual = args.operator.is_some() || std::io::IsTerminal::is_terminal(&std::io::stdin());
+    let run = NewRun {
+        run_id,
+        domain: domain.name.clone(),
+        trigger: if manual { "manual" } else { "scheduled" },
+        operator: Some(operator_name),
+        host: hostname(),
+        pid: std::process::id(),
+        pool: Some(pool.clone()),
+        started_at: crate::ledger::now(),
+        deadline_at: now_rfc3339(deadline.at()),
+        forced: args.force,
+        requested_reason,
+    };
+    Ok(Prepared {
+        audit: Audit::new(&config.audit_file),
+        config,
+        domain,
+        deadline,
+        pool,
+        run,
+        output: args.output,
+        dry_run: args.dry_run,
+    })
+}
+
+/// A hook that is missing or not executable is a configuration error (USAGE); one
+/// that is unsafe to run is refused later, like an unsafe folder (ABORTED).
+fn hook_exists(program: &std::path::Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta =
+        std::fs::metadata(program).map_err(|e| format!("program {}: {}", program.display(), fsutil::io_reason(&e)))?;
+    if !meta.is_file() || meta.permissions().mode() & 0o111 == 0 {
+        return Err(format!("program {} is not an executable file", program.display()));
+    }
+    Ok(())
+}
+
+fn validate_run_id(id: &str) -> Result<String, Failure> {
+    let ok =
+        !id.is_empty() && id.len() <= 128 && id.chars().all(|c| c.is_ascii_alphanumeric() || "._:@+-%".contains(c));
+    if !ok {
+        return Err(Failure::usage(format!(
+            "--run-id {:?} must be 1-128 characters of A-Z a-z 0-9 . _ : @ + - %",
+            id.escape_debug().to_string()
+        )));
+    }
+    Ok(id.to_string())
+}
+
+fn generate_run_id(domain: &str) -> String {
+    let mut rnd = [0u8; 4];
+    let _ = aws_lc_rs::rand::SecureRandom::fill(&aws_lc_rs::rand::SystemRandom::new(), &mut rnd);
+    format!(
+        "{domain}-{}-{}-{:02x}{:02x}{:02x}{:02x}",
+        chrono::Utc::now().format("%Y%m%dT%H%M%SZ"),
+        std::process::id(),
+        rnd[0],
+        rnd[1],
+        rnd[2],
+        rnd[3]
+    )
+}

@@ -1,0 +1,365 @@
+//! The real run: phases 2 to 7 with the lock held, every decision recorded in the
+//! ledger and the audit trail, the rotation guarded by signals and the deadline.
+
+use super::*;
+
+pub(super) struct Concluded {
+    outcome: Outcome,
+    reason: String,
+    rotated: Option<Rotated>,
+}
+
+pub(super) fn real_run(p: &Prepared) -> Report {
+    let c = real_run_inner(p);
+    let r = c.rotated.unwrap_or_default();
+    Report {
+        run_id: p.run.run_id.clone(),
+        domain: p.domain.name.clone(),
+        outcome: c.outcome.name(),
+        exit_code: c.outcome.code(),
+        from_version: r.from_version,
+        to_version: r.to_version,
+        reason: c.reason,
+        dry_run: false,
+        plan: None,
+        warnings: r.warnings,
+    }
+}
+
+pub(super) fn refused_event(p: &Prepared, outcome: Outcome, reason: &str) -> Event {
+    Event {
+        exit_code: Some(outcome.code()),
+        outcome: Some(outcome.name()),
+        reason: Some(reason.to_string()),
+        ..Event::of(outcome.audit_event(), &p.run)
+    }
+}
+
+pub(super) fn stop(outcome: Outcome, reason: String) -> Concluded {
+    if outcome != Outcome::Rotated {
+        tracing::warn!("{}: {reason}", outcome.name());
+    }
+    Concluded {
+        outcome,
+        reason,
+        rotated: None,
+    }
+}
+
+pub(super) fn real_run_inner(p: &Prepared) -> Concluded {
+    // 2. designation
+    if p.pool != p.domain.designated_pool {
+        return stop(
+            Outcome::NotDesignated,
+            format!(
+                "this host's pool {} is not the designated pool {}; nothing done",
+                p.pool, p.domain.designated_pool
+            ),
+        );
+    }
+
+    // 3. lock
+    let guard = match Guard::install(p.deadline) {
+        Ok(g) => g,
+        Err(e) => return stop(Outcome::Aborted, e),
+    };
+    if let Err(e) = fsutil::ensure_private_dir(&p.config.state_dir, "state folder")
+        .and_then(|()| fsutil::ensure_private_dir(&p.config.lock_dir(), "lock folder"))
+    {
+        return stop(Outcome::Aborted, format!("{e}; nothing was changed"));
+    }
+    let lock_path = lock::lock_path(&p.config.lock_dir(), &p.domain.name);
+    let mut held = match DomainLock::try_acquire(&lock_path) {
+        Err(e) => return stop(Outcome::Aborted, format!("{e}; nothing was changed")),
+        Ok(Acquire::Busy(holder)) => return refuse_busy(p, holder),
+        Ok(Acquire::Acquired(l)) => l,
+    };
+    let holder = Holder {
+        run_id: p.run.run_id.clone(),
+        pid: p.run.pid,
+        host: p.run.host.clone(),
+        started_at: p.run.started_at.clone(),
+    };
+    if let Err(e) = held.write_holder(&holder) {
+        tracing::warn!("{e}");
+    }
+    let mut ledger = match open_ledger(p) {
+        Ok(l) => l,
+        Err(e) => return stop(Outcome::Aborted, format!("{e}; no key was touched")),
+    };
+    // A shared ledger also guards the other hosts of the pool.
+    match ledger.lock_domain(&p.domain.name) {
+        Ok(true) => {}
+        Ok(false) => {
+            let holder = ledger
+                .domain_record(&p.domain.name)
+                .ok()
+                .and_then(|r| r.in_flight)
+                .map(|r| Holder {
+                    run_id: r.run_id,
+                    pid: r.pid as u32,
+                    host: r.host,
+                    started_at: r.started_at,
+                });
+            return refuse_busy(p, holder);
+        }
+        Err(e) => return stop(Outcome::Aborted, format!("{e}; no key was touched")),
+    }
+
+    // 4-6. stale run, open review, due, budget: decided and recorded in one transaction
+    match admit_and_record(p, &mut ledger, &guard) {
+        Err(f) => return stop(f.outcome, f.message),
+        Ok(Some(refused)) => return refused,
+        Ok(None) => {}
+    }
+    let _ = p.audit.emit(Event {
+        reason: p.run.requested_reason.clone(),
+        ..Event::of("rotation.started", &p.run)
+    });
+    tracing::info!(run_id = %p.run.run_id, domain = %p.domain.name, deadline = %p.run.deadline_at, "rotation started");
+    arm_watchdog(p, &guard);
+
+    // 7. rotation
+    let result = {
+        let step = Step {
+            run: &p.run,
+            guard: &guard,
+            ledger: &mut ledger,
+            audit: &p.audit,
+        };
+        match &p.domain.backend {
+            Backend::Keystore {
+                algorithm,
+                keystore,
+                activation,
+            } => KeystoreRotation {
+                keystore: Keystore::new(keystore, &p.domain.name),
+                algorithm: *algorithm,
+                activation: *activation,
+                retain: p.domain.retain,
+                step,
+            }
+            .run(),
+            Backend::Command { program, args } => CommandRotation {
+                program: program.clone(),
+                args: args.clone(),
+                state_dir: p.config.state_dir.clone(),
+                step,
+            }
+            .run(),
+        }
+    };
+    guard.stand_down();
+    let (outcome, reason, rotated) = match result {
+        Ok(r) if r.warnings.is_empty() => (Outcome::Rotated, r.summary.clone(), Some(r)),
+        Ok(r) => (
+            Outcome::Rotated,
+            format!("{}; warning: {}", r.summary, r.warnings.join("; ")),
+            Some(r),
+        ),
+        Err(f) => (f.outcome, f.message, None),
+    };
+    conclude(&mut ledger, p, outcome, &reason, rotated.as_ref());
+    drop(held);
+    Concluded {
+        outcome,
+        reason,
+        rotated,
+    }
+}
+
+pub(super) fn open_ledger(p: &Prepared) -> Result<Ledger, String> {
+    // Waiting for another writer is bounded by the deadline (and by 10 s: ledger
+    // transactions are milliseconds long; longer means something is wrong).
+    let busy = p.deadline.remaining().min(Duration::from_secs(10));
+    Ledger::open(&p.config.ledger, busy)
+}
+
+/// Closes the run's row and writes its last audit line. Used by the main thread and by
+/// the deadline watchdog.
+pub(super) fn conclude(ledger: &mut Ledger, p: &Prepared, outcome: Outcome, reason: &str, rotated: Option<&Rotated>) {
+    let to_version = rotated.and_then(|r| r.to_version);
+    let from_version = rotated.and_then(|r| r.from_version);
+    let run_id = p.run.run_id.clone();
+    if let Err(e) = ledger.write("close", |w| {
+        w.close(&run_id, outcome, reason, (from_version, to_version))
+    }) {
+        tracing::error!("{e}; the run's row stays open and the next run will flag it for review");
+    }
+    let event = Event {
+        exit_code: Some(outcome.code()),
+        outcome: Some(outcome.name()),
+        reason: Some(reason.to_string()),
+        from_version,
+        to_version,
+        from_fingerprint: rotated.and_then(|r| r.from_fingerprint.clone()),
+        to_fingerprint: rotated.and_then(|r| r.to_fingerprint.clone()),
+        ..Event::of(outcome.audit_event(), &p.run)
+    };
+    if let Err(e) = p.audit.emit(event) {
+        tracing::error!("{e}");
+    }
+    match outcome {
+        Outcome::Rotated => tracing::info!("{}: {reason}", outcome.name()),
+        _ => tracing::error!("{}: {reason}", outcome.name()),
+    }
+}
+
+pub(super) fn refuse_busy(p: &Prepared, holder: Option<Holder>) -> Concluded {
+    let who = holder.map_or("another process (the lock file does not name it)".to_string(), |h| {
+        h.describe()
+    });
+    let reason = format!("another rotation of {} is running: {who}", p.domain.name);
+    match open_ledger(p) {
+        Ok(mut ledger) => {
+            let res = ledger.write("refuse", |w| {
+                if w.get(&p.run.run_id)?.is_some() {
+                    return Err(format!("--run-id {} is already in the ledger", p.run.run_id));
+                }
+                w.insert(&p.run, Some(("refused", Outcome::Busy, &reason)), None)
+            });
+            if let Err(e) = res {
+                tracing::error!("{e}");
+            }
+        }
+        Err(e) => tracing::error!("{e}"),
+    }
+    let _ = p.audit.emit(refused_event(p, Outcome::Busy, &reason));
+    stop(Outcome::Busy, reason)
+}
+
+/// Phases 4-6 under the lock. `Ok(None)`: admitted, the row is in flight.
+pub(super) fn admit_and_record(p: &Prepared, ledger: &mut Ledger, guard: &Guard) -> Result<Option<Concluded>, Failure> {
+    let rec = ledger
+        .domain_record(&p.domain.name)
+        .map_err(|e| Failure::new(Outcome::Aborted, e))?;
+    // The diagnosis reads the key store, so it is made before the write transaction.
+    let stale_diagnosis = rec.in_flight.as_ref().map(|dead| {
+        let events = ledger.events(&dead.run_id).unwrap_or_default();
+        diagnose(p, dead, last_step(&events))
+    });
+    let domain = p.domain.name.clone();
+    let decision = ledger
+        .write("admit", |w| {
+            if w.get(&p.run.run_id)?.is_some() {
+                return Ok(Err(Failure::usage(format!(
+                    "--run-id {} is already in the ledger; a re-run is a new attempt with a new id",
+                    p.run.run_id
+                ))));
+            }
+            // Re-read inside the transaction: the decision must match what is written.
+            let rec = w.domain_record(&domain)?;
+            if let Err(f) = guard.checkpoint("admission") {
+                w.insert(&p.run, Some((f.outcome.ledger_state(), f.outcome, &f.message)), None)?;
+                return Ok(Ok(Some((f.outcome, f.message, None))));
+            }
+            let from = None;
+            let verdict = match admit(p, &rec, guard.deadline().remaining()) {
+                Admission::Go => {
+                    w.insert(&p.run, None, from)?;
+                    return Ok(Ok(None));
+                }
+                Admission::Stale(dead) => {
+                    let diagnosis = stale_diagnosis.clone().unwrap_or_else(|| "the key store was not inspected".into());
+                    let mark = format!("stale: the process died mid-rotation; {diagnosis}");
+                    w.mark_stale(&dead.run_id, &mark)?;
+                    let reason = stale_message(&domain, &dead, &diagnosis);
+                    (Outcome::NeedsReview, "refused", reason, Some((dead.run_id, mark)))
+                }
+                Admission::Blocked(row) => (Outcome::NeedsReview, "refused", blocked_message(&domain, &row), None),
+                Admission::NotDue { last, next_due } => (
+                    Outcome::NotDue,
+                    "refused",
+                    format!(
+                        "not due: run {} succeeded at {}; next due {next_due} (min_interval {}); use --force for an emergency rotation",
+                        last.run_id,
+                        last.ended_at.as_deref().unwrap_or(&last.started_at),
+                        humantime::format_duration(p.domain.min_interval)
+                    ),
+                    None,
+                ),
+                Admission::OverBudget { left, need } => (
+                    Outcome::TimedOut,
+                    "timed_out",
+                    format!(
+                        "deadline budget: {} left, a {} rotation needs at least {}; nothing was changed",
+                        humantime::format_duration(Duration::from_millis(left.as_millis() as u64)),
+                        p.domain.backend.algorithm_name().unwrap_or("command"),
+                        humantime::format_duration(need)
+                    ),
+                    None,
+                ),
+            };
+            let (outcome, state, reason, stale) = verdict;
+            w.insert(&p.run, Some((state, outcome, &reason)), from)?;
+            Ok(Ok(Some((outcome, reason, stale))))
+        })
+        .map_err(|e| Failure::new(Outcome::Aborted, format!("{e}; no key was touched")))??;
+    let Some((outcome, reason, stale)) = decision else {
+        return Ok(None);
+    };
+    if let Some((dead_id, mark)) = stale {
+        let _ = p.audit.emit(Event {
+            exit_code: None,
+            reason: Some(mark),
+            ..Event {
+                run_id: dead_id,
+                ..Event::of("rotation.needs_review", &p.run)
+            }
+        });
+    }
+    let _ = p.audit.emit(refused_event(p, outcome, &reason));
+    Ok(Some(stop(outcome, reason)))
+}
+
+/// At the deadline, if the run is still before its commit point, the watchdog records
+/// TIMED_OUT and ends the process: the hung step is abandoned like a crash before the
+/// commit, which leaves the old manifest authoritative.
+pub(super) fn arm_watchdog(p: &Prepared, guard: &Guard) {
+    let ledger_at = p.config.ledger.clone();
+    let snapshot = Prepared {
+        config: p.config.clone(),
+        domain: p.domain.clone(),
+        deadline: p.deadline,
+        pool: p.pool.clone(),
+        run: p.run.clone(),
+        audit: p.audit.clone(),
+        output: p.output,
+        dry_run: false,
+    };
+    // The command backend kills its own hung hooks at the deadline (SIGTERM, grace,
+    // SIGKILL); its watchdog is only a backstop behind that.
+    let after = match p.domain.backend {
+        Backend::Keystore { .. } => Duration::ZERO,
+        Backend::Command { .. } => command::KILL_GRACE + Duration::from_secs(3),
+    };
+    guard.spawn_watchdog(after, move |step| {
+        let reason = format!(
+            "deadline {} reached while '{step}' was still running: the step was abandoned before the commit point; \
+             the old key state stands and what the step left is cleaned up by the next run",
+            snapshot.run.deadline_at
+        );
+        match Ledger::open(&ledger_at, Duration::from_secs(2)) {
+            Ok(mut ledger) => conclude(&mut ledger, &snapshot, Outcome::TimedOut, &reason, None),
+            Err(e) => tracing::error!("{e}"),
+        }
+        print_report(
+            &Report {
+                run_id: snapshot.run.run_id.clone(),
+                domain: snapshot.domain.name.clone(),
+                outcome: Outcome::TimedOut.name(),
+                exit_code: Outcome::TimedOut.code(),
+                from_version: None,
+                to_version: None,
+                reason,
+                dry_run: false,
+                plan: None,
+                warnings: Vec::new(),
+            },
+            snapshot.output,
+        );
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        std::process::exit(i32::from(Outcome::TimedOut.code()));
+    });
+}
