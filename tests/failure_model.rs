@@ -333,3 +333,24 @@ mod injected {
         assert_eq!(rows.iter().find(|r| r["run_id"] == "SECOND-1").unwrap()["exit_code"], 5);
     }
 }
+
+#[test]
+fn a_ledger_held_by_another_writer_until_the_deadline_is_timed_out() {
+    let env = Env::new();
+    env.rotate("sig").status(0);
+    let holder = rusqlite::Connection::open(env.path("state/ledger.sqlite3")).unwrap();
+    holder.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let before = std::fs::read(env.key_dir("sig").join("keyring.json")).unwrap();
+    let out = env
+        .cmd()
+        .args(["rotate", "--domain", "sig", "--force", "--deadline", "2s"])
+        .status(8);
+    assert!(
+        out.stdout.contains("busy") && out.stdout.contains("no key was touched"),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(std::fs::read(env.key_dir("sig").join("keyring.json")).unwrap(), before);
+    holder.execute_batch("ROLLBACK").unwrap();
+    env.rotate("sig").arg("--force").status(0);
+}

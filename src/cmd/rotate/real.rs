@@ -85,7 +85,7 @@ pub(super) fn real_run_inner(p: &Prepared) -> Concluded {
     }
     let mut ledger = match open_ledger(p) {
         Ok(l) => l,
-        Err(e) => return stop(Outcome::Aborted, format!("{e}; no key was touched")),
+        Err(e) => return stop(before_keys(p), format!("{e}; no key was touched")),
     };
     // A shared ledger also guards the other hosts of the pool.
     match ledger.lock_domain(&p.domain.name) {
@@ -103,7 +103,7 @@ pub(super) fn real_run_inner(p: &Prepared) -> Concluded {
                 });
             return refuse_busy(p, holder);
         }
-        Err(e) => return stop(Outcome::Aborted, format!("{e}; no key was touched")),
+        Err(e) => return stop(before_keys(p), format!("{e}; no key was touched")),
     }
 
     // 4-6. stale run, open review, due, budget: decided and recorded in one transaction
@@ -165,6 +165,16 @@ pub(super) fn real_run_inner(p: &Prepared) -> Concluded {
         outcome,
         reason,
         rotated,
+    }
+}
+
+/// The outcome of a ledger failure before any key was touched: TIMED_OUT when the
+/// wait for the ledger ran into the deadline, ABORTED otherwise.
+fn before_keys(p: &Prepared) -> Outcome {
+    if p.deadline.expired() {
+        Outcome::TimedOut
+    } else {
+        Outcome::Aborted
     }
 }
 
@@ -294,7 +304,7 @@ pub(super) fn admit_and_record(p: &Prepared, ledger: &mut Ledger, guard: &Guard)
             w.insert(&p.run, Some((state, outcome, &reason)), from)?;
             Ok(Ok(Some((outcome, reason, stale))))
         })
-        .map_err(|e| Failure::new(Outcome::Aborted, format!("{e}; no key was touched")))??;
+        .map_err(|e| Failure::new(before_keys(p), format!("{e}; no key was touched")))??;
     let Some((outcome, reason, stale)) = decision else {
         return Ok(None);
     };
