@@ -200,10 +200,10 @@ impl Config {
         let ledger = match raw.state.ledger {
             None => LedgerLocation::Sqlite(state_dir.join("ledger.sqlite3")),
             Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
-                url.parse::<postgres::Config>().map_err(|e| {
+                crate::ledger::validate_postgres_url(&url).map_err(|e| {
                     err(
                         "state.ledger",
-                        format!("not a usable PostgreSQL URL: {}", e.to_string().replace(&url, "…")),
+                        format!("not a usable PostgreSQL URL: {}", e.replace(&url, "…")),
                     )
                 })?;
                 LedgerLocation::Postgres(url)

@@ -7,6 +7,7 @@
 //! the tests start the installed cluster themselves. Each test creates its own
 //! database. Only where no PostgreSQL is installed do they say SKIPPED and return.
 
+use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::common::pg::{admin, server, ADMIN_PASSWORD, ADMIN_USER};
@@ -300,5 +301,85 @@ fn a_database_that_disappears_mid_run_leaves_a_row_the_next_run_flags() {
         out.stdout.contains("CUT-1") && out.stdout.contains("did not commit"),
         "{}",
         out.stdout
+    );
+}
+
+#[test]
+fn tls_follows_sslmode_and_verifies_what_it_is_asked_to() {
+    need_postgres!();
+    let snakeoil = "/etc/ssl/certs/ssl-cert-snakeoil.pem";
+    if admin("postgres", "SHOW ssl") != "on" || !std::path::Path::new(snakeoil).exists() {
+        eprintln!(
+            "SKIPPED {}: the server has no TLS certificate to test against",
+            module_path!()
+        );
+        return;
+    }
+    let db = Database::new();
+    let url = |host: &str, query: &str| format!("postgres://{ADMIN_USER}:{ADMIN_PASSWORD}@{host}/{}?{query}", db.0);
+    // A CA that did not sign the server's certificate.
+    let other = tempfile::tempdir().unwrap();
+    let other_ca = other.path().join("ca.pem");
+    let made = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-subj",
+            "/CN=other",
+            "-days",
+            "1",
+        ])
+        .arg("-keyout")
+        .arg(other.path().join("ca.key"))
+        .arg("-out")
+        .arg(&other_ca)
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    // Debian's certificate is self-signed for "localhost".
+    for (u, code, needle) in [
+        (
+            url("localhost", &format!("sslmode=verify-full&sslrootcert={snakeoil}")),
+            0,
+            "",
+        ),
+        (
+            url("127.0.0.1", &format!("sslmode=verify-ca&sslrootcert={snakeoil}")),
+            0,
+            "",
+        ),
+        (
+            url("127.0.0.1", &format!("sslmode=verify-full&sslrootcert={snakeoil}")),
+            3,
+            "certificate verify failed",
+        ),
+        (
+            url(
+                "localhost",
+                &format!("sslmode=verify-full&sslrootcert={}", other_ca.display()),
+            ),
+            3,
+            "certificate verify failed",
+        ),
+        (url("localhost", "sslmode=require"), 0, ""),
+        (url("localhost", "sslmode=disable"), 0, ""),
+    ] {
+        let env = host(&u);
+        let out = env.rotate("sig").arg("--force").output();
+        assert_eq!(out.code, code, "{u}: {}{}", out.stdout, out.stderr);
+        assert!(out.stdout.contains(needle), "{u}: {}", out.stdout);
+        assert!(!out.stdout.contains(ADMIN_PASSWORD) && !out.stderr.contains(ADMIN_PASSWORD));
+    }
+    let bad = host(&url("localhost", "sslmode=sometimes"));
+    let out = bad.rotate("sig").status(2);
+    assert!(
+        out.stderr.contains("state.ledger") && out.stderr.contains("sslmode=sometimes"),
+        "{}",
+        out.stderr
     );
 }

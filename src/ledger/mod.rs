@@ -8,6 +8,7 @@
 //! a [`Writer`]. Queries are written once, with `$N` placeholders, for both engines.
 
 mod postgres;
+pub use postgres::validate_url as validate_postgres_url;
 mod sqlite;
 
 use std::cell::RefCell;
