@@ -125,9 +125,16 @@ enum Verify {
     ChainAndHost,
 }
 
+/// The TLS a connection uses: how much it verifies, against which CA file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Tls {
+    verify: Verify,
+    rootcert: Option<String>,
+}
+
 /// The URL with keyrotate's TLS options taken out, and the TLS policy they ask for:
 /// `None` for `sslmode=disable`.
-fn tls_policy(url: &str) -> Result<(String, Option<(Verify, Option<String>)>), String> {
+fn tls_policy(url: &str) -> Result<(String, Option<Tls>), String> {
     let (base, query) = match url.split_once('?') {
         Some((b, q)) => (b, q),
         None => (url, ""),
@@ -158,7 +165,10 @@ fn tls_policy(url: &str) -> Result<(String, Option<(Verify, Option<String>)>), S
         }
     };
     rest.push(format!("sslmode={wire}"));
-    Ok((format!("{base}?{}", rest.join("&")), verify.map(|v| (v, rootcert))))
+    Ok((
+        format!("{base}?{}", rest.join("&")),
+        verify.map(|verify| Tls { verify, rootcert }),
+    ))
 }
 
 fn tls_connector(verify: Verify, rootcert: Option<&str>) -> Result<MakeTlsConnector, String> {
@@ -201,8 +211,9 @@ fn connect(url: &str, timeout: Duration) -> Result<Client, String> {
         .application_name("keyrotate");
     let mut client = match tls {
         None => config.connect(postgres::NoTls),
-        Some((verify, rootcert)) => {
-            let connector = tls_connector(verify, rootcert.as_deref()).map_err(|e| format!("ledger {label}: {e}"))?;
+        Some(tls) => {
+            let connector =
+                tls_connector(tls.verify, tls.rootcert.as_deref()).map_err(|e| format!("ledger {label}: {e}"))?;
             config.connect(connector)
         }
     }
@@ -308,23 +319,30 @@ pub(super) fn advisory_lock_held(c: &mut Client, domain: &str) -> Result<bool, p
 
 #[cfg(test)]
 mod tests {
-    use super::{redact, tls_policy, Verify};
+    use super::{redact, tls_policy, Tls, Verify};
+
+    fn tls(verify: Verify, rootcert: Option<&str>) -> Option<Tls> {
+        Some(Tls {
+            verify,
+            rootcert: rootcert.map(str::to_string),
+        })
+    }
 
     #[test]
     fn sslmode_follows_libpq() {
         let p = |u: &str| tls_policy(u).unwrap();
         assert_eq!(
             p("postgres://h/db"),
-            ("postgres://h/db?sslmode=prefer".into(), Some((Verify::Nothing, None)))
+            ("postgres://h/db?sslmode=prefer".into(), tls(Verify::Nothing, None))
         );
         assert_eq!(p("postgres://h/db?sslmode=disable").1, None);
-        assert_eq!(p("postgres://h/db?sslmode=require").1, Some((Verify::Nothing, None)));
+        assert_eq!(p("postgres://h/db?sslmode=require").1, tls(Verify::Nothing, None));
         let (wire, v) = p("postgres://h/db?connect_timeout=3&sslmode=verify-full&sslrootcert=%2Fetc%2Fca.pem");
         assert_eq!(wire, "postgres://h/db?connect_timeout=3&sslmode=require");
-        assert_eq!(v, Some((Verify::ChainAndHost, Some("/etc/ca.pem".into()))));
+        assert_eq!(v, tls(Verify::ChainAndHost, Some("/etc/ca.pem")));
         assert_eq!(
             p("postgres://h/db?sslmode=require&sslrootcert=/ca").1,
-            Some((Verify::Chain, Some("/ca".into())))
+            tls(Verify::Chain, Some("/ca"))
         );
         assert!(tls_policy("postgres://h/db?sslmode=allow").is_err());
     }
