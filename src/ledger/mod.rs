@@ -10,6 +10,7 @@
 mod postgres;
 pub use postgres::validate_url as validate_postgres_url;
 mod sqlite;
+mod tls;
 
 use std::cell::RefCell;
 use std::time::Duration;

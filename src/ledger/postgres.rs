@@ -10,17 +10,12 @@
 //! row and flags it for review). Every statement is bounded by `statement_timeout`
 //! and `lock_timeout` derived from the run's deadline.
 //!
-//! TLS follows libpq's `sslmode`: `disable`; `prefer` (the default: encrypt when the
-//! server offers it, without verifying it); `require` (encrypt; verify the chain too
-//! when `sslrootcert` is given, as libpq does); `verify-ca`; `verify-full` (chain and
-//! host name). `sslrootcert=PATH` names the CA file, else the system's trust store.
+//! TLS follows libpq's `sslmode` (see `tls.rs`).
 
 use std::time::Duration;
 
-use openssl::ssl::{SslConnector, SslMethod, SslVerifyMode};
 use postgres::types::{IsNull, ToSql, Type};
 use postgres::{Client, GenericClient};
-use postgres_openssl::MakeTlsConnector;
 
 use super::{Cols, Val};
 
@@ -117,94 +112,15 @@ pub(super) fn query<T>(
         .collect()
 }
 
-/// How much a connection checks the server's certificate.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Verify {
-    Nothing,
-    Chain,
-    ChainAndHost,
-}
-
-/// The TLS a connection uses: how much it verifies, against which CA file.
-#[derive(Clone, Debug, PartialEq, Eq)]
-struct Tls {
-    verify: Verify,
-    rootcert: Option<String>,
-}
-
-/// The URL with keyrotate's TLS options taken out, and the TLS policy they ask for:
-/// `None` for `sslmode=disable`.
-fn tls_policy(url: &str) -> Result<(String, Option<Tls>), String> {
-    let (base, query) = match url.split_once('?') {
-        Some((b, q)) => (b, q),
-        None => (url, ""),
-    };
-    let mut mode = "prefer".to_string();
-    let mut rootcert = None;
-    let mut rest = Vec::new();
-    for pair in query.split('&').filter(|p| !p.is_empty()) {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        let v = percent_encoding::percent_decode_str(v).decode_utf8_lossy().into_owned();
-        match k {
-            "sslmode" => mode = v,
-            "sslrootcert" => rootcert = Some(v),
-            _ => rest.push(pair.to_string()),
-        }
-    }
-    let (wire, verify) = match mode.as_str() {
-        "disable" => ("disable", None),
-        "prefer" => ("prefer", Some(Verify::Nothing)),
-        "require" if rootcert.is_some() => ("require", Some(Verify::Chain)),
-        "require" => ("require", Some(Verify::Nothing)),
-        "verify-ca" => ("require", Some(Verify::Chain)),
-        "verify-full" => ("require", Some(Verify::ChainAndHost)),
-        other => {
-            return Err(format!(
-                "sslmode={other} is not one of disable, prefer, require, verify-ca, verify-full"
-            ))
-        }
-    };
-    rest.push(format!("sslmode={wire}"));
-    Ok((
-        format!("{base}?{}", rest.join("&")),
-        verify.map(|verify| Tls { verify, rootcert }),
-    ))
-}
-
-fn tls_connector(verify: Verify, rootcert: Option<&str>) -> Result<MakeTlsConnector, String> {
-    let fail = |e: openssl::error::ErrorStack| format!("TLS set-up: {e}");
-    let mut builder = SslConnector::builder(SslMethod::tls_client()).map_err(fail)?;
-    if verify == Verify::Nothing {
-        builder.set_verify(SslVerifyMode::NONE);
-    } else if let Some(ca) = rootcert {
-        // As in libpq, `sslrootcert` is the only trust anchor, not one more.
-        let pem = std::fs::read(ca).map_err(|e| format!("sslrootcert {ca}: {}", crate::fsutil::io_reason(&e)))?;
-        let certs = openssl::x509::X509::stack_from_pem(&pem).map_err(|e| format!("sslrootcert {ca}: {e}"))?;
-        let mut store = openssl::x509::store::X509StoreBuilder::new().map_err(fail)?;
-        for cert in certs {
-            store.add_cert(cert).map_err(fail)?;
-        }
-        builder.set_cert_store(store.build());
-    }
-    let mut connector = MakeTlsConnector::new(builder.build());
-    if verify != Verify::ChainAndHost {
-        connector.set_callback(|c, _| {
-            c.set_verify_hostname(false);
-            Ok(())
-        });
-    }
-    Ok(connector)
-}
-
 /// Checks a ledger URL without connecting (used when the config is loaded).
 pub fn validate_url(url: &str) -> Result<(), String> {
-    let (wire, _) = tls_policy(url)?;
+    let (wire, _) = super::tls::policy(url)?;
     wire.parse::<postgres::Config>().map(|_| ()).map_err(|e| e.to_string())
 }
 
 fn connect(url: &str, timeout: Duration) -> Result<Client, String> {
     let label = redact(url);
-    let (wire, tls) = tls_policy(url).map_err(|e| format!("ledger {label}: {e}"))?;
+    let (wire, tls) = super::tls::policy(url).map_err(|e| format!("ledger {label}: {e}"))?;
     let mut config: postgres::Config = wire.parse().map_err(|e| format!("ledger {label}: {e}"))?;
     config
         .connect_timeout(timeout.max(Duration::from_millis(100)))
@@ -212,8 +128,7 @@ fn connect(url: &str, timeout: Duration) -> Result<Client, String> {
     let mut client = match tls {
         None => config.connect(postgres::NoTls),
         Some(tls) => {
-            let connector =
-                tls_connector(tls.verify, tls.rootcert.as_deref()).map_err(|e| format!("ledger {label}: {e}"))?;
+            let connector = super::tls::connector(&tls).map_err(|e| format!("ledger {label}: {e}"))?;
             config.connect(connector)
         }
     }
@@ -319,33 +234,7 @@ pub(super) fn advisory_lock_held(c: &mut Client, domain: &str) -> Result<bool, p
 
 #[cfg(test)]
 mod tests {
-    use super::{redact, tls_policy, Tls, Verify};
-
-    fn tls(verify: Verify, rootcert: Option<&str>) -> Option<Tls> {
-        Some(Tls {
-            verify,
-            rootcert: rootcert.map(str::to_string),
-        })
-    }
-
-    #[test]
-    fn sslmode_follows_libpq() {
-        let p = |u: &str| tls_policy(u).unwrap();
-        assert_eq!(
-            p("postgres://h/db"),
-            ("postgres://h/db?sslmode=prefer".into(), tls(Verify::Nothing, None))
-        );
-        assert_eq!(p("postgres://h/db?sslmode=disable").1, None);
-        assert_eq!(p("postgres://h/db?sslmode=require").1, tls(Verify::Nothing, None));
-        let (wire, v) = p("postgres://h/db?connect_timeout=3&sslmode=verify-full&sslrootcert=%2Fetc%2Fca.pem");
-        assert_eq!(wire, "postgres://h/db?connect_timeout=3&sslmode=require");
-        assert_eq!(v, tls(Verify::ChainAndHost, Some("/etc/ca.pem")));
-        assert_eq!(
-            p("postgres://h/db?sslmode=require&sslrootcert=/ca").1,
-            tls(Verify::Chain, Some("/ca"))
-        );
-        assert!(tls_policy("postgres://h/db?sslmode=allow").is_err());
-    }
+    use super::redact;
 
     #[test]
     fn urls_lose_their_password_in_messages() {
