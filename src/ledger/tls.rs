@@ -107,29 +107,38 @@ pub(super) fn connector(tls: &Tls) -> Result<MakeRustlsConnect, String> {
         Verify::ChainAndHost => builder
             .with_root_certificates(roots(tls.rootcert.as_deref())?)
             .with_no_client_auth(),
-        Verify::Chain => {
-            let inner =
-                WebPkiServerVerifier::builder_with_provider(Arc::new(roots(tls.rootcert.as_deref())?), provider)
+        Verify::Chain | Verify::Nothing => {
+            let chain = match tls.verify {
+                Verify::Chain => Some(
+                    WebPkiServerVerifier::builder_with_provider(
+                        Arc::new(roots(tls.rootcert.as_deref())?),
+                        Arc::clone(&provider),
+                    )
                     .build()
-                    .map_err(|e| format!("TLS set-up: {e}"))?;
+                    .map_err(|e| format!("TLS set-up: {e}"))?,
+                ),
+                _ => None,
+            };
             builder
                 .dangerous()
-                .with_custom_certificate_verifier(Arc::new(ChainOnly(inner)))
+                .with_custom_certificate_verifier(Arc::new(Lenient { chain, provider }))
                 .with_no_client_auth()
         }
-        Verify::Nothing => builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(SignaturesOnly(provider)))
-            .with_no_client_auth(),
     };
     Ok(MakeRustlsConnect::new(config))
 }
 
-/// `verify-ca`: the chain must lead to a trusted root; the name is not checked.
+/// The verifier for `prefer`/`require` (no `chain`: encryption against passive
+/// eavesdropping only, as in libpq) and `verify-ca` (the chain must lead to a trusted
+/// root; the name is not checked). Either way the handshake signature is checked
+/// against the presented certificate.
 #[derive(Debug)]
-struct ChainOnly(Arc<WebPkiServerVerifier>);
+struct Lenient {
+    chain: Option<Arc<WebPkiServerVerifier>>,
+    provider: Arc<CryptoProvider>,
+}
 
-impl ServerCertVerifier for ChainOnly {
+impl ServerCertVerifier for Lenient {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -138,10 +147,10 @@ impl ServerCertVerifier for ChainOnly {
         ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, Error> {
-        match self
-            .0
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
-        {
+        let Some(chain) = &self.chain else {
+            return Ok(ServerCertVerified::assertion());
+        };
+        match chain.verify_server_cert(end_entity, intermediates, server_name, ocsp, now) {
             Err(Error::InvalidCertificate(
                 CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
             )) => Ok(ServerCertVerified::assertion()),
@@ -150,59 +159,22 @@ impl ServerCertVerifier for ChainOnly {
     }
     fn verify_tls12_signature(
         &self,
-        m: &[u8],
-        c: &CertificateDer<'_>,
-        d: &DigitallySignedStruct,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        self.0.verify_tls12_signature(m, c, d)
+        verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
     }
     fn verify_tls13_signature(
         &self,
-        m: &[u8],
-        c: &CertificateDer<'_>,
-        d: &DigitallySignedStruct,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        self.0.verify_tls13_signature(m, c, d)
+        verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
     }
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.supported_verify_schemes()
-    }
-}
-
-/// `prefer`/`require`: encryption against passive eavesdropping only, as in libpq; the
-/// handshake signature is still checked against the presented certificate.
-#[derive(Debug)]
-struct SignaturesOnly(Arc<CryptoProvider>);
-
-impl ServerCertVerifier for SignaturesOnly {
-    fn verify_server_cert(
-        &self,
-        _: &CertificateDer<'_>,
-        _: &[CertificateDer<'_>],
-        _: &ServerName<'_>,
-        _: &[u8],
-        _: UnixTime,
-    ) -> Result<ServerCertVerified, Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-    fn verify_tls12_signature(
-        &self,
-        m: &[u8],
-        c: &CertificateDer<'_>,
-        d: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, Error> {
-        verify_tls12_signature(m, c, d, &self.0.signature_verification_algorithms)
-    }
-    fn verify_tls13_signature(
-        &self,
-        m: &[u8],
-        c: &CertificateDer<'_>,
-        d: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, Error> {
-        verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
-    }
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
+        self.provider.signature_verification_algorithms.supported_schemes()
     }
 }
 
