@@ -78,7 +78,7 @@ pub struct RotateArgs {
     #[arg(long)]
     pub force: bool,
 
-    /// This host's pool [default: $KEYROTATE_POOL, else [host].pool]
+    /// This host's pool [default: $KEYROTATE_POOL, else the config's host.pool]
     #[arg(long, value_name = "NAME")]
     pub pool: Option<String>,
 
