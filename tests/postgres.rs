@@ -383,3 +383,42 @@ fn tls_follows_sslmode_and_verifies_what_it_is_asked_to() {
         out.stderr
     );
 }
+
+#[test]
+fn a_database_lock_is_waited_for_only_until_the_deadline() {
+    need_postgres!();
+    let db = Database::new();
+    let a = host(&db.url());
+    a.rotate("sig").status(0);
+    // Another session holds the ledger's table for longer than the run may take.
+    let holder = Command::new("psql")
+        .args(["-X", "-q", "-h", "127.0.0.1", "-U", ADMIN_USER, "-d", &db.0, "-c"])
+        .arg("BEGIN; LOCK TABLE rotations IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(4); COMMIT;")
+        .env("PGPASSWORD", ADMIN_PASSWORD)
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while db.sql("SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation WHERE c.relname = 'rotations' AND l.mode = 'AccessExclusiveLock' AND l.granted") != "1" {
+        assert!(start.elapsed().as_secs() < 10, "the holder never took its lock");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let before = std::fs::read(a.key_dir("sig").join("keyring.json")).unwrap();
+    let start = std::time::Instant::now();
+    let out = a
+        .cmd()
+        .args(["rotate", "--domain", "sig", "--force", "--deadline", "2s"])
+        .status(8);
+    assert!(
+        start.elapsed() < std::time::Duration::from_secs(5),
+        "waited {:?}",
+        start.elapsed()
+    );
+    assert!(
+        out.stdout.contains("timeout") && out.stdout.contains("no key was touched"),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(std::fs::read(a.key_dir("sig").join("keyring.json")).unwrap(), before);
+    let _ = holder.wait_with_output();
+    a.rotate("sig").arg("--force").status(0);
+}

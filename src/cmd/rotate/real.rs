@@ -242,7 +242,7 @@ pub(super) fn refuse_busy(p: &Prepared, holder: Option<Holder>) -> Concluded {
 pub(super) fn admit_and_record(p: &Prepared, ledger: &mut Ledger, guard: &Guard) -> Result<Option<Concluded>, Failure> {
     let rec = ledger
         .domain_record(&p.domain.name)
-        .map_err(|e| Failure::new(Outcome::Aborted, e))?;
+        .map_err(|e| Failure::new(before_keys(p), format!("{e}; no key was touched")))?;
     // The diagnosis reads the key store, so it is made before the write transaction.
     let stale_diagnosis = rec.in_flight.as_ref().map(|dead| {
         let events = ledger.events(&dead.run_id).unwrap_or_default();
