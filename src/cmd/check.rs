@@ -94,22 +94,32 @@ pub fn run(cli: &Cli, args: &CheckArgs) -> Outcome {
     }
 }
 
-/// A hook program must exist, be a regular executable file, and not be writable by
-/// group or others (anyone who can write it can run code as keyrotate).
-pub fn check_program(program: &std::path::Path) -> Result<(), String> {
+/// A hook program that can run at all: it exists and is an executable regular file.
+/// Missing that is a configuration error (USAGE) for `rotate`.
+pub fn program_runnable(program: &std::path::Path) -> Result<u32, String> {
     let meta =
         std::fs::metadata(program).map_err(|e| format!("program {}: {}", program.display(), fsutil::io_reason(&e)))?;
     let mode = meta.permissions().mode();
     if !meta.is_file() {
-        return Err(format!("program {} is not a regular file", program.display()));
+        return Err(format!(
+            "program {} is not an executable file (not a regular file)",
+            program.display()
+        ));
     }
     if mode & 0o111 == 0 {
         return Err(format!(
-            "program {} is not executable (mode {:04o})",
+            "program {} is not an executable file (mode {:04o})",
             program.display(),
             mode & 0o7777
         ));
     }
+    Ok(mode)
+}
+
+/// A hook program must also not be writable by group or others (anyone who can write
+/// it can run code as keyrotate); `rotate` refuses such a program (ABORTED).
+pub fn check_program(program: &std::path::Path) -> Result<(), String> {
+    let mode = program_runnable(program)?;
     if mode & 0o022 != 0 {
         return Err(format!(
             "program {} is writable by group or others (mode {:04o})",

@@ -7,7 +7,7 @@ mod resolve;
 mod rotate;
 mod status;
 
-pub(crate) use check::check_program;
+pub(crate) use check::{check_program, program_runnable};
 
 use std::io::IsTerminal;
 use std::process::ExitCode;

@@ -29,16 +29,13 @@ fn resolve(cli: &Cli, args: &ResolveArgs) -> Result<String, Failure> {
         return Err(Failure::usage("--note is empty: say what was checked and decided"));
     }
     let by = clean_text("--operator", &operator(args.operator.as_deref()), 128)?;
-    match Ledger::open_read_only(&config.ledger).map_err(|e| Failure::new(Outcome::Aborted, e))? {
-        None => return Err(Failure::usage("there is no ledger yet: there is nothing to resolve")),
-        Some(l)
-            if l.get(&args.run)
-                .map_err(|e| Failure::new(Outcome::Aborted, e))?
-                .is_none() =>
-        {
-            return Err(Failure::usage(format!("run {} is not in the ledger", args.run)));
-        }
-        Some(_) => {}
+    // Only look: resolving must not create a ledger that was never there. Whether the
+    // run exists is decided inside the write transaction below.
+    if Ledger::open_read_only(&config.ledger)
+        .map_err(|e| Failure::new(Outcome::Aborted, e))?
+        .is_none()
+    {
+        return Err(Failure::usage("there is no ledger yet: there is nothing to resolve"));
     }
     let mut ledger = Ledger::open(&config.ledger, std::time::Duration::from_secs(10))
         .map_err(|e| Failure::new(Outcome::Aborted, e))?;

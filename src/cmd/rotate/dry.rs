@@ -57,7 +57,7 @@ pub(super) fn dry_run_decide(p: &Prepared, plan: &mut Vec<String>) -> (Outcome, 
         (&p.config.state_dir, "state folder"),
         (&p.config.lock_dir(), "lock folder"),
     ] {
-        if dir.exists() || std::fs::symlink_metadata(dir).is_ok() {
+        if std::fs::symlink_metadata(dir).is_ok() {
             if let Err(e) = fsutil::check_secure_dir(dir, what) {
                 plan.push(format!("folders: {e}"));
                 return (Outcome::Aborted, format!("{e}; the real run would refuse it"), none);

@@ -125,7 +125,7 @@ fn prepare(cli: &Cli, args: &RotateArgs) -> Result<Prepared, Failure> {
     let domain = config.domain(&args.domain).map_err(Failure::usage)?.clone();
     let deadline = Deadline::parse(&args.deadline, domain.max_deadline).map_err(Failure::usage)?;
     if let Backend::Command { program, .. } = &domain.backend {
-        hook_exists(program).map_err(|e| {
+        super::program_runnable(program).map_err(|e| {
             Failure::usage(format!(
                 "{}: domains.{}.command: {e}",
                 config.path.display(),
@@ -179,18 +179,6 @@ fn prepare(cli: &Cli, args: &RotateArgs) -> Result<Prepared, Failure> {
         output: args.output,
         dry_run: args.dry_run,
     })
-}
-
-/// A hook that is missing or not executable is a configuration error (USAGE); one
-/// that is unsafe to run is refused later, like an unsafe folder (ABORTED).
-fn hook_exists(program: &std::path::Path) -> Result<(), String> {
-    use std::os::unix::fs::PermissionsExt;
-    let meta =
-        std::fs::metadata(program).map_err(|e| format!("program {}: {}", program.display(), fsutil::io_reason(&e)))?;
-    if !meta.is_file() || meta.permissions().mode() & 0o111 == 0 {
-        return Err(format!("program {} is not an executable file", program.display()));
-    }
-    Ok(())
 }
 
 fn validate_run_id(id: &str) -> Result<String, Failure> {
