@@ -134,6 +134,12 @@ fn a_ledger_that_is_not_sqlite_stops_the_run_before_any_key() {
         std::fs::read(env.path("state/ledger.sqlite3")).unwrap(),
         vec![b'#'; 8192]
     );
+    // With no ledger row possible, the audit line is the run's record.
+    let last = env.audit().pop().expect("an audit line");
+    assert_eq!(
+        (last["event"].as_str(), last["exit_code"].as_i64()),
+        (Some("rotation.aborted"), Some(3))
+    );
 }
 
 #[cfg(feature = "failpoints")]

@@ -35,6 +35,18 @@ pub(super) fn refused_event(p: &Prepared, outcome: Outcome, reason: &str) -> Eve
     }
 }
 
+/// Ends a run that has no ledger row (the ledger or the lock file failed it): the
+/// audit line is then its only record. A usage error touched nothing and records
+/// nothing.
+fn stop_unrecorded(p: &Prepared, outcome: Outcome, reason: String) -> Concluded {
+    if outcome != Outcome::Usage {
+        let _ = p
+            .audit
+            .emit(refused_event(p, outcome, &format!("{reason} (no ledger row)")));
+    }
+    stop(outcome, reason)
+}
+
 pub(super) fn stop(outcome: Outcome, reason: String) -> Concluded {
     if outcome != Outcome::Rotated {
         tracing::warn!("{}: {reason}", outcome.name());
@@ -70,7 +82,7 @@ pub(super) fn real_run_inner(p: &Prepared) -> Concluded {
     }
     let lock_path = lock::lock_path(&p.config.lock_dir(), &p.domain.name);
     let mut held = match DomainLock::try_acquire(&lock_path) {
-        Err(e) => return stop(Outcome::Aborted, format!("{e}; nothing was changed")),
+        Err(e) => return stop_unrecorded(p, Outcome::Aborted, format!("{e}; nothing was changed")),
         Ok(Acquire::Busy(holder)) => return refuse_busy(p, holder),
         Ok(Acquire::Acquired(l)) => l,
     };
@@ -85,7 +97,7 @@ pub(super) fn real_run_inner(p: &Prepared) -> Concluded {
     }
     let mut ledger = match open_ledger(p) {
         Ok(l) => l,
-        Err(e) => return stop(before_keys(p), format!("{e}; no key was touched")),
+        Err(e) => return stop_unrecorded(p, before_keys(p), format!("{e}; no key was touched")),
     };
     // A shared ledger also guards the other hosts of the pool.
     match ledger.lock_domain(&p.domain.name) {
@@ -103,12 +115,12 @@ pub(super) fn real_run_inner(p: &Prepared) -> Concluded {
                 });
             return refuse_busy(p, holder);
         }
-        Err(e) => return stop(before_keys(p), format!("{e}; no key was touched")),
+        Err(e) => return stop_unrecorded(p, before_keys(p), format!("{e}; no key was touched")),
     }
 
     // 4-6. stale run, open review, due, budget: decided and recorded in one transaction
     match admit_and_record(p, &mut ledger, &guard) {
-        Err(f) => return stop(f.outcome, f.message),
+        Err(f) => return stop_unrecorded(p, f.outcome, f.message),
         Ok(Some(refused)) => return refused,
         Ok(None) => {}
     }
