@@ -178,6 +178,52 @@ pub fn recorded_alive(record: &str) -> Option<i32> {
     (get("boot")? == boot_id() && id.start != 0 && id.alive()).then_some(id.pid)
 }
 
+/// What of a run recorded in the ledger still runs on this host.
+#[derive(Clone, Debug)]
+pub enum Alive {
+    /// keyrotate itself (it lost its lock, or nothing says it died): its pid.
+    Run(i32),
+    /// keyrotate is gone but a hook step it started is not.
+    Hook(HookProcess),
+}
+
+impl Alive {
+    pub fn describe(&self, run_id: &str) -> String {
+        match self {
+            Alive::Run(pid) => format!("run {run_id} lost its lock, still running (pid {pid} on this host)"),
+            Alive::Hook(h) => format!(
+                "run {run_id} is gone but {}: stop it (kill -TERM -- -{}) or wait for it to end",
+                h.describe(),
+                h.leader.pid
+            ),
+        }
+    }
+}
+
+/// Whether the run recorded on `run_host` with these ledger events (`(at, phase,
+/// detail)`) still runs here. Another host's processes cannot be seen: `None`.
+pub fn liveness(this_host: &str, run_host: &str, events: &[(String, String, Option<String>)]) -> Option<Alive> {
+    if this_host != run_host {
+        return None;
+    }
+    let detail = |phase: &str| {
+        events
+            .iter()
+            .rev()
+            .find(|e| e.1 == phase)
+            .and_then(|e| e.2.clone())
+    };
+    if let Some(pid) = detail("process").and_then(|d| recorded_alive(&d)) {
+        return Some(Alive::Run(pid));
+    }
+    events
+        .iter()
+        .filter(|e| e.1 == "hook_process")
+        .filter_map(|e| e.2.as_deref().and_then(HookProcess::parse))
+        .find(HookProcess::alive)
+        .map(Alive::Hook)
+}
+
 /// Waits until `done()` or `limit` passes; true when `done()` came first.
 pub fn wait_for(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
     let start = std::time::Instant::now();

@@ -46,6 +46,19 @@ fn resolve(cli: &Cli, args: &ResolveArgs) -> Result<String, Failure> {
         || lock::probe(&lock::lock_path(&config.lock_dir(), &domain.name))
             .unwrap_or(None)
             .is_some();
+    // Nothing is resolved while the run, or a hook it started, still runs here: a
+    // rotation after the review would run beside it.
+    if let Some(row) = ledger.get(&args.run).map_err(|e| Failure::new(Outcome::Aborted, e))? {
+        if row.in_flight() || row.state == "needs_review" {
+            let events = ledger.events(&row.run_id).map_err(|e| Failure::new(Outcome::Aborted, e))?;
+            if let Some(alive) = crate::process::liveness(&hostname(), &row.host, &events) {
+                return Err(Failure::new(
+                    Outcome::Busy,
+                    format!("not resolved: {}; then resolve", alive.describe(&row.run_id)),
+                ));
+            }
+        }
+    }
     let row = ledger
         .write("resolve", |w| {
             let Some(row) = w.get(&args.run)? else {

@@ -124,6 +124,13 @@ pub(super) fn real_run_inner(p: &Prepared) -> Concluded {
         Ok(Some(refused)) => return refused,
         Ok(None) => {}
     }
+    // Who runs this, so that the next run can tell "still running" from "died".
+    if ledger.is_shared() || matches!(p.domain.backend, Backend::Command { .. }) {
+        let run_id = p.run.run_id.clone();
+        let _ = ledger.write("event", |w| {
+            w.event(&run_id, "process", Some(&crate::process::record_me()))
+        });
+    }
     let _ = p.audit.emit(Event {
         reason: p.run.requested_reason.clone(),
         ..Event::of("rotation.started", &p.run)
@@ -203,9 +210,18 @@ pub(super) fn conclude(ledger: &mut Ledger, p: &Prepared, outcome: Outcome, reas
     let to_version = rotated.and_then(|r| r.to_version);
     let from_version = rotated.and_then(|r| r.from_version);
     let run_id = p.run.run_id.clone();
-    if let Err(e) = ledger.write("close", |w| {
-        w.close(&run_id, outcome, reason, (from_version, to_version))
-    }) {
+    let close = |ledger: &mut Ledger| {
+        ledger.write("close", |w| {
+            w.close(&run_id, outcome, reason, (from_version, to_version))
+        })
+    };
+    let mut closed = close(ledger);
+    if closed.is_err() && ledger.is_shared() {
+        // The session that held the lock may be gone (that may be why the run ends):
+        // closing our own row needs no lock, so a new session records the truth.
+        closed = Ledger::open(&p.config.ledger, Duration::from_secs(5)).and_then(|mut fresh| close(&mut fresh));
+    }
+    if let Err(e) = closed {
         tracing::error!("{e}; the run's row stays open and the next run will flag it for review");
     }
     let event = Event {
@@ -256,10 +272,22 @@ pub(super) fn admit_and_record(p: &Prepared, ledger: &mut Ledger, guard: &Guard)
         .domain_record(&p.domain.name)
         .map_err(|e| Failure::new(before_keys(p), format!("{e}; no key was touched")))?;
     // The diagnosis reads the key store, so it is made before the write transaction.
-    let stale_diagnosis = rec.in_flight.as_ref().map(|dead| {
-        let events = ledger.events(&dead.run_id).unwrap_or_default();
-        diagnose(p, dead, last_step(&events))
-    });
+    let stale_events = rec
+        .in_flight
+        .as_ref()
+        .map(|dead| ledger.events(&dead.run_id).unwrap_or_default());
+    let stale_diagnosis = rec
+        .in_flight
+        .as_ref()
+        .zip(stale_events.as_ref())
+        .map(|(dead, events)| diagnose(p, dead, last_step(events)));
+    // A live process is never called dead: a run that lost its PostgreSQL lock may
+    // still run here, and a dead run's hook may outlive it.
+    let still_running = rec
+        .in_flight
+        .as_ref()
+        .zip(stale_events.as_ref())
+        .and_then(|(dead, events)| crate::process::liveness(&p.run.host, &dead.host, events));
     let domain = p.domain.name.clone();
     let decision = ledger
         .write("admit", |w| {
@@ -281,9 +309,21 @@ pub(super) fn admit_and_record(p: &Prepared, ledger: &mut Ledger, guard: &Guard)
                     w.insert(&p.run, None, from)?;
                     return Ok(Ok(None));
                 }
+                Admission::Stale(dead) if matches!(still_running, Some(crate::process::Alive::Run(_))) => {
+                    let alive = still_running.clone().expect("matched above");
+                    let reason = format!(
+                        "another rotation of {domain} is running: {}; it stops at its next step: wait for it",
+                        alive.describe(&dead.run_id)
+                    );
+                    (Outcome::Busy, "refused", reason, None)
+                }
                 Admission::Stale(dead) => {
-                    let diagnosis = stale_diagnosis.clone().unwrap_or_else(|| "the key store was not inspected".into());
-                    let mark = format!("stale: the process died mid-rotation; {diagnosis}");
+                    let mut diagnosis =
+                        stale_diagnosis.clone().unwrap_or_else(|| "the key store was not inspected".into());
+                    if let Some(alive) = &still_running {
+                        diagnosis = format!("{diagnosis}; {}", alive.describe(&dead.run_id));
+                    }
+                    let mark = format!("stale: the process {} mid-rotation; {diagnosis}", ended_how(&dead));
                     w.mark_stale(&dead.run_id, &mark)?;
                     let reason = stale_message(&domain, &dead, &diagnosis);
                     (Outcome::NeedsReview, "refused", reason, Some((dead.run_id, mark)))
