@@ -59,36 +59,35 @@ impl ProcId {
 /// Whether anything is left in process group `pgid` whose leader was `leader`. A pid
 /// is not reused while a group of that id exists, so a group with no leader is still
 /// the recorded one; a leader with another start time means the id was reused.
+/// Zombies do not count (an init that never reaps them is common in containers).
 pub fn group_alive(pgid: i32, leader: &ProcId) -> bool {
     if pgid <= 1 {
         return false;
     }
-    // SAFETY: signal 0 only checks that the group exists and may be signalled.
-    if unsafe { libc::killpg(pgid, 0) } != 0 {
-        return false;
-    }
     match stat(pgid) {
-        None => true,
-        Some(s) if s.state == 'Z' => true,
-        Some(s) => s.start == leader.start,
+        Some(s) if s.state != 'Z' && s.start != leader.start => false,
+        _ => all().iter().any(|(_, s)| s.pgrp == pgid && s.state != 'Z'),
     }
+}
+
+/// Every process of this host (as far as `/proc` shows them).
+fn all() -> Vec<(i32, Stat)> {
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    rd.flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()))
+        .filter_map(|pid| stat(pid).map(|s| (pid, s)))
+        .collect()
 }
 
 /// Every live descendant of `root` (children, their children…), by walking `/proc`.
 pub fn descendants(root: i32) -> Vec<i32> {
-    let mut parent_of = Vec::new();
-    if let Ok(rd) = std::fs::read_dir("/proc") {
-        for e in rd.flatten() {
-            let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-                continue;
-            };
-            if let Some(s) = stat(pid) {
-                if s.state != 'Z' {
-                    parent_of.push((pid, s.ppid));
-                }
-            }
-        }
-    }
+    let parent_of: Vec<(i32, i32)> = all()
+        .into_iter()
+        .filter(|(_, s)| s.state != 'Z')
+        .map(|(pid, s)| (pid, s.ppid))
+        .collect();
     let mut out = Vec::new();
     let mut frontier = vec![root];
     while let Some(p) = frontier.pop() {

@@ -11,6 +11,7 @@ mod crash;
 mod dry_run;
 mod failure_model;
 mod hardening;
+mod hook_safety;
 mod hygiene;
 mod keystore;
 mod pg_hook;
