@@ -14,6 +14,7 @@ mod hardening;
 mod hook_safety;
 mod hygiene;
 mod keystore;
+mod pg_fencing;
 mod pg_hook;
 mod postgres;
 mod rotate;
