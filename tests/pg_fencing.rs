@@ -99,6 +99,12 @@ designated_pool = "pool-a"
 backend = "command"
 command = ["./hooks/h"]
 min_interval = "0s"
+[domains.sig]
+designated_pool = "pool-a"
+backend = "keystore"
+algorithm = "ed25519"
+keystore = "keys"
+min_interval = "0s"
 "#,
         db.url()
     ));
@@ -222,6 +228,40 @@ fn a_run_whose_lock_is_taken_away_mid_set_stops_and_is_never_called_dead() {
     assert_no_overlap(&read(&log));
 }
 
+#[cfg(feature = "failpoints")]
+#[test]
+fn a_key_store_commit_is_not_made_without_the_lock() {
+    need_postgres!();
+    let db = Database::new();
+    let a = host(&db);
+    a.rotate("sig").args(["--run-id", "KS-1"]).status(0);
+    let before = std::fs::read(a.key_dir("sig").join("keyring.json")).unwrap();
+    let steps = a.path("steps.log");
+    // Held just before the commit (after the last database round trip before it).
+    let child = a
+        .rotate("sig")
+        .args(["--run-id", "KS-2"])
+        .env("KEYROTATE_FAILPOINT_LOG", &steps)
+        .env("KEYROTATE_FAILPOINTS", "jwks.create=sleep(1500)")
+        .spawn();
+    crate::common::wait_for_step(&steps, "jwks.create");
+    db.terminate_keyrotate_sessions();
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(3), "{stdout}");
+    assert!(stdout.contains("lost its lock") && stdout.contains("nothing was changed"), "{stdout}");
+    assert_eq!(
+        std::fs::read(a.key_dir("sig").join("keyring.json")).unwrap(),
+        before,
+        "committed without the lock"
+    );
+    assert_eq!(
+        db.sql("SELECT state || ' ' || exit_code FROM rotations WHERE run_id = 'KS-2'"),
+        "aborted 3"
+    );
+    a.rotate("sig").args(["--run-id", "KS-3"]).status(0);
+}
+
 /// A run killed at `kill` (a failpoint spec, or `None` with `during` = a hook step to
 /// SIGKILL it in), then the other host straight away, then review and a good run:
 /// nothing overlaps and every row ends closed and truthful.
@@ -244,7 +284,23 @@ fn kill_then_other_host(db: &Database, a: &Env, b: &Env, run: &str, kill: Option
         wait_for_line(&log, &format!("tick {run} {step}"));
         // SAFETY: SIGKILL to the keyrotate process this test started.
         unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+        let killed_at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64();
         std::fs::remove_file(a.path(&format!("hooks/slow.{step}"))).unwrap();
+        // On another host nothing could see this hook: it must die with its run.
+        std::thread::sleep(Duration::from_millis(1500));
+        let last = crate::hook_safety::intervals(&read(&log))
+            .into_iter()
+            .find(|i| i.0 == run)
+            .map(|i| i.2)
+            .unwrap();
+        assert!(
+            last < killed_at + 1.0,
+            "{context}: the hook went on {:.3} s after keyrotate was killed",
+            last - killed_at
+        );
     }
     let status = child.wait().unwrap();
     use std::os::unix::process::ExitStatusExt;

@@ -393,7 +393,7 @@ pub(super) fn arm_watchdog(p: &Prepared, guard: &Guard) {
     // SIGKILL); its watchdog is only a backstop behind that.
     let after = match p.domain.backend {
         Backend::Keystore { .. } => Duration::ZERO,
-        Backend::Command { .. } => command::KILL_GRACE + Duration::from_secs(3),
+        Backend::Command { .. } => command::KILL_GRACE + Duration::from_secs(5),
     };
     guard.spawn_watchdog(after, move |step| {
         let reason = format!(
