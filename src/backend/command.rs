@@ -4,10 +4,17 @@
 //!
 //! The hook runs directly (no shell), stdin closed, in its own process group, with
 //! `KEYROTATE_STEP`, `KEYROTATE_DOMAIN`, `KEYROTATE_RUN_ID`, `KEYROTATE_DEADLINE` and
-//! `KEYROTATE_STATE_DIR` set. Its output is passed to stderr as it runs (capped) and its
-//! tail kept in the ledger. At the deadline the whole group gets SIGTERM, then SIGKILL
-//! after a grace period; when a step ends, anything it left running in its group is
-//! killed too, so no child of a hook outlives its step.
+//! `KEYROTATE_STATE_DIR` set, under a watcher process (`watcher.rs`) that kills the
+//! whole hook tree — its group and every descendant, `setsid` ones included — when the
+//! step ends, at the deadline (SIGTERM, then SIGKILL after a grace period), when the
+//! run loses its ledger lock, and when keyrotate dies. Its output is passed to stderr
+//! as it runs (capped, and never waiting on our stderr) and its tail kept in the
+//! ledger; the pipes are read without ever blocking, so a process that keeps them open
+//! cannot hold the run. The ledger records the hook's process group and its watcher
+//! (`hook_process` events), so the next run on this host can find survivors.
+//!
+//! On a shared ledger every step is fenced: the lock is confirmed before each step and
+//! every second while one runs (which also keeps the session from going idle).
 //!
 //! `set` is the commit point: a failure before it leaves the target untouched (ABORTED,
 //! or TIMED_OUT at the deadline); from `set` on, the target may hold a half-rotated
