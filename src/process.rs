@@ -205,13 +205,7 @@ pub fn liveness(this_host: &str, run_host: &str, events: &[(String, String, Opti
     if this_host != run_host {
         return None;
     }
-    let detail = |phase: &str| {
-        events
-            .iter()
-            .rev()
-            .find(|e| e.1 == phase)
-            .and_then(|e| e.2.clone())
-    };
+    let detail = |phase: &str| events.iter().rev().find(|e| e.1 == phase).and_then(|e| e.2.clone());
     if let Some(pid) = detail("process").and_then(|d| recorded_alive(&d)) {
         return Some(Alive::Run(pid));
     }
@@ -245,7 +239,11 @@ mod tests {
     fn records_round_trip_and_this_process_is_alive() {
         let me = ProcId::me().unwrap();
         assert!(me.alive());
-        assert!(!ProcId { start: me.start + 1, ..me.clone() }.alive());
+        assert!(!ProcId {
+            start: me.start + 1,
+            ..me.clone()
+        }
+        .alive());
         let h = HookProcess {
             step: "set".into(),
             leader: me.clone(),

@@ -180,7 +180,10 @@ fn a_step_waiting_on_a_child_in_another_session_ends_at_the_deadline() {
         "a step ran after the deadline:\n{log}"
     );
     let row = env.last_row();
-    assert_eq!((row["state"].as_str(), row["exit_code"].as_i64()), (Some("needs_review"), Some(4)));
+    assert_eq!(
+        (row["state"].as_str(), row["exit_code"].as_i64()),
+        (Some("needs_review"), Some(4))
+    );
 }
 
 #[test]
@@ -197,7 +200,10 @@ fn a_killed_keyrotate_takes_its_hook_and_grandchildren_with_it() {
     unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
     let killed = Instant::now();
     let _ = child.wait();
-    assert!(gone_within(hook, Duration::from_secs(2)), "the hook {hook} outlived keyrotate");
+    assert!(
+        gone_within(hook, Duration::from_secs(2)),
+        "the hook {hook} outlived keyrotate"
+    );
     assert!(
         gone_within(grandchild, Duration::from_secs(2)),
         "the hook's child in another session ({grandchild}) outlived keyrotate"
@@ -242,7 +248,10 @@ fn a_hook_that_outlives_keyrotate_and_its_watcher_is_named_and_blocks_resolve() 
     }
     let _ = child.wait();
     let hook = pid_file(&env, "hook.pid");
-    assert!(gone_within(hook, Duration::from_secs(2)), "pdeathsig did not end the hook {hook}");
+    assert!(
+        gone_within(hook, Duration::from_secs(2)),
+        "pdeathsig did not end the hook {hook}"
+    );
     assert!(alive(survivor), "the test needs a survivor");
     unflag(&env, "group-child.set");
     unflag(&env, "slow.set");
@@ -263,7 +272,8 @@ fn a_hook_that_outlives_keyrotate_and_its_watcher_is_named_and_blocks_resolve() 
     // SAFETY: SIGTERM to the surviving process group this test's hook left.
     unsafe { libc::killpg(hook, libc::SIGTERM) };
     assert!(gone_within(survivor, Duration::from_secs(2)));
-    env.resolve("pw", "W1", "stopped the leftover hook; set verified").status(0);
+    env.resolve("pw", "W1", "stopped the leftover hook; set verified")
+        .status(0);
     env.rotate("pw").args(["--run-id", "W3"]).status(0);
 }
 
@@ -308,5 +318,8 @@ fn a_stderr_nobody_reads_does_not_stall_a_hook() {
     read_end.read_to_end(&mut got).unwrap();
     let text = String::from_utf8_lossy(&got);
     assert!(text.contains("[hook create] x"), "{}", &text[..text.len().min(200)]);
-    assert!(text.contains("ROTATED") || text.contains("hook steps"), "keyrotate's last log lines are missing");
+    assert!(
+        text.contains("ROTATED") || text.contains("hook steps"),
+        "keyrotate's last log lines are missing"
+    );
 }

@@ -164,7 +164,7 @@ fn a_run_whose_lock_is_taken_away_mid_set_stops_and_is_never_called_dead() {
     a.cmd().arg("check").status(0);
     flag(&a, "slow.set");
     let log = hook_log(&a);
-    let mut child = a
+    let child = a
         .rotate("pw")
         .args(["--run-id", "LOST-A"])
         .env("HOOK_LOG", &log)
@@ -181,11 +181,7 @@ fn a_run_whose_lock_is_taken_away_mid_set_stops_and_is_never_called_dead() {
         std::thread::sleep(Duration::from_millis(20));
     }
     // The other "host" (here: the same machine) gets the lock, but the run is alive.
-    let out = b
-        .rotate("pw")
-        .args(["--run-id", "B-1"])
-        .env("HOOK_LOG", &log)
-        .status(5);
+    let out = b.rotate("pw").args(["--run-id", "B-1"]).env("HOOK_LOG", &log).status(5);
     assert!(
         out.stdout.contains("LOST-A lost its lock, still running (pid ") && !out.stdout.contains("died"),
         "{}",
@@ -249,7 +245,10 @@ fn a_key_store_commit_is_not_made_without_the_lock() {
     let out = child.wait_with_output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(3), "{stdout}");
-    assert!(stdout.contains("lost its lock") && stdout.contains("nothing was changed"), "{stdout}");
+    assert!(
+        stdout.contains("lost its lock") && stdout.contains("nothing was changed"),
+        "{stdout}"
+    );
     assert_eq!(
         std::fs::read(a.key_dir("sig").join("keyring.json")).unwrap(),
         before,
@@ -262,16 +261,14 @@ fn a_key_store_commit_is_not_made_without_the_lock() {
     a.rotate("sig").args(["--run-id", "KS-3"]).status(0);
 }
 
+#[cfg(feature = "failpoints")]
 /// A run killed at `kill` (a failpoint spec, or `None` with `during` = a hook step to
 /// SIGKILL it in), then the other host straight away, then review and a good run:
 /// nothing overlaps and every row ends closed and truthful.
 fn kill_then_other_host(db: &Database, a: &Env, b: &Env, run: &str, kill: Option<String>, during: Option<&str>) {
     let log = hook_log(a);
     let context = format!("{run}: kill at {kill:?} / during {during:?}");
-    let mut cmd = a
-        .rotate("pw")
-        .args(["--force", "--run-id", run])
-        .env("HOOK_LOG", &log);
+    let mut cmd = a.rotate("pw").args(["--force", "--run-id", run]).env("HOOK_LOG", &log);
     if let Some(k) = &kill {
         cmd = cmd.env("KEYROTATE_FAILPOINTS", format!("{k}=kill"));
     }
@@ -329,7 +326,9 @@ fn kill_then_other_host(db: &Database, a: &Env, b: &Env, run: &str, kill: Option
         out.stdout,
         out.stderr
     );
-    let row = db.sql(&format!("SELECT coalesce(state, '') FROM rotations WHERE run_id = '{run}'"));
+    let row = db.sql(&format!(
+        "SELECT coalesce(state, '') FROM rotations WHERE run_id = '{run}'"
+    ));
     if out.code == 4 {
         assert!(out.stdout.contains(run), "{context}: {}", out.stdout);
         assert_eq!(row, "needs_review", "{context}");
@@ -362,7 +361,11 @@ fn kill_then_other_host(db: &Database, a: &Env, b: &Env, run: &str, kill: Option
         "0",
         "{context}: a row was left open"
     );
-    assert_eq!(db.sql("SELECT count(*) FROM rotations WHERE state = 'needs_review'"), "0", "{context}");
+    assert_eq!(
+        db.sql("SELECT count(*) FROM rotations WHERE state = 'needs_review'"),
+        "0",
+        "{context}"
+    );
     assert_no_overlap(&read(&log));
 }
 

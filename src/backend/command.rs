@@ -29,8 +29,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use super::{watcher, Rotated, Step};
-use crate::process;
 use crate::outcome::{Failure, Outcome};
+use crate::process;
 
 pub const STEPS: [&str; 4] = ["create", "set", "test", "finish"];
 /// Between SIGTERM and SIGKILL when a step outlives the deadline.
@@ -81,7 +81,8 @@ impl CommandRotation<'_> {
                 }
                 _ => {}
             }
-            self.step.confirm_lock(&format!("hook step '{name}'"), matches!(name, "test" | "finish"))?;
+            self.step
+                .confirm_lock(&format!("hook step '{name}'"), matches!(name, "test" | "finish"))?;
             if name == "set" {
                 // From here the target changes: signals no longer stop the run, and
                 // the deadline is enforced by killing the hook, not the process.
@@ -419,7 +420,10 @@ impl Stream {
         if tail.passed >= PASS_THROUGH_LIMIT {
             if !tail.truncated_notice {
                 tail.truncated_notice = true;
-                let note = format!("\n{}(output beyond {PASS_THROUGH_LIMIT} bytes not shown)\n", self.prefix);
+                let note = format!(
+                    "\n{}(output beyond {PASS_THROUGH_LIMIT} bytes not shown)\n",
+                    self.prefix
+                );
                 crate::errout::write_some(note.as_bytes(), STDERR_WAIT);
             }
             return;
@@ -478,7 +482,10 @@ impl Tail {
             .collect();
         let s = s.trim().replace('\n', " | ");
         if self.dropped > 0 {
-            format!("{s} ({} bytes of output not passed to stderr: it was not writable)", self.dropped)
+            format!(
+                "{s} ({} bytes of output not passed to stderr: it was not writable)",
+                self.dropped
+            )
         } else {
             s
         }

@@ -50,7 +50,9 @@ fn resolve(cli: &Cli, args: &ResolveArgs) -> Result<String, Failure> {
     // rotation after the review would run beside it.
     if let Some(row) = ledger.get(&args.run).map_err(|e| Failure::new(Outcome::Aborted, e))? {
         if row.in_flight() || row.state == "needs_review" {
-            let events = ledger.events(&row.run_id).map_err(|e| Failure::new(Outcome::Aborted, e))?;
+            let events = ledger
+                .events(&row.run_id)
+                .map_err(|e| Failure::new(Outcome::Aborted, e))?;
             if let Some(alive) = crate::process::liveness(&hostname(), &row.host, &events) {
                 return Err(Failure::new(
                     Outcome::Busy,
