@@ -54,9 +54,22 @@ pub fn main(args: Vec<std::ffi::OsString>) -> ExitCode {
         // `ps` would otherwise show "exe" (we run through /proc/self/exe).
         libc::prctl(libc::PR_SET_NAME, c"kr-hook-watch".as_ptr(), 0, 0, 0);
     }
-    // SAFETY: fd 0 is the socket keyrotate passed; duplicated so that fd 0 itself can
-    // be pointed at /dev/null below.
-    let mut sock = unsafe { UnixStream::from_raw_fd(libc::fcntl(0, libc::F_DUPFD_CLOEXEC, 3)) };
+    // SAFETY: fstat into a zeroed struct we own; fd 0 is the socket keyrotate passed,
+    // duplicated so that fd 0 itself can be pointed at /dev/null below.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    let is_socket = unsafe { libc::fstat(0, &mut st) } == 0 && st.st_mode & libc::S_IFMT == libc::S_IFSOCK;
+    let dup = if is_socket {
+        unsafe { libc::fcntl(0, libc::F_DUPFD_CLOEXEC, 3) }
+    } else {
+        -1
+    };
+    if dup < 0 {
+        // Not started by keyrotate (no socket): there is nobody to watch for.
+        eprintln!("keyrotate: {ARG} is internal to keyrotate's command backend");
+        return ExitCode::from(2);
+    }
+    // SAFETY: `dup` is a fresh descriptor that nothing else owns.
+    let mut sock = unsafe { UnixStream::from_raw_fd(dup) };
     let Some((program, rest)) = args.split_first() else {
         let _ = sock.write_all(b"error no program given\ndone\n");
         return ExitCode::from(2);
