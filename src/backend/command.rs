@@ -447,8 +447,8 @@ impl Stream {
         }
     }
 
-    /// The step is over: say what stderr could not take, and stop reading (a process
-    /// that still holds the pipe gets SIGPIPE, not our attention).
+    /// The step is over: stop reading (a process that still holds the pipe gets
+    /// SIGPIPE once we close it, not our attention).
     fn finish(&mut self) {
         self.open = false;
     }
