@@ -3,9 +3,9 @@
 //! A scheduler (or a shell pipe) may read our stderr slowly or not at all. If passing
 //! hook output through could block, the hook would block writing its own pipe and run
 //! into its deadline, and our own last log lines would block behind it. So hook output
-//! is written only when stderr can take it now, and on a pipe only while a reserve is
-//! left free for keyrotate's own log lines; what cannot be written is dropped and
-//! counted (its tail is still kept in the ledger).
+//! is written only when stderr can take it now (the caller buffers the rest), and on a
+//! pipe only while a reserve is left free for keyrotate's own log lines; what a reader
+//! never takes is dropped and counted (its tail is still kept in the ledger).
 
 use std::time::{Duration, Instant};
 
@@ -14,14 +14,24 @@ const RESERVE: usize = 16 * 1024;
 /// At most this much per write: a pipe that polls writable takes it without blocking.
 const CHUNK: usize = 4096;
 
-/// Writes as much of `buf` to stderr as it takes within `wait`; returns how many bytes
-/// were written (the rest is the caller's to drop).
+/// Writes as much of `buf` (hook output) to stderr as it takes within `wait`, leaving
+/// the reserve free; returns how many bytes were written (the rest is the caller's to
+/// keep or drop).
 pub fn write_some(buf: &[u8], wait: Duration) -> usize {
+    write(buf, wait, true)
+}
+
+/// Like [`write_some`], for keyrotate's own short notes, which may use the reserve.
+pub fn write_own(buf: &[u8], wait: Duration) -> usize {
+    write(buf, wait, false)
+}
+
+fn write(buf: &[u8], wait: Duration, keep_reserve: bool) -> usize {
     let until = Instant::now() + wait;
     let mut done = 0;
     while done < buf.len() {
         let left = until.saturating_duration_since(Instant::now());
-        if !writable(left) || !pipe_has_room() {
+        if !writable(left) || (keep_reserve && !pipe_has_room()) {
             break;
         }
         let end = (done + CHUNK).min(buf.len());

@@ -323,3 +323,41 @@ fn a_stderr_nobody_reads_does_not_stall_a_hook() {
         "keyrotate's last log lines are missing"
     );
 }
+
+#[test]
+fn a_slow_stderr_reader_still_gets_all_hook_output() {
+    let env = env();
+    flag(&env, "loud.create");
+    let mut child = env
+        .cmd()
+        .args(["rotate", "--domain", "pw", "--deadline", "30s", "--run-id", "SLOW1"])
+        .command()
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        // A reader slower than the hook writes: 8 KiB every 20 ms.
+        std::thread::sleep(Duration::from_millis(20));
+        match stderr.read(&mut buf).unwrap() {
+            0 => break,
+            n => got.extend_from_slice(&buf[..n]),
+        }
+    }
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+    let text = String::from_utf8_lossy(&got);
+    let passed: usize = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("[hook create] "))
+        .map(|l| l.matches('x').count())
+        .sum();
+    assert_eq!(passed, 200_000, "hook output was lost for a reader that was only slow");
+    assert!(
+        !text.contains("not shown"),
+        "{}",
+        &text[text.len().saturating_sub(500)..]
+    );
+}

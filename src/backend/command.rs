@@ -209,6 +209,7 @@ impl CommandRotation<'_> {
             for s in &mut streams {
                 s.pump(&mut tail);
             }
+            tail.drain();
             match control.read(&mut ours) {
                 Report::Nothing => {}
                 Report::Started { pid, start } => {
@@ -263,6 +264,12 @@ impl CommandRotation<'_> {
             s.pump(&mut tail);
             s.finish();
         }
+        // A slow reader gets the rest; one that reads nothing costs at most a moment,
+        // and never time past the deadline.
+        let flush_until = deadline
+            .max(Instant::now())
+            .min(Instant::now() + Duration::from_secs(5));
+        tail.flush(flush_until, &format!("[hook {name}] "));
         let exited_ok = status == "exit code 0";
         let status_text = if timed_out {
             "killed at the deadline".to_string()
@@ -414,7 +421,7 @@ impl Stream {
         }
     }
 
-    /// Keeps the tail and passes the output to our stderr, as far as it takes it now.
+    /// Keeps the tail and queues the output for our stderr (see [`Tail::drain`]).
     fn pass_on(&mut self, chunk: &[u8], tail: &mut Tail) {
         tail.push(chunk);
         if tail.passed >= PASS_THROUGH_LIMIT {
@@ -424,26 +431,17 @@ impl Stream {
                     "\n{}(output beyond {PASS_THROUGH_LIMIT} bytes not shown)\n",
                     self.prefix
                 );
-                crate::errout::write_some(note.as_bytes(), STDERR_WAIT);
+                tail.pending.extend_from_slice(note.as_bytes());
             }
             return;
         }
         tail.passed += chunk.len();
-        let mut out = Vec::with_capacity(chunk.len() + 64);
         for piece in chunk.split_inclusive(|b| *b == b'\n') {
             if self.at_line_start {
-                out.extend_from_slice(self.prefix.as_bytes());
+                tail.pending.extend_from_slice(self.prefix.as_bytes());
             }
-            out.extend_from_slice(piece);
+            tail.pending.extend_from_slice(piece);
             self.at_line_start = piece.ends_with(b"\n");
-        }
-        let written = crate::errout::write_some(&out, STDERR_WAIT);
-        if written < out.len() {
-            tail.dropped += out.len() - written;
-            if written > 0 && !out[..written].ends_with(b"\n") {
-                crate::errout::write_some(b"\n", STDERR_WAIT);
-            }
-            self.at_line_start = true;
         }
     }
 
@@ -454,8 +452,9 @@ impl Stream {
     }
 }
 
-/// How long passing hook output on may wait for our stderr: not at all, in effect.
-const STDERR_WAIT: Duration = Duration::from_millis(5);
+/// At the end of a step, how long queued output may wait for a stderr that takes
+/// nothing at all before it is dropped.
+const STDERR_STALL: Duration = Duration::from_millis(500);
 
 #[derive(Default)]
 struct Tail {
@@ -464,9 +463,46 @@ struct Tail {
     truncated_notice: bool,
     /// Output our stderr could not take (a slow or absent reader); not waited for.
     dropped: usize,
+    /// Output queued for our stderr (at most the pass-through limit per step): written
+    /// as fast as stderr takes it, never waited for while the hook runs.
+    pending: Vec<u8>,
 }
 
 impl Tail {
+    /// Writes what stderr takes now, without waiting.
+    fn drain(&mut self) {
+        if !self.pending.is_empty() {
+            let n = crate::errout::write_some(&self.pending, Duration::ZERO);
+            self.pending.drain(..n);
+        }
+    }
+
+    /// The step is over: write the rest while stderr makes progress (never past
+    /// `until`), then drop what a reader does not take, and say so.
+    fn flush(&mut self, until: Instant, prefix: &str) {
+        let mut last_progress = Instant::now();
+        while !self.pending.is_empty() {
+            let now = Instant::now();
+            if now >= until || now >= last_progress + STDERR_STALL {
+                break;
+            }
+            let n = crate::errout::write_some(&self.pending, Duration::from_millis(50));
+            if n > 0 {
+                self.pending.drain(..n);
+                last_progress = Instant::now();
+            }
+        }
+        if !self.pending.is_empty() {
+            self.dropped += self.pending.len();
+            self.pending.clear();
+            let note = format!(
+                "\n{prefix}({} bytes of output not shown: stderr was not writable; the ledger keeps the tail)\n",
+                self.dropped
+            );
+            crate::errout::write_own(note.as_bytes(), Duration::from_millis(100));
+        }
+    }
+
     fn push(&mut self, chunk: &[u8]) {
         self.bytes.extend_from_slice(chunk);
         if self.bytes.len() > TAIL_BYTES {
