@@ -160,7 +160,9 @@ fn create_refuses_what_would_fail_after_the_commit_point() {
 #[test]
 fn on_a_shared_ledger_a_secret_file_only_this_host_reads_is_refused() {
     if !server() {
-        eprintln!("SKIPPED on_a_shared_ledger_a_secret_file_only_this_host_reads_is_refused: PostgreSQL is not installed");
+        eprintln!(
+            "SKIPPED on_a_shared_ledger_a_secret_file_only_this_host_reads_is_refused: PostgreSQL is not installed"
+        );
         return;
     }
     let db = format!("kr_hookdb_{}", std::process::id());
@@ -205,7 +207,17 @@ fn on_a_shared_ledger_a_secret_file_only_this_host_reads_is_refused() {
 /// admin role cannot give.
 fn as_superuser(sql: &str) -> Result<(), String> {
     let out = std::process::Command::new("runuser")
-        .args(["-u", "postgres", "--", "psql", "-qX", "-v", "ON_ERROR_STOP=1", "-c", sql])
+        .args([
+            "-u",
+            "postgres",
+            "--",
+            "psql",
+            "-qX",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-c",
+            sql,
+        ])
         .current_dir("/")
         .env_remove("PGHOST")
         .env_remove("PGUSER")
@@ -279,7 +291,10 @@ fn a_failed_alter_role_keeps_the_verifier_out_of_the_server_log() {
     assert!(out.stderr.contains("does not exist"), "{}", out.stderr);
     let text = std::fs::read(log).unwrap();
     let appended = String::from_utf8_lossy(&text[before as usize..]);
-    assert!(appended.contains(&victim), "the failure was not logged at all: {appended}");
+    assert!(
+        appended.contains(&victim),
+        "the failure was not logged at all: {appended}"
+    );
     assert!(
         !appended.contains("SCRAM-SHA-256$"),
         "the verifier reached the server log: {appended}"
@@ -288,5 +303,8 @@ fn a_failed_alter_role_keeps_the_verifier_out_of_the_server_log() {
         "REVOKE SET ON PARAMETER log_statement, log_min_error_statement FROM {hook_admin}"
     ))
     .unwrap();
-    admin("postgres", &format!("DROP ROLE IF EXISTS {victim}; DROP ROLE {hook_admin}"));
+    admin(
+        "postgres",
+        &format!("DROP ROLE IF EXISTS {victim}; DROP ROLE {hook_admin}"),
+    );
 }

@@ -179,8 +179,7 @@ pub(super) struct Lookup<'a> {
 fn find(text: &str, want: &Lookup<'_>) -> Option<String> {
     // libpq reads a Unix socket folder as "localhost" when it is the default one; the
     // default differs between builds, so both spellings match the usual folders.
-    let default_socket = ["/tmp", "/var/run/postgresql", "/run/postgresql"]
-        .contains(&want.host.trim_end_matches('/'));
+    let default_socket = ["/tmp", "/var/run/postgresql", "/run/postgresql"].contains(&want.host.trim_end_matches('/'));
     let host_ok = |field: &str| field == "*" || field == want.host || (default_socket && field == "localhost");
     let port = want.port.to_string();
     text.lines().filter_map(fields).find_map(|f| {
@@ -243,7 +242,10 @@ mod tests {
     #[test]
     fn every_password_form_is_masked() {
         for (url, shown) in [
-            ("postgres://kr:s3cret@db:5432/ledger", "postgres://kr:***@db:5432/ledger"),
+            (
+                "postgres://kr:s3cret@db:5432/ledger",
+                "postgres://kr:***@db:5432/ledger",
+            ),
             ("postgres://kr@db/ledger", "postgres://kr@db/ledger"),
             (
                 "postgres://postgres@%2Fvar%2Frun%2Fpostgresql/db",
@@ -256,8 +258,14 @@ mod tests {
                 "postgres://kr@db/ledger?sslmode=require&password=s/e:c@r#e?t",
                 "postgres://kr@db/ledger?sslmode=require&password=***",
             ),
-            ("postgres://kr@db/ledger?Password=x&a=b", "postgres://kr@db/ledger?Password=***&a=b"),
-            ("postgres://kr@db/ledger?pass%77ord=x", "postgres://kr@db/ledger?pass%77ord=***"),
+            (
+                "postgres://kr@db/ledger?Password=x&a=b",
+                "postgres://kr@db/ledger?Password=***&a=b",
+            ),
+            (
+                "postgres://kr@db/ledger?pass%77ord=x",
+                "postgres://kr@db/ledger?pass%77ord=***",
+            ),
             ("mysql://kr:x@db", "(the configured ledger URL)"),
         ] {
             assert_eq!(redact(url), shown, "{url}");
@@ -308,7 +316,10 @@ mod tests {
         assert_eq!(f("db.example", 6432, "ledger", "kr").as_deref(), Some("second"));
         assert_eq!(f("db.example", 5432, "other", "kr"), None);
         assert_eq!(f("x", 1, "y", "other").as_deref(), Some("with:colon\\and"));
-        assert_eq!(f("/var/run/postgresql", 5432, "d", "sock").as_deref(), Some("socket-pw"));
+        assert_eq!(
+            f("/var/run/postgresql", 5432, "d", "sock").as_deref(),
+            Some("socket-pw")
+        );
         assert_eq!(f("/srv/pg", 5432, "d", "sock").as_deref(), Some("custom-dir"));
         assert_eq!(f("h:x", 5432, "d", "anyone").as_deref(), Some("escaped-host"));
         assert_eq!(f("DB.example", 5432, "ledger", "kr"), None, "host names match exactly");

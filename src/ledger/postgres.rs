@@ -128,7 +128,7 @@ fn connect(url: &str, timeout: Duration) -> Result<Client, String> {
     let label = redact(url);
     let (wire, tls) = super::tls::policy(url).map_err(|e| format!("ledger {label}: {e}"))?;
     let mut config: postgres::Config = wire.parse().map_err(|e| format!("ledger {label}: {e}"))?;
-    if config.get_password().is_none_or(<[u8]>::is_empty) {
+    if config.get_password().map_or(true, <[u8]>::is_empty) {
         if let Some(p) = default_password(&config) {
             config.password(p);
         }
@@ -201,7 +201,10 @@ enum MigrateError {
 fn migrate(client: &mut Client, label: &str) -> Result<(i64, i64), MigrateError> {
     let fail = |e: postgres::Error| {
         if e.code() == Some(&postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) {
-            MigrateError::Denied(e.as_db_error().map_or_else(|| e.to_string(), |d| d.message().to_string()))
+            MigrateError::Denied(
+                e.as_db_error()
+                    .map_or_else(|| e.to_string(), |d| d.message().to_string()),
+            )
         } else {
             MigrateError::Other(err(label, e))
         }
