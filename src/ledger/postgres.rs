@@ -212,15 +212,14 @@ fn migrate(client: &mut Client, label: &str) -> Result<(i64, i64), MigrateError>
     let mut tx = client.transaction().map_err(fail)?;
     tx.batch_execute("SELECT pg_advisory_xact_lock(hashtextextended('keyrotate:migrate', 0))")
         .map_err(fail)?;
-    // Re-read under the lock: another host may have migrated meanwhile.
-    let version = match recorded_version(&mut tx, label).map_err(MigrateError::Other)? {
-        Some(v) => v,
-        None => {
-            tx.batch_execute("CREATE TABLE keyrotate_schema (version BIGINT NOT NULL)")
-                .map_err(fail)?;
-            0
-        }
-    };
+    // Re-read under the lock: another host may have migrated meanwhile. The DDL also
+    // makes this session see that host's tables: an advisory lock alone does not refresh
+    // the catalog caches that `to_regclass` reads, a lock on the schema does.
+    tx.batch_execute("CREATE TABLE IF NOT EXISTS keyrotate_schema (version BIGINT NOT NULL)")
+        .map_err(fail)?;
+    let version = recorded_version(&mut tx, label)
+        .map_err(MigrateError::Other)?
+        .unwrap_or(0);
     if version as usize > MIGRATIONS.len() {
         return Err(MigrateError::Other(too_new(label, version)));
     }
