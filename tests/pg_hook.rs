@@ -154,7 +154,33 @@ fn create_refuses_what_would_fail_after_the_commit_point() {
         assert!(!env.path("secret/pw").exists());
         assert_eq!(env.last_row()["state"], "aborted");
     }
-    admin("postgres", &format!("DROP ROLE {role}"));
+    // An admin session without CREATEROLE may not change the password: said in create.
+    let plain = format!("{role}_plain");
+    admin(
+        "postgres",
+        &format!("DROP ROLE IF EXISTS {plain}; CREATE ROLE {plain} LOGIN PASSWORD 'plain-pw'"),
+    );
+    let env = hook_env(
+        &format!(
+            r#""{}", "--role", "{role}", "--secret-file", "secret/pw""#,
+            hook.display()
+        ),
+        "",
+    );
+    std::fs::create_dir(env.path("secret")).unwrap();
+    let mut r = env.rotate("db");
+    for (k, v) in [
+        ("PGHOST", "127.0.0.1"),
+        ("PGUSER", plain.as_str()),
+        ("PGPASSWORD", "plain-pw"),
+        ("PGDATABASE", "postgres"),
+    ] {
+        r = r.env(k, v);
+    }
+    let out = r.status(3);
+    assert!(out.stderr.contains("may not change the password"), "{}", out.stderr);
+    assert_eq!(psql_as("postgres", &role, "old-password-2", "SELECT 1").unwrap(), "1");
+    admin("postgres", &format!("DROP ROLE {plain}; DROP ROLE {role}"));
 }
 
 #[test]
