@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::common::pg::{admin, server, ADMIN_PASSWORD, ADMIN_USER};
-use crate::common::{Env, Out};
+use crate::common::Env;
 
 macro_rules! need_postgres {
     () => {
@@ -43,6 +43,7 @@ impl Database {
         admin(&self.0, sql)
     }
     /// Every row of both tables, as text.
+    #[cfg(feature = "failpoints")]
     fn dump(&self) -> String {
         self.sql(
             "SELECT coalesce((SELECT string_agg(r::text, E'\\n') FROM rotations r), '') || E'\\n' || \
@@ -170,7 +171,7 @@ fn a_password_in_any_url_form_never_reaches_an_output() {
     for (i, url) in forms.iter().enumerate() {
         let env = host(url);
         let id = |s: &str| format!("F{i}-{s}");
-        let mut outs: Vec<Out> = Vec::new();
+        let mut outs: Vec<crate::common::Out> = Vec::new();
         // It works: a real rotation with that URL.
         outs.push(env.rotate("sig").args(["--force", "--run-id", &id("OK")]).status(0));
         // A failure whose message names the ledger, recorded in the row and the audit.
