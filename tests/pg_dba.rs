@@ -383,9 +383,10 @@ fn locker(db: &Database) -> postgres::Client {
 #[test]
 fn a_role_with_only_select_insert_update_runs_everything_after_migrate() {
     need_postgres!();
-    let db = Database::new();
+    // Declared first, dropped last: a role with grants on a database outlives it.
     let app_password = "app-only-password";
     let app = Role::new(app_password, "");
+    let db = Database::new();
     let owner = host(&db.url());
     // The owner migrates; a second migrate has nothing to do.
     let out = owner.cmd().arg("migrate").status(0);
@@ -536,9 +537,9 @@ fn a_run_whose_closing_write_fails_exits_as_the_next_run_will_see_it() {
 #[test]
 fn busy_at_the_connection_limit_says_it_has_no_ledger_row() {
     need_postgres!();
+    let app = Role::new("limit-password", "CONNECTION LIMIT 1");
     let db = Database::new();
     host(&db.url()).cmd().arg("migrate").status(0);
-    let app = Role::new("limit-password", "CONNECTION LIMIT 1");
     grant_app(&db, &app.0);
     let a = host(&db.url_as(&app.0, "limit-password"));
     let log = a.path("steps.log");
