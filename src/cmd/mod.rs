@@ -3,6 +3,7 @@
 
 mod check;
 mod history;
+mod migrate;
 mod resolve;
 mod rotate;
 mod status;
@@ -49,6 +50,7 @@ pub fn main() -> ExitCode {
         Command::History(args) => history::run(&cli, args),
         Command::Resolve(args) => resolve::run(&cli, args),
         Command::Check(args) => check::run(&cli, args),
+        Command::Migrate(args) => migrate::run(&cli, args),
     };
     outcome.into()
 }

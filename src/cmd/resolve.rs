@@ -48,7 +48,8 @@ fn resolve(cli: &Cli, args: &ResolveArgs) -> Result<String, Failure> {
             .is_some();
     let row = ledger
         .write("resolve", |w| {
-            let Some(row) = w.get(&args.run)? else {
+            // Locked: of two concurrent resolves, the second reads what the first wrote.
+            let Some(row) = w.get_for_update(&args.run)? else {
                 return Ok(Err(format!("run {} is not in the ledger", args.run)));
             };
             if row.domain != domain.name {
@@ -80,7 +81,9 @@ fn resolve(cli: &Cli, args: &ResolveArgs) -> Result<String, Failure> {
                     )))
                 }
             }
-            w.resolve(&row.run_id, &by, &note)?;
+            if !w.resolve(&row.run_id, &by, &note)? {
+                return Ok(Err(format!("run {} was already resolved", row.run_id)));
+            }
             Ok(Ok(row))
         })
         .map_err(|e| Failure::new(Outcome::Aborted, e))?

@@ -7,6 +7,7 @@
 //! methods here and writes inside [`Ledger::write`], one transaction per call, through
 //! a [`Writer`]. Queries are written once, with `$N` placeholders, for both engines.
 
+mod pgurl;
 mod postgres;
 pub use postgres::validate_url as validate_postgres_url;
 mod sqlite;
@@ -272,6 +273,21 @@ impl Ledger {
         }
     }
 
+    /// Brings the schema to this keyrotate's version (`keyrotate migrate`, run as the
+    /// role that owns the tables): `(label, version before, version after)`.
+    pub fn migrate(location: &LedgerLocation, busy: Duration) -> Result<(String, i64, i64), String> {
+        match location {
+            LedgerLocation::Sqlite(path) => {
+                let (from, to) = sqlite::Sqlite::migrate_now(path, busy)?;
+                Ok((path.display().to_string(), from, to))
+            }
+            LedgerLocation::Postgres(url) => {
+                let (from, to) = postgres::migrate_now(url, busy)?;
+                Ok((postgres::redact(url), from, to))
+            }
+        }
+    }
+
     pub fn label(&self) -> &str {
         &self.label
     }
@@ -433,6 +449,20 @@ impl Writer<'_, '_> {
         self.db.domain_record(self.label, domain)
     }
 
+    /// Reads a run's row and keeps it from changing until this transaction ends: on
+    /// PostgreSQL `FOR UPDATE` (a concurrent writer of the row waits, then reads what
+    /// this one wrote); SQLite's IMMEDIATE transaction already excludes other writers.
+    pub fn get_for_update(&self, run_id: &str) -> Result<Option<RunRow>, String> {
+        let lock = match self.db {
+            Db::Sqlite(_) => "",
+            _ => " FOR UPDATE",
+        };
+        Ok(self
+            .db
+            .runs(self.label, &format!("run_id = $1{lock}"), &[run_id.into()])?
+            .pop())
+    }
+
     /// Inserts the run's row: in flight (`started`) when `end` is `None`, else closed
     /// with `(state, outcome, reason)`.
     pub fn insert(
@@ -510,13 +540,19 @@ impl Writer<'_, '_> {
     }
 
     /// Records a review on a blocking run, which unblocks its domain.
-    pub fn resolve(&self, run_id: &str, by: &str, note: &str) -> Result<(), String> {
-        self.exec(
+    /// `Ok(false)` when the run was no longer `needs_review` (another `resolve` got
+    /// there first): nothing is written then.
+    pub fn resolve(&self, run_id: &str, by: &str, note: &str) -> Result<bool, String> {
+        let changed = self.exec(
             "UPDATE rotations SET state = 'resolved', resolved_by = $2, resolved_at = $3, resolution = $4 \
              WHERE run_id = $1 AND state = 'needs_review'",
             &[run_id.into(), by.into(), (&now()).into(), note.into()],
         )?;
-        self.event(run_id, "resolved", Some(note))
+        if changed == 0 {
+            return Ok(false);
+        }
+        self.event(run_id, "resolved", Some(note))?;
+        Ok(true)
     }
 
     pub fn event(&self, run_id: &str, phase: &str, detail: Option<&str>) -> Result<(), String> {

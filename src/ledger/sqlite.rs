@@ -112,6 +112,21 @@ impl Sqlite {
     }
 
     pub(super) fn open(path: &Path, busy: Duration) -> Result<Sqlite, String> {
+        let mut s = Sqlite::open_unmigrated(path, busy)?;
+        s.migrate(&path.display().to_string())?;
+        Ok(s)
+    }
+
+    /// `keyrotate migrate`: creates or migrates the ledger; the version before and after.
+    pub(super) fn migrate_now(path: &Path, busy: Duration) -> Result<(i64, i64), String> {
+        let label = path.display().to_string();
+        let mut s = Sqlite::open_unmigrated(path, busy)?;
+        let before = s.user_version(&label)?;
+        s.migrate(&label)?;
+        Ok((before.min(MIGRATIONS.len() as i64), s.user_version(&label)?))
+    }
+
+    fn open_unmigrated(path: &Path, busy: Duration) -> Result<Sqlite, String> {
         let label = path.display().to_string();
         match std::fs::symlink_metadata(path) {
             Ok(m) if !m.is_file() => return Err(format!("ledger {label}: not a regular file")),
@@ -132,9 +147,7 @@ impl Sqlite {
         conn.busy_timeout(busy).map_err(|e| err(&label, e))?;
         conn.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;")
             .map_err(|e| err(&label, e))?;
-        let mut s = Sqlite { conn, _snapshot: None };
-        s.migrate(&label)?;
-        Ok(s)
+        Ok(Sqlite { conn, _snapshot: None })
     }
 
     pub(super) fn open_read_only(path: &Path) -> Result<Option<Sqlite>, String> {
@@ -175,7 +188,7 @@ impl Sqlite {
         }
         if (version as usize) < MIGRATIONS.len() {
             return Err(format!(
-                "ledger {label}: schema version {version} needs migrating; run any rotate or resolve first"
+                "ledger {label}: schema version {version} needs migrating; run `keyrotate migrate` (or any rotate) first"
             ));
         }
         Ok(Some(s))

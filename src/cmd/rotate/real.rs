@@ -171,7 +171,7 @@ pub(super) fn real_run_inner(p: &Prepared) -> Concluded {
         ),
         Err(f) => (f.outcome, f.message, None),
     };
-    conclude(&mut ledger, p, outcome, &reason, rotated.as_ref());
+    let (outcome, reason) = conclude(&mut ledger, p, outcome, &reason, rotated.as_ref());
     drop(held);
     Concluded {
         outcome,
@@ -198,16 +198,26 @@ pub(super) fn open_ledger(p: &Prepared) -> Result<Ledger, String> {
 }
 
 /// Closes the run's row and writes its last audit line. Used by the main thread and by
-/// the deadline watchdog.
-pub(super) fn conclude(ledger: &mut Ledger, p: &Prepared, outcome: Outcome, reason: &str, rotated: Option<&Rotated>) {
+/// the deadline watchdog. Returns the outcome the run must exit with: when the closing
+/// write fails the row stays in flight, the next run will find it and block the domain,
+/// so the run says so now (NEEDS_REVIEW) instead of an exit code nobody will see again.
+pub(super) fn conclude(
+    ledger: &mut Ledger,
+    p: &Prepared,
+    outcome: Outcome,
+    reason: &str,
+    rotated: Option<&Rotated>,
+) -> (Outcome, String) {
     let to_version = rotated.and_then(|r| r.to_version);
     let from_version = rotated.and_then(|r| r.from_version);
     let run_id = p.run.run_id.clone();
-    if let Err(e) = ledger.write("close", |w| {
+    let (outcome, reason) = match ledger.write("close", |w| {
         w.close(&run_id, outcome, reason, (from_version, to_version))
     }) {
-        tracing::error!("{e}; the run's row stays open and the next run will flag it for review");
-    }
+        Ok(()) => (outcome, reason.to_string()),
+        Err(e) => unclosed(outcome, reason, &e),
+    };
+    let reason = reason.as_str();
     let event = Event {
         exit_code: Some(outcome.code()),
         outcome: Some(outcome.name()),
@@ -225,6 +235,20 @@ pub(super) fn conclude(ledger: &mut Ledger, p: &Prepared, outcome: Outcome, reas
         Outcome::Rotated => tracing::info!("{}: {reason}", outcome.name()),
         _ => tracing::error!("{}: {reason}", outcome.name()),
     }
+    (outcome, reason.to_string())
+}
+
+/// The outcome and reason of a run whose row could not be closed (`e`): it stays in
+/// flight, which the next run on any host reads as a run that died, and blocks on.
+fn unclosed(outcome: Outcome, reason: &str, e: &str) -> (Outcome, String) {
+    (
+        Outcome::NeedsReview,
+        format!(
+            "{reason}; but the ledger could not record this ({e}): the run's row stays in flight, so the domain \
+             is blocked until `keyrotate resolve` (the run itself ended {})",
+            outcome.name()
+        ),
+    )
 }
 
 pub(super) fn refuse_busy(p: &Prepared, holder: Option<Holder>) -> Concluded {
@@ -232,21 +256,24 @@ pub(super) fn refuse_busy(p: &Prepared, holder: Option<Holder>) -> Concluded {
         h.describe()
     });
     let reason = format!("another rotation of {} is running: {who}", p.domain.name);
-    match open_ledger(p) {
-        Ok(mut ledger) => {
-            let res = ledger.write("refuse", |w| {
-                if w.get(&p.run.run_id)?.is_some() {
-                    return Err(format!("--run-id {} is already in the ledger", p.run.run_id));
-                }
-                w.insert(&p.run, Some(("refused", Outcome::Busy, &reason)), None)
-            });
-            if let Err(e) = res {
-                tracing::error!("{e}");
+    let recorded = open_ledger(p).and_then(|mut ledger| {
+        ledger.write("refuse", |w| {
+            if w.get(&p.run.run_id)?.is_some() {
+                return Err(format!("--run-id {} is already in the ledger", p.run.run_id));
             }
+            w.insert(&p.run, Some(("refused", Outcome::Busy, &reason)), None)
+        })
+    });
+    // Without its row (the database at its connection limit, say) the audit line is
+    // the run's only record: it must say so.
+    let audited = match recorded {
+        Ok(()) => reason.clone(),
+        Err(e) => {
+            tracing::error!("{e}");
+            format!("{reason} (no ledger row: {e})")
         }
-        Err(e) => tracing::error!("{e}"),
-    }
-    let _ = p.audit.emit(refused_event(p, Outcome::Busy, &reason));
+    };
+    let _ = p.audit.emit(refused_event(p, Outcome::Busy, &audited));
     stop(Outcome::Busy, reason)
 }
 
@@ -361,16 +388,21 @@ pub(super) fn arm_watchdog(p: &Prepared, guard: &Guard) {
              the old key state stands and what the step left is cleaned up by the next run",
             snapshot.run.deadline_at
         );
-        match Ledger::open(&ledger_at, Duration::from_secs(2)) {
+        let (outcome, reason) = match Ledger::open(&ledger_at, Duration::from_secs(2)) {
             Ok(mut ledger) => conclude(&mut ledger, &snapshot, Outcome::TimedOut, &reason, None),
-            Err(e) => tracing::error!("{e}"),
-        }
+            Err(e) => {
+                let (outcome, reason) = unclosed(Outcome::TimedOut, &reason, &e);
+                let _ = snapshot.audit.emit(refused_event(&snapshot, outcome, &reason));
+                tracing::error!("{}: {reason}", outcome.name());
+                (outcome, reason)
+            }
+        };
         print_report(
             &Report {
                 run_id: snapshot.run.run_id.clone(),
                 domain: snapshot.domain.name.clone(),
-                outcome: Outcome::TimedOut.name(),
-                exit_code: Outcome::TimedOut.code(),
+                outcome: outcome.name(),
+                exit_code: outcome.code(),
                 from_version: None,
                 to_version: None,
                 reason,
@@ -382,6 +414,6 @@ pub(super) fn arm_watchdog(p: &Prepared, guard: &Guard) {
         );
         use std::io::Write;
         let _ = std::io::stdout().flush();
-        std::process::exit(i32::from(Outcome::TimedOut.code()));
+        std::process::exit(i32::from(outcome.code()));
     });
 }
