@@ -80,13 +80,13 @@ pub fn run(cli: &Cli, args: &CheckArgs) -> Outcome {
         }
     }
     for n in &notes {
-        println!("note: {n}");
+        out!("note: {n}");
     }
     for p in &problems {
-        println!("problem: {p}");
+        out!("problem: {p}");
     }
     if problems.is_empty() {
-        println!("OK {}: {} domain(s) checked, no problems", file, domains.len());
+        out!("OK {}: {} domain(s) checked, no problems", file, domains.len());
         Outcome::Rotated
     } else {
         tracing::error!("{} problem(s) found in {file}", problems.len());

@@ -1,5 +1,17 @@
 //! Dispatch from the parsed command line to one file per subcommand, plus what they
 //! share: logging set-up, config loading, who and where we are.
+//!
+//! Nothing here prints with `println!`/`eprintln!`: they panic when the other end of a
+//! pipe is gone (EPIPE), which would turn a finished rotation into exit 101 with its
+//! ledger row left open. Output goes through [`out!`] and the log through a writer that
+//! drops write errors: a closed or full stdout/stderr never changes the outcome.
+
+/// `println!` that ignores write errors (see the module docs).
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::cmd::say(format_args!($($arg)*))
+    };
+}
 
 mod check;
 mod history;
@@ -9,7 +21,7 @@ mod status;
 
 pub(crate) use check::{check_program, program_runnable};
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -35,7 +47,8 @@ pub fn main() -> ExitCode {
                 .take_while(|l| !l.trim().is_empty() && !l.starts_with("Usage:"))
                 .map(str::trim)
                 .collect();
-            eprintln!(
+            let _ = writeln!(
+                std::io::stderr(),
                 "keyrotate: {} (see keyrotate --help)",
                 message.join(" ").trim_start_matches("error: ")
             );
@@ -65,12 +78,35 @@ fn init_logging(cli: &Cli) {
         EnvFilter::try_from_env("KEYROTATE_LOG").unwrap_or_else(|_| EnvFilter::new(format!("keyrotate={level}")));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(|| LossyStderr)
+        // Its own error report about a failed write is an eprintln!, which panics on EPIPE.
+        .log_internal_errors(false)
         .with_target(false);
     let _ = match cli.log_format {
         LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).try_init(),
         LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).try_init(),
     };
+}
+
+/// The log's writer: stderr, with every write error dropped. A log nobody can read must
+/// not fail (or panic) the run it describes; the ledger and audit trail are the record.
+struct LossyStderr;
+
+impl Write for LossyStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let _ = std::io::stderr().write_all(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        let _ = std::io::stderr().flush();
+        Ok(())
+    }
+}
+
+/// One line on stdout, write errors ignored (used through [`out!`]).
+pub(crate) fn say(line: std::fmt::Arguments) {
+    let mut o = std::io::stdout().lock();
+    let _ = o.write_fmt(line).and_then(|()| o.write_all(b"\n"));
 }
 
 /// Loads the config named by `--config`, `$KEYROTATE_CONFIG` or the default path.
@@ -124,5 +160,5 @@ pub(crate) fn hostname() -> String {
 
 /// Prints one JSON object on stdout.
 pub(crate) fn print_json(value: &impl serde::Serialize) {
-    println!("{}", serde_json::to_string(value).expect("json"));
+    out!("{}", serde_json::to_string(value).expect("json"));
 }

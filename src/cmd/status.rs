@@ -242,7 +242,7 @@ pub(crate) fn print_columns<const N: usize>(headers: &[&str; N], rows: &[[String
                 out.push_str(&format!("{c:<w$}  ", w = widths[i]));
             }
         }
-        println!("{}", out.trim_end());
+        out!("{}", out.trim_end());
     };
     line(headers.to_vec());
     for r in rows {

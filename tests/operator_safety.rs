@@ -1,0 +1,215 @@
+//! What an operator (or an attacker with an operator's access) can do around a run:
+//! close its output, hand it an untrusted config or hook, an unwritable audit file, a
+//! broken store under `status`, spoofing characters in `--operator`. Each must leave a
+//! true exit code, a true ledger row, and nothing changed that should not be.
+
+use std::os::unix::fs::PermissionsExt;
+use std::process::Stdio;
+
+use crate::common::{Env, Run};
+
+// ---- item 7: a closed or broken stdout/stderr never changes the outcome -------------
+
+/// Where the output of a run goes in [`run_with_output`].
+#[derive(Clone, Copy, Debug)]
+enum Sink {
+    /// A pipe whose reader has already exited: every write gets EPIPE.
+    BrokenPipe,
+    /// `/dev/null`.
+    Null,
+}
+
+fn stdio(s: Sink, broken: &std::io::PipeWriter) -> Stdio {
+    match s {
+        Sink::BrokenPipe => Stdio::from(broken.try_clone().unwrap()),
+        Sink::Null => Stdio::null(),
+    }
+}
+
+/// Runs `run` with stdout and stderr sent to `out`/`err`; returns the exit code (a
+/// signal as 128+N, so SIGPIPE would show as 141).
+fn run_with_output(run: &Run, out: Sink, err: Sink) -> i32 {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let status = run
+        .command()
+        .stdout(stdio(out, &writer))
+        .stderr(stdio(err, &writer))
+        .status()
+        .unwrap();
+    status
+        .code()
+        .unwrap_or_else(|| 128 + std::os::unix::process::ExitStatusExt::signal(&status).unwrap_or(0))
+}
+
+/// Every way the output can be lost: stdout broken, stderr broken, both broken, and
+/// both closed outright (`>&- 2>&-`).
+fn each_lost_output(env: &Env, make: impl Fn() -> Vec<String>, expect: i32, mut after: impl FnMut(&str)) {
+    for (what, out, err) in [
+        ("stdout to a broken pipe", Sink::BrokenPipe, Sink::Null),
+        ("stderr to a broken pipe", Sink::Null, Sink::BrokenPipe),
+        ("both to a broken pipe", Sink::BrokenPipe, Sink::BrokenPipe),
+    ] {
+        let args = make();
+        let code = run_with_output(&env.cmd().args(&args), out, err);
+        assert_eq!(code, expect, "{args:?} with {what}\n{}", env.listing());
+        after(what);
+    }
+    let args = make();
+    let closed = env.cmd().args(&args).shell_prefix("exec >&- 2>&-").output();
+    assert_eq!(closed.code, expect, "{args:?} with stdout and stderr closed");
+    after("both closed");
+}
+
+#[test]
+fn a_rotation_with_its_output_gone_still_succeeds_and_says_so_in_the_ledger() {
+    let env = Env::new();
+    let n = std::cell::Cell::new(0u32);
+    let args = || {
+        n.set(n.get() + 1);
+        [
+            "rotate",
+            "--domain",
+            "sig",
+            "--deadline",
+            "1m",
+            "--force",
+            "-v",
+            "--run-id",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .chain([format!("lost-output-{}", n.get())])
+        .collect::<Vec<_>>()
+    };
+    let mut version = 0;
+    each_lost_output(&env, args, 0, |what| {
+        let row = env.last_row();
+        assert_eq!(row["state"], "succeeded", "{what}: {row}");
+        assert_eq!(row["exit_code"], 0, "{what}: {row}");
+        version += 1;
+        assert_eq!(env.manifest("sig")["primary"], version, "{what}");
+    });
+    // The domain is not blocked: a normal run still works.
+    env.rotate("sig").arg("--force").status(0);
+    // The audit trail has every run's end.
+    let ends = env
+        .audit()
+        .iter()
+        .filter(|e| e["event"] == "rotation.succeeded")
+        .count();
+    assert_eq!(ends, 5);
+}
+
+#[test]
+fn a_failed_rotation_with_its_output_gone_keeps_its_true_code() {
+    let env = Env::new();
+    env.rotate("sig").status(0);
+    // Not due: refused (7) with a closed row.
+    let n = std::cell::Cell::new(0u32);
+    let args = || {
+        n.set(n.get() + 1);
+        vec![
+            "rotate".to_string(),
+            "--domain".into(),
+            "sig".into(),
+            "--deadline".into(),
+            "1m".into(),
+            "--run-id".into(),
+            format!("not-due-{}", n.get()),
+        ]
+    };
+    each_lost_output(&env, args, 7, |what| {
+        let row = env.last_row();
+        assert_eq!(
+            (row["state"].as_str(), row["exit_code"].as_i64()),
+            (Some("refused"), Some(7)),
+            "{what}"
+        );
+    });
+    // A key store the run must refuse: ABORTED (3), and the row says aborted.
+    std::fs::set_permissions(env.key_dir("sig"), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let args = || {
+        n.set(n.get() + 1);
+        vec![
+            "rotate".to_string(),
+            "--domain".into(),
+            "sig".into(),
+            "--deadline".into(),
+            "1m".into(),
+            "--force".into(),
+            "--run-id".into(),
+            format!("aborted-{}", n.get()),
+        ]
+    };
+    each_lost_output(&env, args, 3, |what| {
+        let row = env.last_row();
+        assert_eq!(
+            (row["state"].as_str(), row["exit_code"].as_i64()),
+            (Some("aborted"), Some(3)),
+            "{what}"
+        );
+    });
+    assert_eq!(env.manifest("sig")["primary"], 1);
+}
+
+#[test]
+fn status_history_and_check_with_their_output_gone_keep_their_codes() {
+    let env = Env::new();
+    env.rotate("sig").status(0);
+    env.rotate("mac").status(0);
+    let words = |w: &[&str]| {
+        let w: Vec<String> = w.iter().map(|s| s.to_string()).collect();
+        move || w.clone()
+    };
+    each_lost_output(&env, words(&["status"]), 0, |_| {});
+    each_lost_output(&env, words(&["status", "--output", "json"]), 0, |_| {});
+    each_lost_output(&env, words(&["history"]), 0, |_| {});
+    each_lost_output(&env, words(&["history", "--output", "json"]), 0, |_| {});
+    each_lost_output(&env, words(&["check"]), 0, |_| {});
+    each_lost_output(
+        &env,
+        words(&["rotate", "--domain", "sig", "--deadline", "1m", "--dry-run"]),
+        7,
+        |_| {},
+    );
+    // A usage error is reported (to nobody) with its code.
+    each_lost_output(&env, words(&["status", "--domain", "nope"]), 2, |_| {});
+    each_lost_output(&env, words(&["rotate", "--bogus"]), 2, |_| {});
+}
+
+#[test]
+fn a_shell_pipeline_into_head_keeps_the_rotation_true() {
+    let env = Env::new();
+    let out = env.path("pipestatus");
+    // `keyrotate … 2>&1 >/dev/null | head -1`: the log goes into a pipe that head stops
+    // reading after one line.
+    let script = format!(
+        "\"$0\" \"$@\" 2>&1 >/dev/null | head -1 >/dev/null; echo ${{PIPESTATUS[0]}} > '{}'",
+        out.display()
+    );
+    let status = env
+        .rotate("sig")
+        .args(["-vv", "--run-id", "piped"])
+        .command()
+        .get_args()
+        .map(|a| a.to_owned())
+        .collect::<Vec<_>>();
+    let code = std::process::Command::new("bash")
+        .arg("-c")
+        .arg(&script)
+        .arg(crate::common::bin())
+        .args(status)
+        .current_dir(env.dir.path())
+        .env("USER", "tester")
+        .stdin(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(code.success());
+    assert_eq!(std::fs::read_to_string(&out).unwrap().trim(), "0");
+    let row = env.last_row();
+    assert_eq!(
+        (row["state"].as_str(), row["exit_code"].as_i64()),
+        (Some("succeeded"), Some(0))
+    );
+}
