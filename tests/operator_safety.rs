@@ -213,3 +213,67 @@ fn a_shell_pipeline_into_head_keeps_the_rotation_true() {
         (Some("succeeded"), Some(0))
     );
 }
+
+// ---- item 10: status alerts on a broken store or ledger ------------------------------
+
+#[test]
+fn status_exits_3_on_a_corrupt_manifest_or_ledger_and_4_when_blocked() {
+    let env = Env::new();
+    env.rotate("sig").status(0);
+    env.rotate("mac").status(0);
+    // Healthy (and domains never rotated are not a problem).
+    env.cmd().arg("status").status(0);
+
+    // A corrupt keyring.json: 3, naming the domain.
+    let manifest = env.key_dir("sig").join("keyring.json");
+    let good = std::fs::read(&manifest).unwrap();
+    std::fs::write(&manifest, b"{ not json").unwrap();
+    let out = env.cmd().arg("status").status(3);
+    assert!(out.stderr.contains("sig"), "{}", out.stderr);
+    env.cmd().args(["status", "--output", "json"]).status(3);
+    // Scoped to a healthy domain: 0; to the broken one: 3.
+    env.cmd().args(["status", "--domain", "mac"]).status(0);
+    env.cmd().args(["status", "--domain", "sig"]).status(3);
+    std::fs::write(&manifest, &good).unwrap();
+    env.cmd().arg("status").status(0);
+
+    // A manifest whose key file does not verify: 3.
+    let key = env.key_dir("mac").join("v000001.key");
+    let good_key = std::fs::read(&key).unwrap();
+    std::fs::write(&key, b"AAAA\n").unwrap();
+    env.cmd().arg("status").status(3);
+    std::fs::write(&key, &good_key).unwrap();
+    env.cmd().arg("status").status(0);
+
+    // A ledger that is not a database: 3, and the table still shows the key stores.
+    let ledger = env.path("state/ledger.sqlite3");
+    let good_ledger = std::fs::read(&ledger).unwrap();
+    for f in ["state/ledger.sqlite3-wal", "state/ledger.sqlite3-shm"] {
+        let _ = std::fs::remove_file(env.path(f));
+    }
+    std::fs::write(&ledger, vec![b'x'; 8192]).unwrap();
+    let out = env.cmd().arg("status").status(3);
+    assert!(out.stdout.contains("v1"), "{}", out.stdout);
+    assert!(out.stderr.contains("ledger"), "{}", out.stderr);
+    std::fs::write(&ledger, &good_ledger).unwrap();
+    env.cmd().arg("status").status(0);
+
+    // A ledger whose schema is malformed (the rotations table is gone): 3.
+    {
+        let conn = rusqlite::Connection::open(&ledger).unwrap();
+        conn.execute_batch("ALTER TABLE rotations RENAME TO rotations_gone")
+            .unwrap();
+    }
+    env.cmd().arg("status").status(3);
+    {
+        let conn = rusqlite::Connection::open(&ledger).unwrap();
+        conn.execute_batch("ALTER TABLE rotations_gone RENAME TO rotations")
+            .unwrap();
+    }
+    env.cmd().arg("status").status(0);
+
+    // Blocked wins over broken: 4.
+    std::fs::write(&manifest, b"{ not json").unwrap();
+    env.rotate("sig").arg("--force").status(4);
+    env.cmd().arg("status").status(4);
+}

@@ -1,6 +1,7 @@
 //! `keyrotate status`: per domain, its versions, last run, block, what is in flight
 //! and when it is next due. Exits NEEDS_REVIEW (4) when any domain shown is blocked,
-//! so Control-M can run it as a monitoring job. Reads only: no file is created or
+//! else ABORTED (3) when a key store, manifest or ledger cannot be read or does not
+//! verify, so Control-M can run it as a monitoring job. Reads only: no file is created or
 //! changed.
 
 use serde::Serialize;
@@ -66,18 +67,35 @@ fn status(cli: &Cli, args: &StatusArgs) -> Result<Outcome, Failure> {
         Some(d) => vec![config.domain(d).map_err(Failure::usage)?],
         None => config.domains.values().collect(),
     };
-    let ledger = Ledger::open_read_only(&config.ledger).map_err(|e| Failure::new(Outcome::Aborted, e))?;
+    // A ledger that cannot be read is a problem of every domain shown, not a reason to
+    // show nothing: the table still says what the key stores hold.
+    let (ledger, ledger_problem) = match Ledger::open_read_only(&config.ledger) {
+        Ok(l) => (l, None),
+        Err(e) => (None, Some(format!("ledger: {e}"))),
+    };
     let statuses: Vec<DomainStatus> = domains
         .iter()
-        .map(|d| domain_status(&config, d, ledger.as_ref()))
+        .map(|d| {
+            let mut s = domain_status(&config, d, ledger.as_ref());
+            s.problems.extend(ledger_problem.clone());
+            s
+        })
         .collect();
     match args.output {
         OutputFormat::Json => print_json(&serde_json::json!({ "domains": statuses })),
         OutputFormat::Text => print_text(&statuses),
     }
-    let blocked = statuses.iter().any(|s| s.blocked_by.is_some());
-    Ok(if blocked {
+    // DESIGN section 5: 4 if any domain is blocked, else 3 if any key store, manifest or
+    // ledger cannot be read or does not verify, else 0 (a monitor alerts on both).
+    for s in &statuses {
+        for p in &s.problems {
+            tracing::error!("{}: {p}", s.domain);
+        }
+    }
+    Ok(if statuses.iter().any(|s| s.blocked_by.is_some()) {
         Outcome::NeedsReview
+    } else if statuses.iter().any(|s| !s.problems.is_empty()) {
+        Outcome::Aborted
     } else {
         Outcome::Rotated
     })
@@ -121,7 +139,7 @@ fn domain_status(config: &Config, d: &DomainConfig, ledger: Option<&Ledger>) -> 
         None => DomainRecord::default(),
         Some(Ok(r)) => r,
         Some(Err(e)) => {
-            s.problems.push(e);
+            s.problems.push(format!("ledger: {e}"));
             DomainRecord::default()
         }
     };
