@@ -62,6 +62,17 @@ pub fn fs_trouble(path: &Path) -> Option<&'static str> {
     None
 }
 
+/// Whether this process may create entries in `dir` (effective ids, as open(2) would
+/// decide, also for root on a read-only mount).
+pub fn can_write_dir(dir: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: `c` is a valid NUL-terminated path that outlives the call.
+    unsafe { libc::faccessat(libc::AT_FDCWD, c.as_ptr(), libc::W_OK | libc::X_OK, libc::AT_EACCESS) == 0 }
+}
+
 /// Refuses a folder that is a symlink, not a folder, writable by group or others, or
 /// owned by someone other than the effective user.
 pub fn check_secure_dir(path: &Path, what: &str) -> Result<(), String> {

@@ -277,3 +277,89 @@ fn status_exits_3_on_a_corrupt_manifest_or_ledger_and_4_when_blocked() {
     env.rotate("sig").arg("--force").status(4);
     env.cmd().arg("status").status(4);
 }
+
+// ---- item 9: no audit, no rotation ---------------------------------------------------
+
+const AUDIT_ELSEWHERE: &str = r#"
+[state]
+dir = "state"
+[host]
+pool = "p"
+[audit]
+file = "log/audit.jsonl"
+[defaults]
+designated_pool = "p"
+backend = "keystore"
+keystore = "keys"
+min_interval = "0s"
+[domains.sig]
+algorithm = "ed25519"
+"#;
+
+#[test]
+fn an_audit_file_that_cannot_be_written_aborts_before_any_key_is_touched() {
+    type Break = Box<dyn Fn(&Env)>;
+    let cases: Vec<(&str, Break)> = vec![
+        (
+            "a folder",
+            Box::new(|env: &Env| std::fs::create_dir_all(env.path("log/audit.jsonl")).unwrap()),
+        ),
+        (
+            "under a regular file",
+            Box::new(|env: &Env| std::fs::write(env.path("log"), b"not a folder").unwrap()),
+        ),
+        (
+            "a symlink",
+            Box::new(|env: &Env| {
+                std::fs::create_dir_all(env.path("log")).unwrap();
+                std::fs::write(env.path("elsewhere.jsonl"), b"").unwrap();
+                std::os::unix::fs::symlink(env.path("elsewhere.jsonl"), env.path("log/audit.jsonl")).unwrap();
+            }),
+        ),
+        (
+            "a symlink to a device",
+            Box::new(|env: &Env| {
+                std::fs::create_dir_all(env.path("log")).unwrap();
+                std::os::unix::fs::symlink("/dev/full", env.path("log/audit.jsonl")).unwrap();
+            }),
+        ),
+    ];
+    for (what, damage) in cases {
+        let env = Env::with_config(AUDIT_ELSEWHERE);
+        // A first rotation with a good audit file, then break it.
+        env.rotate("sig").status(0);
+        std::fs::remove_dir_all(env.path("log")).unwrap();
+        damage(&env);
+        let keys_before = std::fs::read(env.key_dir("sig").join("keyring.json")).unwrap();
+        let files_before = env.key_files("sig");
+
+        // check lists it, dry run predicts it, both change nothing.
+        let snap = env.snapshot();
+        let out = env.cmd().arg("check").status(2);
+        assert!(out.stdout.contains("audit.file"), "{what}: {}", out.stdout);
+        env.rotate("sig").arg("--dry-run").status(3);
+        env.assert_unchanged(&snap, what);
+
+        let out = env.rotate("sig").args(["--run-id", "no-audit"]).status(3);
+        assert!(out.stdout.contains("audit"), "{what}: {}", out.stdout);
+        let row = env.last_row();
+        assert_eq!(row["run_id"], "no-audit", "{what}");
+        assert_eq!(
+            (row["state"].as_str(), row["exit_code"].as_i64()),
+            (Some("aborted"), Some(3)),
+            "{what}"
+        );
+        assert!(row["reason"].as_str().unwrap().contains("audit"), "{what}: {row}");
+        assert_eq!(
+            std::fs::read(env.key_dir("sig").join("keyring.json")).unwrap(),
+            keys_before,
+            "{what}"
+        );
+        assert_eq!(env.key_files("sig"), files_before, "{what}");
+        // The domain is not blocked: fixed, the next run rotates.
+        let _ = std::fs::remove_dir_all(env.path("log"));
+        let _ = std::fs::remove_file(env.path("log"));
+        env.rotate("sig").status(0);
+        env.cmd().arg("check").status(0);
+    }
+}

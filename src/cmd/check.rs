@@ -5,6 +5,7 @@
 use std::os::unix::fs::PermissionsExt;
 
 use super::{load_config, report_failure};
+use crate::audit::Audit;
 use crate::cli::{CheckArgs, Cli};
 use crate::config::{Backend, DomainConfig};
 use crate::fsutil;
@@ -45,6 +46,9 @@ pub fn run(cli: &Cli, args: &CheckArgs) -> Outcome {
     }
     if let Err(e) = Ledger::open_read_only(&config.ledger) {
         problems.push(format!("{file}: state.dir: {e}"));
+    }
+    if let Err(e) = Audit::new(&config.audit_file).preflight(false) {
+        problems.push(format!("{file}: audit.file: {e}"));
     }
     let pool = std::env::var("KEYROTATE_POOL")
         .ok()

@@ -188,6 +188,14 @@ pub(super) fn dry_run_decide(p: &Prepared, plan: &mut Vec<String>) -> (Outcome, 
         }),
     }
 
+    if let Err(e) = p.audit.preflight(false) {
+        plan.push(format!("audit: {e}"));
+        return (
+            Outcome::Aborted,
+            format!("{e}; the real run would stop before touching any key"),
+            none,
+        );
+    }
     match &p.domain.backend {
         Backend::Keystore {
             keystore,
