@@ -363,3 +363,220 @@ fn an_audit_file_that_cannot_be_written_aborts_before_any_key_is_touched() {
         env.cmd().arg("check").status(0);
     }
 }
+
+// ---- item 8: config and hook trust ---------------------------------------------------
+
+/// Another user's uid (`nobody`); root can hand files to it.
+const OTHER_UID: u32 = 65534;
+
+fn chmod(p: &std::path::Path, mode: u32) {
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+fn chown(p: &std::path::Path, uid: u32) {
+    std::os::unix::fs::lchown(p, Some(uid), None).unwrap();
+}
+
+fn running_as_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+#[test]
+fn a_config_someone_else_could_write_is_refused_and_nothing_is_created() {
+    let env = Env::new();
+    let config = env.config_path();
+    let mut cases: Vec<(&str, Box<dyn Fn()>, Box<dyn Fn()>)> = vec![
+        (
+            "group-writable",
+            Box::new(|| chmod(&config, 0o664)),
+            Box::new(|| chmod(&config, 0o644)),
+        ),
+        (
+            "world-writable",
+            Box::new(|| chmod(&config, 0o646)),
+            Box::new(|| chmod(&config, 0o644)),
+        ),
+        (
+            "in a folder writable by others",
+            Box::new(|| chmod(env.dir.path(), 0o777)),
+            Box::new(|| chmod(env.dir.path(), 0o700)),
+        ),
+    ];
+    if running_as_root() {
+        cases.push((
+            "owned by another user",
+            Box::new(|| chown(&config, OTHER_UID)),
+            Box::new(|| chown(&config, 0)),
+        ));
+        cases.push((
+            "in a folder owned by another user",
+            Box::new(|| chown(env.dir.path(), OTHER_UID)),
+            Box::new(|| chown(env.dir.path(), 0)),
+        ));
+    } else {
+        println!("SKIPPED: ownership cases need root to chown (running as a normal user)");
+    }
+    for (what, damage, repair) in cases {
+        damage();
+        let snap = env.snapshot();
+        let out = env.rotate("sig").status(3);
+        assert!(out.stderr.contains("config"), "{what}: {}", out.stderr);
+        env.rotate("sig").arg("--dry-run").status(3);
+        env.cmd().arg("status").status(3);
+        env.resolve("sig", "x", "note").status(3);
+        let out = env.cmd().arg("check").status(2);
+        let named = format!("config {}", config.display());
+        assert!(
+            out.stdout
+                .lines()
+                .any(|l| l.starts_with("problem: ") && l.contains(&named)),
+            "{what}: {}",
+            out.stdout
+        );
+        env.assert_unchanged(&snap, what);
+        assert!(!env.path("state").exists(), "{what}");
+        repair();
+    }
+    // A sticky world-writable folder (like /tmp) is fine: others cannot replace the file.
+    chmod(env.dir.path(), 0o1777);
+    env.rotate("sig").status(0);
+    env.cmd().arg("check").status(0);
+}
+
+#[test]
+fn a_config_reached_through_a_symlinked_folder_works() {
+    let env = Env::new();
+    let link = env.path("etc-link");
+    std::os::unix::fs::symlink(env.dir.path(), &link).unwrap();
+    let run = |args: &[&str]| {
+        std::process::Command::new(crate::common::bin())
+            .arg("--config")
+            .arg(link.join("rotate.toml"))
+            .args(args)
+            .env("USER", "tester")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let out = run(&["rotate", "--domain", "sig", "--deadline", "1m"]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(run(&["check"]).status.code(), Some(0));
+    if running_as_root() {
+        // ... but a symlink another user owns can be repointed by them.
+        chown(&link, OTHER_UID);
+        let out = run(&["status"]);
+        assert_eq!(out.status.code(), Some(3));
+        assert!(String::from_utf8_lossy(&out.stderr).contains("symlink"));
+    }
+}
+
+#[test]
+fn the_example_config_of_a_fresh_clone_is_trusted() {
+    let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("rotate.toml.example");
+    let out = std::process::Command::new(crate::common::bin())
+        .arg("--config")
+        .arg(&example)
+        .arg("check")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!stdout.contains("problem: config"), "{stdout}");
+    assert!(!stdout.contains("problem: program"), "{stdout}");
+}
+
+const HOOK_CONFIG: &str = r#"
+[state]
+dir = "state"
+[host]
+pool = "p"
+[domains.pw]
+designated_pool = "p"
+backend = "command"
+command = ["./hooks/bin/rotate-pw", "--role", "orders"]
+min_interval = "0s"
+"#;
+
+fn hook_env() -> Env {
+    let env = Env::with_config(HOOK_CONFIG);
+    std::fs::create_dir_all(env.path("hooks/bin")).unwrap();
+    std::fs::write(
+        env.path("hooks/bin/rotate-pw"),
+        "#!/bin/sh\necho \"$KEYROTATE_STEP\" >> \"$(dirname \"$0\")/steps.log\"\n",
+    )
+    .unwrap();
+    chmod(&env.path("hooks/bin/rotate-pw"), 0o755);
+    env
+}
+
+#[test]
+fn a_hook_someone_else_could_change_is_refused_before_it_runs() {
+    let env = hook_env();
+    let hook = env.path("hooks/bin/rotate-pw");
+    let bin = env.path("hooks/bin");
+    let hooks = env.path("hooks");
+    let mut cases: Vec<(&str, Box<dyn Fn()>, Box<dyn Fn()>)> = vec![
+        (
+            "group-writable",
+            Box::new(|| chmod(&hook, 0o775)),
+            Box::new(|| chmod(&hook, 0o755)),
+        ),
+        (
+            "world-writable",
+            Box::new(|| chmod(&hook, 0o757)),
+            Box::new(|| chmod(&hook, 0o755)),
+        ),
+        (
+            "in a folder writable by others",
+            Box::new(|| chmod(&bin, 0o777)),
+            Box::new(|| chmod(&bin, 0o755)),
+        ),
+        (
+            "under a folder writable by others",
+            Box::new(|| chmod(&hooks, 0o757)),
+            Box::new(|| chmod(&hooks, 0o755)),
+        ),
+    ];
+    if running_as_root() {
+        cases.push((
+            "owned by another user",
+            Box::new(|| chown(&hook, OTHER_UID)),
+            Box::new(|| chown(&hook, 0)),
+        ));
+        cases.push((
+            "in a folder owned by another user",
+            Box::new(|| chown(&bin, OTHER_UID)),
+            Box::new(|| chown(&bin, 0)),
+        ));
+    } else {
+        println!("SKIPPED: ownership cases need root to chown (running as a normal user)");
+    }
+    for (n, (what, damage, repair)) in cases.into_iter().enumerate() {
+        damage();
+        let out = env.cmd().arg("check").status(2);
+        assert!(out.stdout.contains("domains.pw.command"), "{what}: {}", out.stdout);
+        env.cmd()
+            .args(["rotate", "--domain", "pw", "--deadline", "1m", "--dry-run"])
+            .status(3);
+        let id = format!("untrusted-{n}");
+        env.cmd()
+            .args(["rotate", "--domain", "pw", "--deadline", "1m", "--run-id", &id])
+            .status(3);
+        let row = env.last_row();
+        assert_eq!(
+            (row["run_id"].as_str(), row["state"].as_str()),
+            (Some(id.as_str()), Some("aborted")),
+            "{what}"
+        );
+        assert!(!env.path("hooks/bin/steps.log").exists(), "{what}: the hook ran");
+        repair();
+    }
+    // A sticky world-writable folder is fine.
+    chmod(&bin, 0o1777);
+    env.cmd().arg("check").status(0);
+    env.cmd()
+        .args(["rotate", "--domain", "pw", "--deadline", "1m"])
+        .status(0);
+    assert!(env.path("hooks/bin/steps.log").exists());
+}

@@ -4,19 +4,27 @@
 
 use std::os::unix::fs::PermissionsExt;
 
-use super::{load_config, report_failure};
+use super::report_failure;
 use crate::audit::Audit;
 use crate::cli::{CheckArgs, Cli};
-use crate::config::{Backend, DomainConfig};
+use crate::config::{Backend, Config, DomainConfig};
 use crate::fsutil;
 use crate::keystore::Keystore;
 use crate::ledger::Ledger;
 use crate::outcome::{Failure, Outcome};
 
 pub fn run(cli: &Cli, args: &CheckArgs) -> Outcome {
-    let config = match load_config(cli) {
+    // An untrusted config is one of the problems listed, not the end of the check.
+    let path = crate::config::locate(cli.config.as_deref());
+    let distrust = super::config_distrust(&path);
+    let config = match Config::load(&path) {
         Ok(c) => c,
-        Err(f) => return report_failure(&f),
+        Err(e) => {
+            if let Some(d) = &distrust {
+                out!("problem: {d}");
+            }
+            return report_failure(&Failure::usage(e));
+        }
     };
     let domains: Vec<&DomainConfig> = match &args.domain {
         Some(d) => match config.domain(d) {
@@ -28,6 +36,7 @@ pub fn run(cli: &Cli, args: &CheckArgs) -> Outcome {
     let mut problems: Vec<String> = Vec::new();
     let mut notes: Vec<String> = Vec::new();
     let file = config.path.display().to_string();
+    problems.extend(distrust);
 
     for (dir, key) in [
         (config.state_dir.clone(), "state.dir"),
@@ -120,16 +129,11 @@ pub fn program_runnable(program: &std::path::Path) -> Result<u32, String> {
     Ok(mode)
 }
 
-/// A hook program must also not be writable by group or others (anyone who can write
-/// it can run code as keyrotate); `rotate` refuses such a program (ABORTED).
+/// A hook program must also be trusted (anyone who can write it, or replace it through
+/// a folder above it, runs code as keyrotate): not writable by group or others, owned
+/// by root or this user, in folders nobody else can change (DESIGN section 4.4).
+/// `rotate` refuses such a program (ABORTED).
 pub fn check_program(program: &std::path::Path) -> Result<(), String> {
-    let mode = program_runnable(program)?;
-    if mode & 0o022 != 0 {
-        return Err(format!(
-            "program {} is writable by group or others (mode {:04o})",
-            program.display(),
-            mode & 0o7777
-        ));
-    }
-    Ok(())
+    program_runnable(program)?;
+    fsutil::check_trusted(program, "program")
 }

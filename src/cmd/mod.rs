@@ -109,10 +109,23 @@ pub(crate) fn say(line: std::fmt::Arguments) {
     let _ = o.write_fmt(line).and_then(|()| o.write_all(b"\n"));
 }
 
-/// Loads the config named by `--config`, `$KEYROTATE_CONFIG` or the default path.
+/// Loads the config named by `--config`, `$KEYROTATE_CONFIG` or the default path,
+/// refusing (ABORTED) one that someone else could have written (DESIGN section 4.4).
 pub(crate) fn load_config(cli: &Cli) -> Result<Config, Failure> {
     let path = config::locate(cli.config.as_deref());
+    if let Some(e) = config_distrust(&path) {
+        return Err(Failure::new(Outcome::Aborted, format!("{e}; refusing to use it")));
+    }
     Config::load(&path).map_err(Failure::usage)
+}
+
+/// Why the config file at `path` cannot be trusted, if it exists and cannot be. A
+/// missing file is left to `Config::load`, which reports it as a usage error.
+pub(crate) fn config_distrust(path: &std::path::Path) -> Option<String> {
+    if std::fs::symlink_metadata(path).is_err() {
+        return None;
+    }
+    crate::fsutil::check_trusted(path, "config").err()
 }
 
 /// Prints a failure the way every command does: one line on stderr.
