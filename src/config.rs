@@ -130,6 +130,23 @@ struct RawDomain {
 }
 
 impl RawDomain {
+    /// These defaults without the keys that do not apply to `backend`: a `[defaults]
+    /// keystore` must not break a command domain (nor a default `command` a keystore
+    /// domain). The same key set on the domain itself is still an error.
+    fn for_backend(&self, backend: Option<&str>) -> RawDomain {
+        let mut d = self.clone();
+        match backend {
+            Some("command") => {
+                d.algorithm = None;
+                d.keystore = None;
+                d.activation = None;
+            }
+            Some("keystore") => d.command = None,
+            _ => {}
+        }
+        d
+    }
+
     /// Fills every unset key from `defaults`.
     fn or(self, d: &RawDomain) -> RawDomain {
         RawDomain {
@@ -231,7 +248,8 @@ impl Config {
         for (name, d) in raw.domains {
             let prefix = format!("domains.{name}");
             validate_domain_name(&name).map_err(|w| err(&prefix, w))?;
-            let d = d.or(&defaults);
+            let applicable = defaults.for_backend(d.backend.as_deref().or(defaults.backend.as_deref()));
+            let d = d.or(&applicable);
             let dc = domain(&name, d, base).map_err(|(key, what)| err(&format!("{prefix}.{key}"), what))?;
             domains.insert(name, dc);
         }

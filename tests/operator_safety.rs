@@ -580,3 +580,159 @@ fn a_hook_someone_else_could_change_is_refused_before_it_runs() {
         .status(0);
     assert!(env.path("hooks/bin/steps.log").exists());
 }
+
+// ---- item 12: the smaller ones -------------------------------------------------------
+
+#[test]
+fn operator_reason_and_note_refuse_invisible_and_bidi_characters() {
+    let env = Env::new();
+    for bad in [
+        "alice\u{202E}nimda",
+        "\u{202A}bob",
+        "carol\u{2066}x\u{2069}",
+        "da\u{200B}ve",
+        "eve\u{200F}",
+        "fred\u{FEFF}",
+        "gina\u{2028}next line",
+        "hugo\u{E000}",
+    ] {
+        let snap = env.snapshot();
+        let out = env.rotate("sig").args(["--operator", bad]).status(2);
+        assert!(out.stderr.contains("--operator"), "{bad:?}: {}", out.stderr);
+        env.rotate("sig").args(["--reason", bad]).status(2);
+        env.rotate("sig").env("USER", bad).status(2);
+        env.assert_unchanged(&snap, "a refused --operator");
+    }
+    // Plain text from any script is fine.
+    env.rotate("sig")
+        .args(["--operator", "José Ñúñez", "--reason", "Schlüsselwechsel — 定期"])
+        .status(0);
+    assert_eq!(env.last_row()["operator"], "José Ñúñez");
+    // resolve's --note and --operator too.
+    let run = env.last_row()["run_id"].as_str().unwrap().to_string();
+    let out = env.resolve("sig", &run, "looked \u{202E}ok").status(2);
+    assert!(
+        out.stderr.contains("--note") && out.stderr.contains("U+202E"),
+        "{}",
+        out.stderr
+    );
+    let out = env
+        .resolve("sig", &run, "fine")
+        .args(["--operator", "x\u{200D}y"])
+        .status(2);
+    assert!(
+        out.stderr.contains("--operator") && out.stderr.contains("U+200D"),
+        "{}",
+        out.stderr
+    );
+}
+
+#[test]
+fn dry_run_plans_say_what_the_run_would_really_do() {
+    let env = Env::new();
+    for domain in ["mac", "aes"] {
+        let out = env.rotate(domain).arg("--dry-run").status(0);
+        assert!(!out.stdout.contains("jwks"), "{domain}: {}", out.stdout);
+        assert!(out.stdout.contains("current.key"), "{domain}: {}", out.stdout);
+    }
+    let out = env.rotate("sig").arg("--dry-run").status(0);
+    assert!(
+        out.stdout.contains("jwks.json") && out.stdout.contains("current.pem"),
+        "{}",
+        out.stdout
+    );
+
+    // Hook arguments are shown quoted, one shell word each.
+    let env = Env::with_config(&HOOK_CONFIG.replace(
+        r#"["./hooks/bin/rotate-pw", "--role", "orders"]"#,
+        r#"["./hooks/bin/rotate-pw", "--role", "orders team", "it's", "$HOME", ""]"#,
+    ));
+    std::fs::create_dir_all(env.path("hooks/bin")).unwrap();
+    std::fs::write(env.path("hooks/bin/rotate-pw"), "#!/bin/sh\nexit 0\n").unwrap();
+    chmod(&env.path("hooks/bin/rotate-pw"), 0o755);
+    let out = env
+        .cmd()
+        .args(["rotate", "--domain", "pw", "--deadline", "1m", "--dry-run"])
+        .status(0);
+    let line = out
+        .stdout
+        .lines()
+        .find(|l| l.contains("KEYROTATE_STEP=create"))
+        .unwrap_or_else(|| panic!("{}", out.stdout));
+    let shown = line.split_once("KEYROTATE_STEP=create ").unwrap().1;
+    let words = shlex::split(shown).unwrap_or_else(|| panic!("not shell words: {shown}"));
+    assert_eq!(&words[1..], ["--role", "orders team", "it's", "$HOME", ""], "{line}");
+    assert!(words[0].ends_with("hooks/bin/rotate-pw"), "{line}");
+}
+
+#[test]
+fn defaults_that_do_not_apply_to_a_backend_are_not_errors() {
+    let text = r#"
+[state]
+dir = "state"
+[host]
+pool = "p"
+[defaults]
+designated_pool = "p"
+backend = "keystore"
+algorithm = "ed25519"
+keystore = "keys"
+activation = "immediate"
+retain = 2
+min_interval = "0s"
+[domains.sig]
+[domains.pw]
+backend = "command"
+command = ["./hook"]
+"#;
+    let env = Env::with_config(text);
+    std::fs::write(env.path("hook"), "#!/bin/sh\nexit 0\n").unwrap();
+    chmod(&env.path("hook"), 0o755);
+    env.cmd().arg("check").status(0);
+    env.rotate("sig").status(0);
+    env.cmd()
+        .args(["rotate", "--domain", "pw", "--deadline", "1m"])
+        .status(0);
+    // The same key set on the command domain itself is still an error.
+    std::fs::write(
+        env.config_path(),
+        text.replace("command = [\"./hook\"]", "command = [\"./hook\"]\nkeystore = \"keys\""),
+    )
+    .unwrap();
+    let out = env.cmd().arg("check").status(2);
+    assert!(out.stderr.contains("domains.pw.keystore"), "{}", out.stderr);
+    // And a default command does not break keystore domains.
+    std::fs::write(
+        env.config_path(),
+        text.replace("[defaults]\n", "[defaults]\ncommand = [\"./hook\"]\n")
+            .replace("backend = \"command\"\ncommand = [\"./hook\"]", "backend = \"command\""),
+    )
+    .unwrap();
+    env.cmd().arg("check").status(0);
+    env.rotate("sig").status(0);
+}
+
+#[test]
+fn a_state_folder_under_a_symlinked_parent_works_but_a_symlinked_state_folder_does_not() {
+    let env =
+        Env::with_config(&crate::common::DEFAULT_CONFIG.replace("dir = \"state\"", "dir = \"var-lib/keyrotate\""));
+    std::fs::create_dir(env.path("data")).unwrap();
+    std::os::unix::fs::symlink(env.path("data"), env.path("var-lib")).unwrap();
+    env.rotate("sig").status(0);
+    assert!(env.path("data/keyrotate/ledger.sqlite3").metadata().unwrap().len() > 0);
+    env.cmd().arg("status").status(0);
+    let out = env.cmd().args(["history", "--output", "json"]).status(0);
+    assert_eq!(out.json()["runs"].as_array().unwrap().len(), 1);
+    env.cmd().arg("check").status(0);
+    env.rotate("sig").arg("--dry-run").status(7);
+    env.rotate("sig").arg("--force").status(0);
+
+    // The configured folder itself may not be a symlink.
+    let env = Env::with_config(&crate::common::DEFAULT_CONFIG.replace("dir = \"state\"", "dir = \"state-link\""));
+    std::fs::create_dir(env.path("real-state")).unwrap();
+    chmod(&env.path("real-state"), 0o700);
+    std::os::unix::fs::symlink(env.path("real-state"), env.path("state-link")).unwrap();
+    let out = env.rotate("sig").status(3);
+    assert!(out.stdout.contains("symlink"), "{}", out.stdout);
+    assert_eq!(std::fs::read_dir(env.path("real-state")).unwrap().count(), 0);
+}

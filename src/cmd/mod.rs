@@ -150,13 +150,33 @@ pub(crate) fn operator(flag: Option<&str>) -> String {
 }
 
 /// Validates a free-text value that lands in the ledger and audit (operator, reason,
-/// note): bounded and free of control characters, so it cannot forge log lines.
+/// note): bounded, and free of control characters (which forge log lines) and of
+/// invisible format characters such as bidirectional overrides (U+202E shows
+/// "alice\u{202E}nimda" as "alicenimda" backwards) and zero-width ones, which make
+/// `history` show someone or something else than what was recorded.
 pub(crate) fn clean_text(what: &str, value: &str, max: usize) -> Result<String, Failure> {
+    use unicode_properties::{GeneralCategory, UnicodeGeneralCategory};
     if value.chars().count() > max {
         return Err(Failure::usage(format!("{what} is longer than {max} characters")));
     }
     if value.chars().any(char::is_control) {
         return Err(Failure::usage(format!("{what} contains control characters")));
+    }
+    let invisible = value.chars().find(|c| {
+        matches!(
+            c.general_category(),
+            GeneralCategory::Format
+                | GeneralCategory::LineSeparator
+                | GeneralCategory::ParagraphSeparator
+                | GeneralCategory::PrivateUse
+                | GeneralCategory::Surrogate
+        )
+    });
+    if let Some(c) = invisible {
+        return Err(Failure::usage(format!(
+            "{what} contains the invisible or formatting character U+{:04X}; use plain text",
+            u32::from(c)
+        )));
     }
     Ok(value.to_string())
 }
