@@ -736,3 +736,122 @@ fn a_state_folder_under_a_symlinked_parent_works_but_a_symlinked_state_folder_do
     assert!(out.stdout.contains("symlink"), "{}", out.stdout);
     assert_eq!(std::fs::read_dir(env.path("real-state")).unwrap().count(), 0);
 }
+
+fn chown_tree(p: &std::path::Path, uid: u32) {
+    std::os::unix::fs::lchown(p, Some(uid), Some(uid)).unwrap();
+    if std::fs::symlink_metadata(p).unwrap().is_dir() {
+        for e in std::fs::read_dir(p).unwrap() {
+            chown_tree(&e.unwrap().path(), uid);
+        }
+    }
+}
+
+#[test]
+fn check_catches_exposed_key_files_and_a_key_store_it_cannot_write() {
+    let env = Env::new();
+    env.rotate("sig").status(0);
+    env.rotate("mac").status(0);
+    env.cmd().arg("check").status(0);
+    let key = env.key_dir("sig").join("v000001.pem");
+    chmod(&key, 0o644);
+    let out = env.cmd().arg("check").status(2);
+    assert!(
+        out.stdout.contains("v000001.pem") && out.stdout.contains("0644"),
+        "{}",
+        out.stdout
+    );
+    chmod(&key, 0o600);
+    env.cmd().arg("check").status(0);
+
+    if !running_as_root() {
+        println!("SKIPPED: the read-only key store case runs keyrotate as another user, which needs root");
+        return;
+    }
+    // As another user who owns everything, a key folder it cannot write (0500) is a
+    // problem, as is one still owned by root.
+    chown_tree(env.dir.path(), OTHER_UID);
+    let as_other = |args: &[&str]| {
+        use std::os::unix::process::CommandExt;
+        let mut c = env.cmd().args(args).command();
+        c.uid(OTHER_UID).gid(OTHER_UID);
+        let o = c.output().unwrap();
+        (o.status.code(), String::from_utf8_lossy(&o.stdout).into_owned())
+    };
+    let (code, stdout) = as_other(&["check"]);
+    assert_eq!(code, Some(0), "{stdout}");
+    chmod(&env.key_dir("mac"), 0o500);
+    let (code, stdout) = as_other(&["check"]);
+    assert_eq!(code, Some(2), "{stdout}");
+    assert!(
+        stdout.contains("read-only") && stdout.contains("domains.mac"),
+        "{stdout}"
+    );
+    assert!(
+        !stdout
+            .lines()
+            .any(|l| l.starts_with("problem: ") && l.contains("domains.sig")),
+        "{stdout}"
+    );
+    chmod(&env.key_dir("mac"), 0o700);
+    chown(&env.key_dir("sig").join("v000001.pem"), 0);
+    let (code, stdout) = as_other(&["check"]);
+    assert_eq!(code, Some(2), "{stdout}");
+    assert!(stdout.contains("owned by uid 0"), "{stdout}");
+}
+
+#[test]
+fn check_lists_every_config_problem_and_rotate_says_there_are_more() {
+    let env = Env::with_config(
+        r#"
+[state]
+dir = "state"
+[host]
+pool = "bad pool"
+[defaults]
+designated_pool = "p"
+backend = "keystore"
+keystore = "keys"
+[domains.one]
+algorithm = "rsa-512"
+retain = -1
+activation = "later"
+[domains.two]
+algorithm = "ed25519"
+colour = "blue"
+[domains.three]
+backend = "command"
+[domains.four]
+algorithm = "ed25519"
+max_deadline = "0s"
+[domains.good]
+algorithm = "ed25519"
+"#,
+    );
+    let out = env.cmd().arg("check").status(2);
+    let problems: Vec<&str> = out.stdout.lines().filter(|l| l.starts_with("problem: ")).collect();
+    for key in [
+        "host.pool",
+        "domains.one.algorithm",
+        "domains.one.retain",
+        "domains.one.activation",
+        "domains.two: unknown field `colour`",
+        "domains.three.command",
+        "domains.four.max_deadline",
+    ] {
+        assert!(
+            problems.iter().any(|p| p.contains(key)),
+            "{key} not listed:\n{}",
+            out.stdout
+        );
+    }
+    assert_eq!(problems.len(), 7, "{}", out.stdout);
+    // rotate reports the first, on one line, and says there are more.
+    let out = env.rotate("good").status(2);
+    let line = out
+        .stderr
+        .lines()
+        .find(|l| l.contains("host.pool"))
+        .unwrap_or_else(|| panic!("{}", out.stderr));
+    assert!(line.contains("6 more problems"), "{line}");
+    assert!(env.snapshot().is_empty(), "{}", env.listing());
+}

@@ -17,13 +17,18 @@ pub fn run(cli: &Cli, args: &CheckArgs) -> Outcome {
     // An untrusted config is one of the problems listed, not the end of the check.
     let path = crate::config::locate(cli.config.as_deref());
     let distrust = super::config_distrust(&path);
-    let config = match Config::load(&path) {
+    let config = match Config::load_all(&path) {
         Ok(c) => c,
-        Err(e) => {
-            if let Some(d) = &distrust {
-                out!("problem: {d}");
+        Err(errors) => {
+            for p in distrust.iter().chain(&errors) {
+                out!("problem: {p}");
             }
-            return report_failure(&Failure::usage(e));
+            tracing::error!(
+                "{} problem(s) found in {}",
+                errors.len() + usize::from(distrust.is_some()),
+                path.display()
+            );
+            return Outcome::Usage;
         }
     };
     let domains: Vec<&DomainConfig> = match &args.domain {
@@ -81,8 +86,13 @@ pub fn run(cli: &Cli, args: &CheckArgs) -> Outcome {
                 let ks = Keystore::new(keystore, &d.name);
                 if let Err(e) = ks.check_folders() {
                     problems.push(format!("{file}: {key}.keystore: {e}"));
-                } else if let Err(e) = ks.inspect() {
-                    problems.push(format!("{file}: {key}.keystore: inconsistent key store: {e}"));
+                } else {
+                    if let Err(e) = ks.inspect() {
+                        problems.push(format!("{file}: {key}.keystore: inconsistent key store: {e}"));
+                    }
+                    for e in key_store_access(keystore, ks.dir()) {
+                        problems.push(format!("{file}: {key}.keystore: {e}"));
+                    }
                 }
             }
             Backend::Command { program, .. } => {
@@ -105,6 +115,61 @@ pub fn run(cli: &Cli, args: &CheckArgs) -> Outcome {
         tracing::error!("{} problem(s) found in {file}", problems.len());
         Outcome::Usage
     }
+}
+
+/// What the next rotation would trip over, or what exposes keys, that `inspect` does not
+/// look at: a key store this user cannot write (read-only mount, permissions), and key
+/// files readable by group or others or owned by someone else.
+fn key_store_access(root: &std::path::Path, dir: &std::path::Path) -> Vec<String> {
+    use std::os::unix::fs::MetadataExt;
+    let mut problems = Vec::new();
+    for (folder, what) in [(root, "keystore"), (dir, "key folder")] {
+        if !folder.is_dir() {
+            continue;
+        }
+        if let Some(why) = fsutil::fs_trouble(folder) {
+            problems.push(format!(
+                "{what} {}: {why}: the next rotate cannot write it",
+                folder.display()
+            ));
+        } else if !fsutil::can_write_dir(folder) {
+            problems.push(format!(
+                "{what} {} is read-only for this user: the next rotate cannot write it",
+                folder.display()
+            ));
+        }
+    }
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return problems;
+    };
+    let mut names: Vec<String> = entries
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with('v') && (n.ends_with(".pem") || n.ends_with(".key")))
+        .collect();
+    names.sort();
+    for name in names {
+        let path = dir.join(&name);
+        let Ok(meta) = std::fs::symlink_metadata(&path) else {
+            continue;
+        };
+        if meta.mode() & 0o077 != 0 {
+            problems.push(format!(
+                "key file {} is accessible by group or others (mode {:04o}); run chmod 600 on it",
+                path.display(),
+                meta.mode() & 0o7777
+            ));
+        }
+        if meta.uid() != euid {
+            problems.push(format!(
+                "key file {} is owned by uid {}, not by this user (uid {euid})",
+                path.display(),
+                meta.uid()
+            ));
+        }
+    }
+    problems
 }
 
 /// A hook program that can run at all: it exists and is an executable regular file.
