@@ -71,7 +71,7 @@ fn status(cli: &Cli, args: &StatusArgs) -> Result<Outcome, Failure> {
     // show nothing: the table still says what the key stores hold.
     let (ledger, ledger_problem) = match Ledger::open_read_only(&config.ledger) {
         Ok(l) => (l, None),
-        Err(e) => (None, Some(format!("ledger: {e}"))),
+        Err(e) => (None, Some(e)),
     };
     let statuses: Vec<DomainStatus> = domains
         .iter()
@@ -139,7 +139,7 @@ fn domain_status(config: &Config, d: &DomainConfig, ledger: Option<&Ledger>) -> 
         None => DomainRecord::default(),
         Some(Ok(r)) => r,
         Some(Err(e)) => {
-            s.problems.push(format!("ledger: {e}"));
+            s.problems.push(e);
             DomainRecord::default()
         }
     };
