@@ -19,18 +19,34 @@ enum Sink {
     Null,
 }
 
-fn stdio(s: Sink, broken: &std::io::PipeWriter) -> Stdio {
+fn stdio(s: Sink, broken: &std::os::fd::OwnedFd) -> Stdio {
     match s {
         Sink::BrokenPipe => Stdio::from(broken.try_clone().unwrap()),
         Sink::Null => Stdio::null(),
     }
 }
 
+/// The write end of a pipe whose read end is already closed.
+fn broken_pipe() -> std::os::fd::OwnedFd {
+    use std::os::fd::FromRawFd;
+    let mut fds = [0; 2];
+    // SAFETY: `fds` has room for the two descriptors pipe2 writes.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    // SAFETY: pipe2 succeeded, so both are open descriptors that nothing else owns.
+    let (reader, writer) = unsafe {
+        (
+            std::os::fd::OwnedFd::from_raw_fd(fds[0]),
+            std::os::fd::OwnedFd::from_raw_fd(fds[1]),
+        )
+    };
+    drop(reader);
+    writer
+}
+
 /// Runs `run` with stdout and stderr sent to `out`/`err`; returns the exit code (a
 /// signal as 128+N, so SIGPIPE would show as 141).
 fn run_with_output(run: &Run, out: Sink, err: Sink) -> i32 {
-    let (reader, writer) = std::io::pipe().unwrap();
-    drop(reader);
+    let writer = broken_pipe();
     let status = run
         .command()
         .stdout(stdio(out, &writer))
@@ -366,6 +382,9 @@ fn an_audit_file_that_cannot_be_written_aborts_before_any_key_is_touched() {
 
 // ---- item 8: config and hook trust ---------------------------------------------------
 
+/// A case: its name, how to break things, how to repair them.
+type Case<'a> = (&'a str, Box<dyn Fn() + 'a>, Box<dyn Fn() + 'a>);
+
 /// Another user's uid (`nobody`); root can hand files to it.
 const OTHER_UID: u32 = 65534;
 
@@ -386,7 +405,7 @@ fn running_as_root() -> bool {
 fn a_config_someone_else_could_write_is_refused_and_nothing_is_created() {
     let env = Env::new();
     let config = env.config_path();
-    let mut cases: Vec<(&str, Box<dyn Fn()>, Box<dyn Fn()>)> = vec![
+    let mut cases: Vec<Case> = vec![
         (
             "group-writable",
             Box::new(|| chmod(&config, 0o664)),
@@ -516,7 +535,7 @@ fn a_hook_someone_else_could_change_is_refused_before_it_runs() {
     let hook = env.path("hooks/bin/rotate-pw");
     let bin = env.path("hooks/bin");
     let hooks = env.path("hooks");
-    let mut cases: Vec<(&str, Box<dyn Fn()>, Box<dyn Fn()>)> = vec![
+    let mut cases: Vec<Case> = vec![
         (
             "group-writable",
             Box::new(|| chmod(&hook, 0o775)),
@@ -700,6 +719,11 @@ command = ["./hook"]
     )
     .unwrap();
     let out = env.cmd().arg("check").status(2);
+    assert!(out.stdout.contains("domains.pw.keystore"), "{}", out.stdout);
+    let out = env
+        .cmd()
+        .args(["rotate", "--domain", "pw", "--deadline", "1m"])
+        .status(2);
     assert!(out.stderr.contains("domains.pw.keystore"), "{}", out.stderr);
     // And a default command does not break keystore domains.
     std::fs::write(
