@@ -17,12 +17,15 @@ enum Sink {
     BrokenPipe,
     /// `/dev/null`.
     Null,
+    /// `/dev/full`: every write fails with ENOSPC.
+    Full,
 }
 
 fn stdio(s: Sink, broken: &std::os::fd::OwnedFd) -> Stdio {
     match s {
         Sink::BrokenPipe => Stdio::from(broken.try_clone().unwrap()),
         Sink::Null => Stdio::null(),
+        Sink::Full => Stdio::from(std::fs::OpenOptions::new().write(true).open("/dev/full").unwrap()),
     }
 }
 
@@ -65,6 +68,7 @@ fn each_lost_output(env: &Env, make: impl Fn() -> Vec<String>, expect: i32, mut 
         ("stdout to a broken pipe", Sink::BrokenPipe, Sink::Null),
         ("stderr to a broken pipe", Sink::Null, Sink::BrokenPipe),
         ("both to a broken pipe", Sink::BrokenPipe, Sink::BrokenPipe),
+        ("both to a full device", Sink::Full, Sink::Full),
     ] {
         let args = make();
         let code = run_with_output(&env.cmd().args(&args), out, err);
@@ -114,7 +118,7 @@ fn a_rotation_with_its_output_gone_still_succeeds_and_says_so_in_the_ledger() {
         .iter()
         .filter(|e| e["event"] == "rotation.succeeded")
         .count();
-    assert_eq!(ends, 5);
+    assert_eq!(ends, 6);
 }
 
 #[test]
