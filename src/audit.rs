@@ -79,6 +79,10 @@ impl Audit {
         let shown = self.path.display();
         let fail =
             |e: std::io::Error| format!("audit file {shown} cannot be written: {}", crate::fsutil::io_reason(&e));
+        if create {
+            // A step of the run like any other: the crash suite stops the run here too.
+            crate::failpoint::hit("audit", "preflight").map_err(fail)?;
+        }
         match std::fs::symlink_metadata(&self.path) {
             Ok(m) if m.file_type().is_symlink() => {
                 return Err(format!("audit file {shown} is a symlink; refusing to follow it"))

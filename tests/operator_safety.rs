@@ -384,6 +384,28 @@ fn an_audit_file_that_cannot_be_written_aborts_before_any_key_is_touched() {
     }
 }
 
+#[cfg(feature = "failpoints")]
+#[test]
+fn an_audit_failure_at_the_preflight_aborts_with_a_row_and_the_keys_untouched() {
+    let env = Env::new();
+    env.rotate("sig").status(0);
+    let before = std::fs::read(env.key_dir("sig").join("keyring.json")).unwrap();
+    let out = env
+        .rotate("sig")
+        .args(["--force", "--run-id", "audit-error"])
+        .env("KEYROTATE_FAILPOINTS", "audit.preflight=error")
+        .status(3);
+    assert!(out.stdout.contains("injected failure"), "{}", out.stdout);
+    let row = env.last_row();
+    assert_eq!(
+        (row["state"].as_str(), row["exit_code"].as_i64()),
+        (Some("aborted"), Some(3))
+    );
+    assert_eq!(std::fs::read(env.key_dir("sig").join("keyring.json")).unwrap(), before);
+    assert_eq!(env.key_files("sig"), ["v000001.pem"]);
+    env.rotate("sig").arg("--force").status(0);
+}
+
 // ---- item 8: config and hook trust ---------------------------------------------------
 
 /// A case: its name, how to break things, how to repair them.
