@@ -273,11 +273,13 @@ impl Config {
                 errors.push(err(&prefix, w));
                 continue;
             }
-            // One domain at a time, so an unknown key in one does not hide the others.
-            let d: RawDomain = match value.try_into() {
+            let d = match raw_domain(value) {
                 Ok(d) => d,
-                Err(e) => {
-                    errors.push(err(&prefix, e.message().replace('\n', " ")));
+                Err(problems) => {
+                    errors.extend(problems.into_iter().map(|(key, what)| match key {
+                        Some(key) => err(&format!("{prefix}.{key}"), what),
+                        None => err(&prefix, what),
+                    }));
                     continue;
                 }
             };
@@ -327,6 +329,28 @@ impl Config {
     pub fn lock_dir(&self) -> PathBuf {
         self.state_dir.join("locks")
     }
+}
+
+/// One `[domains.NAME]` table, checked key by key so that every unknown or mistyped
+/// key is reported with its name (and one bad domain does not hide the next).
+fn raw_domain(value: toml::Value) -> Result<RawDomain, Vec<(Option<String>, String)>> {
+    let toml::Value::Table(table) = value else {
+        return Err(vec![(None, "expected a table of domain keys".to_string())]);
+    };
+    let mut problems = Vec::new();
+    for (key, v) in &table {
+        let mut one = toml::Table::new();
+        one.insert(key.clone(), v.clone());
+        if let Err(e) = toml::Value::Table(one).try_into::<RawDomain>() {
+            problems.push((Some(key.clone()), e.message().replace('\n', " ")));
+        }
+    }
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    toml::Value::Table(table)
+        .try_into()
+        .map_err(|e| vec![(None, e.message().replace('\n', " "))])
 }
 
 /// The first of `errors`, saying how many more there are.

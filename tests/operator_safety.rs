@@ -868,6 +868,7 @@ activation = "later"
 [domains.two]
 algorithm = "ed25519"
 colour = "blue"
+retain = "many"
 [domains.three]
 backend = "command"
 [domains.four]
@@ -884,7 +885,8 @@ algorithm = "ed25519"
         "domains.one.algorithm",
         "domains.one.retain",
         "domains.one.activation",
-        "domains.two: unknown field `colour`",
+        "domains.two.colour: unknown field `colour`",
+        "domains.two.retain: invalid type",
         "domains.three.command",
         "domains.four.max_deadline",
     ] {
@@ -894,7 +896,7 @@ algorithm = "ed25519"
             out.stdout
         );
     }
-    assert_eq!(problems.len(), 7, "{}", out.stdout);
+    assert_eq!(problems.len(), 8, "{}", out.stdout);
     // rotate reports the first, on one line, and says there are more.
     let out = env.rotate("good").status(2);
     let line = out
@@ -902,6 +904,6 @@ algorithm = "ed25519"
         .lines()
         .find(|l| l.contains("host.pool"))
         .unwrap_or_else(|| panic!("{}", out.stderr));
-    assert!(line.contains("6 more problems"), "{line}");
+    assert!(line.contains("7 more problems"), "{line}");
     assert!(env.snapshot().is_empty(), "{}", env.listing());
 }
