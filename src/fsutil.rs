@@ -62,6 +62,17 @@ pub fn fs_trouble(path: &Path) -> Option<&'static str> {
     None
 }
 
+/// Whether this process may create entries in `dir` (effective ids, as open(2) would
+/// decide, also for root on a read-only mount).
+pub fn can_write_dir(dir: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: `c` is a valid NUL-terminated path that outlives the call.
+    unsafe { libc::faccessat(libc::AT_FDCWD, c.as_ptr(), libc::W_OK | libc::X_OK, libc::AT_EACCESS) == 0 }
+}
+
 /// Refuses a folder that is a symlink, not a folder, writable by group or others, or
 /// owned by someone other than the effective user.
 pub fn check_secure_dir(path: &Path, what: &str) -> Result<(), String> {
@@ -218,6 +229,78 @@ pub fn read_nofollow(path: &Path, limit: u64) -> io::Result<Zeroizing<Vec<u8>>> 
     let mut buf = Zeroizing::new(Vec::with_capacity(meta.len() as usize));
     f.take(limit + 1).read_to_end(&mut buf)?;
     Ok(buf)
+}
+
+/// Refuses a file that someone other than this user (or root) could change, because
+/// whoever can write it runs code as this user (the config, a hook program): the file
+/// must not be writable by group or others nor owned by another user, and no folder
+/// above it may be owned by another user or writable by others without the sticky bit.
+/// Symlinks on the way are followed and both sides checked: a symlinked parent folder
+/// (`/etc/keyrotate` -> `/srv/config`) is normal, what it points at is held to the same
+/// rule.
+pub fn check_trusted(path: &Path, what: &str) -> Result<(), String> {
+    let shown = path.display();
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    let trusted_owner = |uid: u32| uid == 0 || uid == euid;
+    // A symlink belongs to whoever made it, and its owner can repoint it even in a
+    // sticky folder such as /tmp.
+    let foreign_link = |p: &Path| {
+        fs::symlink_metadata(p)
+            .ok()
+            .filter(|l| l.file_type().is_symlink() && !trusted_owner(l.uid()))
+            .map(|l| {
+                format!(
+                    "symlink {} on the way to {what} {shown} is owned by uid {}, not by root or this user (uid {euid})",
+                    p.display(),
+                    l.uid()
+                )
+            })
+    };
+    let absolute = std::path::absolute(path).map_err(|e| format!("{what} {shown}: {}", io_reason(&e)))?;
+    if let Some(e) = foreign_link(&absolute) {
+        return Err(e);
+    }
+    let meta = fs::metadata(path).map_err(|e| format!("{what} {shown}: {}", io_reason(&e)))?;
+    if meta.mode() & 0o022 != 0 {
+        return Err(format!(
+            "{what} {shown} is writable by group or others (mode {:04o}): whoever can write it runs code as this user; run chmod go-w on it",
+            meta.mode() & 0o7777
+        ));
+    }
+    if !trusted_owner(meta.uid()) {
+        return Err(format!(
+            "{what} {shown} is owned by uid {}, not by root or this user (uid {euid}): that user could run code as this one",
+            meta.uid()
+        ));
+    }
+    let real = fs::canonicalize(path).map_err(|e| format!("{what} {shown}: {}", io_reason(&e)))?;
+    let mut seen = std::collections::BTreeSet::new();
+    for dir in absolute.ancestors().skip(1).chain(real.ancestors().skip(1)) {
+        if dir.as_os_str().is_empty() || !seen.insert(dir.to_path_buf()) {
+            continue;
+        }
+        if let Some(e) = foreign_link(dir) {
+            return Err(e);
+        }
+        let m = fs::metadata(dir)
+            .map_err(|e| format!("folder {} above {what} {shown}: {}", dir.display(), io_reason(&e)))?;
+        if m.mode() & 0o002 != 0 && m.mode() & 0o1000 == 0 {
+            return Err(format!(
+                "folder {} above {what} {shown} is writable by others without the sticky bit (mode {:04o}): anyone could replace it",
+                dir.display(),
+                m.mode() & 0o7777
+            ));
+        }
+        if !trusted_owner(m.uid()) {
+            return Err(format!(
+                "folder {} above {what} {shown} is owned by uid {}, not by root or this user (uid {euid}): that user could replace it",
+                dir.display(),
+                m.uid()
+            ));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

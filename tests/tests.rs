@@ -13,6 +13,7 @@ mod failure_model;
 mod hardening;
 mod hygiene;
 mod keystore;
+mod operator_safety;
 mod pg_dba;
 mod pg_hook;
 mod postgres;

@@ -20,9 +20,9 @@ pub fn run(cli: &Cli, args: &MigrateArgs) -> Outcome {
                     "ledger": label, "from_version": from, "to_version": to, "migrated": from != to
                 })),
                 OutputFormat::Text if from == to => {
-                    println!("CURRENT ledger {label}: schema version {to}; nothing to do")
+                    out!("CURRENT ledger {label}: schema version {to}; nothing to do")
                 }
-                OutputFormat::Text => println!("MIGRATED ledger {label}: schema version {from} -> {to}"),
+                OutputFormat::Text => out!("MIGRATED ledger {label}: schema version {from} -> {to}"),
             }
             Outcome::Rotated
         }

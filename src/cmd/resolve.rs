@@ -14,7 +14,7 @@ use crate::outcome::{Failure, Outcome};
 pub fn run(cli: &Cli, args: &ResolveArgs) -> Outcome {
     match resolve(cli, args) {
         Ok(msg) => {
-            println!("{msg}");
+            out!("{msg}");
             Outcome::Rotated
         }
         Err(f) => report_failure(&f),

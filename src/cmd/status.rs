@@ -1,6 +1,7 @@
 //! `keyrotate status`: per domain, its versions, last run, block, what is in flight
 //! and when it is next due. Exits NEEDS_REVIEW (4) when any domain shown is blocked,
-//! so Control-M can run it as a monitoring job. Reads only: no file is created or
+//! else ABORTED (3) when a key store, manifest or ledger cannot be read or does not
+//! verify, so Control-M can run it as a monitoring job. Reads only: no file is created or
 //! changed.
 
 use serde::Serialize;
@@ -94,7 +95,13 @@ fn status(cli: &Cli, args: &StatusArgs) -> Result<Outcome, Failure> {
         OutputFormat::Json => print_json(&serde_json::json!({ "domains": statuses })),
         OutputFormat::Text => print_text(&statuses),
     }
-    let blocked = statuses.iter().any(|s| s.blocked_by.is_some());
+    // DESIGN section 5: 4 if any domain is blocked, else 3 if any key store, manifest or
+    // ledger cannot be read or does not verify, else 0 (a monitor alerts on both).
+    for s in &statuses {
+        for p in &s.problems {
+            tracing::error!("{}: {p}", s.domain);
+        }
+    }
     let unread: Vec<&str> = statuses
         .iter()
         .filter(|s| s.ledger_unread)
@@ -107,9 +114,9 @@ fn status(cli: &Cli, args: &StatusArgs) -> Result<Outcome, Failure> {
             unread.join(", ")
         );
     }
-    Ok(if blocked {
+    Ok(if statuses.iter().any(|s| s.blocked_by.is_some()) {
         Outcome::NeedsReview
-    } else if !unread.is_empty() {
+    } else if !unread.is_empty() || statuses.iter().any(|s| !s.problems.is_empty()) {
         Outcome::Aborted
     } else {
         Outcome::Rotated
@@ -278,7 +285,7 @@ pub(crate) fn print_columns<const N: usize>(headers: &[&str; N], rows: &[[String
                 out.push_str(&format!("{c:<w$}  ", w = widths[i]));
             }
         }
-        println!("{}", out.trim_end());
+        out!("{}", out.trim_end());
     };
     line(headers.to_vec());
     for r in rows {

@@ -143,7 +143,7 @@ impl Sqlite {
         }
         let flags =
             OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_NOFOLLOW;
-        let conn = Connection::open_with_flags(path, flags).map_err(|e| err(&label, e))?;
+        let conn = Connection::open_with_flags(real_parents(path), flags).map_err(|e| err(&label, e))?;
         conn.busy_timeout(busy).map_err(|e| err(&label, e))?;
         conn.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;")
             .map_err(|e| err(&label, e))?;
@@ -163,7 +163,7 @@ impl Sqlite {
         let flags =
             OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_NOFOLLOW;
         let s = if !Path::new(&wal).exists() {
-            let uri = format!("file:{}?immutable=1", uri_escape(path));
+            let uri = format!("file:{}?immutable=1", uri_escape(&real_parents(path)));
             let conn =
                 Connection::open_with_flags(uri, flags | OpenFlags::SQLITE_OPEN_URI).map_err(|e| err(&label, e))?;
             Sqlite { conn, _snapshot: None }
@@ -245,6 +245,19 @@ fn private_copy(db: &Path, wal: &Path) -> Result<tempfile::TempDir, String> {
     std::fs::copy(db, dir.path().join("ledger.sqlite3")).map_err(fail)?;
     std::fs::copy(wal, dir.path().join("ledger.sqlite3-wal")).map_err(fail)?;
     Ok(dir)
+}
+
+/// `path` with the symlinks above the state folder resolved. SQLite's NOFOLLOW refuses a
+/// symlink anywhere in the path, but one above the configured folder (`/var/lib` ->
+/// `/data`) is normal and must work (DESIGN section 4.4); the state folder's own name
+/// and the file's are kept, so a symlink there is still refused.
+fn real_parents(path: &Path) -> std::path::PathBuf {
+    let resolved = (|| {
+        let dir = path.parent()?;
+        let above = std::fs::canonicalize(dir.parent()?).ok()?;
+        Some(above.join(dir.file_name()?).join(path.file_name()?))
+    })();
+    resolved.unwrap_or_else(|| path.to_path_buf())
 }
 
 fn uri_escape(path: &Path) -> String {

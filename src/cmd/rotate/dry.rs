@@ -188,6 +188,14 @@ pub(super) fn dry_run_decide(p: &Prepared, plan: &mut Vec<String>) -> (Outcome, 
         }),
     }
 
+    if let Err(e) = p.audit.preflight(false) {
+        plan.push(format!("audit: {e}"));
+        return (
+            Outcome::Aborted,
+            format!("{e}; the real run would stop before touching any key"),
+            none,
+        );
+    }
     match &p.domain.backend {
         Backend::Keystore {
             keystore,
@@ -242,7 +250,12 @@ pub(super) fn dry_run_decide(p: &Prepared, plan: &mut Vec<String>) -> (Outcome, 
             for v in &rp.destroy {
                 plan.push(format!("destroy: v{v} (beyond retain = {})", p.domain.retain));
             }
-            plan.push("commit: replace keyring.json atomically; update current symlink and jwks.json".into());
+            // Symmetric keys have no public half: no jwks.json is written for them.
+            plan.push(if algorithm.is_symmetric() {
+                "commit: replace keyring.json atomically; update the current.key symlink".into()
+            } else {
+                "commit: replace keyring.json atomically; update the current.pem symlink and jwks.json".into()
+            });
             let v = |n: Option<u64>| n.map_or("none".into(), |n| format!("v{n}"));
             (
                 Outcome::Rotated,
@@ -263,11 +276,14 @@ pub(super) fn dry_run_decide(p: &Prepared, plan: &mut Vec<String>) -> (Outcome, 
                     none,
                 );
             }
+            // Quoted the way a shell would need it, so the plan shows exactly which
+            // arguments the hook gets (an argument with a space is one argument).
+            let words: Vec<String> = std::iter::once(program.to_string_lossy().into_owned())
+                .chain(args.iter().cloned())
+                .collect();
+            let shown = shlex::try_join(words.iter().map(String::as_str)).unwrap_or_else(|_| format!("{words:?}"));
             for step in command::STEPS {
-                plan.push(format!(
-                    "run: KEYROTATE_STEP={step} {}",
-                    command::describe(program, args)
-                ));
+                plan.push(format!("run: KEYROTATE_STEP={step} {shown}"));
             }
             plan.push("commit point: the 'set' step; a failure from there on blocks the domain".into());
             (Outcome::Rotated, "would run the hook's four steps".into(), none)

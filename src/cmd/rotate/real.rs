@@ -124,10 +124,20 @@ pub(super) fn real_run_inner(p: &Prepared) -> Concluded {
         Ok(Some(refused)) => return refused,
         Ok(None) => {}
     }
-    let _ = p.audit.emit(Event {
-        reason: p.run.requested_reason.clone(),
-        ..Event::of("rotation.started", &p.run)
+    // The audit trail is part of the run: a run that cannot write it stops here, before
+    // any key is touched, with its row saying why (DESIGN section 5).
+    let audited = p.audit.preflight(true).and_then(|()| {
+        p.audit.emit(Event {
+            reason: p.run.requested_reason.clone(),
+            ..Event::of("rotation.started", &p.run)
+        })
     });
+    if let Err(e) = audited {
+        let reason = format!("{e}: the audit trail is part of the run; no key was touched");
+        conclude(&mut ledger, p, Outcome::Aborted, &reason, None);
+        drop(held);
+        return stop(Outcome::Aborted, reason);
+    }
     tracing::info!(run_id = %p.run.run_id, domain = %p.domain.name, deadline = %p.run.deadline_at, "rotation started");
     arm_watchdog(p, &guard);
 
