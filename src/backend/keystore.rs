@@ -128,6 +128,17 @@ impl KeystoreRotation<'_> {
                 ))
             })?;
             tracing::info!(files = %verdict.garbage.join(", "), "removed files proven to be garbage");
+            // What was deleted, and why it could be, is on the record (a progress mark:
+            // durable with the run's closing write).
+            let run_id = self.step.run.run_id.clone();
+            let detail = format!("removed {} (proven garbage)", verdict.garbage.join(" "));
+            if let Err(e) = self
+                .step
+                .ledger
+                .write_progress("swept", |w| w.event(&run_id, "swept", Some(&detail)))
+            {
+                tracing::warn!("{e}");
+            }
         }
         let plan = inspection
             .manifest
