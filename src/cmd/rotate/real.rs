@@ -134,11 +134,9 @@ pub(super) fn real_run_inner(p: &Prepared) -> Concluded {
         },
         _ => None,
     };
-    // Before deciding anything: finish what a committed run left undone.
-    let repaired = repair(p, &ledger);
-
     // 4-6. stale run, open review, due, budget: decided and recorded in one transaction
-    match admit_and_record(p, &mut ledger, &guard, repaired.as_deref()) {
+    // (after finishing what a committed run left undone)
+    match admit_and_record(p, &mut ledger, &guard) {
         Err(f) => return stop_unrecorded(p, f.outcome, f.message),
         Ok(Some(refused)) => return refused,
         Ok(None) => {}
@@ -323,20 +321,17 @@ fn refuse_busy_because(p: &Prepared, reason: String) -> Concluded {
 }
 
 /// Phases 4-6 under the lock. `Ok(None)`: admitted, the row is in flight.
-pub(super) fn admit_and_record(
-    p: &Prepared,
-    ledger: &mut Ledger,
-    guard: &Guard,
-    repaired: Option<&str>,
-) -> Result<Option<Concluded>, Failure> {
+pub(super) fn admit_and_record(p: &Prepared, ledger: &mut Ledger, guard: &Guard) -> Result<Option<Concluded>, Failure> {
     let rec = ledger
         .domain_record(&p.domain.name)
         .map_err(|e| Failure::new(before_keys(p), format!("{e}; no key was touched")))?;
+    // Before deciding anything: finish what a committed run left undone.
+    let repaired = repair(p, ledger);
     // The diagnosis reads the key store, so it is made before the write transaction.
     let stale_diagnosis = rec.in_flight.as_ref().map(|dead| {
         let events = ledger.events(&dead.run_id).unwrap_or_default();
         let d = diagnose(p, dead, last_step(&events), Some(&*ledger));
-        match repaired {
+        match &repaired {
             Some(r) => format!("{d}; {r}"),
             None => d,
         }
