@@ -305,6 +305,11 @@ impl KeystoreRotation<'_> {
                 }
                 _ => {
                     staged.clear();
+                    // Readers may already use the new keys: no later run may treat
+                    // them as an abandoned staging, whichever manifest survives.
+                    let _ = self
+                        .step
+                        .event("committed", "keyring.json was replaced; its folder sync failed");
                     // The new manifest is in place but may not survive a power loss:
                     // keep publishing every key of both (the preview) until a run
                     // under review knows which one stands.
