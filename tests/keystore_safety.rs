@@ -353,3 +353,28 @@ fn a_number_published_in_jwks_is_never_reused_after_its_file_was_lost() {
     unique.dedup();
     assert_eq!(numbers, unique, "one number names two keys");
 }
+
+// ---- manifests written before `committed_by_run` --------------------------------------
+
+#[test]
+fn a_manifest_without_committed_by_run_still_parses_rotates_and_serves_consumers() {
+    let env = three_versions();
+    let path = env.key_dir("sig").join("keyring.json");
+    let mut m = env.manifest("sig");
+    assert_eq!(
+        m["committed_by_run"],
+        env.manifest("sig")["versions"][2]["created_by_run"]
+    );
+    m.as_object_mut().unwrap().remove("committed_by_run");
+    std::fs::write(&path, serde_json::to_vec_pretty(&m).unwrap()).unwrap();
+    let ring = keyrotate::keyring::Keyring::open(&env.path("keys"), "sig").unwrap();
+    assert_eq!(ring.active().unwrap().version, 3);
+    let out = env
+        .rotate("sig")
+        .args(["--force", "--run-id", "AFTER-UPGRADE"])
+        .status(0);
+    assert!(out.stdout.contains("v3 -> v4"), "{}", out.stdout);
+    assert_eq!(env.manifest("sig")["committed_by_run"], "AFTER-UPGRADE");
+    let ring = keyrotate::keyring::Keyring::open(&env.path("keys"), "sig").unwrap();
+    assert_eq!(ring.active().unwrap().version, 4);
+}
