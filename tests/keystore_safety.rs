@@ -378,3 +378,41 @@ fn a_manifest_without_committed_by_run_still_parses_rotates_and_serves_consumers
     let ring = keyrotate::keyring::Keyring::open(&env.path("keys"), "sig").unwrap();
     assert_eq!(ring.active().unwrap().version, 4);
 }
+
+// ---- resolve takes the domain's locks -------------------------------------------------
+
+#[test]
+fn resolve_is_busy_beside_a_live_run_and_repairs_once_it_ends() {
+    if std::process::Command::new("flock").arg("--version").output().is_err() {
+        eprintln!("SKIPPED resolve_is_busy_beside_a_live_run_and_repairs_once_it_ends: no flock(1)");
+        return;
+    }
+    let env = killed_after_the_commit();
+    env.rotate("sig").arg("--force").status(4); // flags K (and repairs)
+                                                // Another process holds the key store's lock (as a run of another config would).
+    let lock = env.key_dir("sig").join(".lock");
+    // -o: the lock stays with flock itself (not its child), so killing it frees it.
+    let mut holder = std::process::Command::new("flock")
+        .arg("-o")
+        .arg(&lock)
+        .args(["sleep", "30"])
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while keyrotate::lock::probe(&lock).unwrap().is_none() {
+        assert!(start.elapsed().as_secs() < 10, "flock never took the lock");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let out = env.resolve("sig", "K", "v4 committed").status(5);
+    assert!(
+        out.stdout.contains("holds its lock") || out.stderr.contains("holds its lock"),
+        "{}{}",
+        out.stdout,
+        out.stderr
+    );
+    assert_eq!(row(&env, "K")["state"], "needs_review", "resolved beside a live run");
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    env.resolve("sig", "K", "v4 committed").status(0);
+    assert_whole(&env, "after resolve");
+}
