@@ -416,3 +416,18 @@ fn resolve_is_busy_beside_a_live_run_and_repairs_once_it_ends() {
     env.resolve("sig", "K", "v4 committed").status(0);
     assert_whole(&env, "after resolve");
 }
+
+#[test]
+fn a_key_store_lock_that_cannot_be_opened_aborts_with_a_recorded_row() {
+    let env = Env::new();
+    env.rotate("sig").status(0);
+    let lock = env.key_dir("sig").join(".lock");
+    std::fs::remove_file(&lock).unwrap();
+    std::os::unix::fs::symlink(env.path("elsewhere"), &lock).unwrap();
+    let before = key_store(&env);
+    let out = env.rotate("sig").args(["--force", "--run-id", "BADLOCK"]).status(3);
+    assert!(out.stdout.contains(".lock"), "{}", out.stdout);
+    assert!(!env.path("elsewhere").exists(), "followed the symlink");
+    assert_eq!(row(&env, "BADLOCK")["exit_code"], 3);
+    assert_eq!(key_store(&env), before, "the key store was changed");
+}

@@ -123,7 +123,7 @@ pub(super) fn real_run_inner(p: &Prepared) -> Concluded {
     // left to the backend, which refuses it with a recorded ABORTED.
     let _keystore_lock = match keystore_of(p) {
         Some(ks) if ks.prepare().is_ok() => match DomainLock::try_acquire(&ks.lock_path()) {
-            Err(e) => return stop_unrecorded(p, Outcome::Aborted, format!("{e}; nothing was changed")),
+            Err(e) => return refuse_recorded(p, &mut ledger, Outcome::Aborted, format!("{e}; nothing was changed")),
             Ok(Acquire::Busy(holder)) => return refuse_busy_keystore(p, &ks, holder),
             Ok(Acquire::Acquired(mut l)) => {
                 if let Err(e) = l.write_holder(&holder) {
@@ -197,6 +197,21 @@ pub(super) fn real_run_inner(p: &Prepared) -> Concluded {
         reason,
         rotated,
     }
+}
+
+/// Ends a run before admission with a closed row (`aborted`) and its audit line.
+fn refuse_recorded(p: &Prepared, ledger: &mut Ledger, outcome: Outcome, reason: String) -> Concluded {
+    let res = ledger.write("refuse", |w| {
+        if w.get(&p.run.run_id)?.is_some() {
+            return Err(format!("--run-id {} is already in the ledger", p.run.run_id));
+        }
+        w.insert(&p.run, Some((outcome.ledger_state(), outcome, &reason)), None)
+    });
+    if let Err(e) = res {
+        return stop_unrecorded(p, outcome, format!("{reason}; {e}"));
+    }
+    let _ = p.audit.emit(refused_event(p, outcome, &reason));
+    stop(outcome, reason)
 }
 
 fn keystore_of(p: &Prepared) -> Option<Keystore> {
