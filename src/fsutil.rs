@@ -151,15 +151,21 @@ pub fn write_new(dir: &Path, name: &str, bytes: &[u8], step: &str, sync: DirSync
 /// Replaces `dir/name` with `bytes` atomically and durably: readers see the old file
 /// or the new one, never a mix, and after return the new one survives power loss.
 pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8], step: &str, sync: DirSync) -> io::Result<()> {
-    let tmp = tmp_name(name);
+    write_atomic_via(dir, name, &tmp_name(name), bytes, step, sync)
+}
+
+/// [`write_atomic`] through the temporary `tmp` (another thread that may be writing
+/// the same file at the same moment uses another temporary, so neither can rename the
+/// other's half-written bytes into place).
+pub fn write_atomic_via(dir: &Path, name: &str, tmp: &str, bytes: &[u8], step: &str, sync: DirSync) -> io::Result<()> {
     failpoint::hit(step, "create")?;
-    let mut f = open_private(&dir.join(&tmp), false)?;
+    let mut f = open_private(&dir.join(tmp), false)?;
     f.write_all(bytes)?;
     failpoint::hit(step, "fsync")?;
     f.sync_all()?;
     drop(f);
     failpoint::hit(step, "rename")?;
-    fs::rename(dir.join(&tmp), dir.join(name))?;
+    fs::rename(dir.join(tmp), dir.join(name))?;
     sync_dir(dir, step, sync)
 }
 

@@ -13,6 +13,8 @@ mod failure_model;
 mod hardening;
 mod hygiene;
 mod keystore;
+#[cfg(feature = "failpoints")]
+mod keystore_safety;
 mod operator_safety;
 mod pg_dba;
 mod pg_hook;
