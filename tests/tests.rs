@@ -6,6 +6,7 @@ mod common;
 mod cli_and_config;
 mod command_backend;
 mod commands;
+mod consumer_snapshot;
 #[cfg(feature = "failpoints")]
 mod crash;
 mod dry_run;
