@@ -49,6 +49,9 @@ pub struct DomainConfig {
     pub max_deadline: Duration,
     pub min_interval: Duration,
     pub retain: u32,
+    /// Who besides the keyrotate user may read the key folder (`group`, `public_jwks`;
+    /// key store backend only).
+    pub access: crate::fsutil::Access,
 }
 
 #[derive(Clone, Debug)]
@@ -127,6 +130,8 @@ struct RawDomain {
     command: Option<Vec<String>>,
     max_deadline: Option<String>,
     min_interval: Option<String>,
+    group: Option<String>,
+    public_jwks: Option<bool>,
 }
 
 impl RawDomain {
@@ -142,6 +147,8 @@ impl RawDomain {
             command: self.command.or_else(|| d.command.clone()),
             max_deadline: self.max_deadline.or_else(|| d.max_deadline.clone()),
             min_interval: self.min_interval.or_else(|| d.min_interval.clone()),
+            group: self.group.or_else(|| d.group.clone()),
+            public_jwks: self.public_jwks.or(d.public_jwks),
         }
     }
 }
@@ -296,6 +303,18 @@ fn domain(name: &str, d: RawDomain, base: &Path) -> Result<DomainConfig, (&'stat
         Some(r) => return Err(("retain", format!("expected a whole number from 0 to 1000, found {r}"))),
         None => DEFAULT_RETAIN,
     };
+    // Checked for every backend (a typo is a typo), used by the key store only.
+    let access = crate::fsutil::Access {
+        group: match d.group {
+            Some(name) => {
+                let gid = crate::fsutil::lookup_group(&name)
+                    .ok_or(("group", format!("no such group {name:?} on this host")))?;
+                Some(crate::fsutil::Group { name, gid })
+            }
+            None => None,
+        },
+        public_jwks: d.public_jwks.unwrap_or(false),
+    };
     let backend = match d.backend.as_deref() {
         Some("keystore") => {
             if d.command.is_some() {
@@ -383,6 +402,7 @@ fn domain(name: &str, d: RawDomain, base: &Path) -> Result<DomainConfig, (&'stat
         max_deadline,
         min_interval,
         retain,
+        access,
     })
 }
 

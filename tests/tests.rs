@@ -11,6 +11,7 @@ mod consumer_snapshot;
 mod crash;
 mod dry_run;
 mod failure_model;
+mod group_access;
 mod hardening;
 mod hygiene;
 mod keystore;

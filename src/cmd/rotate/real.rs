@@ -145,7 +145,7 @@ pub(super) fn real_run_inner(p: &Prepared) -> Concluded {
                 keystore,
                 activation,
             } => KeystoreRotation {
-                keystore: Keystore::new(keystore, &p.domain.name),
+                keystore: Keystore::new(keystore, &p.domain.name).with_access(p.domain.access.clone()),
                 algorithm: *algorithm,
                 activation: *activation,
                 retain: p.domain.retain,
