@@ -16,6 +16,72 @@ use zeroize::Zeroizing;
 
 use crate::failpoint;
 
+/// Test-only operation journal (`failpoints` builds, `KEYROTATE_OPLOG=FILE`): each
+/// durable file operation, once done, appends one tab-separated line to FILE, so the
+/// power-loss tests can rebuild the worst state a power cut at any step could leave
+/// (what was fsynced survives, the rest may not). Lines:
+/// `write PATH INO BASE64` (created or truncated, then written), `fsync INO`,
+/// `rename FROM TO INO`, `unlink PATH INO`, `symlink PATH INO TARGET`, `dirsync DIR`,
+/// `mkdir PATH`. The journal holds key bytes: it exists only in test builds.
+#[cfg(feature = "failpoints")]
+fn oplog(line: impl FnOnce() -> Vec<String>) {
+    let Some(path) = std::env::var_os("KEYROTATE_OPLOG") else {
+        return;
+    };
+    let mut text = line().join("\t");
+    text.push('\n');
+    // One write(2) per line on an O_APPEND file: lines never interleave. The journal
+    // lives outside the key store, so a failure to write it only weakens a test.
+    if let Ok(mut f) = OpenOptions::new().create(true).append(true).open(path) {
+        let _ = f.write_all(text.as_bytes());
+    }
+}
+
+#[cfg(not(feature = "failpoints"))]
+#[inline(always)]
+fn oplog(_line: impl FnOnce() -> Vec<String>) {}
+
+fn shown(p: &Path) -> String {
+    p.to_string_lossy().into_owned()
+}
+
+/// The inode number of `p` (not following a symlink), 0 if it cannot be read.
+fn ino(p: &Path) -> u64 {
+    fs::symlink_metadata(p).map(|m| m.ino()).unwrap_or(0)
+}
+
+fn log_write(path: &Path, f: &File, bytes: &[u8]) {
+    use base64::Engine;
+    oplog(|| {
+        vec![
+            "write".into(),
+            shown(path),
+            f.metadata().map(|m| m.ino()).unwrap_or(0).to_string(),
+            base64::engine::general_purpose::STANDARD.encode(bytes),
+        ]
+    });
+}
+
+fn log_fsync(f: &File) {
+    oplog(|| vec!["fsync".into(), f.metadata().map(|m| m.ino()).unwrap_or(0).to_string()]);
+}
+
+/// Renames `from` to `to`, journalled.
+fn rename(from: &Path, to: &Path) -> io::Result<()> {
+    let inode = ino(from);
+    fs::rename(from, to)?;
+    oplog(|| vec!["rename".into(), shown(from), shown(to), inode.to_string()]);
+    Ok(())
+}
+
+/// Unlinks `path`, journalled.
+fn unlink(path: &Path) -> io::Result<()> {
+    let inode = ino(path);
+    fs::remove_file(path)?;
+    oplog(|| vec!["unlink".into(), shown(path), inode.to_string()]);
+    Ok(())
+}
+
 /// Whether an operation fsyncs its folder itself, or leaves that to a later
 /// [`fsync_dir`] that covers a batch of operations in the same folder (each operation
 /// is atomic on its own, so any subset of a batch surviving a power loss is a
@@ -222,6 +288,7 @@ pub fn ensure_private_dir(path: &Path, what: &str) -> Result<(), String> {
                 .mode(PRIVATE_DIR_MODE)
                 .create(path)
                 .map_err(|e| format!("cannot create {what} {}: {}", path.display(), io_reason(&e)))?;
+            oplog(|| vec!["mkdir".into(), shown(path)]);
             fs::set_permissions(path, fs::Permissions::from_mode(PRIVATE_DIR_MODE))
                 .map_err(|e| format!("cannot chmod {what} {}: {}", path.display(), io_reason(&e)))?;
             if let Some(parent) = path.parent() {
@@ -336,8 +403,10 @@ pub fn write_new_with(dir: &Path, name: &str, bytes: &[u8], step: &str, sync: Di
     failpoint::hit(step, "create")?;
     let mut f = open_private(&dir.join(name), true, perms)?;
     f.write_all(bytes)?;
+    log_write(&dir.join(name), &f, bytes);
     failpoint::hit(step, "fsync")?;
     f.sync_all()?;
+    log_fsync(&f);
     sync_dir(dir, step, sync)
 }
 
@@ -361,11 +430,13 @@ pub fn write_atomic_with(
     failpoint::hit(step, "create")?;
     let mut f = open_private(&dir.join(&tmp), false, perms)?;
     f.write_all(bytes)?;
+    log_write(&dir.join(&tmp), &f, bytes);
     failpoint::hit(step, "fsync")?;
     f.sync_all()?;
+    log_fsync(&f);
     drop(f);
     failpoint::hit(step, "rename")?;
-    fs::rename(dir.join(&tmp), dir.join(name))?;
+    rename(&dir.join(&tmp), &dir.join(name))?;
     sync_dir(dir, step, sync)
 }
 
@@ -377,14 +448,15 @@ pub fn tmp_name(name: &str) -> String {
 /// Points the symlink `dir/name` at `target` (relative) atomically.
 pub fn replace_symlink(dir: &Path, name: &str, target: &str, step: &str, sync: DirSync) -> io::Result<()> {
     let tmp = dir.join(tmp_name(name));
-    match fs::remove_file(&tmp) {
+    match unlink(&tmp) {
         Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
         _ => {}
     }
     failpoint::hit(step, "symlink")?;
     std::os::unix::fs::symlink(target, &tmp)?;
+    oplog(|| vec!["symlink".into(), shown(&tmp), ino(&tmp).to_string(), target.to_string()]);
     failpoint::hit(step, "rename")?;
-    fs::rename(&tmp, dir.join(name))?;
+    rename(&tmp, &dir.join(name))?;
     sync_dir(dir, step, sync)
 }
 
@@ -395,7 +467,7 @@ pub fn remove_files(dir: &Path, names: &[String], step: &str, sync: DirSync) -> 
     }
     for name in names {
         failpoint::hit(step, "unlink")?;
-        match fs::remove_file(dir.join(name)) {
+        match unlink(&dir.join(name)) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
             _ => {}
         }
@@ -412,7 +484,9 @@ fn sync_dir(dir: &Path, step: &str, sync: DirSync) -> io::Result<()> {
 }
 
 pub fn fsync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
+    File::open(dir)?.sync_all()?;
+    oplog(|| vec!["dirsync".into(), shown(dir)]);
+    Ok(())
 }
 
 /// Reads a regular file without following a symlink at its last component, refusing
