@@ -413,7 +413,14 @@ pub fn write_new_with(dir: &Path, name: &str, bytes: &[u8], step: &str, sync: Di
 /// Replaces `dir/name` with `bytes` atomically and durably: readers see the old file
 /// or the new one, never a mix, and after return the new one survives power loss.
 pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8], step: &str, sync: DirSync) -> io::Result<()> {
-    write_atomic_with(dir, name, bytes, step, sync, Perms::PRIVATE)
+    write_atomic_via(dir, name, &tmp_name(name), bytes, step, sync)
+}
+
+/// [`write_atomic`] through the temporary `tmp` (another thread that may be writing
+/// the same file at the same moment uses another temporary, so neither can rename the
+/// other's half-written bytes into place).
+pub fn write_atomic_via(dir: &Path, name: &str, tmp: &str, bytes: &[u8], step: &str, sync: DirSync) -> io::Result<()> {
+    write_atomic_via_with(dir, name, tmp, bytes, step, sync, Perms::PRIVATE)
 }
 
 /// [`write_atomic`] with the given mode and group (the temporary file has them from
@@ -426,17 +433,29 @@ pub fn write_atomic_with(
     sync: DirSync,
     perms: Perms,
 ) -> io::Result<()> {
-    let tmp = tmp_name(name);
+    write_atomic_via_with(dir, name, &tmp_name(name), bytes, step, sync, perms)
+}
+
+/// [`write_atomic_via`] with the given mode and group.
+pub fn write_atomic_via_with(
+    dir: &Path,
+    name: &str,
+    tmp: &str,
+    bytes: &[u8],
+    step: &str,
+    sync: DirSync,
+    perms: Perms,
+) -> io::Result<()> {
     failpoint::hit(step, "create")?;
-    let mut f = open_private(&dir.join(&tmp), false, perms)?;
+    let mut f = open_private(&dir.join(tmp), false, perms)?;
     f.write_all(bytes)?;
-    log_write(&dir.join(&tmp), &f, bytes);
+    log_write(&dir.join(tmp), &f, bytes);
     failpoint::hit(step, "fsync")?;
     f.sync_all()?;
     log_fsync(&f);
     drop(f);
     failpoint::hit(step, "rename")?;
-    rename(&dir.join(&tmp), &dir.join(name))?;
+    rename(&dir.join(tmp), &dir.join(name))?;
     sync_dir(dir, step, sync)
 }
 

@@ -15,6 +15,8 @@ mod group_access;
 mod hardening;
 mod hygiene;
 mod keystore;
+#[cfg(feature = "failpoints")]
+mod keystore_safety;
 mod pg_hook;
 mod postgres;
 mod rotate;

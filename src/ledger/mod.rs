@@ -324,6 +324,62 @@ impl Ledger {
         )
     }
 
+    /// What the ledger knows about the runs that may have left files in `domain`'s key
+    /// store (DESIGN 4.4): whether it knows `manifest_run`, and the staging records,
+    /// commits and reported files of the domain's recent runs. Refused runs never
+    /// touch keys and are skipped; a leftover is removed by the first rotation after
+    /// the run that left it, so the last few dozen runs are the whole story.
+    pub fn provenance(&self, domain: &str, manifest_run: Option<&str>) -> Result<crate::keystore::Provenance, String> {
+        let db = self.db();
+        let manifest_run_known = match manifest_run {
+            None => None,
+            Some(run) => Some(
+                !db.runs(&self.label, "run_id = $1 AND domain = $2", &[run.into(), domain.into()])?
+                    .is_empty(),
+            ),
+        };
+        let rows = db.query(
+            &self.label,
+            "SELECT r.run_id, r.state, e.phase, e.detail FROM rotations r \
+             JOIN rotation_events e ON e.run_id = r.run_id \
+             WHERE r.id IN (SELECT id FROM rotations WHERE domain = $1 AND state <> 'refused' ORDER BY id DESC LIMIT 32) \
+             AND e.phase IN ('staging', 'committed', 'unlisted') ORDER BY e.id",
+            &[domain.into()],
+            |r| {
+                Ok((
+                    r.text(0)?.unwrap_or_default(),
+                    r.text(1)?.unwrap_or_default(),
+                    r.text(2)?.unwrap_or_default(),
+                    r.text(3)?.unwrap_or_default(),
+                ))
+            },
+        )?;
+        let mut runs: Vec<crate::keystore::RunRecord> = Vec::new();
+        for (run_id, state, phase, detail) in rows {
+            let i = match runs.iter().position(|r| r.run_id == run_id) {
+                Some(i) => i,
+                None => {
+                    runs.push(crate::keystore::RunRecord {
+                        run_id,
+                        state,
+                        ..Default::default()
+                    });
+                    runs.len() - 1
+                }
+            };
+            let files = detail.split_whitespace().map(str::to_string);
+            match phase.as_str() {
+                "staging" => runs[i].staged.extend(files),
+                "unlisted" => runs[i].noted.extend(files),
+                _ => runs[i].committed = true,
+            }
+        }
+        Ok(crate::keystore::Provenance {
+            manifest_run_known,
+            runs,
+        })
+    }
+
     /// Takes the cross-host lock of `domain` for as long as this ledger stays open
     /// (PostgreSQL: a session advisory lock, released by the server if the process
     /// dies). `Ok(false)` when another session holds it. The embedded ledger serves one

@@ -25,7 +25,7 @@ use serde::Serialize;
 use super::{clean_text, hostname, load_config, operator, print_json};
 use crate::audit::{Audit, Event};
 use crate::backend::command::{self, CommandRotation};
-use crate::backend::keystore::KeystoreRotation;
+use crate::backend::keystore::{KeystoreRotation, PreCommitUndo};
 use crate::backend::{Rotated, Step};
 use crate::cli::{Cli, OutputFormat, RotateArgs};
 use crate::config::{Backend, Config, DomainConfig};

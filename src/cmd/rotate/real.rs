@@ -118,8 +118,27 @@ pub(super) fn real_run_inner(p: &Prepared) -> Concluded {
         Err(e) => return stop_unrecorded(p, before_keys(p), format!("{e}; no key was touched")),
     }
 
+    // The key store's own lock, so that a config with another state folder can never
+    // rotate this key store at the same time. A key folder that cannot be prepared is
+    // left to the backend, which refuses it with a recorded ABORTED.
+    let _keystore_lock = match keystore_of(p) {
+        Some(ks) if ks.prepare().is_ok() => match DomainLock::try_acquire(&ks.lock_path()) {
+            Err(e) => return stop_unrecorded(p, Outcome::Aborted, format!("{e}; nothing was changed")),
+            Ok(Acquire::Busy(holder)) => return refuse_busy_keystore(p, &ks, holder),
+            Ok(Acquire::Acquired(mut l)) => {
+                if let Err(e) = l.write_holder(&holder) {
+                    tracing::warn!("{e}");
+                }
+                Some(l)
+            }
+        },
+        _ => None,
+    };
+    // Before deciding anything: finish what a committed run left undone.
+    let repaired = repair(p, &ledger);
+
     // 4-6. stale run, open review, due, budget: decided and recorded in one transaction
-    match admit_and_record(p, &mut ledger, &guard) {
+    match admit_and_record(p, &mut ledger, &guard, repaired.as_deref()) {
         Err(f) => return stop_unrecorded(p, f.outcome, f.message),
         Ok(Some(refused)) => return refused,
         Ok(None) => {}
@@ -129,7 +148,8 @@ pub(super) fn real_run_inner(p: &Prepared) -> Concluded {
         ..Event::of("rotation.started", &p.run)
     });
     tracing::info!(run_id = %p.run.run_id, domain = %p.domain.name, deadline = %p.run.deadline_at, "rotation started");
-    arm_watchdog(p, &guard);
+    let undo = PreCommitUndo::default();
+    arm_watchdog(p, &guard, undo.clone());
 
     // 7. rotation
     let result = {
@@ -150,6 +170,7 @@ pub(super) fn real_run_inner(p: &Prepared) -> Concluded {
                 activation: *activation,
                 retain: p.domain.retain,
                 step,
+                undo,
             }
             .run(),
             Backend::Command { program, args } => CommandRotation {
@@ -177,6 +198,44 @@ pub(super) fn real_run_inner(p: &Prepared) -> Concluded {
         outcome,
         reason,
         rotated,
+    }
+}
+
+fn keystore_of(p: &Prepared) -> Option<Keystore> {
+    match &p.domain.backend {
+        Backend::Keystore { keystore, .. } => {
+            Some(Keystore::new(keystore, &p.domain.name).with_access(p.domain.access.clone()))
+        }
+        Backend::Command { .. } => None,
+    }
+}
+
+/// DESIGN 5, repair after a crash past the commit: under the locks, before any
+/// decision, finish the tidy-up the manifest says is due (`current.*`, `jwks.json`,
+/// destroyed versions' files), but only on a store nothing contradicts: with a
+/// mismatch or unlisted files the manifest may be an old copy, and "repairing" from it
+/// would roll the store back. Returns what it did, for the run's reason.
+fn repair(p: &Prepared, ledger: &Ledger) -> Option<String> {
+    let ks = keystore_of(p)?;
+    let (insp, verdict) = crate::backend::keystore::examine(&ks, Some(ledger), &p.domain.name).ok()?;
+    if !verdict.clean() || !insp.exists {
+        return None;
+    }
+    match ks.repair(&insp) {
+        Ok(done) if done.is_empty() => None,
+        Ok(done) => {
+            let note = format!("finished the last commit's tidy-up: {}", done.join(", "));
+            tracing::info!("{note}");
+            Some(note)
+        }
+        Err(e) => {
+            let note = format!(
+                "could not finish the last commit's tidy-up: {}",
+                crate::fsutil::io_reason(&e)
+            );
+            tracing::warn!("{note}");
+            Some(note)
+        }
     }
 }
 
@@ -227,11 +286,26 @@ pub(super) fn conclude(ledger: &mut Ledger, p: &Prepared, outcome: Outcome, reas
     }
 }
 
+fn refuse_busy_keystore(p: &Prepared, ks: &Keystore, holder: Option<Holder>) -> Concluded {
+    let who = holder.map_or("another process (the lock file does not name it)".to_string(), |h| {
+        h.describe()
+    });
+    let reason = format!(
+        "another run holds the key store lock {} of {}: {who} (a config with another state folder may rotate this key store)",
+        ks.lock_path().display(),
+        p.domain.name
+    );
+    refuse_busy_because(p, reason)
+}
+
 pub(super) fn refuse_busy(p: &Prepared, holder: Option<Holder>) -> Concluded {
     let who = holder.map_or("another process (the lock file does not name it)".to_string(), |h| {
         h.describe()
     });
-    let reason = format!("another rotation of {} is running: {who}", p.domain.name);
+    refuse_busy_because(p, format!("another rotation of {} is running: {who}", p.domain.name))
+}
+
+fn refuse_busy_because(p: &Prepared, reason: String) -> Concluded {
     match open_ledger(p) {
         Ok(mut ledger) => {
             let res = ledger.write("refuse", |w| {
@@ -251,14 +325,23 @@ pub(super) fn refuse_busy(p: &Prepared, holder: Option<Holder>) -> Concluded {
 }
 
 /// Phases 4-6 under the lock. `Ok(None)`: admitted, the row is in flight.
-pub(super) fn admit_and_record(p: &Prepared, ledger: &mut Ledger, guard: &Guard) -> Result<Option<Concluded>, Failure> {
+pub(super) fn admit_and_record(
+    p: &Prepared,
+    ledger: &mut Ledger,
+    guard: &Guard,
+    repaired: Option<&str>,
+) -> Result<Option<Concluded>, Failure> {
     let rec = ledger
         .domain_record(&p.domain.name)
         .map_err(|e| Failure::new(before_keys(p), format!("{e}; no key was touched")))?;
     // The diagnosis reads the key store, so it is made before the write transaction.
     let stale_diagnosis = rec.in_flight.as_ref().map(|dead| {
         let events = ledger.events(&dead.run_id).unwrap_or_default();
-        diagnose(p, dead, last_step(&events))
+        let d = diagnose(p, dead, last_step(&events), Some(&*ledger));
+        match repaired {
+            Some(r) => format!("{d}; {r}"),
+            None => d,
+        }
     });
     let domain = p.domain.name.clone();
     let decision = ledger
@@ -337,7 +420,7 @@ pub(super) fn admit_and_record(p: &Prepared, ledger: &mut Ledger, guard: &Guard)
 /// At the deadline, if the run is still before its commit point, the watchdog records
 /// TIMED_OUT and ends the process: the hung step is abandoned like a crash before the
 /// commit, which leaves the old manifest authoritative.
-pub(super) fn arm_watchdog(p: &Prepared, guard: &Guard) {
+pub(super) fn arm_watchdog(p: &Prepared, guard: &Guard, undo: PreCommitUndo) {
     let ledger_at = p.config.ledger.clone();
     let snapshot = Prepared {
         config: p.config.clone(),
@@ -356,9 +439,14 @@ pub(super) fn arm_watchdog(p: &Prepared, guard: &Guard) {
         Backend::Command { .. } => command::KILL_GRACE + Duration::from_secs(3),
     };
     guard.spawn_watchdog(after, move |step| {
+        // Take back what the abandoned run staged and published, as a run ending
+        // before its commit by itself would.
+        let undone = undo
+            .undo()
+            .unwrap_or_else(|| "what the step left is cleaned up by the next run".into());
         let reason = format!(
             "deadline {} reached while '{step}' was still running: the step was abandoned before the commit point; \
-             the old key state stands and what the step left is cleaned up by the next run",
+             the old key state stands; {undone}",
             snapshot.run.deadline_at
         );
         match Ledger::open(&ledger_at, Duration::from_secs(2)) {
