@@ -149,11 +149,17 @@ fn a_configured_group_reads_the_keys_and_nobody_else_does() {
 
     // Temporaries and a staged key have their final mode and group from the start: a
     // run killed just before each rename leaves them behind to be looked at.
-    for (step, file, want) in [
-        ("stage.fsync", "v000003.pem", 0o640),
-        ("jwks.rename", ".jwks.json.tmp", 0o644),
-        ("commit.rename", ".keyring.json.tmp", 0o640),
-    ] {
+    let kills = if cfg!(feature = "failpoints") {
+        vec![
+            ("stage.fsync", "v000003.pem", 0o640),
+            ("jwks.rename", ".jwks.json.tmp", 0o644),
+            ("commit.rename", ".keyring.json.tmp", 0o640),
+        ]
+    } else {
+        eprintln!("SKIPPED the temporaries' modes: they need the failpoints build");
+        vec![]
+    };
+    for (step, file, want) in kills {
         let run = format!("KILLED-{step}");
         let out = env
             .rotate("sig")

@@ -19,4 +19,6 @@ mod keystore;
 mod keystore_safety;
 mod pg_hook;
 mod postgres;
+#[cfg(feature = "failpoints")]
+mod power_loss;
 mod rotate;
