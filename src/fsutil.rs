@@ -176,6 +176,16 @@ impl Access {
         }
     }
 
+    /// Whether an existing key file (or `keyring.json`) grants no more than this access
+    /// allows: nothing to others, and to its group only when that is the configured
+    /// group (what `check` should hold a key file to).
+    pub fn allows_key_file(&self, meta: &fs::Metadata) -> bool {
+        let mode = meta.mode() & 0o777;
+        let extra = mode & !self.file_perms().mode;
+        let group_ok = mode & 0o070 == 0 || self.gid() == Some(meta.gid());
+        extra == 0 && group_ok
+    }
+
     /// The access a domain folder grants today, read back from its mode and group: how
     /// a writer that was not given the configuration (a repair, a diagnosis) keeps the
     /// files it writes as readable as their neighbours.
@@ -555,6 +565,41 @@ mod tests {
         assert!(read_nofollow(&d.path().join("link"), 100).is_err());
         assert_eq!(&*read_nofollow(&d.path().join("k"), 100).unwrap(), b"secret");
         assert!(read_nofollow(&d.path().join("k"), 3).is_err());
+    }
+
+    #[test]
+    fn key_file_modes_a_group_allows() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("k");
+        fs::write(&p, "x").unwrap();
+        let private = Access::default();
+        let grouped = Access {
+            group: Some(Group {
+                name: "g".into(),
+                gid: own_gid(),
+            }),
+            public_jwks: false,
+        };
+        let other_group = Access {
+            group: Some(Group {
+                name: "h".into(),
+                gid: own_gid().wrapping_add(1),
+            }),
+            public_jwks: true,
+        };
+        for (mode, private_ok, grouped_ok, other_ok) in [
+            (0o600, true, true, true),
+            (0o400, true, true, true),
+            (0o640, false, true, false),
+            (0o660, false, false, false),
+            (0o644, false, false, false),
+        ] {
+            fs::set_permissions(&p, fs::Permissions::from_mode(mode)).unwrap();
+            let m = fs::metadata(&p).unwrap();
+            assert_eq!(private.allows_key_file(&m), private_ok, "{mode:o}");
+            assert_eq!(grouped.allows_key_file(&m), grouped_ok, "{mode:o}");
+            assert_eq!(other_group.allows_key_file(&m), other_ok, "{mode:o}");
+        }
     }
 
     #[test]
