@@ -175,6 +175,21 @@ fn a_configured_group_reads_the_keys_and_nobody_else_does() {
     }
     env.rotate("sig").status(0);
     assert_folder(&env, "sig", 0o751, 0o640, 0o644, gid);
+    if cfg!(feature = "failpoints") {
+        // A run killed past its commit leaves jwks.json and current.pem to the repair,
+        // here by `resolve` (which is not given the domain's config): what it rewrites
+        // keeps the folder's access.
+        let out = env
+            .rotate("sig")
+            .args(["--run-id", "PAST-COMMIT"])
+            .env("KEYROTATE_FAILPOINTS", "ledger.committed=kill")
+            .output();
+        assert_eq!(out.code, 137, "{}", out.stderr);
+        env.resolve("sig", "PAST-COMMIT", "group test").status(0);
+        assert_folder(&env, "sig", 0o751, 0o640, 0o644, gid);
+        env.rotate("sig").status(0);
+        assert_folder(&env, "sig", 0o751, 0o640, 0o644, gid);
+    }
 
     // A member of the group uses the consumer API; a stranger cannot read a key.
     let reader = crate::consumer_snapshot::example("keyring_reader");
