@@ -376,6 +376,20 @@ fn assert_whole(env: &Env, domain: &str, context: &str) {
         live,
         "{context}: jwks.json"
     );
+    let m = env.manifest(domain);
+    let active = m["versions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["state"] == "active")
+        .unwrap();
+    let file = active["file"].as_str().unwrap();
+    let link = format!("current.{}", file.rsplit('.').next().unwrap());
+    assert_eq!(
+        std::fs::read_link(env.key_dir(domain).join(&link)).ok(),
+        Some(std::path::PathBuf::from(file)),
+        "{context}: {link} is not on the active version"
+    );
 }
 
 /// What one power-cut scenario runs: `args` (with `--run-id VICTIM`) from `base`,
