@@ -147,7 +147,7 @@ fn a_deleted_ledger_does_not_unblock_a_blocked_domain() {
     let out = env
         .rotate("sig")
         .args(["--force", "--run-id", "KILLED"])
-        .env("KEYROTATE_FAILPOINTS", "ledger.staged=kill")
+        .env("KEYROTATE_FAILPOINTS", "ledger.staging=kill")
         .output();
     assert_eq!(out.code, 137, "{}", out.stderr);
     env.rotate("sig").arg("--force").status(4); // blocked by the stale KILLED
@@ -352,4 +352,82 @@ fn a_number_published_in_jwks_is_never_reused_after_its_file_was_lost() {
     let mut unique = numbers.clone();
     unique.dedup();
     assert_eq!(numbers, unique, "one number names two keys");
+}
+
+// ---- manifests written before `committed_by_run` --------------------------------------
+
+#[test]
+fn a_manifest_without_committed_by_run_still_parses_rotates_and_serves_consumers() {
+    let env = three_versions();
+    let path = env.key_dir("sig").join("keyring.json");
+    let mut m = env.manifest("sig");
+    assert_eq!(
+        m["committed_by_run"],
+        env.manifest("sig")["versions"][2]["created_by_run"]
+    );
+    m.as_object_mut().unwrap().remove("committed_by_run");
+    std::fs::write(&path, serde_json::to_vec_pretty(&m).unwrap()).unwrap();
+    let ring = keyrotate::keyring::Keyring::open(&env.path("keys"), "sig").unwrap();
+    assert_eq!(ring.active().unwrap().version, 3);
+    let out = env
+        .rotate("sig")
+        .args(["--force", "--run-id", "AFTER-UPGRADE"])
+        .status(0);
+    assert!(out.stdout.contains("v3 -> v4"), "{}", out.stdout);
+    assert_eq!(env.manifest("sig")["committed_by_run"], "AFTER-UPGRADE");
+    let ring = keyrotate::keyring::Keyring::open(&env.path("keys"), "sig").unwrap();
+    assert_eq!(ring.active().unwrap().version, 4);
+}
+
+// ---- resolve takes the domain's locks -------------------------------------------------
+
+#[test]
+fn resolve_is_busy_beside_a_live_run_and_repairs_once_it_ends() {
+    if std::process::Command::new("flock").arg("--version").output().is_err() {
+        eprintln!("SKIPPED resolve_is_busy_beside_a_live_run_and_repairs_once_it_ends: no flock(1)");
+        return;
+    }
+    let env = killed_after_the_commit();
+    env.rotate("sig").arg("--force").status(4); // flags K (and repairs)
+                                                // Another process holds the key store's lock (as a run of another config would).
+    let lock = env.key_dir("sig").join(".lock");
+    // -o: the lock stays with flock itself (not its child), so killing it frees it.
+    let mut holder = std::process::Command::new("flock")
+        .arg("-o")
+        .arg(&lock)
+        .args(["sleep", "30"])
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while keyrotate::lock::probe(&lock).unwrap().is_none() {
+        assert!(start.elapsed().as_secs() < 10, "flock never took the lock");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let out = env.resolve("sig", "K", "v4 committed").status(5);
+    assert!(
+        out.stdout.contains("holds its lock") || out.stderr.contains("holds its lock"),
+        "{}{}",
+        out.stdout,
+        out.stderr
+    );
+    assert_eq!(row(&env, "K")["state"], "needs_review", "resolved beside a live run");
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    env.resolve("sig", "K", "v4 committed").status(0);
+    assert_whole(&env, "after resolve");
+}
+
+#[test]
+fn a_key_store_lock_that_cannot_be_opened_aborts_with_a_recorded_row() {
+    let env = Env::new();
+    env.rotate("sig").status(0);
+    let lock = env.key_dir("sig").join(".lock");
+    std::fs::remove_file(&lock).unwrap();
+    std::os::unix::fs::symlink(env.path("elsewhere"), &lock).unwrap();
+    let before = key_store(&env);
+    let out = env.rotate("sig").args(["--force", "--run-id", "BADLOCK"]).status(3);
+    assert!(out.stdout.contains(".lock"), "{}", out.stdout);
+    assert!(!env.path("elsewhere").exists(), "followed the symlink");
+    assert_eq!(row(&env, "BADLOCK")["exit_code"], 3);
+    assert_eq!(key_store(&env), before, "the key store was changed");
 }

@@ -31,13 +31,31 @@ fn aborted(what: String) -> Failure {
     Failure::new(Outcome::Aborted, what)
 }
 
+/// Why a key store could not be judged.
+#[derive(Debug)]
+pub enum ExamineError {
+    /// The store does not verify: the diagnosis.
+    Store(String),
+    /// The ledger could not be read.
+    Ledger(String),
+}
+
+impl std::fmt::Display for ExamineError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ExamineError::Store(d) | ExamineError::Ledger(d) => f.write_str(d),
+        }
+    }
+}
+
 /// Inspects a domain's key store and judges it against the ledger (`None`: there is no
-/// ledger yet, so it knows no run). `Err` is the diagnosis of a store that does not
-/// verify.
-pub fn examine(ks: &Keystore, ledger: Option<&Ledger>, domain: &str) -> Result<(Inspection, Verdict), String> {
-    let insp = ks.inspect()?;
+/// ledger yet, so it knows no run).
+pub fn examine(ks: &Keystore, ledger: Option<&Ledger>, domain: &str) -> Result<(Inspection, Verdict), ExamineError> {
+    let insp = ks.inspect().map_err(ExamineError::Store)?;
     let prov = match ledger {
-        Some(l) => l.provenance(domain, insp.manifest.committed_by_run.as_deref())?,
+        Some(l) => l
+            .provenance(domain, insp.manifest.committed_by_run.as_deref())
+            .map_err(ExamineError::Ledger)?,
         None => crate::keystore::Provenance {
             manifest_run_known: insp.manifest.committed_by_run.as_ref().map(|_| false),
             runs: Vec::new(),
@@ -106,12 +124,14 @@ impl KeystoreRotation<'_> {
 
         guard.checkpoint("inspect")?;
         ks.prepare().map_err(aborted)?;
-        let (inspection, verdict) = examine(&ks, Some(&*self.step.ledger), &self.step.run.domain).map_err(|d| {
-            Failure::new(
-                Outcome::NeedsReview,
-                format!("key store is inconsistent, nothing was changed: {d}"),
-            )
-        })?;
+        let (inspection, verdict) =
+            examine(&ks, Some(&*self.step.ledger), &self.step.run.domain).map_err(|e| match e {
+                ExamineError::Store(d) => Failure::new(
+                    Outcome::NeedsReview,
+                    format!("key store is inconsistent, nothing was changed: {d}"),
+                ),
+                ExamineError::Ledger(e) => aborted(format!("{e}; no key was touched")),
+            })?;
         if let Some(diagnosis) = verdict.diagnosis(&self.step.run.domain) {
             if !verdict.evidence.is_empty() {
                 // Their numbers are taken: no later key may get one of them.
@@ -215,9 +235,7 @@ impl KeystoreRotation<'_> {
             .map(|n| manifest::version_file(n.version, n.algorithm))
             .collect();
         guard.checkpoint("stage")?;
-        self.step
-            .staging((plan.from_version, Some(plan.to_version)), &files)
-            .map_err(aborted)?;
+        self.step.staging(&files).map_err(aborted)?;
         self.undo.set(Some(Undo {
             ks: ks.clone(),
             staged: Vec::new(),
@@ -232,6 +250,15 @@ impl KeystoreRotation<'_> {
             ks.stage(file, key)
                 .map_err(|e| io(&format!("cannot stage {file}"), e))?;
         }
+
+        let new_versions: Vec<String> = plan.create.iter().map(|n| format!("v{}", n.version)).collect();
+        self.step
+            .advance(
+                "staged",
+                (plan.from_version, Some(plan.to_version)),
+                &format!("staged {}", new_versions.join(", ")),
+            )
+            .map_err(aborted)?;
 
         guard.checkpoint("verify")?;
         for (file, key) in staged.iter().zip(keys) {
@@ -278,6 +305,11 @@ impl KeystoreRotation<'_> {
                 }
                 _ => {
                     staged.clear();
+                    // Readers may already use the new keys: no later run may treat
+                    // them as an abandoned staging, whichever manifest survives.
+                    let _ = self
+                        .step
+                        .event("committed", "keyring.json was replaced; its folder sync failed");
                     // The new manifest is in place but may not survive a power loss:
                     // keep publishing every key of both (the preview) until a run
                     // under review knows which one stands.

@@ -605,3 +605,66 @@ pub fn jwks(manifest: &Manifest, publics: &BTreeMap<u64, PublicKey>) -> Option<V
         .collect();
     Some(json!({ "keys": keys }))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_number_published_in_jwks_is_taken_even_without_its_file() {
+        let d = tempfile::tempdir().unwrap();
+        let ks = Keystore::new(d.path(), "d");
+        ks.prepare().unwrap();
+        std::fs::write(
+            ks.dir().join(JWKS),
+            r#"{"keys":[{"kid":"v000007-0123abcd"},{"kid":"v000003-ffffffff"},{"kid":"junk"}]}"#,
+        )
+        .unwrap();
+        let insp = ks.inspect().unwrap();
+        assert_eq!(insp.next_version, 8);
+        // And a number the ledger recorded beats both.
+        let prov = Provenance {
+            manifest_run_known: None,
+            runs: vec![RunRecord {
+                run_id: "r".into(),
+                state: "aborted".into(),
+                noted: vec!["v000011.pem".into()],
+                ..Default::default()
+            }],
+        };
+        assert_eq!(judge(&insp, &prov).next_version, 12);
+    }
+
+    #[test]
+    fn only_files_staged_by_runs_that_never_committed_are_garbage() {
+        let d = tempfile::tempdir().unwrap();
+        let ks = Keystore::new(d.path(), "d");
+        ks.prepare().unwrap();
+        let key = Algorithm::Ed25519.generate().unwrap();
+        for f in ["v000001.pem", "v000002.pem", "v000003.pem"] {
+            std::fs::write(ks.dir().join(f), key.file_bytes()).unwrap();
+        }
+        std::fs::write(ks.dir().join(".lock"), "").unwrap();
+        let insp = ks.inspect().unwrap();
+        assert_eq!(insp.unlisted, ["v000001.pem", "v000002.pem", "v000003.pem"]);
+        let run = |id: &str, state: &str, committed: bool, file: &str| RunRecord {
+            run_id: id.into(),
+            state: state.into(),
+            committed,
+            staged: vec![file.into()],
+            noted: Vec::new(),
+        };
+        let prov = Provenance {
+            manifest_run_known: None,
+            runs: vec![
+                run("a", "aborted", false, "v000001.pem"),
+                run("b", "succeeded", false, "v000002.pem"),
+                run("c", "resolved", true, "v000003.pem"),
+            ],
+        };
+        let v = judge(&insp, &prov);
+        assert_eq!(v.garbage, ["v000001.pem"]);
+        assert_eq!(v.evidence, ["v000002.pem", "v000003.pem"]);
+        assert!(!v.clean());
+    }
+}

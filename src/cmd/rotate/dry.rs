@@ -226,6 +226,14 @@ pub(super) fn dry_run_decide(p: &Prepared, plan: &mut Vec<String>) -> (Outcome, 
             }
             let (insp, verdict) = match crate::backend::keystore::examine(&ks, ledger.as_ref(), &p.domain.name) {
                 Ok(i) => i,
+                Err(crate::backend::keystore::ExamineError::Ledger(e)) => {
+                    plan.push(format!("ledger: {e}"));
+                    return (
+                        Outcome::Aborted,
+                        format!("{e}; the real run would stop before touching any key"),
+                        none,
+                    );
+                }
                 Err(d) => {
                     plan.push(format!("key store: inconsistent: {d}"));
                     return (Outcome::NeedsReview, format!("key store is inconsistent: {d}"), none);

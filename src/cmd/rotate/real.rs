@@ -123,7 +123,7 @@ pub(super) fn real_run_inner(p: &Prepared) -> Concluded {
     // left to the backend, which refuses it with a recorded ABORTED.
     let _keystore_lock = match keystore_of(p) {
         Some(ks) if ks.prepare().is_ok() => match DomainLock::try_acquire(&ks.lock_path()) {
-            Err(e) => return stop_unrecorded(p, Outcome::Aborted, format!("{e}; nothing was changed")),
+            Err(e) => return refuse_recorded(p, &mut ledger, Outcome::Aborted, format!("{e}; nothing was changed")),
             Ok(Acquire::Busy(holder)) => return refuse_busy_keystore(p, &ks, holder),
             Ok(Acquire::Acquired(mut l)) => {
                 if let Err(e) = l.write_holder(&holder) {
@@ -134,11 +134,9 @@ pub(super) fn real_run_inner(p: &Prepared) -> Concluded {
         },
         _ => None,
     };
-    // Before deciding anything: finish what a committed run left undone.
-    let repaired = repair(p, &ledger);
-
     // 4-6. stale run, open review, due, budget: decided and recorded in one transaction
-    match admit_and_record(p, &mut ledger, &guard, repaired.as_deref()) {
+    // (after finishing what a committed run left undone)
+    match admit_and_record(p, &mut ledger, &guard) {
         Err(f) => return stop_unrecorded(p, f.outcome, f.message),
         Ok(Some(refused)) => return refused,
         Ok(None) => {}
@@ -199,6 +197,21 @@ pub(super) fn real_run_inner(p: &Prepared) -> Concluded {
         reason,
         rotated,
     }
+}
+
+/// Ends a run before admission with a closed row (`aborted`) and its audit line.
+fn refuse_recorded(p: &Prepared, ledger: &mut Ledger, outcome: Outcome, reason: String) -> Concluded {
+    let res = ledger.write("refuse", |w| {
+        if w.get(&p.run.run_id)?.is_some() {
+            return Err(format!("--run-id {} is already in the ledger", p.run.run_id));
+        }
+        w.insert(&p.run, Some((outcome.ledger_state(), outcome, &reason)), None)
+    });
+    if let Err(e) = res {
+        return stop_unrecorded(p, outcome, format!("{reason}; {e}"));
+    }
+    let _ = p.audit.emit(refused_event(p, outcome, &reason));
+    stop(outcome, reason)
 }
 
 fn keystore_of(p: &Prepared) -> Option<Keystore> {
@@ -325,20 +338,17 @@ fn refuse_busy_because(p: &Prepared, reason: String) -> Concluded {
 }
 
 /// Phases 4-6 under the lock. `Ok(None)`: admitted, the row is in flight.
-pub(super) fn admit_and_record(
-    p: &Prepared,
-    ledger: &mut Ledger,
-    guard: &Guard,
-    repaired: Option<&str>,
-) -> Result<Option<Concluded>, Failure> {
+pub(super) fn admit_and_record(p: &Prepared, ledger: &mut Ledger, guard: &Guard) -> Result<Option<Concluded>, Failure> {
     let rec = ledger
         .domain_record(&p.domain.name)
         .map_err(|e| Failure::new(before_keys(p), format!("{e}; no key was touched")))?;
+    // Before deciding anything: finish what a committed run left undone.
+    let repaired = repair(p, ledger);
     // The diagnosis reads the key store, so it is made before the write transaction.
     let stale_diagnosis = rec.in_flight.as_ref().map(|dead| {
         let events = ledger.events(&dead.run_id).unwrap_or_default();
         let d = diagnose(p, dead, last_step(&events), Some(&*ledger));
-        match repaired {
+        match &repaired {
             Some(r) => format!("{d}; {r}"),
             None => d,
         }
