@@ -49,6 +49,9 @@ pub struct DomainConfig {
     pub max_deadline: Duration,
     pub min_interval: Duration,
     pub retain: u32,
+    /// Who besides the keyrotate user may read the key folder (`group`, `public_jwks`;
+    /// key store backend only).
+    pub access: crate::fsutil::Access,
 }
 
 #[derive(Clone, Debug)]
@@ -128,6 +131,8 @@ struct RawDomain {
     command: Option<Vec<String>>,
     max_deadline: Option<String>,
     min_interval: Option<String>,
+    group: Option<String>,
+    public_jwks: Option<bool>,
 }
 
 impl RawDomain {
@@ -160,6 +165,8 @@ impl RawDomain {
             command: self.command.or_else(|| d.command.clone()),
             max_deadline: self.max_deadline.or_else(|| d.max_deadline.clone()),
             min_interval: self.min_interval.or_else(|| d.min_interval.clone()),
+            group: self.group.or_else(|| d.group.clone()),
+            public_jwks: self.public_jwks.or(d.public_jwks),
         }
     }
 }
@@ -418,6 +425,21 @@ fn domain(name: &str, d: RawDomain, base: &Path) -> Result<DomainConfig, Vec<Key
             None => Ok(DEFAULT_RETAIN),
         },
     );
+    // Checked for every backend (a typo is a typo), used by the key store only.
+    let access = take(
+        &mut errs,
+        match d.group {
+            Some(name) => match crate::fsutil::lookup_group(&name) {
+                Some(gid) => Ok(Some(crate::fsutil::Group { name, gid })),
+                None => Err(("group", format!("no such group {name:?} on this host"))),
+            },
+            None => Ok(None),
+        },
+    )
+    .map(|group| crate::fsutil::Access {
+        group,
+        public_jwks: d.public_jwks.unwrap_or(false),
+    });
     let backend = match d.backend.as_deref() {
         Some("keystore") => {
             if d.command.is_some() {
@@ -492,8 +514,8 @@ fn domain(name: &str, d: RawDomain, base: &Path) -> Result<DomainConfig, Vec<Key
             Err(("backend", "missing: expected \"keystore\" or \"command\"".into())),
         ),
     };
-    match (designated_pool, max_deadline, min_interval, retain, backend) {
-        (Some(designated_pool), Some(max_deadline), Some(min_interval), Some(retain), Some(backend))
+    match (designated_pool, max_deadline, min_interval, retain, backend, access) {
+        (Some(designated_pool), Some(max_deadline), Some(min_interval), Some(retain), Some(backend), Some(access))
             if errs.is_empty() =>
         {
             Ok(DomainConfig {
@@ -503,6 +525,7 @@ fn domain(name: &str, d: RawDomain, base: &Path) -> Result<DomainConfig, Vec<Key
                 max_deadline,
                 min_interval,
                 retain,
+                access,
             })
         }
         _ => Err(errs),

@@ -90,7 +90,7 @@ pub fn run(cli: &Cli, args: &CheckArgs) -> Outcome {
                     if let Err(e) = ks.inspect() {
                         problems.push(format!("{file}: {key}.keystore: inconsistent key store: {e}"));
                     }
-                    for e in key_store_access(keystore, ks.dir()) {
+                    for e in key_store_access(keystore, ks.dir(), &d.access) {
                         problems.push(format!("{file}: {key}.keystore: {e}"));
                     }
                 }
@@ -120,7 +120,7 @@ pub fn run(cli: &Cli, args: &CheckArgs) -> Outcome {
 /// What the next rotation would trip over, or what exposes keys, that `inspect` does not
 /// look at: a key store this user cannot write (read-only mount, permissions), and key
 /// files readable by group or others or owned by someone else.
-fn key_store_access(root: &std::path::Path, dir: &std::path::Path) -> Vec<String> {
+fn key_store_access(root: &std::path::Path, dir: &std::path::Path, access: &fsutil::Access) -> Vec<String> {
     use std::os::unix::fs::MetadataExt;
     let mut problems = Vec::new();
     for (folder, what) in [(root, "keystore"), (dir, "key folder")] {
@@ -154,9 +154,10 @@ fn key_store_access(root: &std::path::Path, dir: &std::path::Path) -> Vec<String
         let Ok(meta) = std::fs::symlink_metadata(&path) else {
             continue;
         };
-        if meta.mode() & 0o077 != 0 {
+        // A domain with `group` grants its group read access; nothing else may.
+        if !access.allows_key_file(&meta) {
             problems.push(format!(
-                "key file {} is accessible by group or others (mode {:04o}); run chmod 600 on it",
+                "key file {} is accessible by group or others beyond the domain's access (mode {:04o}); run chmod 600 on it (640 with a configured group)",
                 path.display(),
                 meta.mode() & 0o7777
             ));

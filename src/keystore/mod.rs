@@ -32,6 +32,9 @@ pub struct Keystore {
     root: PathBuf,
     dir: PathBuf,
     domain: String,
+    /// Who may read the domain's files (`group`, `public_jwks`), when the caller has the
+    /// domain's config; otherwise files are written as readable as their folder.
+    access: Option<fsutil::Access>,
 }
 
 /// What is on disk, verified: the manifest, each live version's public key, and the
@@ -198,6 +201,23 @@ impl Keystore {
             root: root.to_path_buf(),
             dir: root.join(domain),
             domain: domain.to_string(),
+            access: None,
+        }
+    }
+
+    /// The configured access: [`Keystore::prepare`] brings the folders and files to it.
+    pub fn with_access(mut self, access: fsutil::Access) -> Keystore {
+        self.access = Some(access);
+        self
+    }
+
+    /// The access new files get: the configured one, else what the folder grants.
+    fn access(&self) -> fsutil::Access {
+        match &self.access {
+            Some(a) => a.clone(),
+            None => fs::symlink_metadata(&self.dir)
+                .map(|m| fsutil::Access::of_folder(&m))
+                .unwrap_or_default(),
         }
     }
 
@@ -216,10 +236,51 @@ impl Keystore {
         Ok(())
     }
 
-    /// Creates the key store and domain folders (0700) if needed and checks both.
+    /// Creates the key store and domain folders (0700) if needed and checks both. With
+    /// the configured access, the domain folder and the files in it get exactly its
+    /// modes and group (a config that gained or dropped `group` takes effect here), and
+    /// the key store folder gets the traversal it needs (never less than it had: other
+    /// domains may share it).
     pub fn prepare(&self) -> Result<(), String> {
         fsutil::ensure_private_dir(&self.root, "keystore")?;
-        fsutil::ensure_private_dir(&self.dir, "key folder")
+        let Some(access) = &self.access else {
+            return fsutil::ensure_private_dir(&self.dir, "key folder");
+        };
+        fsutil::widen_dir(&self.root, "keystore", access.root_traverse_bits())?;
+        // Without a group, files go back to this user's own group (a dropped `group`
+        // leaves no stale owner behind, though the modes already shut it out).
+        let gid = access.gid().unwrap_or_else(fsutil::own_gid);
+        fsutil::ensure_dir_with(&self.dir, "key folder", access.dir_mode(), Some(gid))?;
+        let entries =
+            fs::read_dir(&self.dir).map_err(|e| format!("{}: {}", self.dir.display(), fsutil::io_reason(&e)))?;
+        for entry in entries {
+            let Ok(name) = entry
+                .map_err(|e| format!("{}: {}", self.dir.display(), fsutil::io_reason(&e)))?
+                .file_name()
+                .into_string()
+            else {
+                continue;
+            };
+            let perms = if name == JWKS {
+                access.jwks_perms()
+            } else if name == MANIFEST || parse_version_file(&name).is_some() {
+                access.file_perms()
+            } else {
+                continue;
+            };
+            let perms = fsutil::Perms {
+                gid: Some(gid),
+                ..perms
+            };
+            fsutil::set_file_perms(&self.dir, &name, perms).map_err(|e| {
+                format!(
+                    "cannot set the mode of {}: {}",
+                    self.dir.join(&name).display(),
+                    fsutil::io_reason(&e)
+                )
+            })?;
+        }
+        Ok(())
     }
 
     /// Reads and verifies the domain's state. `Err` means the key store is not in a
@@ -378,13 +439,14 @@ impl Keystore {
             return Ok(());
         }
         let bytes = jwks_bytes(manifest, publics).unwrap_or_else(empty_jwks);
-        fsutil::write_atomic_via(
+        fsutil::write_atomic_via_with(
             &self.dir,
             JWKS,
             ".jwks.json.restore.tmp",
             &bytes,
             "restore",
             DirSync::Now,
+            self.access().jwks_perms(),
         )
     }
 
@@ -392,7 +454,14 @@ impl Keystore {
     /// with the next folder sync, which must come before the commit: the JWKS
     /// publication's, or [`Keystore::sync_folder`] when there is none.
     pub fn stage(&self, file: &str, key: &KeyFile) -> io::Result<()> {
-        fsutil::write_new(&self.dir, file, key.file_bytes(), "stage", DirSync::Deferred)
+        fsutil::write_new_with(
+            &self.dir,
+            file,
+            key.file_bytes(),
+            "stage",
+            DirSync::Deferred,
+            self.access().file_perms(),
+        )
     }
 
     /// Makes every entry change in the domain folder so far durable.
@@ -439,13 +508,20 @@ impl Keystore {
         if fs::read(&path).is_ok_and(|old| old == bytes) {
             return Ok(false);
         }
-        fsutil::write_atomic(&self.dir, JWKS, &bytes, "jwks", sync)?;
+        fsutil::write_atomic_with(&self.dir, JWKS, &bytes, "jwks", sync, self.access().jwks_perms())?;
         Ok(true)
     }
 
     /// The commit point: atomically replaces `keyring.json`.
     pub fn commit(&self, manifest: &Manifest) -> io::Result<()> {
-        fsutil::write_atomic(&self.dir, MANIFEST, &manifest.to_bytes(), "commit", DirSync::Now)
+        fsutil::write_atomic_with(
+            &self.dir,
+            MANIFEST,
+            &manifest.to_bytes(),
+            "commit",
+            DirSync::Now,
+            self.access().file_perms(),
+        )
     }
 
     /// Points `current.pem` (or `current.key`) at the active version.

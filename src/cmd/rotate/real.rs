@@ -173,7 +173,7 @@ pub(super) fn real_run_inner(p: &Prepared) -> Concluded {
                 keystore,
                 activation,
             } => KeystoreRotation {
-                keystore: Keystore::new(keystore, &p.domain.name),
+                keystore: Keystore::new(keystore, &p.domain.name).with_access(p.domain.access.clone()),
                 algorithm: *algorithm,
                 activation: *activation,
                 retain: p.domain.retain,
@@ -226,7 +226,9 @@ fn refuse_recorded(p: &Prepared, ledger: &mut Ledger, outcome: Outcome, reason: 
 
 fn keystore_of(p: &Prepared) -> Option<Keystore> {
     match &p.domain.backend {
-        Backend::Keystore { keystore, .. } => Some(Keystore::new(keystore, &p.domain.name)),
+        Backend::Keystore { keystore, .. } => {
+            Some(Keystore::new(keystore, &p.domain.name).with_access(p.domain.access.clone()))
+        }
         Backend::Command { .. } => None,
     }
 }
