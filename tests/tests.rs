@@ -6,15 +6,23 @@ mod common;
 mod cli_and_config;
 mod command_backend;
 mod commands;
+mod consumer_snapshot;
 #[cfg(feature = "failpoints")]
 mod crash;
 mod dry_run;
 mod failure_model;
+mod group_access;
 mod hardening;
 mod hook_safety;
 mod hygiene;
 mod keystore;
+#[cfg(feature = "failpoints")]
+mod keystore_safety;
+mod operator_safety;
+mod pg_dba;
 mod pg_fencing;
 mod pg_hook;
 mod postgres;
+#[cfg(feature = "failpoints")]
+mod power_loss;
 mod rotate;

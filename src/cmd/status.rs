@@ -1,6 +1,7 @@
 //! `keyrotate status`: per domain, its versions, last run, block, what is in flight
 //! and when it is next due. Exits NEEDS_REVIEW (4) when any domain shown is blocked,
-//! so Control-M can run it as a monitoring job. Reads only: no file is created or
+//! else ABORTED (3) when a key store, manifest or ledger cannot be read or does not
+//! verify, so Control-M can run it as a monitoring job. Reads only: no file is created or
 //! changed.
 
 use serde::Serialize;
@@ -30,6 +31,9 @@ struct DomainStatus {
     in_flight: Option<InFlight>,
     /// Problems found while reading the key store or ledger.
     problems: Vec<String>,
+    /// The domain's ledger rows could not be read: whether it is blocked is unknown.
+    #[serde(skip)]
+    ledger_unread: bool,
 }
 
 #[derive(Serialize, Debug)]
@@ -66,18 +70,54 @@ fn status(cli: &Cli, args: &StatusArgs) -> Result<Outcome, Failure> {
         Some(d) => vec![config.domain(d).map_err(Failure::usage)?],
         None => config.domains.values().collect(),
     };
-    let ledger = Ledger::open_read_only(&config.ledger).map_err(|e| Failure::new(Outcome::Aborted, e))?;
+    // A ledger that cannot be read still leaves the key stores worth showing; every
+    // domain then carries the ledger's error and the exit code says it (below).
+    let (ledger, ledger_err) = match Ledger::open_read_only(&config.ledger) {
+        Ok(l) => (l, None),
+        Err(e) => (None, Some(e)),
+    };
     let statuses: Vec<DomainStatus> = domains
         .iter()
-        .map(|d| domain_status(&config, d, ledger.as_ref()))
+        .map(|d| {
+            let mut s = domain_status(&config, d, ledger.as_ref());
+            if let Some(e) = &ledger_err {
+                s.problems.push(e.clone());
+                s.ledger_unread = true;
+            }
+            if s.ledger_unread {
+                // Without the last success the next due time is unknown, not "now".
+                s.next_due = None;
+            }
+            s
+        })
         .collect();
     match args.output {
         OutputFormat::Json => print_json(&serde_json::json!({ "domains": statuses })),
         OutputFormat::Text => print_text(&statuses),
     }
-    let blocked = statuses.iter().any(|s| s.blocked_by.is_some());
-    Ok(if blocked {
+    // DESIGN section 5: 4 if any domain is blocked, else 3 if any key store, manifest or
+    // ledger cannot be read or does not verify, else 0 (a monitor alerts on both).
+    for s in &statuses {
+        for p in &s.problems {
+            tracing::error!("{}: {p}", s.domain);
+        }
+    }
+    let unread: Vec<&str> = statuses
+        .iter()
+        .filter(|s| s.ledger_unread)
+        .map(|s| s.domain.as_str())
+        .collect();
+    if !unread.is_empty() {
+        // Never 0 for a domain whose rows were not read: it may well be blocked.
+        tracing::error!(
+            "the ledger rows of {} could not be read: whether they are blocked is unknown",
+            unread.join(", ")
+        );
+    }
+    Ok(if statuses.iter().any(|s| s.blocked_by.is_some()) {
         Outcome::NeedsReview
+    } else if !unread.is_empty() || statuses.iter().any(|s| !s.problems.is_empty()) {
+        Outcome::Aborted
     } else {
         Outcome::Rotated
     })
@@ -98,6 +138,7 @@ fn domain_status(config: &Config, d: &DomainConfig, ledger: Option<&Ledger>) -> 
         blocked_by: None,
         in_flight: None,
         problems: Vec::new(),
+        ledger_unread: false,
     };
     if let Backend::Keystore { keystore, .. } = &d.backend {
         let ks = Keystore::new(keystore, &d.name);
@@ -122,6 +163,7 @@ fn domain_status(config: &Config, d: &DomainConfig, ledger: Option<&Ledger>) -> 
         Some(Ok(r)) => r,
         Some(Err(e)) => {
             s.problems.push(e);
+            s.ledger_unread = true;
             DomainRecord::default()
         }
     };
@@ -210,6 +252,7 @@ fn print_text(statuses: &[DomainStatus]) {
                 s.next_due.clone().unwrap_or_default(),
                 match (&s.blocked_by, &s.in_flight) {
                     (Some(b), _) => format!("BLOCKED by {b}"),
+                    (None, _) if s.ledger_unread => format!("UNKNOWN: {}", s.problems.join("; ")),
                     (None, Some(f)) => format!("running: {} pid {} on {}", f.run_id, f.pid, f.host),
                     (None, None) if !s.problems.is_empty() => s.problems.join("; "),
                     _ => "ok".into(),
@@ -242,7 +285,7 @@ pub(crate) fn print_columns<const N: usize>(headers: &[&str; N], rows: &[[String
                 out.push_str(&format!("{c:<w$}  ", w = widths[i]));
             }
         }
-        println!("{}", out.trim_end());
+        out!("{}", out.trim_end());
     };
     line(headers.to_vec());
     for r in rows {
