@@ -361,3 +361,25 @@ fn a_slow_stderr_reader_still_gets_all_hook_output() {
         &text[text.len().saturating_sub(500)..]
     );
 }
+
+#[test]
+fn a_killed_watcher_leaves_nothing_of_the_hook_behind() {
+    let env = env();
+    flag(&env, "slow.set");
+    flag(&env, "setsid-bg.set");
+    let log = env.path("hooks/hook.log");
+    let child = env.rotate("pw").args(["--run-id", "WK1"]).spawn();
+    wait_for_line(&log, "tick WK1 set");
+    let (watcher, grandchild) = (pid_file(&env, "watcher.pid"), pid_file(&env, "grandchild.pid"));
+    // SAFETY: SIGKILL to the watcher process this test's run started (an OOM kill).
+    unsafe { libc::kill(watcher, libc::SIGKILL) };
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(4), "{stdout}");
+    assert!(stdout.contains("watcher died"), "{stdout}");
+    assert!(
+        gone_within(grandchild, Duration::from_secs(2)),
+        "the hook's child in another session ({grandchild}) outlived its watcher"
+    );
+    assert!(!alive(pid_file(&env, "hook.pid")));
+}

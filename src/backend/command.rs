@@ -174,6 +174,11 @@ impl CommandRotation<'_> {
             // Its own group: a signal to keyrotate's group (a terminal, a scheduler)
             // does not take the watcher with it.
             .process_group(0);
+        // keyrotate is a subreaper too: if the watcher alone dies (OOM killer, an
+        // operator's kill), what the hook left running comes to us, not to init, and
+        // is killed below.
+        // SAFETY: prctl with integer arguments only.
+        unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
         let started = Instant::now();
         let mut watcher = cmd.spawn()?;
         // Our copies of the child's ends must go, or their end of file never comes.
@@ -189,6 +194,7 @@ impl CommandRotation<'_> {
         let mut next_confirm = Instant::now() + CONFIRM_EVERY;
         let shared = self.step.ledger.is_shared();
         let domain = self.step.run.domain.clone();
+        let mut watcher_answered = true;
         let status = loop {
             let mut fds: Vec<libc::pollfd> = streams
                 .iter()
@@ -230,7 +236,10 @@ impl CommandRotation<'_> {
                     return Err(std::io::Error::other(e));
                 }
                 Report::Done(status) => break status,
-                Report::Gone => break "ended without a report (its watcher died)".to_string(),
+                Report::Gone => {
+                    watcher_answered = false;
+                    break "ended without a report (its watcher died)".to_string();
+                }
             }
             let now = Instant::now();
             if kill_at.is_none() && now >= deadline {
@@ -248,6 +257,7 @@ impl CommandRotation<'_> {
             }
             if kill_at.is_some_and(|at| now >= at + watcher::GRACE + Duration::from_secs(3)) {
                 // The watcher does not answer: end what we know of the tree ourselves.
+                watcher_answered = false;
                 break "killed (its watcher did not answer)".to_string();
             }
         };
@@ -259,6 +269,10 @@ impl CommandRotation<'_> {
         if !process::wait_for(Duration::from_secs(1), || matches!(watcher.try_wait(), Ok(Some(_)))) {
             let _ = watcher.kill();
             let _ = watcher.wait();
+        }
+        if !watcher_answered {
+            // Orphans of the hook (even in another session) are now our children.
+            kill_orphans();
         }
         for s in &mut streams {
             s.pump(&mut tail);
@@ -290,6 +304,26 @@ impl CommandRotation<'_> {
             elapsed: started.elapsed(),
             tail: tail.text(),
         })
+    }
+}
+
+/// Kills and reaps every descendant of keyrotate: called only when a step's watcher
+/// died without cleaning up, when whatever is left under us is the hook's.
+fn kill_orphans() {
+    let me = std::process::id() as i32;
+    let start = Instant::now();
+    loop {
+        let rest = process::descendants(me);
+        for p in &rest {
+            // SAFETY: SIGKILL to our own descendants.
+            unsafe { libc::kill(*p, libc::SIGKILL) };
+        }
+        // SAFETY: reaping our own exited children, without blocking.
+        while unsafe { libc::waitpid(-1, std::ptr::null_mut(), libc::WNOHANG) } > 0 {}
+        if rest.is_empty() || start.elapsed() > Duration::from_secs(2) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 

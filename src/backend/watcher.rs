@@ -65,7 +65,10 @@ pub fn main(args: Vec<std::ffi::OsString>) -> ExitCode {
     };
     if dup < 0 {
         // Not started by keyrotate (no socket): there is nobody to watch for.
-        let _ = writeln!(std::io::stderr(), "keyrotate: {ARG} is internal to keyrotate's command backend");
+        let _ = writeln!(
+            std::io::stderr(),
+            "keyrotate: {ARG} is internal to keyrotate's command backend"
+        );
         return ExitCode::from(2);
     }
     // SAFETY: `dup` is a fresh descriptor that nothing else owns.
