@@ -383,3 +383,40 @@ fn a_killed_watcher_leaves_nothing_of_the_hook_behind() {
     );
     assert!(!alive(pid_file(&env, "hook.pid")));
 }
+
+#[cfg(feature = "failpoints")]
+#[test]
+fn no_step_starts_after_the_deadline() {
+    let env = env();
+    let steps = env.path("steps.log");
+    env.rotate("pw")
+        .args(["--run-id", "N0"])
+        .env("KEYROTATE_FAILPOINT_LOG", &steps)
+        .status(0);
+    let names: Vec<String> = std::fs::read_to_string(&steps)
+        .unwrap()
+        .lines()
+        .map(|l| l.split_once(' ').unwrap().1.to_string())
+        .collect();
+    // The ledger write that records the end of `set` comes two steps before `test`
+    // starts (then the event `hook.test.start`, then the step itself).
+    let test_at = names.iter().position(|n| n == "hook.test").unwrap();
+    assert_eq!(names[test_at - 2], "ledger.event", "{names:?}");
+    let set_end = test_at - 1; // 1-based index of that write
+    let out = env
+        .cmd()
+        .args(["rotate", "--domain", "pw", "--deadline", "3s", "--run-id", "N1"])
+        .env("KEYROTATE_FAILPOINTS", format!("{set_end}=sleep(3500)"))
+        .status(4);
+    assert!(
+        out.stdout.contains("reached before hook step 'test' could start"),
+        "{}",
+        out.stdout
+    );
+    let log = std::fs::read_to_string(env.path("hooks/hook.log")).unwrap();
+    assert!(log.contains("end N1 set"), "{log}");
+    assert!(
+        !log.contains("N1 test") && !log.contains("N1 finish"),
+        "a step started after the deadline:\n{log}"
+    );
+}

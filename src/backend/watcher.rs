@@ -17,11 +17,12 @@
 //!   `k` byte: the deadline, or a lost ledger lock), and when keyrotate's end of the
 //!   socket closes — which is what happens when keyrotate is SIGKILLed.
 //!
-//! What this does not cover: a process the hook hands to another service (systemd-run,
-//! `at`, a remote shell) is not its descendant; and if the watcher itself is SIGKILLed
-//! together with keyrotate (a kill of every process of the user, a cgroup-wide OOM
-//! kill), the hook's first process still dies (pdeathsig) but its children are
-//! orphaned. The ledger records the hook's process group and the watcher, so the next
+//! If the watcher alone is killed, keyrotate (a subreaper too) receives the orphans
+//! and kills them. What this does not cover: a process the hook hands to another
+//! service (systemd-run, `at`, a remote shell) is not its descendant; and if the
+//! watcher is SIGKILLed together with keyrotate (a kill of every process of the user,
+//! a cgroup-wide OOM kill), the hook's first process still dies (pdeathsig) but its
+//! children are orphaned to init. The ledger records the hook's process group and the watcher, so the next
 //! run on this host finds such survivors and refuses to proceed while they live.
 
 use std::io::{Read, Write};
