@@ -256,6 +256,8 @@ fn a_hook_that_outlives_keyrotate_and_its_watcher_is_named_and_blocks_resolve() 
     unflag(&env, "group-child.set");
     unflag(&env, "slow.set");
 
+    let dry = env.rotate("pw").arg("--dry-run").status(4);
+    assert!(dry.stdout.contains("still running"), "{}", dry.stdout);
     let out = env.rotate("pw").args(["--run-id", "W2"]).status(4);
     assert!(
         out.stdout.contains("W1") && out.stdout.contains("still running") && out.stdout.contains(&format!("-{hook}")),

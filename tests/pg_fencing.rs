@@ -187,6 +187,12 @@ fn a_run_whose_lock_is_taken_away_mid_set_stops_and_is_never_called_dead() {
         "{}",
         out.stdout
     );
+    let dry = b.rotate("pw").arg("--dry-run").status(5);
+    assert!(
+        dry.stdout.contains("LOST-A lost its lock, still running"),
+        "{}",
+        dry.stdout
+    );
     assert_eq!(
         db.sql("SELECT state FROM rotations WHERE run_id = 'LOST-A'"),
         "staged",
