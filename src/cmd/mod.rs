@@ -1,10 +1,12 @@
 //! Dispatch from the parsed command line to one file per subcommand, plus what they
 //! share: logging set-up, config loading, who and where we are.
 
+mod audit;
 mod check;
 mod history;
 mod resolve;
 mod rotate;
+mod shell;
 mod status;
 
 pub(crate) use check::{check_program, program_runnable};
@@ -49,6 +51,9 @@ pub fn main() -> ExitCode {
         Command::History(args) => history::run(&cli, args),
         Command::Resolve(args) => resolve::run(&cli, args),
         Command::Check(args) => check::run(&cli, args),
+        Command::Audit(crate::cli::AuditCommand::Verify(args)) => audit::verify(&cli, args),
+        Command::Completions(args) => shell::completions(args),
+        Command::Manpage => shell::manpage(),
     };
     outcome.into()
 }
@@ -77,6 +82,12 @@ fn init_logging(cli: &Cli) {
 pub(crate) fn load_config(cli: &Cli) -> Result<Config, Failure> {
     let path = config::locate(cli.config.as_deref());
     Config::load(&path).map_err(Failure::usage)
+}
+
+/// Rewrites the `[metrics] textfile`, if configured, after a command that changed or
+/// inspected state (DESIGN section 12). Never changes the command's outcome.
+pub(crate) fn write_metrics(config: &Config) {
+    status::metrics::write_textfile(config);
 }
 
 /// Prints a failure the way every command does: one line on stderr.

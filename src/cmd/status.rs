@@ -6,13 +6,17 @@
 use serde::Serialize;
 
 use super::{load_config, print_json, report_failure};
-use crate::cli::{Cli, OutputFormat, StatusArgs};
+use crate::cli::{Cli, StatusArgs, StatusOutput};
 use crate::config::{Backend, Config, DomainConfig};
 use crate::keystore::manifest::{now_rfc3339, VersionState};
 use crate::keystore::Keystore;
 use crate::ledger::{DomainRecord, Ledger};
 use crate::lock;
 use crate::outcome::{Failure, Outcome};
+
+// A child module, so that it reads the status fields without widening their visibility.
+#[path = "metrics.rs"]
+pub(super) mod metrics;
 
 #[derive(Serialize, Debug)]
 struct DomainStatus {
@@ -30,6 +34,19 @@ struct DomainStatus {
     in_flight: Option<InFlight>,
     /// Problems found while reading the key store or ledger.
     problems: Vec<String>,
+    /// For the metrics only (DESIGN section 12).
+    #[serde(skip)]
+    metrics: MetricInputs,
+}
+
+/// What the Prometheus metrics need beyond the fields `status` prints.
+#[derive(Debug, Default)]
+struct MetricInputs {
+    pub last_success_at: Option<String>,
+    /// When the next rotation is due; `None` when the domain never rotated.
+    pub next_due_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// Version count per state, for key store domains whose manifest was read.
+    pub versions: Option<Vec<(&'static str, u64)>>,
 }
 
 #[derive(Serialize, Debug)]
@@ -66,14 +83,17 @@ fn status(cli: &Cli, args: &StatusArgs) -> Result<Outcome, Failure> {
         Some(d) => vec![config.domain(d).map_err(Failure::usage)?],
         None => config.domains.values().collect(),
     };
-    let ledger = Ledger::open_read_only(&config.ledger).map_err(|e| Failure::new(Outcome::Aborted, e))?;
-    let statuses: Vec<DomainStatus> = domains
-        .iter()
-        .map(|d| domain_status(&config, d, ledger.as_ref()))
-        .collect();
+    let statuses = collect(&config, &domains)?;
     match args.output {
-        OutputFormat::Json => print_json(&serde_json::json!({ "domains": statuses })),
-        OutputFormat::Text => print_text(&statuses),
+        StatusOutput::Json => print_json(&serde_json::json!({ "domains": statuses })),
+        StatusOutput::Text => print_text(&statuses),
+        StatusOutput::Prometheus => print!("{}", metrics::render(&statuses)),
+    }
+    // The textfile always carries every domain, whatever --domain narrowed the output to.
+    if args.domain.is_none() {
+        metrics::write_from(&config, &statuses);
+    } else {
+        metrics::write_textfile(&config);
     }
     let blocked = statuses.iter().any(|s| s.blocked_by.is_some());
     Ok(if blocked {
@@ -81,6 +101,15 @@ fn status(cli: &Cli, args: &StatusArgs) -> Result<Outcome, Failure> {
     } else {
         Outcome::Rotated
     })
+}
+
+/// The status of `domains`, read from their key stores and the ledger.
+fn collect(config: &Config, domains: &[&DomainConfig]) -> Result<Vec<DomainStatus>, Failure> {
+    let ledger = Ledger::open_read_only(&config.ledger).map_err(|e| Failure::new(Outcome::Aborted, e))?;
+    Ok(domains
+        .iter()
+        .map(|d| domain_status(config, d, ledger.as_ref()))
+        .collect())
 }
 
 fn domain_status(config: &Config, d: &DomainConfig, ledger: Option<&Ledger>) -> DomainStatus {
@@ -98,6 +127,7 @@ fn domain_status(config: &Config, d: &DomainConfig, ledger: Option<&Ledger>) -> 
         blocked_by: None,
         in_flight: None,
         problems: Vec::new(),
+        metrics: MetricInputs::default(),
     };
     if let Backend::Keystore { keystore, .. } = &d.backend {
         let ks = Keystore::new(keystore, &d.name);
@@ -113,6 +143,13 @@ fn domain_status(config: &Config, d: &DomainConfig, ledger: Option<&Ledger>) -> 
                     .filter(|v| v.state == VersionState::Retired)
                     .map(|v| v.version)
                     .collect();
+                let count = |state: VersionState| m.versions.iter().filter(|v| v.state == state).count() as u64;
+                s.metrics.versions = Some(vec![
+                    ("pending", count(VersionState::Pending)),
+                    ("active", count(VersionState::Active)),
+                    ("retired", count(VersionState::Retired)),
+                    ("destroyed", count(VersionState::Destroyed)),
+                ]);
             }
             Err(e) => s.problems.push(format!("key store: {e}")),
         }
@@ -133,6 +170,11 @@ fn domain_status(config: &Config, d: &DomainConfig, ledger: Option<&Ledger>) -> 
         started_at: r.started_at.clone(),
         ended_at: r.ended_at.clone(),
     });
+    s.metrics.last_success_at = rec
+        .last_success
+        .as_ref()
+        .map(|r| r.ended_at.clone().unwrap_or_else(|| r.started_at.clone()));
+    s.metrics.next_due_at = super::rotate::next_due(rec.last_success.as_ref(), d.min_interval);
     s.next_due = Some(
         match super::rotate::next_due(rec.last_success.as_ref(), d.min_interval) {
             Some(t) if t > chrono::Utc::now() => now_rfc3339(t),

@@ -203,11 +203,6 @@ pub(super) fn conclude(ledger: &mut Ledger, p: &Prepared, outcome: Outcome, reas
     let to_version = rotated.and_then(|r| r.to_version);
     let from_version = rotated.and_then(|r| r.from_version);
     let run_id = p.run.run_id.clone();
-    if let Err(e) = ledger.write("close", |w| {
-        w.close(&run_id, outcome, reason, (from_version, to_version))
-    }) {
-        tracing::error!("{e}; the run's row stays open and the next run will flag it for review");
-    }
     let event = Event {
         exit_code: Some(outcome.code()),
         outcome: Some(outcome.name()),
@@ -218,7 +213,21 @@ pub(super) fn conclude(ledger: &mut Ledger, p: &Prepared, outcome: Outcome, reas
         to_fingerprint: rotated.and_then(|r| r.to_fingerprint.clone()),
         ..Event::of(outcome.audit_event(), &p.run)
     };
-    if let Err(e) = p.audit.emit(event) {
+    // The closing transaction also records the chain head that this run's last audit
+    // line becomes (DESIGN section 12); the line is appended right after it commits.
+    let (closed, audited) = p.audit.emit_anchored(event, |head| {
+        ledger.write("close", |w| {
+            w.close(&run_id, outcome, reason, (from_version, to_version))?;
+            match head {
+                Some(head) => w.anchor(&run_id, head),
+                None => Ok(()),
+            }
+        })
+    });
+    if let Err(e) = closed {
+        tracing::error!("{e}; the run's row stays open and the next run will flag it for review");
+    }
+    if let Err(e) = audited {
         tracing::error!("{e}");
     }
     match outcome {
@@ -234,19 +243,28 @@ pub(super) fn refuse_busy(p: &Prepared, holder: Option<Holder>) -> Concluded {
     let reason = format!("another rotation of {} is running: {who}", p.domain.name);
     match open_ledger(p) {
         Ok(mut ledger) => {
-            let res = ledger.write("refuse", |w| {
-                if w.get(&p.run.run_id)?.is_some() {
-                    return Err(format!("--run-id {} is already in the ledger", p.run.run_id));
-                }
-                w.insert(&p.run, Some(("refused", Outcome::Busy, &reason)), None)
+            // The refused row is this run's closing write: it anchors the audit line too.
+            let (res, _) = p.audit.emit_anchored(refused_event(p, Outcome::Busy, &reason), |head| {
+                ledger.write("refuse", |w| {
+                    if w.get(&p.run.run_id)?.is_some() {
+                        return Err(format!("--run-id {} is already in the ledger", p.run.run_id));
+                    }
+                    w.insert(&p.run, Some(("refused", Outcome::Busy, &reason)), None)?;
+                    match head {
+                        Some(head) => w.anchor(&p.run.run_id, head),
+                        None => Ok(()),
+                    }
+                })
             });
             if let Err(e) = res {
                 tracing::error!("{e}");
             }
         }
-        Err(e) => tracing::error!("{e}"),
+        Err(e) => {
+            tracing::error!("{e}");
+            let _ = p.audit.emit(refused_event(p, Outcome::Busy, &reason));
+        }
     }
-    let _ = p.audit.emit(refused_event(p, Outcome::Busy, &reason));
     stop(Outcome::Busy, reason)
 }
 
@@ -380,6 +398,7 @@ pub(super) fn arm_watchdog(p: &Prepared, guard: &Guard) {
             },
             snapshot.output,
         );
+        crate::cmd::write_metrics(&snapshot.config);
         use std::io::Write;
         let _ = std::io::stdout().flush();
         std::process::exit(i32::from(Outcome::TimedOut.code()));
