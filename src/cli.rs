@@ -63,8 +63,15 @@ pub enum Command {
     Audit(AuditCommand),
     /// Print a shell completion script (bash, zsh or fish) on stdout
     Completions(CompletionsArgs),
-    /// Print the man page (roff) on stdout
-    Manpage,
+    /// Print the man page (roff) on stdout, or write one page per command into a folder
+    Manpage(ManpageArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ManpageArgs {
+    /// Write keyrotate.1 and a page per subcommand (keyrotate-rotate.1, …) into DIR
+    #[arg(long, value_name = "DIR")]
+    pub dir: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]

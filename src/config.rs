@@ -235,26 +235,27 @@ impl Config {
             Some(f) => resolve(base, &f),
             None => state_dir.join("audit.jsonl"),
         };
-        let metrics_textfile =
-            match raw.metrics.and_then(|m| m.textfile) {
-                None => None,
-                Some(f) if f.as_os_str().is_empty() => {
-                    return Err(err(
-                        "metrics.textfile",
-                        "expected a file path, found an empty string".into(),
-                    ))
-                }
-                // node_exporter's textfile collector reads only *.prom files: any other name
-                // would be written faithfully and never scraped.
-                Some(f) if f.extension() != Some(std::ffi::OsStr::new("prom")) => return Err(err(
+        let metrics_textfile = match raw.metrics.and_then(|m| m.textfile) {
+            None => None,
+            Some(f) if f.as_os_str().is_empty() => {
+                return Err(err(
+                    "metrics.textfile",
+                    "expected a file path, found an empty string".into(),
+                ))
+            }
+            // node_exporter's textfile collector reads only *.prom files: any other name
+            // would be written faithfully and never scraped.
+            Some(f) if f.extension() != Some(std::ffi::OsStr::new("prom")) => {
+                return Err(err(
                     "metrics.textfile",
                     format!(
                         "expected a file name ending in .prom (the textfile collector reads only those), found {:?}",
                         f.display().to_string()
                     ),
-                )),
-                Some(f) => Some(resolve(base, &f)),
-            };
+                ))
+            }
+            Some(f) => Some(resolve(base, &f)),
+        };
         let defaults = raw.defaults.unwrap_or_default();
         let mut domains = BTreeMap::new();
         for (name, d) in raw.domains {

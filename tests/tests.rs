@@ -13,6 +13,7 @@ mod failure_model;
 mod hardening;
 mod hygiene;
 mod keystore;
+mod observability;
 mod pg_hook;
 mod postgres;
 mod rotate;

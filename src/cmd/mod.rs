@@ -53,7 +53,7 @@ pub fn main() -> ExitCode {
         Command::Check(args) => check::run(&cli, args),
         Command::Audit(crate::cli::AuditCommand::Verify(args)) => audit::verify(&cli, args),
         Command::Completions(args) => shell::completions(args),
-        Command::Manpage => shell::manpage(),
+        Command::Manpage(args) => shell::manpage(args),
     };
     outcome.into()
 }

@@ -3,7 +3,7 @@
 
 use clap::CommandFactory;
 
-use crate::cli::{Cli, CompletionsArgs, Shell};
+use crate::cli::{Cli, CompletionsArgs, ManpageArgs, Shell};
 use crate::outcome::{Failure, Outcome};
 
 pub fn completions(args: &CompletionsArgs) -> Outcome {
@@ -18,7 +18,18 @@ pub fn completions(args: &CompletionsArgs) -> Outcome {
     emit(&out)
 }
 
-pub fn manpage() -> Outcome {
+pub fn manpage(args: &ManpageArgs) -> Outcome {
+    if let Some(dir) = &args.dir {
+        // One page per command, as `man keyrotate-rotate` expects; the main page's
+        // SUBCOMMANDS section refers to them.
+        return match std::fs::create_dir_all(dir).and_then(|()| clap_mangen::generate_to(Cli::command(), dir)) {
+            Ok(()) => Outcome::Rotated,
+            Err(e) => super::report_failure(&Failure::new(
+                Outcome::Aborted,
+                format!("man pages into {}: {}", dir.display(), crate::fsutil::io_reason(&e)),
+            )),
+        };
+    }
     let mut out = Vec::new();
     if let Err(e) = clap_mangen::Man::new(Cli::command()).render(&mut out) {
         return super::report_failure(&Failure::new(Outcome::Aborted, format!("man page: {e}")));
