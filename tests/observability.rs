@@ -596,3 +596,19 @@ fn controlm_rotation_jobs_warn_before_their_deadline() {
     }
     assert!(rotation_jobs >= 2);
 }
+
+#[test]
+fn the_packaged_example_config_is_valid_with_and_without_metrics() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging/rotate.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let c = keyrotate::config::Config::parse(&text, &path).unwrap();
+    assert_eq!(c.metrics_textfile, None);
+    let enabled = text
+        .replace("# [metrics]", "[metrics]")
+        .replace("# textfile = ", "textfile = ");
+    let c = keyrotate::config::Config::parse(&enabled, &path).unwrap();
+    assert_eq!(
+        c.metrics_textfile.as_deref(),
+        Some(Path::new("/var/lib/node_exporter/textfile_collector/keyrotate.prom"))
+    );
+}
