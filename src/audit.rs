@@ -26,7 +26,7 @@ use std::io::{self, Write};
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use fs2::FileExt as _;
+use fs2::FileExt as _; // lock_exclusive (std has it only since 1.89, past the MSRV)
 use serde::Serialize;
 
 /// `prev` of the very first line of a trail.
@@ -187,7 +187,7 @@ impl Audit {
             Ok(old) => {
                 // A writer that locked the old file just before the rename may still be
                 // appending its line there: wait for it.
-                old.lock_shared()?;
+                fs2::FileExt::lock_shared(&old)?;
                 Ok(match last_line(&old)? {
                     Some((line, _)) => Tail::after(&line, false),
                     None => Tail::genesis(),
@@ -328,7 +328,7 @@ pub fn lock_for_reading(path: &Path) -> Result<Option<File>, String> {
         .open(path)
     {
         Ok(f) => {
-            f.lock_shared().map_err(fail)?;
+            fs2::FileExt::lock_shared(&f).map_err(fail)?;
             Ok(Some(f))
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
