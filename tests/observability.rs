@@ -612,3 +612,44 @@ fn the_packaged_example_config_is_valid_with_and_without_metrics() {
         Some(Path::new("/var/lib/node_exporter/textfile_collector/keyrotate.prom"))
     );
 }
+
+#[test]
+fn verify_checks_the_anchors_of_a_postgresql_ledger() {
+    use crate::common::pg::{admin, psql_as, server, ADMIN_PASSWORD, ADMIN_USER};
+    if !server() {
+        eprintln!("SKIPPED {}: PostgreSQL is not installed", module_path!());
+        return;
+    }
+    let db = format!("kr_test_{}_obs", std::process::id());
+    admin("postgres", &format!("CREATE DATABASE {db}"));
+    struct DropDb(String);
+    impl Drop for DropDb {
+        fn drop(&mut self) {
+            let _ = psql_as(
+                "postgres",
+                ADMIN_USER,
+                ADMIN_PASSWORD,
+                &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.0),
+            );
+        }
+    }
+    let _drop = DropDb(db.clone());
+    let env = Env::with_config(&format!(
+        "[state]\ndir = \"state\"\nledger = \"postgres://{ADMIN_USER}:{ADMIN_PASSWORD}@127.0.0.1/{db}\"\n\
+         [host]\npool = \"p\"\n[defaults]\ndesignated_pool = \"p\"\nbackend = \"keystore\"\nkeystore = \"keys\"\n\
+         min_interval = \"0s\"\n[domains.sig]\nalgorithm = \"ed25519\"\n"
+    ));
+    env.rotate("sig").args(["--run-id", "PG-1"]).status(0);
+    env.rotate("sig").args(["--run-id", "PG-2"]).status(0);
+    let anchor = admin(
+        &db,
+        "SELECT audit_seq || ' ' || audit_hash FROM rotations WHERE run_id = 'PG-2'",
+    );
+    let path = audit_path(&env);
+    let all = lines(&path);
+    assert_eq!(anchor, format!("{} {}", all.len(), sha256_hex(all.last().unwrap())));
+    assert_eq!(verify(&env, 0)["anchors_checked"], 2);
+    write_lines(&path, &all[..all.len() - 1]);
+    let v = verify(&env, 4);
+    assert!(v["first_bad"]["reason"].as_str().unwrap().contains("PG-2"), "{v}");
+}
