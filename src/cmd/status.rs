@@ -1,7 +1,7 @@
 //! `keyrotate status`: per domain, its versions, last run, block, what is in flight
 //! and when it is next due. Exits NEEDS_REVIEW (4) when any domain shown is blocked,
 //! so Control-M can run it as a monitoring job. Reads only: no file is created or
-//! changed.
+//! changed, except the `[metrics] textfile` when one is configured (`metrics.rs`).
 
 use serde::Serialize;
 
