@@ -90,9 +90,75 @@ impl Audit {
         &self.path
     }
 
+    /// Whether a line could be appended now, without writing one: the audit trail is
+    /// part of the run, so a run checks it before touching any key (DESIGN section 5).
+    /// With `create` the folder and the file (0600) are created as the first line would
+    /// create them; without, nothing is created or changed (dry run, `check`).
+    pub fn preflight(&self, create: bool) -> Result<(), String> {
+        let shown = self.path.display();
+        let fail =
+            |e: std::io::Error| format!("audit file {shown} cannot be written: {}", crate::fsutil::io_reason(&e));
+        if create {
+            // A step of the run like any other: the crash suite stops the run here too.
+            crate::failpoint::hit("audit", "preflight").map_err(fail)?;
+        }
+        match std::fs::symlink_metadata(&self.path) {
+            Ok(m) if m.file_type().is_symlink() => {
+                return Err(format!("audit file {shown} is a symlink; refusing to follow it"))
+            }
+            Ok(m) if !m.is_file() => return Err(format!("audit file {shown} is not a regular file")),
+            Ok(_) => {
+                // Opening for append changes nothing, and is the permission check that
+                // counts (root passes access(2) for any mode, open tells the truth).
+                OpenOptions::new()
+                    .append(true)
+                    .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
+                    .open(&self.path)
+                    .map_err(fail)?;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && create => {
+                if let Some(parent) = self.path.parent().filter(|p| !p.exists()) {
+                    crate::fsutil::ensure_private_dir(parent, "audit folder")?;
+                }
+                OpenOptions::new()
+                    .append(true)
+                    .create(true)
+                    .mode(0o600)
+                    .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                    .open(&self.path)
+                    .map_err(fail)?;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                // The nearest folder that exists must let us create what is missing.
+                let mut dir = self.path.parent();
+                while let Some(d) = dir.filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
+                    dir = d.parent();
+                }
+                let dir = dir.unwrap_or(Path::new("/"));
+                if !dir.is_dir() {
+                    return Err(format!(
+                        "audit file {shown} cannot be created: {} is not a folder",
+                        dir.display()
+                    ));
+                }
+                if !crate::fsutil::can_write_dir(dir) {
+                    return Err(format!(
+                        "audit file {shown} cannot be created: folder {} is not writable",
+                        dir.display()
+                    ));
+                }
+            }
+            Err(e) => return Err(fail(e)),
+        }
+        if let Some(why) = crate::fsutil::fs_trouble(&self.path) {
+            return Err(format!("audit file {shown} cannot be written: {why}"));
+        }
+        Ok(())
+    }
+
     /// Appends `event` durably. The timestamp and chain fields are filled in here.
     pub fn emit(&self, event: Event) -> Result<(), String> {
-        self.emit_anchored(event, |_| ()).1
+        self.emit_anchored(event, |_| ((), None)).1
     }
 
     /// Appends `event` like [`Audit::emit`], and calls `anchor` with the chain head the
@@ -100,10 +166,13 @@ impl Audit {
     /// line is written: that is where a run's closing ledger transaction records the
     /// head, so the ledger's anchor covers the run's own last line. When the file
     /// cannot be opened or read, `anchor` is called with `None` and the error returned.
+    /// `anchor` may return a replacement event (when its transaction failed, so no
+    /// anchor was recorded and the line must say what happened instead): it is written
+    /// in the same place of the chain.
     pub fn emit_anchored<R>(
         &self,
         mut event: Event,
-        anchor: impl FnOnce(Option<&Head>) -> R,
+        anchor: impl FnOnce(Option<&Head>) -> (R, Option<Event>),
     ) -> (R, Result<(), String>) {
         event.ts = crate::ledger::now();
         tracing::info!(
@@ -123,7 +192,7 @@ impl Audit {
             Ok((f, tail))
         }) {
             Ok(x) => x,
-            Err(e) => return (anchor(None), Err(fail(e))),
+            Err(e) => return (anchor(None).0, Err(fail(e))),
         };
         event.seq = tail.seq + 1;
         event.prev = tail.hash;
@@ -132,7 +201,13 @@ impl Audit {
             seq: event.seq,
             hash: line_hash(&line),
         };
-        let r = anchor(Some(&head));
+        let (r, replacement) = anchor(Some(&head));
+        if let Some(mut other) = replacement {
+            other.ts = event.ts;
+            other.seq = event.seq;
+            other.prev = event.prev;
+            line = serde_json::to_vec(&other).expect("json");
+        }
         if tail.torn {
             // A line cut short (a full disk): end it, so ours stands on its own line.
             line.insert(0, b'\n');

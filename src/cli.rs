@@ -58,6 +58,8 @@ pub enum Command {
     Resolve(ResolveArgs),
     /// Validate config, folders, permissions and backends without changing anything
     Check(CheckArgs),
+    /// Create or upgrade the ledger's tables (run as the role that owns them)
+    Migrate(MigrateArgs),
     /// Check the audit trail's integrity
     #[command(subcommand)]
     Audit(AuditCommand),
@@ -189,4 +191,10 @@ pub struct ResolveArgs {
 pub struct CheckArgs {
     #[arg(long, value_name = "NAME")]
     pub domain: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct MigrateArgs {
+    #[arg(long, value_enum, default_value_t)]
+    pub output: OutputFormat,
 }

@@ -51,6 +51,9 @@ pub struct DomainConfig {
     pub max_deadline: Duration,
     pub min_interval: Duration,
     pub retain: u32,
+    /// Who besides the keyrotate user may read the key folder (`group`, `public_jwks`;
+    /// key store backend only).
+    pub access: crate::fsutil::Access,
 }
 
 #[derive(Clone, Debug)]
@@ -95,8 +98,9 @@ struct RawConfig {
     audit: Option<RawAudit>,
     metrics: Option<RawMetrics>,
     defaults: Option<RawDomain>,
+    /// Each domain is deserialized on its own (see `parse_all`).
     #[serde(default)]
-    domains: BTreeMap<String, RawDomain>,
+    domains: BTreeMap<String, toml::Value>,
 }
 
 #[derive(Deserialize)]
@@ -136,9 +140,28 @@ struct RawDomain {
     command: Option<Vec<String>>,
     max_deadline: Option<String>,
     min_interval: Option<String>,
+    group: Option<String>,
+    public_jwks: Option<bool>,
 }
 
 impl RawDomain {
+    /// These defaults without the keys that do not apply to `backend`: a `[defaults]
+    /// keystore` must not break a command domain (nor a default `command` a keystore
+    /// domain). The same key set on the domain itself is still an error.
+    fn for_backend(&self, backend: Option<&str>) -> RawDomain {
+        let mut d = self.clone();
+        match backend {
+            Some("command") => {
+                d.algorithm = None;
+                d.keystore = None;
+                d.activation = None;
+            }
+            Some("keystore") => d.command = None,
+            _ => {}
+        }
+        d
+    }
+
     /// Fills every unset key from `defaults`.
     fn or(self, d: &RawDomain) -> RawDomain {
         RawDomain {
@@ -151,6 +174,8 @@ impl RawDomain {
             command: self.command.or_else(|| d.command.clone()),
             max_deadline: self.max_deadline.or_else(|| d.max_deadline.clone()),
             min_interval: self.min_interval.or_else(|| d.min_interval.clone()),
+            group: self.group.or_else(|| d.group.clone()),
+            public_jwks: self.public_jwks.or(d.public_jwks),
         }
     }
 }
@@ -168,6 +193,12 @@ pub fn locate(flag: Option<&Path>) -> PathBuf {
 
 impl Config {
     pub fn load(path: &Path) -> Result<Config, String> {
+        let text = Config::read(path)?;
+        let abs = std::path::absolute(path).map_err(|e| format!("config {}: {e}", path.display()))?;
+        Config::parse(&text, &abs)
+    }
+
+    fn read(path: &Path) -> Result<String, String> {
         let shown = path.display();
         let meta = std::fs::metadata(path).map_err(|e| format!("config {shown}: {}", crate::fsutil::io_reason(&e)))?;
         if !meta.is_file() {
@@ -180,57 +211,72 @@ impl Config {
             ));
         }
         let bytes = std::fs::read(path).map_err(|e| format!("config {shown}: {}", crate::fsutil::io_reason(&e)))?;
-        let text = String::from_utf8(bytes)
-            .map_err(|e| format!("config {shown}: not UTF-8 text (byte {})", e.utf8_error().valid_up_to()))?;
-        let abs = std::path::absolute(path).map_err(|e| format!("config {shown}: {e}"))?;
-        Config::parse(&text, &abs)
+        String::from_utf8(bytes)
+            .map_err(|e| format!("config {shown}: not UTF-8 text (byte {})", e.utf8_error().valid_up_to()))
     }
 
-    /// Parses config text as if it were the file at `path` (absolute).
+    /// Parses config text as if it were the file at `path` (absolute). The first
+    /// problem, saying how many more there are (`parse_all` lists every one).
     pub fn parse(text: &str, path: &Path) -> Result<Config, String> {
+        Config::parse_all(text, path).map_err(|errors| first_of(errors, path))
+    }
+
+    /// Like `load`, with every problem found (for `check`), not only the first.
+    pub fn load_all(path: &Path) -> Result<Config, Vec<String>> {
+        let text = Config::read(path).map_err(|e| vec![e])?;
+        let abs = std::path::absolute(path).map_err(|e| vec![format!("config {}: {e}", path.display())])?;
+        Config::parse_all(&text, &abs)
+    }
+
+    /// Parses config text, collecting every problem across keys and domains: an operator
+    /// fixing a config wants the whole list at once, not one per attempt.
+    pub fn parse_all(text: &str, path: &Path) -> Result<Config, Vec<String>> {
         let shown = path.display();
         let raw: RawConfig = toml::from_str(text).map_err(|e| {
             let line = e
                 .span()
                 .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
             let msg = e.message().replace('\n', " ");
-            match line {
+            vec![match line {
                 Some(l) => format!("config {shown}:{l}: {msg}"),
                 None => format!("config {shown}: {msg}"),
-            }
+            }]
         })?;
         let base = path.parent().unwrap_or(Path::new("/"));
         let err = |key: &str, what: String| format!("config {shown}: {key}: {what}");
+        let mut errors = Vec::new();
 
         let state_dir = resolve(base, &raw.state.dir);
         if raw.state.dir.as_os_str().is_empty() {
-            return Err(err("state.dir", "expected a folder path, found an empty string".into()));
+            errors.push(err("state.dir", "expected a folder path, found an empty string".into()));
         }
         let ledger = match raw.state.ledger {
             None => LedgerLocation::Sqlite(state_dir.join("ledger.sqlite3")),
             Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
-                crate::ledger::validate_postgres_url(&url).map_err(|e| {
-                    err(
+                if let Err(e) = crate::ledger::validate_postgres_url(&url) {
+                    errors.push(err(
                         "state.ledger",
                         format!("not a usable PostgreSQL URL: {}", e.replace(&url, "…")),
-                    )
-                })?;
+                    ));
+                }
                 LedgerLocation::Postgres(url)
             }
             Some(_) => {
-                return Err(err(
+                errors.push(err(
                     "state.ledger",
                     "expected a postgres:// URL (omit it for the embedded SQLite ledger)".into(),
-                ))
+                ));
+                LedgerLocation::Sqlite(state_dir.join("ledger.sqlite3"))
             }
         };
         let host_pool = match raw.host.and_then(|h| h.pool) {
-            Some(p) => Some(validate_pool(&p).map_err(|w| err("host.pool", w))?),
+            Some(p) => validate_pool(&p).map_err(|w| errors.push(err("host.pool", w))).ok(),
             None => None,
         };
         let audit_file = match raw.audit.and_then(|a| a.file) {
             Some(f) if f.as_os_str().is_empty() => {
-                return Err(err("audit.file", "expected a file path, found an empty string".into()))
+                errors.push(err("audit.file", "expected a file path, found an empty string".into()));
+                f
             }
             Some(f) => resolve(base, &f),
             None => state_dir.join("audit.jsonl"),
@@ -238,32 +284,59 @@ impl Config {
         let metrics_textfile = match raw.metrics.and_then(|m| m.textfile) {
             None => None,
             Some(f) if f.as_os_str().is_empty() => {
-                return Err(err(
+                errors.push(err(
                     "metrics.textfile",
                     "expected a file path, found an empty string".into(),
-                ))
+                ));
+                None
             }
             // node_exporter's textfile collector reads only *.prom files: any other name
             // would be written faithfully and never scraped.
             Some(f) if f.extension() != Some(std::ffi::OsStr::new("prom")) => {
-                return Err(err(
+                errors.push(err(
                     "metrics.textfile",
                     format!(
                         "expected a file name ending in .prom (the textfile collector reads only those), found {:?}",
                         f.display().to_string()
                     ),
-                ))
+                ));
+                None
             }
             Some(f) => Some(resolve(base, &f)),
         };
         let defaults = raw.defaults.unwrap_or_default();
         let mut domains = BTreeMap::new();
-        for (name, d) in raw.domains {
+        for (name, value) in raw.domains {
             let prefix = format!("domains.{name}");
-            validate_domain_name(&name).map_err(|w| err(&prefix, w))?;
-            let d = d.or(&defaults);
-            let dc = domain(&name, d, base).map_err(|(key, what)| err(&format!("{prefix}.{key}"), what))?;
-            domains.insert(name, dc);
+            if let Err(w) = validate_domain_name(&name) {
+                errors.push(err(&prefix, w));
+                continue;
+            }
+            let d = match raw_domain(value) {
+                Ok(d) => d,
+                Err(problems) => {
+                    errors.extend(problems.into_iter().map(|(key, what)| match key {
+                        Some(key) => err(&format!("{prefix}.{key}"), what),
+                        None => err(&prefix, what),
+                    }));
+                    continue;
+                }
+            };
+            let applicable = defaults.for_backend(d.backend.as_deref().or(defaults.backend.as_deref()));
+            let d = d.or(&applicable);
+            match domain(&name, d, base) {
+                Ok(dc) => {
+                    domains.insert(name, dc);
+                }
+                Err(problems) => errors.extend(
+                    problems
+                        .into_iter()
+                        .map(|(key, what)| err(&format!("{prefix}.{key}"), what)),
+                ),
+            }
+        }
+        if !errors.is_empty() {
+            return Err(errors);
         }
         Ok(Config {
             path: path.to_path_buf(),
@@ -298,6 +371,42 @@ impl Config {
     }
 }
 
+/// One `[domains.NAME]` table, checked key by key so that every unknown or mistyped
+/// key is reported with its name (and one bad domain does not hide the next).
+fn raw_domain(value: toml::Value) -> Result<RawDomain, Vec<(Option<String>, String)>> {
+    let toml::Value::Table(table) = value else {
+        return Err(vec![(None, "expected a table of domain keys".to_string())]);
+    };
+    let mut problems = Vec::new();
+    for (key, v) in &table {
+        let mut one = toml::Table::new();
+        one.insert(key.clone(), v.clone());
+        if let Err(e) = toml::Value::Table(one).try_into::<RawDomain>() {
+            problems.push((Some(key.clone()), e.message().replace('\n', " ")));
+        }
+    }
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    toml::Value::Table(table)
+        .try_into()
+        .map_err(|e| vec![(None, e.message().replace('\n', " "))])
+}
+
+/// The first of `errors`, saying how many more there are.
+fn first_of(mut errors: Vec<String>, path: &Path) -> String {
+    let more = errors.len().saturating_sub(1);
+    let mut first = errors.swap_remove(0);
+    if more > 0 {
+        first.push_str(&format!(
+            " (and {more} more problem{} in this file: keyrotate --config {} check lists them all)",
+            if more == 1 { "" } else { "s" },
+            path.display()
+        ));
+    }
+    first
+}
+
 fn resolve(base: &Path, p: &Path) -> PathBuf {
     if p.is_absolute() {
         p.to_path_buf()
@@ -306,61 +415,112 @@ fn resolve(base: &Path, p: &Path) -> PathBuf {
     }
 }
 
-fn domain(name: &str, d: RawDomain, base: &Path) -> Result<DomainConfig, (&'static str, String)> {
-    let designated_pool = d.designated_pool.ok_or((
-        "designated_pool",
-        "missing: every domain needs the pool that rotates it".to_string(),
-    ))?;
-    let designated_pool = validate_pool(&designated_pool).map_err(|w| ("designated_pool", w))?;
-    let max_deadline = match d.max_deadline {
-        Some(s) => positive_duration(&s).map_err(|w| ("max_deadline", w))?,
-        None => DEFAULT_MAX_DEADLINE,
-    };
-    let min_interval = match d.min_interval {
-        Some(s) => {
-            parse_duration(&s).map_err(|w| ("min_interval", format!("expected a duration such as 1d or 12h: {w}")))?
-        }
-        None => DEFAULT_MIN_INTERVAL,
-    };
-    let retain = match d.retain {
-        Some(r) if (0..=1000).contains(&r) => r as u32,
-        Some(r) => return Err(("retain", format!("expected a whole number from 0 to 1000, found {r}"))),
-        None => DEFAULT_RETAIN,
-    };
+type KeyError = (&'static str, String);
+
+/// The value, or `None` with its problem added to `errs`.
+fn take<T>(errs: &mut Vec<KeyError>, r: Result<T, KeyError>) -> Option<T> {
+    r.map_err(|e| errs.push(e)).ok()
+}
+
+/// Validates one domain (defaults already applied), collecting every key's problem.
+fn domain(name: &str, d: RawDomain, base: &Path) -> Result<DomainConfig, Vec<KeyError>> {
+    let mut errs: Vec<KeyError> = Vec::new();
+    let designated_pool = take(
+        &mut errs,
+        d.designated_pool
+            .ok_or((
+                "designated_pool",
+                "missing: every domain needs the pool that rotates it".to_string(),
+            ))
+            .and_then(|p| validate_pool(&p).map_err(|w| ("designated_pool", w))),
+    );
+    let max_deadline = take(
+        &mut errs,
+        match d.max_deadline {
+            Some(s) => positive_duration(&s).map_err(|w| ("max_deadline", w)),
+            None => Ok(DEFAULT_MAX_DEADLINE),
+        },
+    );
+    let min_interval = take(
+        &mut errs,
+        match d.min_interval {
+            Some(s) => {
+                parse_duration(&s).map_err(|w| ("min_interval", format!("expected a duration such as 1d or 12h: {w}")))
+            }
+            None => Ok(DEFAULT_MIN_INTERVAL),
+        },
+    );
+    let retain = take(
+        &mut errs,
+        match d.retain {
+            Some(r) if (0..=1000).contains(&r) => Ok(r as u32),
+            Some(r) => Err(("retain", format!("expected a whole number from 0 to 1000, found {r}"))),
+            None => Ok(DEFAULT_RETAIN),
+        },
+    );
+    // Checked for every backend (a typo is a typo), used by the key store only.
+    let access = take(
+        &mut errs,
+        match d.group {
+            Some(name) => match crate::fsutil::lookup_group(&name) {
+                Some(gid) => Ok(Some(crate::fsutil::Group { name, gid })),
+                None => Err(("group", format!("no such group {name:?} on this host"))),
+            },
+            None => Ok(None),
+        },
+    )
+    .map(|group| crate::fsutil::Access {
+        group,
+        public_jwks: d.public_jwks.unwrap_or(false),
+    });
     let backend = match d.backend.as_deref() {
         Some("keystore") => {
             if d.command.is_some() {
-                return Err(("command", "only for backend = \"command\"".into()));
+                take::<()>(&mut errs, Err(("command", "only for backend = \"command\"".into())));
             }
-            let algorithm = d
-                .algorithm
-                .ok_or(("algorithm", format!("missing: expected one of {}", Algorithm::names())))?;
-            let algorithm = algorithm.parse::<Algorithm>().map_err(|_| {
-                (
-                    "algorithm",
-                    format!("expected one of {}, found {algorithm:?}", Algorithm::names()),
-                )
-            })?;
-            let keystore = d
-                .keystore
-                .ok_or(("keystore", "missing: expected the key store folder".to_string()))?;
-            if keystore.as_os_str().is_empty() {
-                return Err(("keystore", "expected a folder path, found an empty string".into()));
-            }
-            let activation = match d.activation.as_deref() {
-                None | Some("immediate") => Activation::Immediate,
-                Some("prepublish") => Activation::Prepublish,
-                Some(other) => {
-                    return Err((
+            let algorithm = take(
+                &mut errs,
+                d.algorithm
+                    .ok_or(("algorithm", format!("missing: expected one of {}", Algorithm::names())))
+                    .and_then(|a| {
+                        a.parse::<Algorithm>().map_err(|_| {
+                            (
+                                "algorithm",
+                                format!("expected one of {}, found {a:?}", Algorithm::names()),
+                            )
+                        })
+                    }),
+            );
+            let keystore = take(
+                &mut errs,
+                d.keystore
+                    .ok_or(("keystore", "missing: expected the key store folder".to_string()))
+                    .and_then(|k| {
+                        if k.as_os_str().is_empty() {
+                            Err(("keystore", "expected a folder path, found an empty string".into()))
+                        } else {
+                            Ok(resolve(base, &k))
+                        }
+                    }),
+            );
+            let activation = take(
+                &mut errs,
+                match d.activation.as_deref() {
+                    None | Some("immediate") => Ok(Activation::Immediate),
+                    Some("prepublish") => Ok(Activation::Prepublish),
+                    Some(other) => Err((
                         "activation",
                         format!("expected \"immediate\" or \"prepublish\", found {other:?}"),
-                    ))
-                }
-            };
-            Backend::Keystore {
-                algorithm,
-                keystore: resolve(base, &keystore),
-                activation,
+                    )),
+                },
+            );
+            match (algorithm, keystore, activation) {
+                (Some(algorithm), Some(keystore), Some(activation)) => Some(Backend::Keystore {
+                    algorithm,
+                    keystore,
+                    activation,
+                }),
+                _ => None,
             }
         }
         Some("command") => {
@@ -370,50 +530,67 @@ fn domain(name: &str, d: RawDomain, base: &Path) -> Result<DomainConfig, (&'stat
                 ("activation", d.activation.is_some()),
             ] {
                 if key.1 {
-                    return Err((key.0, "only for backend = \"keystore\"".into()));
+                    take::<()>(&mut errs, Err((key.0, "only for backend = \"keystore\"".into())));
                 }
             }
-            let mut command = d.command.ok_or((
-                "command",
-                "missing: expected [\"/path/to/hook\", \"arg\", ...]".to_string(),
-            ))?;
-            if command.is_empty() || command[0].is_empty() {
-                return Err((
-                    "command",
-                    "expected a non-empty list whose first item is the program".into(),
-                ));
-            }
-            let program = PathBuf::from(command.remove(0));
-            if !program.is_absolute() && program.components().count() < 2 && !program.starts_with(".") {
-                return Err((
-                    "command",
-                    format!(
-                        "program {:?} must be an absolute path or relative to the config file (./{}); PATH is not searched",
-                        program.display().to_string(),
-                        program.display()
-                    ),
-                ));
-            }
-            Backend::Command {
-                program: resolve(base, &program),
-                args: command,
-            }
+            take(&mut errs, command(d.command, base))
         }
-        Some(other) => {
-            return Err((
+        Some(other) => take(
+            &mut errs,
+            Err((
                 "backend",
                 format!("expected \"keystore\" or \"command\", found {other:?}"),
-            ))
-        }
-        None => return Err(("backend", "missing: expected \"keystore\" or \"command\"".into())),
+            )),
+        ),
+        None => take(
+            &mut errs,
+            Err(("backend", "missing: expected \"keystore\" or \"command\"".into())),
+        ),
     };
-    Ok(DomainConfig {
-        name: name.to_string(),
-        designated_pool,
-        backend,
-        max_deadline,
-        min_interval,
-        retain,
+    match (designated_pool, max_deadline, min_interval, retain, backend, access) {
+        (Some(designated_pool), Some(max_deadline), Some(min_interval), Some(retain), Some(backend), Some(access))
+            if errs.is_empty() =>
+        {
+            Ok(DomainConfig {
+                name: name.to_string(),
+                designated_pool,
+                backend,
+                max_deadline,
+                min_interval,
+                retain,
+                access,
+            })
+        }
+        _ => Err(errs),
+    }
+}
+
+/// `command = ["/path/to/hook", "arg", ...]` of a command domain.
+fn command(command: Option<Vec<String>>, base: &Path) -> Result<Backend, KeyError> {
+    let mut command = command.ok_or((
+        "command",
+        "missing: expected [\"/path/to/hook\", \"arg\", ...]".to_string(),
+    ))?;
+    if command.is_empty() || command[0].is_empty() {
+        return Err((
+            "command",
+            "expected a non-empty list whose first item is the program".into(),
+        ));
+    }
+    let program = PathBuf::from(command.remove(0));
+    if !program.is_absolute() && program.components().count() < 2 && !program.starts_with(".") {
+        return Err((
+            "command",
+            format!(
+                "program {:?} must be an absolute path or relative to the config file (./{}); PATH is not searched",
+                program.display().to_string(),
+                program.display()
+            ),
+        ));
+    }
+    Ok(Backend::Command {
+        program: resolve(base, &program),
+        args: command,
     })
 }
 

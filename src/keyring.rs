@@ -20,9 +20,12 @@
 //!
 //! Every key is read without following symlinks and checked against the fingerprint
 //! the manifest records before it is returned; a damaged key store is an error, never
-//! a silently different key. Re-open the keyring to see a newer rotation: a `Keyring`
-//! is a snapshot of one manifest.
+//! a silently different key. A `Keyring` is a snapshot of one commit: the manifest and
+//! every live key, loaded together by [`Keyring::open`] so that a rotation running
+//! beside it (its commit, its tidy-up unlinking destroyed versions) never makes a read
+//! fail or mix two commits. Re-open the keyring to see a newer rotation.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -43,13 +46,22 @@ pub enum KeyringError {
     Invalid { dir: PathBuf, reason: String },
 }
 
-/// One domain's keyring, as its manifest described it when opened.
+/// One domain's keyring: a snapshot of one commit, the manifest and every live
+/// version's key as that manifest describes them.
 #[derive(Debug)]
 pub struct Keyring {
     store: Keystore,
     manifest: Manifest,
     domain: String,
+    /// Each live version's key, or why it could not be loaded (with the manifest
+    /// unchanged around the attempt: damage, not a rotation in progress).
+    keys: BTreeMap<u64, Result<KeyFile, String>>,
 }
+
+/// How many times [`Keyring::open`] re-reads when rotations keep committing under it.
+/// A rotation's commit and tidy-up take milliseconds; a reader that loses this many
+/// races in a row sees a store that changes faster than anyone can use it.
+const SNAPSHOT_ATTEMPTS: u32 = 50;
 
 /// A loaded, verified key version.
 #[derive(Debug)]
@@ -72,33 +84,54 @@ pub struct VerificationKey {
 }
 
 impl Keyring {
-    /// Opens `<keystore>/<domain>/keyring.json`. Only the manifest is read here.
+    /// Opens `<keystore>/<domain>/keyring.json` and loads every live version it lists,
+    /// as one consistent snapshot whatever runs beside it.
+    ///
+    /// A rotation may commit (replace `keyring.json`) and tidy up (unlink the files of
+    /// versions it destroyed) while this reads. So the manifest is read again after the
+    /// keys: if it changed, the keys may belong to two commits, or a file may have
+    /// vanished because the newer commit destroyed it; both mean "read again", never an
+    /// error. Only a failure that the unchanged manifest cannot explain (a missing,
+    /// swapped or damaged file) is kept, and reported by the version it concerns.
     pub fn open(keystore: &Path, domain: &str) -> Result<Keyring, KeyringError> {
         crate::config::validate_domain_name(domain).map_err(|reason| KeyringError::Invalid {
             dir: keystore.to_path_buf(),
             reason,
         })?;
         let store = Keystore::new(keystore, domain);
-        let invalid = |reason: String| KeyringError::Invalid {
-            dir: store.dir().to_path_buf(),
-            reason,
-        };
-        let bytes =
-            crate::fsutil::read_nofollow(&store.dir().join(crate::keystore::MANIFEST), 16 << 20).map_err(|e| {
-                if e.kind() == std::io::ErrorKind::NotFound {
-                    KeyringError::NotFound {
-                        domain: domain.to_string(),
-                        dir: store.dir().to_path_buf(),
-                    }
-                } else {
-                    invalid(format!("keyring.json: {}", crate::fsutil::io_reason(&e)))
-                }
+        let mut bytes = read_manifest(&store, domain)?;
+        let mut best: Option<Keyring> = None;
+        for attempt in 0..SNAPSHOT_ATTEMPTS {
+            let manifest = parse_manifest(&bytes, domain).map_err(|reason| KeyringError::Invalid {
+                dir: store.dir().to_path_buf(),
+                reason,
             })?;
-        let manifest = Manifest::parse(&bytes, domain).map_err(invalid)?;
-        Ok(Keyring {
-            store,
-            manifest,
-            domain: domain.to_string(),
+            let keys: BTreeMap<u64, Result<KeyFile, String>> =
+                manifest.live().map(|v| (v.version, store.load_version(v))).collect();
+            let after = read_manifest(&store, domain)?;
+            let ring = Keyring {
+                store: store.clone(),
+                manifest,
+                domain: domain.to_string(),
+                keys,
+            };
+            let whole = ring.keys.values().all(Result::is_ok);
+            if after == bytes {
+                // The same commit before and after: what failed to load is damage.
+                return Ok(ring);
+            }
+            if whole {
+                // Every key verified against its manifest: a consistent (older)
+                // snapshot, kept in case the store never holds still.
+                best = Some(ring);
+            }
+            bytes = after;
+            // Let the rotation finish its tidy-up before looking again.
+            std::thread::sleep(std::time::Duration::from_millis(u64::from(attempt.min(10))));
+        }
+        best.ok_or_else(|| KeyringError::Invalid {
+            dir: store.dir().to_path_buf(),
+            reason: format!("keyring.json changed {SNAPSHOT_ATTEMPTS} times while its keys were being read; try again"),
         })
     }
 
@@ -150,10 +183,16 @@ impl Keyring {
     }
 
     fn load(&self, entry: &VersionEntry) -> Result<Version, KeyringError> {
-        let key = self.store.load_version(entry).map_err(|reason| KeyringError::Invalid {
-            dir: self.store.dir().to_path_buf(),
-            reason,
-        })?;
+        let key = match self.keys.get(&entry.version) {
+            Some(Ok(key)) => key.clone(),
+            Some(Err(reason)) => {
+                return Err(KeyringError::Invalid {
+                    dir: self.store.dir().to_path_buf(),
+                    reason: reason.clone(),
+                })
+            }
+            None => return Err(self.missing(&format!("live v{}", entry.version))),
+        };
         Ok(Version {
             version: entry.version,
             state: entry.state,
@@ -166,6 +205,43 @@ impl Keyring {
         KeyringError::NoSuchVersion {
             domain: self.domain.clone(),
             what: what.to_string(),
+        }
+    }
+}
+
+fn read_manifest(store: &Keystore, domain: &str) -> Result<zeroize::Zeroizing<Vec<u8>>, KeyringError> {
+    crate::fsutil::read_nofollow(&store.dir().join(crate::keystore::MANIFEST), 16 << 20).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            KeyringError::NotFound {
+                domain: domain.to_string(),
+                dir: store.dir().to_path_buf(),
+            }
+        } else {
+            KeyringError::Invalid {
+                dir: store.dir().to_path_buf(),
+                reason: format!("keyring.json: {}", crate::fsutil::io_reason(&e)),
+            }
+        }
+    })
+}
+
+/// Parses the manifest strictly, except that top-level members this version does not
+/// know (added by a newer keyrotate, e.g. the last committing run) are ignored: an
+/// application built against an older release keeps reading a newer store.
+fn parse_manifest(bytes: &[u8], domain: &str) -> Result<Manifest, String> {
+    match Manifest::parse(bytes, domain) {
+        Ok(m) => Ok(m),
+        Err(strict) => {
+            let Ok(Value::Object(mut doc)) = serde_json::from_slice::<Value>(bytes) else {
+                return Err(strict);
+            };
+            let known = ["domain", "primary", "versions"];
+            let before = doc.len();
+            doc.retain(|k, _| known.contains(&k.as_str()));
+            if doc.len() == before {
+                return Err(strict);
+            }
+            Manifest::parse(&serde_json::to_vec(&doc).expect("json"), domain)
         }
     }
 }

@@ -12,6 +12,11 @@
 //! - [`backend`]: what one rotation does, per backend; [`guard`]: signals and deadline;
 //! - [`audit`]: the JSON audit trail; [`fsutil`]: durable, symlink-safe file writes.
 
+// println!/eprintln! panic on a closed pipe (EPIPE), which would turn a finished
+// rotation into exit 101: output goes through cmd's `out!` and the log, which ignore
+// write errors.
+#![deny(clippy::print_stdout, clippy::print_stderr)]
+
 pub mod audit;
 pub mod backend;
 pub mod cli;

@@ -236,3 +236,217 @@ fn sigterm_at_every_durable_step_ends_the_run_itself_with_0_or_3() {
     }
     eprintln!("crash points covered with SIGTERM: {}", steps.len());
 }
+
+// ---- the key store safety steps: repair, resolve, adoption, sweep rule ----------------
+
+/// The steps a command takes from `base`, as the failpoint log lists them.
+fn steps_of(base: &Env, args: &[&str], code: i32) -> Vec<String> {
+    let env = clone_env(base);
+    let log = env.path("steps.log");
+    env.cmd().args(args).env("KEYROTATE_FAILPOINT_LOG", &log).status(code);
+    std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| l.split_once(' ').unwrap().1.to_string())
+        .collect()
+}
+
+/// `base()` with a run killed right after its commit: `current.pem`, the destroyed v1
+/// and `jwks.json` wait for a repair, and the run's row is in flight.
+fn killed_past_the_commit() -> Env {
+    let env = base();
+    let out = env
+        .rotate("sig")
+        .args(["--force", "--run-id", "KILLED"])
+        .env("KEYROTATE_FAILPOINTS", "ledger.committed=kill")
+        .output();
+    assert_eq!(out.code, 137, "{}", out.stderr);
+    env
+}
+
+/// The committed v4 is whole: current.pem on it, no file the manifest does not list
+/// as live, jwks.json exactly the live versions.
+fn assert_whole(env: &Env, context: &str) {
+    assert_eq!(
+        std::fs::read_link(env.key_dir("sig").join("current.pem")).unwrap(),
+        Path::new("v000004.pem"),
+        "{context}: current.pem"
+    );
+    no_orphans(env, context);
+    let kids: Vec<u64> = env.jwks("sig")["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["kid"].as_str().unwrap()[1..7].parse().unwrap())
+        .collect();
+    let mut kids = kids;
+    kids.sort();
+    let live: Vec<u64> = env
+        .versions("sig")
+        .into_iter()
+        .filter(|(_, s)| s != "destroyed")
+        .map(|(n, _)| n)
+        .collect();
+    assert_eq!(kids, live, "{context}: jwks.json");
+}
+
+#[test]
+fn sigkill_or_sigterm_during_the_repair_of_a_crash_past_the_commit_loses_nothing() {
+    let base = killed_past_the_commit();
+    let base_versions = base.versions("sig");
+    let rotate = ["rotate", "--domain", "sig", "--deadline", "1m", "--force"];
+    let steps = steps_of(&base, &rotate, 4);
+    assert!(
+        steps.iter().any(|s| s == "repair.dirsync"),
+        "the diagnosing run did not repair: {steps:?}"
+    );
+    for action in ["kill", "term"] {
+        for (i, step) in steps.iter().enumerate() {
+            let k = i + 1;
+            let context = format!("{action} at step {k} ({step}) of the diagnosing run");
+            let env = clone_env(&base);
+            let out = env
+                .cmd()
+                .args(rotate)
+                .env("KEYROTATE_FAILPOINTS", format!("{k}={action}"))
+                .output();
+            let expected: &[i32] = if action == "kill" { &[137] } else { &[3, 4] };
+            assert!(
+                expected.contains(&out.code),
+                "{context}: exit {}: {}",
+                out.code,
+                out.stdout
+            );
+            assert_consistent(&env, &base_versions, &context);
+            assert_eq!(env.manifest("sig")["primary"], 4, "{context}: the commit was lost");
+            // The next run still flags KILLED (and repairs), the review unblocks, and
+            // the store is whole without a new rotation.
+            if row(&env, "KILLED").is_some_and(|r| r["state"] != "needs_review") {
+                let out = env.rotate("sig").arg("--force").status(4);
+                assert!(out.stdout.contains("it did commit"), "{context}: {}", out.stdout);
+            }
+            env.resolve("sig", "KILLED", "crash test").status(0);
+            assert_whole(&env, &context);
+            env.rotate("sig").arg("--force").status(0);
+            assert_consistent(&env, &base_versions, &context);
+            no_orphans(&env, &context);
+        }
+    }
+    eprintln!("repair steps covered with SIGKILL and SIGTERM: {}", steps.len());
+}
+
+#[test]
+fn sigkill_at_every_step_of_resolve_and_its_repair_loses_nothing() {
+    let base = killed_past_the_commit();
+    let base_versions = base.versions("sig");
+    let resolve = ["resolve", "--domain", "sig", "--run", "KILLED", "--note", "crash test"];
+    let steps = steps_of(&base, &resolve, 0);
+    for kind in ["ledger.resolve", "repair.unlink", "repair.dirsync"] {
+        assert!(steps.iter().any(|s| s == kind), "no {kind} step in {steps:?}");
+    }
+    for (i, step) in steps.iter().enumerate() {
+        let k = i + 1;
+        let context = format!("SIGKILL at step {k} ({step}) of resolve");
+        let env = clone_env(&base);
+        let out = env
+            .cmd()
+            .args(resolve)
+            .env("KEYROTATE_FAILPOINTS", format!("{k}=kill"))
+            .output();
+        assert_eq!(out.code, 137, "{context}: {}", out.stdout);
+        assert_consistent(&env, &base_versions, &context);
+        // Resolve again (or, if the review was recorded, it says so), then the next
+        // invocation holding the lock finishes the repair before anything else.
+        let again = env.cmd().args(resolve).output();
+        assert!(
+            again.code == 0 || again.stdout.contains("already resolved") || again.stderr.contains("already resolved"),
+            "{context}: {} {}",
+            again.stdout,
+            again.stderr
+        );
+        env.rotate("sig").arg("--force").status(0);
+        assert_consistent(&env, &base_versions, &context);
+        no_orphans(&env, &context);
+    }
+    eprintln!("resolve steps covered with SIGKILL: {}", steps.len());
+}
+
+#[test]
+fn sigkill_at_every_step_of_adopting_a_key_store_into_a_new_ledger_loses_nothing() {
+    let base = base();
+    for f in ["ledger.sqlite3", "ledger.sqlite3-wal", "ledger.sqlite3-shm"] {
+        let _ = std::fs::remove_file(base.path("state").join(f));
+    }
+    base.rotate("sig").args(["--force", "--run-id", "FOUND"]).status(4);
+    let base_versions = base.versions("sig");
+    let resolve = ["resolve", "--domain", "sig", "--run", "FOUND", "--note", "adopt"];
+    let steps = steps_of(&base, &resolve, 0);
+    assert!(steps.iter().any(|s| s == "commit.rename"), "no adoption in {steps:?}");
+    for (i, step) in steps.iter().enumerate() {
+        let k = i + 1;
+        let context = format!("SIGKILL at step {k} ({step}) of an adopting resolve");
+        let env = clone_env(&base);
+        let out = env
+            .cmd()
+            .args(resolve)
+            .env("KEYROTATE_FAILPOINTS", format!("{k}=kill"))
+            .output();
+        assert_eq!(out.code, 137, "{context}: {}", out.stdout);
+        assert_consistent(&env, &base_versions, &context);
+        // Killed before the review was recorded: review again. Killed after it but
+        // before the adoption: the next run reports the mismatch again, and its own
+        // review adopts.
+        let _ = env.cmd().args(resolve).output();
+        let out = env.rotate("sig").args(["--force", "--run-id", "AFTER"]).output();
+        if out.code == 4 {
+            assert!(out.stdout.contains("does not know"), "{context}: {}", out.stdout);
+            env.resolve("sig", "AFTER", "adopt").status(0);
+            env.rotate("sig").arg("--force").status(0);
+        } else {
+            assert_eq!(out.code, 0, "{context}: {}", out.stdout);
+        }
+        assert_consistent(&env, &base_versions, &context);
+        no_orphans(&env, &context);
+    }
+    eprintln!("adoption steps covered with SIGKILL: {}", steps.len());
+}
+
+#[test]
+fn sigkill_at_every_step_of_sweeping_a_recorded_leftover_loses_nothing() {
+    let base = base();
+    // An aborted run that could not remove what it staged: its staging record is the
+    // proof that lets the next run remove v4.
+    base.rotate("sig")
+        .args(["--force", "--run-id", "LEFT"])
+        .env("KEYROTATE_FAILPOINTS", "jwks.create=error,unstage.unlink=error")
+        .status(3);
+    assert!(base.key_files("sig").contains(&"v000004.pem".to_string()));
+    let base_versions = base.versions("sig");
+    let rotate = ["rotate", "--domain", "sig", "--deadline", "1m", "--force"];
+    let steps = steps_of(&base, &rotate, 0);
+    for (i, step) in steps.iter().enumerate() {
+        let k = i + 1;
+        let context = format!("SIGKILL at step {k} ({step}) of a sweeping run");
+        let env = clone_env(&base);
+        let out = env
+            .cmd()
+            .args(rotate)
+            .args(["--run-id", "SWEEPER"])
+            .env("KEYROTATE_FAILPOINTS", format!("{k}=kill"))
+            .output();
+        assert_eq!(out.code, 137, "{context}: {}", out.stdout);
+        assert_consistent(&env, &base_versions, &context);
+        if row(&env, "SWEEPER").is_some_and(|r| r["exit_code"].is_null()) {
+            env.rotate("sig").arg("--force").status(4);
+            env.resolve("sig", "SWEEPER", "crash test").status(0);
+        }
+        env.rotate("sig").arg("--force").status(0);
+        assert_consistent(&env, &base_versions, &context);
+        no_orphans(&env, &context);
+        assert!(
+            env.manifest("sig")["primary"].as_u64().unwrap() >= 5,
+            "{context}: v4's number was reused"
+        );
+    }
+    eprintln!("sweep steps covered with SIGKILL: {}", steps.len());
+}

@@ -361,13 +361,24 @@ fn unsafe_folders_abort_without_writing_through_them() {
 }
 
 #[test]
-fn orphans_from_an_interrupted_run_are_swept_and_numbers_never_reused() {
+fn temporaries_are_swept_but_an_unrecorded_key_file_is_evidence_and_its_number_is_never_reused() {
     let env = Env::new();
     env.rotate("sig").status(0);
     let dir = env.key_dir("sig");
-    // What a crash between staging and commit leaves: an unreferenced v2, temporaries.
+    // A v2 no run recorded staging (e.g. keyring.json restored from an older backup)
+    // and a temporary of an interrupted atomic write.
     std::fs::copy(dir.join("v000001.pem"), dir.join("v000002.pem")).unwrap();
     std::fs::write(dir.join(".keyring.json.tmp"), "partial").unwrap();
+    let out = env.rotate("sig").args(["--force", "--run-id", "SEES-V2"]).status(4);
+    assert!(out.stdout.contains("v000002.pem"), "{}", out.stdout);
+    assert_eq!(
+        env.key_files("sig"),
+        ["v000001.pem", "v000002.pem"],
+        "evidence was deleted"
+    );
+    // The operator moves it aside after review; the number stays taken.
+    std::fs::rename(dir.join("v000002.pem"), env.path("v000002.pem.reviewed")).unwrap();
+    env.resolve("sig", "SEES-V2", "v2 was a stray copy of v1").status(0);
     env.rotate("sig").arg("--force").status(0);
     assert_eq!(env.key_files("sig"), ["v000001.pem", "v000003.pem"]);
     assert!(!dir.join(".keyring.json.tmp").exists());

@@ -6,14 +6,22 @@ mod common;
 mod cli_and_config;
 mod command_backend;
 mod commands;
+mod consumer_snapshot;
 #[cfg(feature = "failpoints")]
 mod crash;
 mod dry_run;
 mod failure_model;
+mod group_access;
 mod hardening;
 mod hygiene;
 mod keystore;
+#[cfg(feature = "failpoints")]
+mod keystore_safety;
 mod observability;
+mod operator_safety;
+mod pg_dba;
 mod pg_hook;
 mod postgres;
+#[cfg(feature = "failpoints")]
+mod power_loss;
 mod rotate;

@@ -5,6 +5,7 @@
 //! After it, failures are warnings: the rotation stands and the next run tidies up.
 
 use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 
 use chrono::Utc;
 
@@ -12,7 +13,8 @@ use super::{Rotated, Step};
 use crate::config::Activation;
 use crate::fsutil::DirSync;
 use crate::keystore::manifest::{self, Manifest, Plan};
-use crate::keystore::{Algorithm, Inspection, KeyFile, Keystore};
+use crate::keystore::{judge, Algorithm, Inspection, KeyFile, Keystore, PublicKey, Verdict};
+use crate::ledger::Ledger;
 use crate::outcome::{Failure, Outcome};
 
 pub struct KeystoreRotation<'a> {
@@ -21,10 +23,98 @@ pub struct KeystoreRotation<'a> {
     pub activation: Activation,
     pub retain: u32,
     pub step: Step<'a>,
+    /// What the deadline watchdog undoes if it abandons this run before the commit.
+    pub undo: PreCommitUndo,
 }
 
 fn aborted(what: String) -> Failure {
     Failure::new(Outcome::Aborted, what)
+}
+
+/// Why a key store could not be judged.
+#[derive(Debug)]
+pub enum ExamineError {
+    /// The store does not verify: the diagnosis.
+    Store(String),
+    /// The ledger could not be read.
+    Ledger(String),
+}
+
+impl std::fmt::Display for ExamineError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ExamineError::Store(d) | ExamineError::Ledger(d) => f.write_str(d),
+        }
+    }
+}
+
+/// Inspects a domain's key store and judges it against the ledger (`None`: there is no
+/// ledger yet, so it knows no run).
+pub fn examine(ks: &Keystore, ledger: Option<&Ledger>, domain: &str) -> Result<(Inspection, Verdict), ExamineError> {
+    let insp = ks.inspect().map_err(ExamineError::Store)?;
+    let prov = match ledger {
+        Some(l) => l
+            .provenance(domain, insp.manifest.committed_by_run.as_deref())
+            .map_err(ExamineError::Ledger)?,
+        None => crate::keystore::Provenance {
+            manifest_run_known: insp.manifest.committed_by_run.as_ref().map(|_| false),
+            runs: Vec::new(),
+        },
+    };
+    let verdict = judge(&insp, &prov);
+    Ok((insp, verdict))
+}
+
+/// What a run abandoned by the deadline watchdog before its commit must take back:
+/// the files it staged and the `jwks.json` it published. Shared with the watchdog
+/// thread; the lock is only ever held for a moment, never across I/O, so the watchdog
+/// never waits on a hung step.
+#[derive(Clone, Default)]
+pub struct PreCommitUndo(Arc<Mutex<Option<Undo>>>);
+
+struct Undo {
+    ks: Keystore,
+    staged: Vec<String>,
+    manifest: Manifest,
+    publics: BTreeMap<u64, PublicKey>,
+}
+
+impl PreCommitUndo {
+    fn set(&self, undo: Option<Undo>) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = undo;
+    }
+
+    fn staging(&self, file: &str) {
+        if let Some(u) = self.0.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+            u.staged.push(file.to_string());
+        }
+    }
+
+    /// Removes what the run staged and puts back the old `jwks.json`. Returns a note
+    /// for the run's reason. Racing the abandoned step is harmless: each file written
+    /// before this is removed here, and one written after it is named by the run's
+    /// staging record, which lets the next run remove it.
+    pub fn undo(&self) -> Option<String> {
+        let u = self.0.lock().unwrap_or_else(|e| e.into_inner()).take()?;
+        let mut notes = Vec::new();
+        match u.ks.unstage(&u.staged) {
+            Ok(()) if u.staged.is_empty() => {}
+            Ok(()) => notes.push(format!("removed the staged {}", u.staged.join(", "))),
+            Err(e) => notes.push(format!(
+                "could not remove the staged {} ({}): the next run removes them",
+                u.staged.join(", "),
+                crate::fsutil::io_reason(&e)
+            )),
+        }
+        match u.ks.restore_jwks(&u.manifest, &u.publics) {
+            Ok(()) => notes.push("jwks.json lists the committed keys only".into()),
+            Err(e) => notes.push(format!(
+                "could not restore jwks.json ({}): the next run rewrites it",
+                crate::fsutil::io_reason(&e)
+            )),
+        }
+        Some(notes.join("; "))
+    }
 }
 
 impl KeystoreRotation<'_> {
@@ -34,28 +124,45 @@ impl KeystoreRotation<'_> {
 
         guard.checkpoint("inspect")?;
         ks.prepare().map_err(aborted)?;
-        let inspection = ks.inspect().map_err(|d| {
-            Failure::new(
-                Outcome::NeedsReview,
-                format!("key store is inconsistent, nothing was changed: {d}"),
-            )
-        })?;
-        if !inspection.leftovers.is_empty() {
+        let (inspection, verdict) =
+            examine(&ks, Some(&*self.step.ledger), &self.step.run.domain).map_err(|e| match e {
+                ExamineError::Store(d) => Failure::new(
+                    Outcome::NeedsReview,
+                    format!("key store is inconsistent, nothing was changed: {d}"),
+                ),
+                ExamineError::Ledger(e) => aborted(format!("{e}; no key was touched")),
+            })?;
+        if let Some(diagnosis) = verdict.diagnosis(&self.step.run.domain) {
+            if !verdict.evidence.is_empty() {
+                // Their numbers are taken: no later key may get one of them.
+                let _ = self.step.event("unlisted", &verdict.evidence.join(" "));
+            }
+            return Err(Failure::new(Outcome::NeedsReview, diagnosis));
+        }
+        if !verdict.garbage.is_empty() {
             guard.checkpoint("sweep")?;
-            ks.sweep(&inspection.leftovers).map_err(|e| {
+            ks.sweep(&verdict.garbage).map_err(|e| {
                 aborted(format!(
                     "cannot remove files left by an interrupted run: {}",
                     crate::fsutil::io_reason(&e)
                 ))
             })?;
-            tracing::info!(
-                files = inspection.leftovers.len(),
-                "removed files left by an interrupted run"
-            );
+            tracing::info!(files = %verdict.garbage.join(", "), "removed files proven to be garbage");
+            // What was deleted, and why it could be, is on the record (a progress mark:
+            // durable with the run's closing write).
+            let run_id = self.step.run.run_id.clone();
+            let detail = format!("removed {} (proven garbage)", verdict.garbage.join(" "));
+            if let Err(e) = self
+                .step
+                .ledger
+                .write_progress("swept", |w| w.event(&run_id, "swept", Some(&detail)))
+            {
+                tracing::warn!("{e}");
+            }
         }
         let plan = inspection
             .manifest
-            .plan(self.algorithm, self.activation, self.retain, inspection.next_version);
+            .plan(self.algorithm, self.activation, self.retain, verdict.next_version);
 
         guard.checkpoint("generate")?;
         let keys: Vec<KeyFile> = plan
@@ -66,51 +173,84 @@ impl KeystoreRotation<'_> {
             .map_err(|e| aborted(format!("key generation failed: {e}")))?;
 
         let mut staged = Vec::new();
-        let result = self.stage_and_commit(&inspection, &plan, &keys, &mut staged);
+        let mut committed = None;
+        let result = self.stage_and_commit(&inspection, &plan, &keys, &mut staged, &mut committed);
+        self.undo.set(None);
         match result {
             Ok(rotated) => Ok(rotated),
             Err(f) => {
-                // Before the commit: put the folder back as the old manifest describes.
                 guard.stand_down();
-                if let Err(e) = ks.unstage(&staged) {
-                    tracing::warn!(
-                        "could not remove staged files ({}); the next run removes them",
-                        crate::fsutil::io_reason(&e)
-                    );
-                }
-                if let Err(e) = ks.publish_jwks(&inspection.manifest, &inspection.publics, DirSync::Now) {
-                    tracing::warn!(
-                        "could not restore jwks.json ({}); the next rotation rewrites it",
-                        crate::fsutil::io_reason(&e)
-                    );
+                match committed {
+                    // Past the commit: never roll jwks.json back. It carries every
+                    // version the new manifest keeps, and those it destroys until
+                    // that commit is known to stand.
+                    Some((next, publics)) => {
+                        if let Err(e) = ks.publish_jwks(&next, &publics, DirSync::Now) {
+                            tracing::warn!(
+                                "could not rewrite jwks.json ({}); the next run finishes it",
+                                crate::fsutil::io_reason(&e)
+                            );
+                        }
+                    }
+                    // Before the commit: put the folder back as the old manifest describes.
+                    None => {
+                        if let Err(e) = ks.unstage(&staged) {
+                            tracing::warn!(
+                                "could not remove staged files ({}); the next run removes them",
+                                crate::fsutil::io_reason(&e)
+                            );
+                        }
+                        if let Err(e) = ks.publish_jwks(&inspection.manifest, &inspection.publics, DirSync::Now) {
+                            tracing::warn!(
+                                "could not restore jwks.json ({}); the next rotation rewrites it",
+                                crate::fsutil::io_reason(&e)
+                            );
+                        }
+                    }
                 }
                 Err(f)
             }
         }
     }
 
-    /// Steps 2 to 6. Returns `Err` only before the commit point, with `staged` naming
-    /// the files to remove.
+    /// Steps 2 to 6. Returns `Err` before the commit point with `staged` naming the
+    /// files to remove, or after it with `committed` holding the manifest that stands
+    /// (or may stand) and the public keys it names.
     fn stage_and_commit(
         &mut self,
         inspection: &Inspection,
         plan: &Plan,
         keys: &[KeyFile],
         staged: &mut Vec<String>,
+        committed: &mut Option<(Manifest, BTreeMap<u64, PublicKey>)>,
     ) -> Result<Rotated, Failure> {
         let guard = self.step.guard.clone();
         let ks = self.keystore.clone();
         let run_id = self.step.run.run_id.clone();
         let io = |what: &str, e: std::io::Error| aborted(format!("{what}: {}", crate::fsutil::io_reason(&e)));
 
-        for (n, key) in plan.create.iter().zip(keys) {
+        let files: Vec<String> = plan
+            .create
+            .iter()
+            .map(|n| manifest::version_file(n.version, n.algorithm))
+            .collect();
+        guard.checkpoint("stage")?;
+        self.step.staging(&files).map_err(aborted)?;
+        self.undo.set(Some(Undo {
+            ks: ks.clone(),
+            staged: Vec::new(),
+            manifest: inspection.manifest.clone(),
+            publics: inspection.publics.clone(),
+        }));
+        for (file, key) in files.iter().zip(keys) {
             guard.checkpoint("stage")?;
-            let file = manifest::version_file(n.version, n.algorithm);
             // Record the name before writing: a failed write may leave a partial file.
             staged.push(file.clone());
-            ks.stage(&file, key)
+            self.undo.staging(file);
+            ks.stage(file, key)
                 .map_err(|e| io(&format!("cannot stage {file}"), e))?;
         }
+
         let new_versions: Vec<String> = plan.create.iter().map(|n| format!("v{}", n.version)).collect();
         self.step
             .advance(
@@ -165,6 +305,15 @@ impl KeystoreRotation<'_> {
                 }
                 _ => {
                     staged.clear();
+                    // Readers may already use the new keys: no later run may treat
+                    // them as an abandoned staging, whichever manifest survives.
+                    let _ = self
+                        .step
+                        .event("committed", "keyring.json was replaced; its folder sync failed");
+                    // The new manifest is in place but may not survive a power loss:
+                    // keep publishing every key of both (the preview) until a run
+                    // under review knows which one stands.
+                    *committed = Some((preview, publics));
                     Err(Failure::new(
                         Outcome::NeedsReview,
                         format!(
@@ -176,6 +325,7 @@ impl KeystoreRotation<'_> {
             };
         }
         staged.clear();
+        *committed = Some((next.clone(), publics.clone()));
 
         // Past the commit point: the rotation stands whatever happens next.
         let old_active = inspection.manifest.active();

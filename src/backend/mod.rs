@@ -41,6 +41,18 @@ impl Step<'_> {
             .write_progress(state, |w| w.advance(&run_id, state, versions, detail))
     }
 
+    /// Records, durably and before any of them exists, the files this run is about to
+    /// stage (a `staging` event naming them): the proof that lets a later run remove
+    /// them if this one never commits (DESIGN 4.4). Flushed, unlike the progress marks:
+    /// a staged file that survives a power loss must not outlive its record, or it
+    /// would have to go to a human.
+    pub fn staging(&mut self, files: &[String]) -> Result<(), String> {
+        let run_id = self.run.run_id.clone();
+        let list = files.join(" ");
+        self.ledger
+            .write("staging", |w| w.event(&run_id, "staging", Some(&list)))
+    }
+
     /// Records a step event without changing the run's state.
     pub fn event(&mut self, phase: &str, detail: &str) -> Result<(), String> {
         let run_id = self.run.run_id.clone();

@@ -75,12 +75,13 @@ fn print_text(v: &audit::Verification) {
             } else {
                 format!("; {}", notes.join("; "))
             };
-            println!(
+            out!(
                 "INTACT audit trail: {} lines in {files}{range}, {} ledger anchors checked{notes}",
-                v.lines, v.anchors_checked
+                v.lines,
+                v.anchors_checked
             );
         }
-        Some(b) => println!(
+        Some(b) => out!(
             "BROKEN audit trail: first bad line {}:{}{}: {} (see the runbook: audit verify exits 4)",
             b.file,
             b.line,

@@ -4,18 +4,32 @@
 
 use std::os::unix::fs::PermissionsExt;
 
-use super::{load_config, report_failure};
+use super::report_failure;
+use crate::audit::Audit;
 use crate::cli::{CheckArgs, Cli};
-use crate::config::{Backend, DomainConfig};
+use crate::config::{Backend, Config, DomainConfig};
 use crate::fsutil;
 use crate::keystore::Keystore;
 use crate::ledger::Ledger;
 use crate::outcome::{Failure, Outcome};
 
 pub fn run(cli: &Cli, args: &CheckArgs) -> Outcome {
-    let config = match load_config(cli) {
+    // An untrusted config is one of the problems listed, not the end of the check.
+    let path = crate::config::locate(cli.config.as_deref());
+    let distrust = super::config_distrust(&path);
+    let config = match Config::load_all(&path) {
         Ok(c) => c,
-        Err(f) => return report_failure(&f),
+        Err(errors) => {
+            for p in distrust.iter().chain(&errors) {
+                out!("problem: {p}");
+            }
+            tracing::error!(
+                "{} problem(s) found in {}",
+                errors.len() + usize::from(distrust.is_some()),
+                path.display()
+            );
+            return Outcome::Usage;
+        }
     };
     let domains: Vec<&DomainConfig> = match &args.domain {
         Some(d) => match config.domain(d) {
@@ -27,6 +41,7 @@ pub fn run(cli: &Cli, args: &CheckArgs) -> Outcome {
     let mut problems: Vec<String> = Vec::new();
     let mut notes: Vec<String> = Vec::new();
     let file = config.path.display().to_string();
+    problems.extend(distrust);
 
     for (dir, key) in [
         (config.state_dir.clone(), "state.dir"),
@@ -45,6 +60,9 @@ pub fn run(cli: &Cli, args: &CheckArgs) -> Outcome {
     }
     if let Err(e) = Ledger::open_read_only(&config.ledger) {
         problems.push(format!("{file}: state.dir: {e}"));
+    }
+    if let Err(e) = Audit::new(&config.audit_file).preflight(false) {
+        problems.push(format!("{file}: audit.file: {e}"));
     }
     let pool = std::env::var("KEYROTATE_POOL")
         .ok()
@@ -68,8 +86,13 @@ pub fn run(cli: &Cli, args: &CheckArgs) -> Outcome {
                 let ks = Keystore::new(keystore, &d.name);
                 if let Err(e) = ks.check_folders() {
                     problems.push(format!("{file}: {key}.keystore: {e}"));
-                } else if let Err(e) = ks.inspect() {
-                    problems.push(format!("{file}: {key}.keystore: inconsistent key store: {e}"));
+                } else {
+                    if let Err(e) = ks.inspect() {
+                        problems.push(format!("{file}: {key}.keystore: inconsistent key store: {e}"));
+                    }
+                    for e in key_store_access(keystore, ks.dir(), &d.access) {
+                        problems.push(format!("{file}: {key}.keystore: {e}"));
+                    }
                 }
             }
             Backend::Command { program, .. } => {
@@ -80,18 +103,74 @@ pub fn run(cli: &Cli, args: &CheckArgs) -> Outcome {
         }
     }
     for n in &notes {
-        println!("note: {n}");
+        out!("note: {n}");
     }
     for p in &problems {
-        println!("problem: {p}");
+        out!("problem: {p}");
     }
     if problems.is_empty() {
-        println!("OK {}: {} domain(s) checked, no problems", file, domains.len());
+        out!("OK {}: {} domain(s) checked, no problems", file, domains.len());
         Outcome::Rotated
     } else {
         tracing::error!("{} problem(s) found in {file}", problems.len());
         Outcome::Usage
     }
+}
+
+/// What the next rotation would trip over, or what exposes keys, that `inspect` does not
+/// look at: a key store this user cannot write (read-only mount, permissions), and key
+/// files readable by group or others or owned by someone else.
+fn key_store_access(root: &std::path::Path, dir: &std::path::Path, access: &fsutil::Access) -> Vec<String> {
+    use std::os::unix::fs::MetadataExt;
+    let mut problems = Vec::new();
+    for (folder, what) in [(root, "keystore"), (dir, "key folder")] {
+        if !folder.is_dir() {
+            continue;
+        }
+        if let Some(why) = fsutil::fs_trouble(folder) {
+            problems.push(format!(
+                "{what} {}: {why}: the next rotate cannot write it",
+                folder.display()
+            ));
+        } else if !fsutil::can_write_dir(folder) {
+            problems.push(format!(
+                "{what} {} is read-only for this user: the next rotate cannot write it",
+                folder.display()
+            ));
+        }
+    }
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return problems;
+    };
+    let mut names: Vec<String> = entries
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with('v') && (n.ends_with(".pem") || n.ends_with(".key")))
+        .collect();
+    names.sort();
+    for name in names {
+        let path = dir.join(&name);
+        let Ok(meta) = std::fs::symlink_metadata(&path) else {
+            continue;
+        };
+        // A domain with `group` grants its group read access; nothing else may.
+        if !access.allows_key_file(&meta) {
+            problems.push(format!(
+                "key file {} is accessible by group or others beyond the domain's access (mode {:04o}); run chmod 600 on it (640 with a configured group)",
+                path.display(),
+                meta.mode() & 0o7777
+            ));
+        }
+        if meta.uid() != euid {
+            problems.push(format!(
+                "key file {} is owned by uid {}, not by this user (uid {euid})",
+                path.display(),
+                meta.uid()
+            ));
+        }
+    }
+    problems
 }
 
 /// A hook program that can run at all: it exists and is an executable regular file.
@@ -116,16 +195,11 @@ pub fn program_runnable(program: &std::path::Path) -> Result<u32, String> {
     Ok(mode)
 }
 
-/// A hook program must also not be writable by group or others (anyone who can write
-/// it can run code as keyrotate); `rotate` refuses such a program (ABORTED).
+/// A hook program must also be trusted (anyone who can write it, or replace it through
+/// a folder above it, runs code as keyrotate): not writable by group or others, owned
+/// by root or this user, in folders nobody else can change (DESIGN section 4.4).
+/// `rotate` refuses such a program (ABORTED).
 pub fn check_program(program: &std::path::Path) -> Result<(), String> {
-    let mode = program_runnable(program)?;
-    if mode & 0o022 != 0 {
-        return Err(format!(
-            "program {} is writable by group or others (mode {:04o})",
-            program.display(),
-            mode & 0o7777
-        ));
-    }
-    Ok(())
+    program_runnable(program)?;
+    fsutil::check_trusted(program, "program")
 }

@@ -58,7 +58,7 @@ fn history(cli: &Cli, args: &HistoryArgs) -> Result<(), Failure> {
 
 fn print_table(rows: &[RunRow]) {
     if rows.is_empty() {
-        println!("no runs recorded");
+        out!("no runs recorded");
         return;
     }
     let opt = |v: Option<i64>| v.map_or("-".to_string(), |n| format!("v{n}"));

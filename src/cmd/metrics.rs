@@ -97,16 +97,21 @@ pub(super) fn render(statuses: &[DomainStatus]) -> String {
                 last_exit.get_or_create(&l).set(code);
             }
         }
-        blocked.get_or_create(&l).set(i64::from(s.blocked_by.is_some()));
+        // Unknown when the ledger could not be read: absent, not 0 (problems says why).
+        if !s.ledger_unread {
+            blocked.get_or_create(&l).set(i64::from(s.blocked_by.is_some()));
+        }
         if let Some(v) = s.primary {
             active.get_or_create(&l).set(v as i64);
         }
         if let Some(t) = s.primary_activated_at.as_deref().and_then(unix_seconds) {
             age.get_or_create(&l).set((now - t).max(0));
         }
-        next_due
-            .get_or_create(&l)
-            .set(s.metrics.next_due_at.map_or(0, |t| t.timestamp()));
+        if !s.ledger_unread {
+            next_due
+                .get_or_create(&l)
+                .set(s.metrics.next_due_at.map_or(0, |t| t.timestamp()));
+        }
         for (state, n) in s.metrics.versions.iter().flatten() {
             let labels = vec![("domain", s.domain.clone()), ("state", (*state).to_string())];
             versions.get_or_create(&labels).set(*n as i64);
@@ -124,10 +129,7 @@ pub(crate) fn write_textfile(config: &Config) {
         return;
     }
     let domains: Vec<_> = config.domains.values().collect();
-    match super::collect(config, &domains) {
-        Ok(statuses) => write_from(config, &statuses),
-        Err(f) => tracing::warn!("metrics not written: {}", f.message),
-    }
+    write_from(config, &super::collect(config, &domains));
 }
 
 /// Rewrites the textfile, if one is configured, from `statuses` (every domain).

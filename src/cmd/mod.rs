@@ -1,9 +1,22 @@
 //! Dispatch from the parsed command line to one file per subcommand, plus what they
 //! share: logging set-up, config loading, who and where we are.
+//!
+//! Nothing here prints with `println!`/`eprintln!`: they panic when the other end of a
+//! pipe is gone (EPIPE), which would turn a finished rotation into exit 101 with its
+//! ledger row left open. Output goes through [`out!`] and the log through a writer that
+//! drops write errors: a closed or full stdout/stderr never changes the outcome.
+
+/// `println!` that ignores write errors (see the module docs).
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::cmd::say(format_args!($($arg)*))
+    };
+}
 
 mod audit;
 mod check;
 mod history;
+mod migrate;
 mod resolve;
 mod rotate;
 mod shell;
@@ -11,7 +24,7 @@ mod status;
 
 pub(crate) use check::{check_program, program_runnable};
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -37,7 +50,8 @@ pub fn main() -> ExitCode {
                 .take_while(|l| !l.trim().is_empty() && !l.starts_with("Usage:"))
                 .map(str::trim)
                 .collect();
-            eprintln!(
+            let _ = writeln!(
+                std::io::stderr(),
                 "keyrotate: {} (see keyrotate --help)",
                 message.join(" ").trim_start_matches("error: ")
             );
@@ -51,6 +65,7 @@ pub fn main() -> ExitCode {
         Command::History(args) => history::run(&cli, args),
         Command::Resolve(args) => resolve::run(&cli, args),
         Command::Check(args) => check::run(&cli, args),
+        Command::Migrate(args) => migrate::run(&cli, args),
         Command::Audit(crate::cli::AuditCommand::Verify(args)) => audit::verify(&cli, args),
         Command::Completions(args) => shell::completions(args),
         Command::Manpage(args) => shell::manpage(args),
@@ -70,7 +85,9 @@ fn init_logging(cli: &Cli) {
         EnvFilter::try_from_env("KEYROTATE_LOG").unwrap_or_else(|_| EnvFilter::new(format!("keyrotate={level}")));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(|| LossyStderr)
+        // Its own error report about a failed write is an eprintln!, which panics on EPIPE.
+        .log_internal_errors(false)
         .with_target(false);
     let _ = match cli.log_format {
         LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).try_init(),
@@ -78,9 +95,34 @@ fn init_logging(cli: &Cli) {
     };
 }
 
-/// Loads the config named by `--config`, `$KEYROTATE_CONFIG` or the default path.
+/// The log's writer: stderr, with every write error dropped. A log nobody can read must
+/// not fail (or panic) the run it describes; the ledger and audit trail are the record.
+struct LossyStderr;
+
+impl Write for LossyStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let _ = std::io::stderr().write_all(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        let _ = std::io::stderr().flush();
+        Ok(())
+    }
+}
+
+/// One line on stdout, write errors ignored (used through [`out!`]).
+pub(crate) fn say(line: std::fmt::Arguments) {
+    let mut o = std::io::stdout().lock();
+    let _ = o.write_fmt(line).and_then(|()| o.write_all(b"\n"));
+}
+
+/// Loads the config named by `--config`, `$KEYROTATE_CONFIG` or the default path,
+/// refusing (ABORTED) one that someone else could have written (DESIGN section 4.4).
 pub(crate) fn load_config(cli: &Cli) -> Result<Config, Failure> {
     let path = config::locate(cli.config.as_deref());
+    if let Some(e) = config_distrust(&path) {
+        return Err(Failure::new(Outcome::Aborted, format!("{e}; refusing to use it")));
+    }
     Config::load(&path).map_err(Failure::usage)
 }
 
@@ -88,6 +130,15 @@ pub(crate) fn load_config(cli: &Cli) -> Result<Config, Failure> {
 /// inspected state (DESIGN section 12). Never changes the command's outcome.
 pub(crate) fn write_metrics(config: &Config) {
     status::metrics::write_textfile(config);
+}
+
+/// Why the config file at `path` cannot be trusted, if it exists and cannot be. A
+/// missing file is left to `Config::load`, which reports it as a usage error.
+pub(crate) fn config_distrust(path: &std::path::Path) -> Option<String> {
+    if std::fs::symlink_metadata(path).is_err() {
+        return None;
+    }
+    crate::fsutil::check_trusted(path, "config").err()
 }
 
 /// Prints a failure the way every command does: one line on stderr.
@@ -112,13 +163,33 @@ pub(crate) fn operator(flag: Option<&str>) -> String {
 }
 
 /// Validates a free-text value that lands in the ledger and audit (operator, reason,
-/// note): bounded and free of control characters, so it cannot forge log lines.
+/// note): bounded, and free of control characters (which forge log lines) and of
+/// invisible format characters such as bidirectional overrides (U+202E shows
+/// "alice\u{202E}nimda" as "alicenimda" backwards) and zero-width ones, which make
+/// `history` show someone or something else than what was recorded.
 pub(crate) fn clean_text(what: &str, value: &str, max: usize) -> Result<String, Failure> {
+    use unicode_properties::{GeneralCategory, UnicodeGeneralCategory};
     if value.chars().count() > max {
         return Err(Failure::usage(format!("{what} is longer than {max} characters")));
     }
     if value.chars().any(char::is_control) {
         return Err(Failure::usage(format!("{what} contains control characters")));
+    }
+    let invisible = value.chars().find(|c| {
+        matches!(
+            c.general_category(),
+            GeneralCategory::Format
+                | GeneralCategory::LineSeparator
+                | GeneralCategory::ParagraphSeparator
+                | GeneralCategory::PrivateUse
+                | GeneralCategory::Surrogate
+        )
+    });
+    if let Some(c) = invisible {
+        return Err(Failure::usage(format!(
+            "{what} contains the invisible or formatting character U+{:04X}; use plain text",
+            u32::from(c)
+        )));
     }
     Ok(value.to_string())
 }
@@ -135,5 +206,5 @@ pub(crate) fn hostname() -> String {
 
 /// Prints one JSON object on stdout.
 pub(crate) fn print_json(value: &impl serde::Serialize) {
-    println!("{}", serde_json::to_string(value).expect("json"));
+    out!("{}", serde_json::to_string(value).expect("json"));
 }

@@ -6,15 +6,19 @@
 
 use super::{clean_text, hostname, load_config, operator, report_failure};
 use crate::audit::{Audit, Event};
+use crate::backend::keystore::examine;
 use crate::cli::{Cli, ResolveArgs};
+use crate::config::{Backend, Config, DomainConfig};
+use crate::fsutil;
+use crate::keystore::Keystore;
 use crate::ledger::Ledger;
-use crate::lock;
+use crate::lock::{self, Acquire, DomainLock};
 use crate::outcome::{Failure, Outcome};
 
 pub fn run(cli: &Cli, args: &ResolveArgs) -> Outcome {
     match resolve(cli, args) {
         Ok(msg) => {
-            println!("{msg}");
+            out!("{msg}");
             Outcome::Rotated
         }
         Err(f) => report_failure(&f),
@@ -39,25 +43,33 @@ fn resolve(cli: &Cli, args: &ResolveArgs) -> Result<String, Failure> {
     }
     let mut ledger = Ledger::open(&config.ledger, std::time::Duration::from_secs(10))
         .map_err(|e| Failure::new(Outcome::Aborted, e))?;
-    let held_elsewhere = ledger
-        .domain_locked_elsewhere(&domain.name)
-        .map_err(|e| Failure::new(Outcome::Aborted, e))?;
-    let lock_held = held_elsewhere
-        || lock::probe(&lock::lock_path(&config.lock_dir(), &domain.name))
-            .unwrap_or(None)
-            .is_some();
+    // Take the domain's locks, as a rotation would: the review is followed by the
+    // repair of the key store (DESIGN 5), which must not race a run. A lock held by
+    // someone else means a process is alive: it is named, and nothing is repaired.
+    let locks = take_locks(&config, domain, &ledger)?;
+    let lock_held = locks.is_none();
     let row = ledger
         .write("resolve", |w| {
-            let Some(row) = w.get(&args.run)? else {
-                return Ok(Err(format!("run {} is not in the ledger", args.run)));
+            // Locked: of two concurrent resolves, the second reads what the first wrote.
+            let Some(row) = w.get_for_update(&args.run)? else {
+                return Ok(Err(Failure::usage(format!("run {} is not in the ledger", args.run))));
             };
             if row.domain != domain.name {
-                return Ok(Err(format!(
+                return Ok(Err(Failure::usage(format!(
                     "run {} belongs to domain {}, not {}",
                     row.run_id, row.domain, domain.name
-                )));
+                ))));
             }
             match row.state.as_str() {
+                "needs_review" if lock_held => {
+                    return Ok(Err(Failure::new(
+                        Outcome::Busy,
+                        format!(
+                            "another keyrotate run of {} holds its lock; resolve again when it has ended (keyrotate status --domain {})",
+                            domain.name, domain.name
+                        ),
+                    )))
+                }
                 "needs_review" => {}
                 _ if row.in_flight() && !lock_held => {
                     w.mark_stale(
@@ -66,25 +78,36 @@ fn resolve(cli: &Cli, args: &ResolveArgs) -> Result<String, Failure> {
                     )?;
                 }
                 "resolved" => {
-                    return Ok(Err(format!(
+                    return Ok(Err(Failure::usage(format!(
                         "run {} was already resolved by {} at {}",
                         row.run_id,
                         row.resolved_by.as_deref().unwrap_or("?"),
                         row.resolved_at.as_deref().unwrap_or("?")
-                    )))
+                    ))))
                 }
                 state => {
-                    return Ok(Err(format!(
+                    return Ok(Err(Failure::usage(format!(
                         "run {} does not block {}: its state is {state}",
                         row.run_id, domain.name
-                    )))
+                    ))))
                 }
             }
-            w.resolve(&row.run_id, &by, &note)?;
+            if !w.resolve(&row.run_id, &by, &note)? {
+                return Ok(Err(Failure::usage(format!("run {} was already resolved", row.run_id))));
+            }
             Ok(Ok(row))
         })
-        .map_err(|e| Failure::new(Outcome::Aborted, e))?
-        .map_err(Failure::usage)?;
+        .map_err(|e| Failure::new(Outcome::Aborted, e))??;
+    let store_note = match &domain.backend {
+        Backend::Keystore { keystore, .. } if locks.is_some() => repair_after_review(
+            &Keystore::new(keystore, &domain.name),
+            &ledger,
+            &domain.name,
+            &row.run_id,
+        ),
+        _ => String::new(),
+    };
+    drop(locks);
     let audit = Audit::new(&config.audit_file);
     let event = Event {
         run_id: row.run_id.clone(),
@@ -92,7 +115,7 @@ fn resolve(cli: &Cli, args: &ResolveArgs) -> Result<String, Failure> {
         host: hostname(),
         pool: config.host_pool.clone(),
         operator: Some(by.clone()),
-        reason: Some(note),
+        reason: Some(format!("{note}{store_note}")),
         ..Event::default()
     };
     let audited = audit.emit(Event {
@@ -108,7 +131,78 @@ fn resolve(cli: &Cli, args: &ResolveArgs) -> Result<String, Failure> {
         )
     })?;
     Ok(format!(
-        "RESOLVED {}: run {} reviewed by {by}; the domain is unblocked",
+        "RESOLVED {}: run {} reviewed by {by}; the domain is unblocked{store_note}",
         domain.name, row.run_id
     ))
+}
+
+/// The state lock, the shared ledger's lock and the key store's lock, all free and now
+/// held; `None` when any of them is held by a live process.
+fn take_locks(config: &Config, domain: &DomainConfig, ledger: &Ledger) -> Result<Option<Vec<DomainLock>>, Failure> {
+    let aborted = |e: String| Failure::new(Outcome::Aborted, e);
+    fsutil::ensure_private_dir(&config.state_dir, "state folder").map_err(aborted)?;
+    fsutil::ensure_private_dir(&config.lock_dir(), "lock folder").map_err(aborted)?;
+    let mut held = Vec::new();
+    match DomainLock::try_acquire(&lock::lock_path(&config.lock_dir(), &domain.name)).map_err(aborted)? {
+        Acquire::Busy(_) => return Ok(None),
+        Acquire::Acquired(l) => held.push(l),
+    }
+    if !ledger.lock_domain(&domain.name).map_err(aborted)? {
+        return Ok(None);
+    }
+    if let Backend::Keystore { keystore, .. } = &domain.backend {
+        let ks = Keystore::new(keystore, &domain.name);
+        // Only an existing key folder is locked: resolving creates no key store.
+        if ks.check_folders().is_ok() && ks.dir().is_dir() {
+            match DomainLock::try_acquire(&ks.lock_path()).map_err(aborted)? {
+                Acquire::Busy(_) => return Ok(None),
+                Acquire::Acquired(l) => held.push(l),
+            }
+        }
+    }
+    Ok(Some(held))
+}
+
+/// After the review, under the locks: adopt a key store whose manifest this ledger
+/// does not know (DESIGN 4.4: the reviewed store becomes this ledger's), then finish
+/// the last commit's tidy-up, so the store is whole without a new rotation. What
+/// still needs a human (unlisted files, a store that does not verify) is said, and
+/// left alone. Returns a note for the message and the audit line.
+fn repair_after_review(ks: &Keystore, ledger: &Ledger, domain: &str, run_id: &str) -> String {
+    let (mut insp, mut verdict) = match examine(ks, Some(ledger), domain) {
+        Ok(x) => x,
+        Err(d) => return format!("; the key store does not verify ({d}): the next rotation stops again"),
+    };
+    let mut notes = Vec::new();
+    if verdict.mismatch.is_some() {
+        let mut adopted = insp.manifest.clone();
+        adopted.committed_by_run = Some(run_id.to_string());
+        if let Err(e) = ks.commit(&adopted) {
+            return format!(
+                "; could not adopt the key store into this ledger ({})",
+                fsutil::io_reason(&e)
+            );
+        }
+        notes.push(format!("the key store was adopted into this ledger under run {run_id}"));
+        match examine(ks, Some(ledger), domain) {
+            Ok(x) => (insp, verdict) = x,
+            Err(d) => return format!("; the key store does not verify ({d}): the next rotation stops again"),
+        }
+    }
+    if verdict.clean() && insp.exists {
+        match ks.repair(&insp) {
+            Ok(done) if done.is_empty() => {}
+            Ok(done) => notes.push(format!("finished the last commit's tidy-up: {}", done.join(", "))),
+            Err(e) => notes.push(format!(
+                "could not finish the last commit's tidy-up ({}): the next run retries",
+                fsutil::io_reason(&e)
+            )),
+        }
+    } else if !verdict.evidence.is_empty() {
+        notes.push(format!(
+            "the key store still holds files keyring.json does not list ({}): the next rotation stops again until they are moved away or keyring.json is put back",
+            verdict.evidence.join(", ")
+        ));
+    }
+    notes.iter().map(|n| format!("; {n}")).collect()
 }

@@ -1,6 +1,7 @@
 //! `keyrotate status`: per domain, its versions, last run, block, what is in flight
 //! and when it is next due. Exits NEEDS_REVIEW (4) when any domain shown is blocked,
-//! so Control-M can run it as a monitoring job. Reads only: no file is created or
+//! else ABORTED (3) when a key store, manifest or ledger cannot be read or does not
+//! verify, so Control-M can run it as a monitoring job. Reads only: no file is created or
 //! changed, except the `[metrics] textfile` when one is configured (`metrics.rs`).
 
 use serde::Serialize;
@@ -34,6 +35,9 @@ struct DomainStatus {
     in_flight: Option<InFlight>,
     /// Problems found while reading the key store or ledger.
     problems: Vec<String>,
+    /// The domain's ledger rows could not be read: whether it is blocked is unknown.
+    #[serde(skip)]
+    ledger_unread: bool,
     /// For the metrics only (DESIGN section 12).
     #[serde(skip)]
     metrics: MetricInputs,
@@ -83,11 +87,11 @@ fn status(cli: &Cli, args: &StatusArgs) -> Result<Outcome, Failure> {
         Some(d) => vec![config.domain(d).map_err(Failure::usage)?],
         None => config.domains.values().collect(),
     };
-    let statuses = collect(&config, &domains)?;
+    let statuses = collect(&config, &domains);
     match args.output {
         StatusOutput::Json => print_json(&serde_json::json!({ "domains": statuses })),
         StatusOutput::Text => print_text(&statuses),
-        StatusOutput::Prometheus => print!("{}", metrics::render(&statuses)),
+        StatusOutput::Prometheus => out!("{}", metrics::render(&statuses).trim_end()),
     }
     // The textfile always carries every domain, whatever --domain narrowed the output to.
     if args.domain.is_none() {
@@ -95,21 +99,58 @@ fn status(cli: &Cli, args: &StatusArgs) -> Result<Outcome, Failure> {
     } else {
         metrics::write_textfile(&config);
     }
-    let blocked = statuses.iter().any(|s| s.blocked_by.is_some());
-    Ok(if blocked {
+    // DESIGN section 5: 4 if any domain is blocked, else 3 if any key store, manifest or
+    // ledger cannot be read or does not verify, else 0 (a monitor alerts on both).
+    for s in &statuses {
+        for p in &s.problems {
+            tracing::error!("{}: {p}", s.domain);
+        }
+    }
+    let unread: Vec<&str> = statuses
+        .iter()
+        .filter(|s| s.ledger_unread)
+        .map(|s| s.domain.as_str())
+        .collect();
+    if !unread.is_empty() {
+        // Never 0 for a domain whose rows were not read: it may well be blocked.
+        tracing::error!(
+            "the ledger rows of {} could not be read: whether they are blocked is unknown",
+            unread.join(", ")
+        );
+    }
+    Ok(if statuses.iter().any(|s| s.blocked_by.is_some()) {
         Outcome::NeedsReview
+    } else if !unread.is_empty() || statuses.iter().any(|s| !s.problems.is_empty()) {
+        Outcome::Aborted
     } else {
         Outcome::Rotated
     })
 }
 
 /// The status of `domains`, read from their key stores and the ledger.
-fn collect(config: &Config, domains: &[&DomainConfig]) -> Result<Vec<DomainStatus>, Failure> {
-    let ledger = Ledger::open_read_only(&config.ledger).map_err(|e| Failure::new(Outcome::Aborted, e))?;
-    Ok(domains
+fn collect(config: &Config, domains: &[&DomainConfig]) -> Vec<DomainStatus> {
+    // A ledger that cannot be read still leaves the key stores worth showing; every
+    // domain then carries the ledger's error and the exit code says it (below).
+    let (ledger, ledger_err) = match Ledger::open_read_only(&config.ledger) {
+        Ok(l) => (l, None),
+        Err(e) => (None, Some(e)),
+    };
+    domains
         .iter()
-        .map(|d| domain_status(config, d, ledger.as_ref()))
-        .collect())
+        .map(|d| {
+            let mut s = domain_status(config, d, ledger.as_ref());
+            if let Some(e) = &ledger_err {
+                s.problems.push(e.clone());
+                s.ledger_unread = true;
+            }
+            if s.ledger_unread {
+                // Without the last success the next due time is unknown, not "now".
+                s.next_due = None;
+                s.metrics.next_due_at = None;
+            }
+            s
+        })
+        .collect()
 }
 
 fn domain_status(config: &Config, d: &DomainConfig, ledger: Option<&Ledger>) -> DomainStatus {
@@ -127,6 +168,7 @@ fn domain_status(config: &Config, d: &DomainConfig, ledger: Option<&Ledger>) -> 
         blocked_by: None,
         in_flight: None,
         problems: Vec::new(),
+        ledger_unread: false,
         metrics: MetricInputs::default(),
     };
     if let Backend::Keystore { keystore, .. } = &d.backend {
@@ -159,6 +201,7 @@ fn domain_status(config: &Config, d: &DomainConfig, ledger: Option<&Ledger>) -> 
         Some(Ok(r)) => r,
         Some(Err(e)) => {
             s.problems.push(e);
+            s.ledger_unread = true;
             DomainRecord::default()
         }
     };
@@ -252,6 +295,7 @@ fn print_text(statuses: &[DomainStatus]) {
                 s.next_due.clone().unwrap_or_default(),
                 match (&s.blocked_by, &s.in_flight) {
                     (Some(b), _) => format!("BLOCKED by {b}"),
+                    (None, _) if s.ledger_unread => format!("UNKNOWN: {}", s.problems.join("; ")),
                     (None, Some(f)) => format!("running: {} pid {} on {}", f.run_id, f.pid, f.host),
                     (None, None) if !s.problems.is_empty() => s.problems.join("; "),
                     _ => "ok".into(),
@@ -284,7 +328,7 @@ pub(crate) fn print_columns<const N: usize>(headers: &[&str; N], rows: &[[String
                 out.push_str(&format!("{c:<w$}  ", w = widths[i]));
             }
         }
-        println!("{}", out.trim_end());
+        out!("{}", out.trim_end());
     };
     line(headers.to_vec());
     for r in rows {

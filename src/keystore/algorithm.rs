@@ -162,7 +162,9 @@ impl fmt::Display for Algorithm {
 }
 
 /// A parsed key: its algorithm, the exact bytes of its file, its fingerprint and (for
-/// asymmetric keys) its public half.
+/// asymmetric keys) its public half. Cloning copies the secret into another zeroized
+/// buffer (the consumer API hands out copies of the keys of one loaded snapshot).
+#[derive(Clone)]
 pub struct KeyFile {
     algorithm: Algorithm,
     /// PKCS#8 DER, or the raw symmetric key.

@@ -50,6 +50,12 @@ pub struct Manifest {
     pub domain: String,
     pub primary: Option<u64>,
     pub versions: Vec<VersionEntry>,
+    /// The run that last committed this manifest (or under whose review `resolve`
+    /// adopted it into a ledger). A ledger that does not know this run is not the
+    /// record of this key store: the run reports it instead of acting on it. Absent
+    /// in manifests written before it existed, which still parse.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub committed_by_run: Option<String>,
 }
 
 /// A new version to be created by a rotation.
@@ -95,6 +101,7 @@ impl Manifest {
             domain: domain.to_string(),
             primary: None,
             versions: Vec::new(),
+            committed_by_run: None,
         }
     }
 
@@ -293,7 +300,14 @@ impl Manifest {
             });
         }
         m.primary = m.active().map(|v| v.version);
+        m.committed_by_run = Some(run_id.to_string());
         m
+    }
+
+    /// The versions `run_id` created (listed only if that run committed).
+    pub fn created_by(&self, run_id: &str) -> impl Iterator<Item = &VersionEntry> {
+        let run_id = run_id.to_string();
+        self.versions.iter().filter(move |v| v.created_by_run == run_id)
     }
 }
 

@@ -32,21 +32,167 @@ pub struct Keystore {
     root: PathBuf,
     dir: PathBuf,
     domain: String,
+    /// Who may read the domain's files (`group`, `public_jwks`), when the caller has the
+    /// domain's config; otherwise files are written as readable as their folder.
+    access: Option<fsutil::Access>,
 }
 
 /// What is on disk, verified: the manifest, each live version's public key, and the
-/// leftovers of interrupted runs.
+/// files the manifest does not (or no longer) account for.
 #[derive(Debug)]
 pub struct Inspection {
     pub manifest: Manifest,
     pub publics: BTreeMap<u64, PublicKey>,
-    /// Files a crash left behind: unreferenced versions, destroyed versions' files,
-    /// temporaries. Safe to remove under the lock.
-    pub leftovers: Vec<String>,
-    /// The next version number: above every number ever used, orphans included, so a
-    /// `kid` once published is never reused for another key.
+    /// Files of versions the manifest marks `destroyed`: garbage by the manifest's word
+    /// (a tidy-up that did not finish).
+    pub destroyed_files: Vec<String>,
+    /// Temporaries of interrupted atomic writes (`.NAME.tmp`): never key material that
+    /// anything refers to.
+    pub temporaries: Vec<String>,
+    /// Version files the manifest does not list at all. Garbage only with proof (a run
+    /// recorded staging them and is known not to have committed, see [`judge`]);
+    /// otherwise evidence of a missing, truncated or restored `keyring.json`.
+    pub unlisted: Vec<String>,
+    /// The next version number: above every number ever used that the folder shows
+    /// (the manifest, files on disk, `kid`s published in `jwks.json`), so a `kid` once
+    /// published is never reused for another key.
     pub next_version: u64,
     pub exists: bool,
+}
+
+/// What the ledger knows about the runs that may have touched a domain's key files.
+#[derive(Clone, Debug, Default)]
+pub struct Provenance {
+    /// Whether the ledger has a row for the manifest's `committed_by_run`, of this
+    /// domain (`None` when the manifest names no run).
+    pub manifest_run_known: Option<bool>,
+    /// Recent runs of the domain that recorded staging files or noticed unlisted ones.
+    pub runs: Vec<RunRecord>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct RunRecord {
+    pub run_id: String,
+    /// The run's ledger state (`aborted`, `needs_review`, ...).
+    pub state: String,
+    /// It recorded reaching its commit.
+    pub committed: bool,
+    /// Files it recorded, before creating them, as staged.
+    pub staged: Vec<String>,
+    /// Unlisted files it reported for review (their numbers are taken too).
+    pub noted: Vec<String>,
+}
+
+/// The judgement over an inspection and the ledger's record: what may be removed,
+/// what must be reported, and whether the ledger is this key store's record at all.
+#[derive(Clone, Debug, Default)]
+pub struct Verdict {
+    /// Files provably garbage: destroyed versions' files, temporaries, and leftovers
+    /// staged by runs known not to have committed.
+    pub garbage: Vec<String>,
+    /// Unlisted version files nothing proves to be garbage.
+    pub evidence: Vec<String>,
+    /// The manifest names a committing run this ledger does not know.
+    pub mismatch: Option<String>,
+    /// The next version number, above every number the ledger records too.
+    pub next_version: u64,
+}
+
+impl Verdict {
+    /// Nothing to report: the store may be tidied and rotated.
+    pub fn clean(&self) -> bool {
+        self.evidence.is_empty() && self.mismatch.is_none()
+    }
+
+    /// The one-line diagnosis of an unclean store, with what to do.
+    pub fn diagnosis(&self, domain: &str) -> Option<String> {
+        let mut parts = Vec::new();
+        if let Some(m) = &self.mismatch {
+            parts.push(m.clone());
+        }
+        if !self.evidence.is_empty() {
+            parts.push(format!(
+                "{} file(s) that keyring.json does not list and no run recorded as an abandoned staging: {} \
+                 (keyring.json missing, truncated or restored from an older backup?); they were kept; \
+                 see the runbook entry \"keyring.json missing or restored from backup\"",
+                self.evidence.len(),
+                self.evidence.join(", ")
+            ));
+        }
+        if parts.is_empty() {
+            return None;
+        }
+        Some(format!("key store {domain}: {}; nothing was changed", parts.join("; ")))
+    }
+}
+
+/// Whether a run is known not to have committed: it ended before its commit point by
+/// its own account (`aborted`, `timed_out`), or it died or was reviewed
+/// (`needs_review`, `resolved`) without recording a commit and without a version of
+/// its own in the manifest. (Every later manifest lists every version a committed run
+/// created, destroyed ones included, so a run absent from it never committed.)
+fn known_not_committed(r: &RunRecord, manifest: &Manifest) -> bool {
+    if r.committed || manifest.created_by(&r.run_id).next().is_some() {
+        return false;
+    }
+    matches!(r.state.as_str(), "aborted" | "timed_out" | "needs_review" | "resolved")
+}
+
+/// DESIGN 4.4, "nothing is deleted that the store cannot prove is garbage".
+pub fn judge(insp: &Inspection, prov: &Provenance) -> Verdict {
+    let mut garbage: Vec<String> = insp.destroyed_files.iter().chain(&insp.temporaries).cloned().collect();
+    let mut evidence = Vec::new();
+    for file in &insp.unlisted {
+        let proven = prov
+            .runs
+            .iter()
+            .any(|r| r.staged.contains(file) && known_not_committed(r, &insp.manifest));
+        if proven {
+            garbage.push(file.clone());
+        } else {
+            evidence.push(file.clone());
+        }
+    }
+    garbage.sort();
+    let mismatch = match (&insp.manifest.committed_by_run, prov.manifest_run_known) {
+        (Some(run), Some(false)) if insp.exists => Some(format!(
+            "keyring.json was last committed by run {run}, which this ledger does not know \
+             (ledger deleted or restored, or another state folder rotates this key store); \
+             after review, resolve this run to adopt the key store into this ledger"
+        )),
+        _ => None,
+    };
+    // Item 13: a number any run recorded (staged or reported) is never given to
+    // another key, even if its file vanished in a power loss.
+    let recorded = prov
+        .runs
+        .iter()
+        .flat_map(|r| r.staged.iter().chain(&r.noted))
+        .filter_map(|f| parse_version_file(f))
+        .max()
+        .unwrap_or(0);
+    Verdict {
+        garbage,
+        evidence,
+        mismatch,
+        next_version: insp.next_version.max(recorded + 1),
+    }
+}
+
+/// The version numbers named by the `kid`s of a `jwks.json` (`v000007-…`).
+fn published_versions(bytes: &[u8]) -> Vec<u64> {
+    let Ok(doc) = serde_json::from_slice::<Value>(bytes) else {
+        return Vec::new();
+    };
+    doc["keys"]
+        .as_array()
+        .map(|keys| {
+            keys.iter()
+                .filter_map(|k| k["kid"].as_str())
+                .filter_map(|kid| kid.strip_prefix('v')?.split('-').next()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 impl Keystore {
@@ -55,6 +201,23 @@ impl Keystore {
             root: root.to_path_buf(),
             dir: root.join(domain),
             domain: domain.to_string(),
+            access: None,
+        }
+    }
+
+    /// The configured access: [`Keystore::prepare`] brings the folders and files to it.
+    pub fn with_access(mut self, access: fsutil::Access) -> Keystore {
+        self.access = Some(access);
+        self
+    }
+
+    /// The access new files get: the configured one, else what the folder grants.
+    fn access(&self) -> fsutil::Access {
+        match &self.access {
+            Some(a) => a.clone(),
+            None => fs::symlink_metadata(&self.dir)
+                .map(|m| fsutil::Access::of_folder(&m))
+                .unwrap_or_default(),
         }
     }
 
@@ -73,10 +236,51 @@ impl Keystore {
         Ok(())
     }
 
-    /// Creates the key store and domain folders (0700) if needed and checks both.
+    /// Creates the key store and domain folders (0700) if needed and checks both. With
+    /// the configured access, the domain folder and the files in it get exactly its
+    /// modes and group (a config that gained or dropped `group` takes effect here), and
+    /// the key store folder gets the traversal it needs (never less than it had: other
+    /// domains may share it).
     pub fn prepare(&self) -> Result<(), String> {
         fsutil::ensure_private_dir(&self.root, "keystore")?;
-        fsutil::ensure_private_dir(&self.dir, "key folder")
+        let Some(access) = &self.access else {
+            return fsutil::ensure_private_dir(&self.dir, "key folder");
+        };
+        fsutil::widen_dir(&self.root, "keystore", access.root_traverse_bits())?;
+        // Without a group, files go back to this user's own group (a dropped `group`
+        // leaves no stale owner behind, though the modes already shut it out).
+        let gid = access.gid().unwrap_or_else(fsutil::own_gid);
+        fsutil::ensure_dir_with(&self.dir, "key folder", access.dir_mode(), Some(gid))?;
+        let entries =
+            fs::read_dir(&self.dir).map_err(|e| format!("{}: {}", self.dir.display(), fsutil::io_reason(&e)))?;
+        for entry in entries {
+            let Ok(name) = entry
+                .map_err(|e| format!("{}: {}", self.dir.display(), fsutil::io_reason(&e)))?
+                .file_name()
+                .into_string()
+            else {
+                continue;
+            };
+            let perms = if name == JWKS {
+                access.jwks_perms()
+            } else if name == MANIFEST || parse_version_file(&name).is_some() {
+                access.file_perms()
+            } else {
+                continue;
+            };
+            let perms = fsutil::Perms {
+                gid: Some(gid),
+                ..perms
+            };
+            fsutil::set_file_perms(&self.dir, &name, perms).map_err(|e| {
+                format!(
+                    "cannot set the mode of {}: {}",
+                    self.dir.join(&name).display(),
+                    fsutil::io_reason(&e)
+                )
+            })?;
+        }
+        Ok(())
     }
 
     /// Reads and verifies the domain's state. `Err` means the key store is not in a
@@ -95,7 +299,9 @@ impl Keystore {
                 publics.insert(v.version, p.clone());
             }
         }
-        let mut leftovers = Vec::new();
+        let mut destroyed_files = Vec::new();
+        let mut temporaries = Vec::new();
+        let mut unlisted = Vec::new();
         let mut next_version = manifest.max_version() + 1;
         match fs::read_dir(&self.dir) {
             Ok(entries) => {
@@ -106,23 +312,38 @@ impl Keystore {
                     };
                     if let Some(n) = parse_version_file(&name) {
                         next_version = next_version.max(n + 1);
-                        let referenced = manifest.live().any(|v| v.file == name);
-                        if !referenced {
-                            leftovers.push(name);
+                        match manifest.versions.iter().find(|v| v.file == name) {
+                            Some(v) if v.is_live() => {}
+                            Some(_) => destroyed_files.push(name),
+                            None => unlisted.push(name),
                         }
                     } else if name.starts_with('.') && name.ends_with(".tmp") {
-                        leftovers.push(name);
+                        temporaries.push(name);
                     }
+                    // Anything else (`.lock`, `current.*`, jwks.json) is not a leftover.
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(format!("{}: {}", self.dir.display(), fsutil::io_reason(&e))),
         }
-        leftovers.sort();
+        // A `kid` published in jwks.json names its number even when a power loss
+        // dropped the staged file's directory entry (the file and the jwks rename
+        // may reach the disk in either order): never reuse it. Reading the kids costs
+        // no fsync, unlike making each staged name durable before publishing.
+        if let Ok(bytes) = fsutil::read_nofollow(&self.dir.join(JWKS), MANIFEST_LIMIT) {
+            if let Some(n) = published_versions(&bytes).into_iter().max() {
+                next_version = next_version.max(n + 1);
+            }
+        }
+        destroyed_files.sort();
+        temporaries.sort();
+        unlisted.sort();
         Ok(Inspection {
             manifest,
             publics,
-            leftovers,
+            destroyed_files,
+            temporaries,
+            unlisted,
             next_version,
             exists,
         })
@@ -155,16 +376,92 @@ impl Keystore {
         Ok(key)
     }
 
-    /// Removes what interrupted runs left behind.
-    pub fn sweep(&self, leftovers: &[String]) -> io::Result<()> {
-        fsutil::remove_files(&self.dir, leftovers, "sweep", DirSync::Now)
+    /// Removes files [`judge`] proved to be garbage.
+    pub fn sweep(&self, garbage: &[String]) -> io::Result<()> {
+        fsutil::remove_files(&self.dir, garbage, "sweep", DirSync::Now)
+    }
+
+    /// The lock file of the key store itself (DESIGN 4.4): held for a whole run next to
+    /// the state folder's lock, so that configs with different state folders never
+    /// work on one key store at once.
+    pub fn lock_path(&self) -> PathBuf {
+        self.dir.join(".lock")
+    }
+
+    /// What finishing the last commit's tidy-up would change: `current.*` not on the
+    /// active version, `jwks.json` not exactly the manifest's live keys, destroyed
+    /// versions' files still present. Empty when the store is whole.
+    pub fn repair_needed(&self, insp: &Inspection) -> Vec<String> {
+        let mut todo = Vec::new();
+        if let Some(active) = insp.manifest.active() {
+            let name = format!("current.{}", active.algorithm().extension());
+            if !fs::read_link(self.dir.join(&name)).is_ok_and(|t| t == Path::new(&active.file)) {
+                todo.push(format!("point {name} at v{}", active.version));
+            }
+        }
+        if self.jwks_stale(&insp.manifest, &insp.publics) {
+            todo.push("rewrite jwks.json from keyring.json".into());
+        }
+        if !insp.destroyed_files.is_empty() {
+            todo.push(format!("unlink destroyed {}", insp.destroyed_files.join(", ")));
+        }
+        todo
+    }
+
+    /// Finishes what a committed run left undone (DESIGN 5, repair after a crash past
+    /// the commit). Only for a store [`judge`] found clean: the manifest is the truth
+    /// only when nothing contradicts it. Returns what it did.
+    pub fn repair(&self, insp: &Inspection) -> io::Result<Vec<String>> {
+        let todo = self.repair_needed(insp);
+        if todo.is_empty() {
+            return Ok(todo);
+        }
+        self.point_current(&insp.manifest, DirSync::Deferred)?;
+        fsutil::remove_files(&self.dir, &insp.destroyed_files, "repair", DirSync::Deferred)?;
+        self.publish_jwks(&insp.manifest, &insp.publics, DirSync::Deferred)?;
+        self.sync_folder("repair")?;
+        Ok(todo)
+    }
+
+    fn jwks_stale(&self, manifest: &Manifest, publics: &BTreeMap<u64, PublicKey>) -> bool {
+        let path = self.dir.join(JWKS);
+        match jwks_bytes(manifest, publics) {
+            None => fs::symlink_metadata(&path).is_ok() && !fs::read(&path).is_ok_and(|b| b == empty_jwks()),
+            Some(bytes) => !fs::read(&path).is_ok_and(|old| old == bytes),
+        }
+    }
+
+    /// Rewrites `jwks.json` for `manifest` through a temporary of its own, for a thread
+    /// that restores it while the main thread may be writing it (the deadline
+    /// watchdog).
+    pub fn restore_jwks(&self, manifest: &Manifest, publics: &BTreeMap<u64, PublicKey>) -> io::Result<()> {
+        if !self.jwks_stale(manifest, publics) {
+            return Ok(());
+        }
+        let bytes = jwks_bytes(manifest, publics).unwrap_or_else(empty_jwks);
+        fsutil::write_atomic_via_with(
+            &self.dir,
+            JWKS,
+            ".jwks.json.restore.tmp",
+            &bytes,
+            "restore",
+            DirSync::Now,
+            self.access().jwks_perms(),
+        )
     }
 
     /// Writes a new version's file (O_EXCL, 0600, fsynced). Its name becomes durable
     /// with the next folder sync, which must come before the commit: the JWKS
     /// publication's, or [`Keystore::sync_folder`] when there is none.
     pub fn stage(&self, file: &str, key: &KeyFile) -> io::Result<()> {
-        fsutil::write_new(&self.dir, file, key.file_bytes(), "stage", DirSync::Deferred)
+        fsutil::write_new_with(
+            &self.dir,
+            file,
+            key.file_bytes(),
+            "stage",
+            DirSync::Deferred,
+            self.access().file_perms(),
+        )
     }
 
     /// Makes every entry change in the domain folder so far durable.
@@ -202,23 +499,29 @@ impl Keystore {
         publics: &BTreeMap<u64, PublicKey>,
         sync: DirSync,
     ) -> io::Result<bool> {
-        let doc = jwks(manifest, publics);
         let path = self.dir.join(JWKS);
-        if doc.is_none() && fs::symlink_metadata(&path).is_err() {
-            return Ok(false);
-        }
-        let mut bytes = serde_json::to_vec_pretty(&doc.unwrap_or_else(|| json!({"keys": []}))).expect("json");
-        bytes.push(b'\n');
+        let bytes = match jwks_bytes(manifest, publics) {
+            Some(b) => b,
+            None if fs::symlink_metadata(&path).is_err() => return Ok(false),
+            None => empty_jwks(),
+        };
         if fs::read(&path).is_ok_and(|old| old == bytes) {
             return Ok(false);
         }
-        fsutil::write_atomic(&self.dir, JWKS, &bytes, "jwks", sync)?;
+        fsutil::write_atomic_with(&self.dir, JWKS, &bytes, "jwks", sync, self.access().jwks_perms())?;
         Ok(true)
     }
 
     /// The commit point: atomically replaces `keyring.json`.
     pub fn commit(&self, manifest: &Manifest) -> io::Result<()> {
-        fsutil::write_atomic(&self.dir, MANIFEST, &manifest.to_bytes(), "commit", DirSync::Now)
+        fsutil::write_atomic_with(
+            &self.dir,
+            MANIFEST,
+            &manifest.to_bytes(),
+            "commit",
+            DirSync::Now,
+            self.access().file_perms(),
+        )
     }
 
     /// Points `current.pem` (or `current.key`) at the active version.
@@ -268,6 +571,18 @@ pub fn kid(v: &VersionEntry) -> String {
     format!("v{:06}-{}", v.version, &fp[..fp.len().min(8)])
 }
 
+fn jwks_bytes(manifest: &Manifest, publics: &BTreeMap<u64, PublicKey>) -> Option<Vec<u8>> {
+    let mut bytes = serde_json::to_vec_pretty(&jwks(manifest, publics)?).expect("json");
+    bytes.push(b'\n');
+    Some(bytes)
+}
+
+fn empty_jwks() -> Vec<u8> {
+    let mut bytes = serde_json::to_vec_pretty(&json!({"keys": []})).expect("json");
+    bytes.push(b'\n');
+    bytes
+}
+
 /// The RFC 7517 key set for `manifest`, or `None` when no version has a public key.
 pub fn jwks(manifest: &Manifest, publics: &BTreeMap<u64, PublicKey>) -> Option<Value> {
     let order = |s: VersionState| match s {
@@ -289,4 +604,67 @@ pub fn jwks(manifest: &Manifest, publics: &BTreeMap<u64, PublicKey>) -> Option<V
         })
         .collect();
     Some(json!({ "keys": keys }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_number_published_in_jwks_is_taken_even_without_its_file() {
+        let d = tempfile::tempdir().unwrap();
+        let ks = Keystore::new(d.path(), "d");
+        ks.prepare().unwrap();
+        std::fs::write(
+            ks.dir().join(JWKS),
+            r#"{"keys":[{"kid":"v000007-0123abcd"},{"kid":"v000003-ffffffff"},{"kid":"junk"}]}"#,
+        )
+        .unwrap();
+        let insp = ks.inspect().unwrap();
+        assert_eq!(insp.next_version, 8);
+        // And a number the ledger recorded beats both.
+        let prov = Provenance {
+            manifest_run_known: None,
+            runs: vec![RunRecord {
+                run_id: "r".into(),
+                state: "aborted".into(),
+                noted: vec!["v000011.pem".into()],
+                ..Default::default()
+            }],
+        };
+        assert_eq!(judge(&insp, &prov).next_version, 12);
+    }
+
+    #[test]
+    fn only_files_staged_by_runs_that_never_committed_are_garbage() {
+        let d = tempfile::tempdir().unwrap();
+        let ks = Keystore::new(d.path(), "d");
+        ks.prepare().unwrap();
+        let key = Algorithm::Ed25519.generate().unwrap();
+        for f in ["v000001.pem", "v000002.pem", "v000003.pem"] {
+            std::fs::write(ks.dir().join(f), key.file_bytes()).unwrap();
+        }
+        std::fs::write(ks.dir().join(".lock"), "").unwrap();
+        let insp = ks.inspect().unwrap();
+        assert_eq!(insp.unlisted, ["v000001.pem", "v000002.pem", "v000003.pem"]);
+        let run = |id: &str, state: &str, committed: bool, file: &str| RunRecord {
+            run_id: id.into(),
+            state: state.into(),
+            committed,
+            staged: vec![file.into()],
+            noted: Vec::new(),
+        };
+        let prov = Provenance {
+            manifest_run_known: None,
+            runs: vec![
+                run("a", "aborted", false, "v000001.pem"),
+                run("b", "succeeded", false, "v000002.pem"),
+                run("c", "resolved", true, "v000003.pem"),
+            ],
+        };
+        let v = judge(&insp, &prov);
+        assert_eq!(v.garbage, ["v000001.pem"]);
+        assert_eq!(v.evidence, ["v000002.pem", "v000003.pem"]);
+        assert!(!v.clean());
+    }
 }

@@ -7,6 +7,7 @@
 //! methods here and writes inside [`Ledger::write`], one transaction per call, through
 //! a [`Writer`]. Queries are written once, with `$N` placeholders, for both engines.
 
+mod pgurl;
 mod postgres;
 pub use postgres::validate_url as validate_postgres_url;
 mod sqlite;
@@ -277,6 +278,21 @@ impl Ledger {
         }
     }
 
+    /// Brings the schema to this keyrotate's version (`keyrotate migrate`, run as the
+    /// role that owns the tables): `(label, version before, version after)`.
+    pub fn migrate(location: &LedgerLocation, busy: Duration) -> Result<(String, i64, i64), String> {
+        match location {
+            LedgerLocation::Sqlite(path) => {
+                let (from, to) = sqlite::Sqlite::migrate_now(path, busy)?;
+                Ok((path.display().to_string(), from, to))
+            }
+            LedgerLocation::Postgres(url) => {
+                let (from, to) = postgres::migrate_now(url, busy)?;
+                Ok((postgres::redact(url), from, to))
+            }
+        }
+    }
+
     pub fn label(&self) -> &str {
         &self.label
     }
@@ -345,6 +361,62 @@ impl Ledger {
                 })
             },
         )
+    }
+
+    /// What the ledger knows about the runs that may have left files in `domain`'s key
+    /// store (DESIGN 4.4): whether it knows `manifest_run`, and the staging records,
+    /// commits and reported files of the domain's recent runs. Refused runs never
+    /// touch keys and are skipped; a leftover is removed by the first rotation after
+    /// the run that left it, so the last few dozen runs are the whole story.
+    pub fn provenance(&self, domain: &str, manifest_run: Option<&str>) -> Result<crate::keystore::Provenance, String> {
+        let db = self.db();
+        let manifest_run_known = match manifest_run {
+            None => None,
+            Some(run) => Some(
+                !db.runs(&self.label, "run_id = $1 AND domain = $2", &[run.into(), domain.into()])?
+                    .is_empty(),
+            ),
+        };
+        let rows = db.query(
+            &self.label,
+            "SELECT r.run_id, r.state, e.phase, e.detail FROM rotations r \
+             JOIN rotation_events e ON e.run_id = r.run_id \
+             WHERE r.id IN (SELECT id FROM rotations WHERE domain = $1 AND state <> 'refused' ORDER BY id DESC LIMIT 32) \
+             AND e.phase IN ('staging', 'committed', 'unlisted') ORDER BY e.id",
+            &[domain.into()],
+            |r| {
+                Ok((
+                    r.text(0)?.unwrap_or_default(),
+                    r.text(1)?.unwrap_or_default(),
+                    r.text(2)?.unwrap_or_default(),
+                    r.text(3)?.unwrap_or_default(),
+                ))
+            },
+        )?;
+        let mut runs: Vec<crate::keystore::RunRecord> = Vec::new();
+        for (run_id, state, phase, detail) in rows {
+            let i = match runs.iter().position(|r| r.run_id == run_id) {
+                Some(i) => i,
+                None => {
+                    runs.push(crate::keystore::RunRecord {
+                        run_id,
+                        state,
+                        ..Default::default()
+                    });
+                    runs.len() - 1
+                }
+            };
+            let files = detail.split_whitespace().map(str::to_string);
+            match phase.as_str() {
+                "staging" => runs[i].staged.extend(files),
+                "unlisted" => runs[i].noted.extend(files),
+                _ => runs[i].committed = true,
+            }
+        }
+        Ok(crate::keystore::Provenance {
+            manifest_run_known,
+            runs,
+        })
     }
 
     /// Takes the cross-host lock of `domain` for as long as this ledger stays open
@@ -456,6 +528,20 @@ impl Writer<'_, '_> {
         self.db.domain_record(self.label, domain)
     }
 
+    /// Reads a run's row and keeps it from changing until this transaction ends: on
+    /// PostgreSQL `FOR UPDATE` (a concurrent writer of the row waits, then reads what
+    /// this one wrote); SQLite's IMMEDIATE transaction already excludes other writers.
+    pub fn get_for_update(&self, run_id: &str) -> Result<Option<RunRow>, String> {
+        let lock = match self.db {
+            Db::Sqlite(_) => "",
+            _ => " FOR UPDATE",
+        };
+        Ok(self
+            .db
+            .runs(self.label, &format!("run_id = $1{lock}"), &[run_id.into()])?
+            .pop())
+    }
+
     /// Inserts the run's row: in flight (`started`) when `end` is `None`, else closed
     /// with `(state, outcome, reason)`.
     pub fn insert(
@@ -542,13 +628,19 @@ impl Writer<'_, '_> {
     }
 
     /// Records a review on a blocking run, which unblocks its domain.
-    pub fn resolve(&self, run_id: &str, by: &str, note: &str) -> Result<(), String> {
-        self.exec(
+    /// `Ok(false)` when the run was no longer `needs_review` (another `resolve` got
+    /// there first): nothing is written then.
+    pub fn resolve(&self, run_id: &str, by: &str, note: &str) -> Result<bool, String> {
+        let changed = self.exec(
             "UPDATE rotations SET state = 'resolved', resolved_by = $2, resolved_at = $3, resolution = $4 \
              WHERE run_id = $1 AND state = 'needs_review'",
             &[run_id.into(), by.into(), (&now()).into(), note.into()],
         )?;
-        self.event(run_id, "resolved", Some(note))
+        if changed == 0 {
+            return Ok(false);
+        }
+        self.event(run_id, "resolved", Some(note))?;
+        Ok(true)
     }
 
     pub fn event(&self, run_id: &str, phase: &str, detail: Option<&str>) -> Result<(), String> {

@@ -24,24 +24,9 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/postgres/002_audit_anchor.sql"),
 ];
 
-/// The URL as messages show it: without its password.
+/// The URL as messages show it: without its password (see `pgurl.rs`).
 pub(super) fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_string();
-    };
-    let (authority, tail) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) => {
-            let user = userinfo.split(':').next().unwrap_or("");
-            let masked = if userinfo.contains(':') {
-                format!("{user}:***")
-            } else {
-                user.to_string()
-            };
-            format!("{scheme}://{masked}@{host}{tail}")
-        }
-        None => url.to_string(),
-    }
+    super::pgurl::redact(url)
 }
 
 pub(super) fn err(label: &str, e: postgres::Error) -> String {
@@ -117,14 +102,40 @@ pub(super) fn query<T>(
 
 /// Checks a ledger URL without connecting (used when the config is loaded).
 pub fn validate_url(url: &str) -> Result<(), String> {
+    super::pgurl::check(url)?;
     let (wire, _) = super::tls::policy(url)?;
     wire.parse::<postgres::Config>().map(|_| ()).map_err(|e| e.to_string())
+}
+
+/// The password libpq would use when the URL gives none: `PGPASSWORD`, else the
+/// password file's first line matching the first host, port, database and user.
+fn default_password(config: &postgres::Config) -> Option<String> {
+    if let Some(p) = std::env::var("PGPASSWORD").ok().filter(|p| !p.is_empty()) {
+        return Some(p);
+    }
+    let user = config.get_user()?;
+    let host = match config.get_hosts().first() {
+        Some(postgres::config::Host::Tcp(h)) => h.clone(),
+        Some(postgres::config::Host::Unix(dir)) => dir.display().to_string(),
+        None => "localhost".to_string(),
+    };
+    super::pgurl::password_from_file(&super::pgurl::Lookup {
+        host: &host,
+        port: config.get_ports().first().copied().unwrap_or(5432),
+        database: config.get_dbname().unwrap_or(user),
+        user,
+    })
 }
 
 fn connect(url: &str, timeout: Duration) -> Result<Client, String> {
     let label = redact(url);
     let (wire, tls) = super::tls::policy(url).map_err(|e| format!("ledger {label}: {e}"))?;
     let mut config: postgres::Config = wire.parse().map_err(|e| format!("ledger {label}: {e}"))?;
+    if config.get_password().map_or(true, <[u8]>::is_empty) {
+        if let Some(p) = default_password(&config) {
+            config.password(p);
+        }
+    }
     config
         .connect_timeout(timeout.max(Duration::from_millis(100)))
         .application_name("keyrotate");
@@ -144,51 +155,132 @@ fn connect(url: &str, timeout: Duration) -> Result<Client, String> {
     Ok(client)
 }
 
+/// Opens the ledger for writing. The schema is read first and changed only when it is
+/// behind this keyrotate, so a role with only SELECT, INSERT and UPDATE runs everything
+/// once the owner has migrated.
 pub(super) fn open(url: &str, busy: Duration) -> Result<Client, String> {
     let label = redact(url);
     let mut client = connect(url, busy)?;
-    let mut tx = client.transaction().map_err(|e| err(&label, e))?;
-    tx.batch_execute(
-        "SELECT pg_advisory_xact_lock(hashtextextended('keyrotate:migrate', 0)); \
-         CREATE TABLE IF NOT EXISTS keyrotate_schema (version BIGINT NOT NULL)",
-    )
-    .map_err(|e| err(&label, e))?;
-    let version = schema_version(&mut tx, &label)?;
+    let version = recorded_version(&mut client, &label)?;
+    if version.is_some_and(|v| v as usize == MIGRATIONS.len()) {
+        return Ok(client);
+    }
+    if let Some(v) = version.filter(|v| *v as usize > MIGRATIONS.len()) {
+        return Err(too_new(&label, v));
+    }
+    migrate(&mut client, &label).map_err(|e| match e {
+        MigrateError::Denied(why) => format!(
+            "ledger {label}: the schema is at version {} and this keyrotate needs {}, but this role may not \
+             change it ({why}): run `keyrotate migrate` as the role that owns the tables",
+            version.unwrap_or(0),
+            MIGRATIONS.len()
+        ),
+        MigrateError::Other(e) => e,
+    })?;
+    Ok(client)
+}
+
+/// What `keyrotate migrate` reports: the schema version before and after.
+pub(super) fn migrate_now(url: &str, busy: Duration) -> Result<(i64, i64), String> {
+    let label = redact(url);
+    let mut client = connect(url, busy)?;
+    migrate(&mut client, &label).map_err(|e| match e {
+        MigrateError::Denied(why) => format!(
+            "ledger {label}: this role may not change the schema ({why}): run `keyrotate migrate` as the role \
+             that owns the tables (or that may create them)"
+        ),
+        MigrateError::Other(e) => e,
+    })
+}
+
+enum MigrateError {
+    /// The role lacks a privilege the migration needs.
+    Denied(String),
+    Other(String),
+}
+
+/// Brings the schema to this keyrotate's version, in one transaction serialised
+/// between hosts by a transaction-level advisory lock.
+fn migrate(client: &mut Client, label: &str) -> Result<(i64, i64), MigrateError> {
+    let fail = |e: postgres::Error| {
+        if e.code() == Some(&postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) {
+            MigrateError::Denied(
+                e.as_db_error()
+                    .map_or_else(|| e.to_string(), |d| d.message().to_string()),
+            )
+        } else {
+            MigrateError::Other(err(label, e))
+        }
+    };
+    let mut tx = client.transaction().map_err(fail)?;
+    tx.batch_execute("SELECT pg_advisory_xact_lock(hashtextextended('keyrotate:migrate', 0))")
+        .map_err(fail)?;
+    // Re-read under the lock: another host may have migrated meanwhile. The DDL also
+    // makes this session see that host's tables: an advisory lock alone does not refresh
+    // the catalog caches that `to_regclass` reads, a lock on the schema does.
+    tx.batch_execute("CREATE TABLE IF NOT EXISTS keyrotate_schema (version BIGINT NOT NULL)")
+        .map_err(fail)?;
+    let version = recorded_version(&mut tx, label)
+        .map_err(MigrateError::Other)?
+        .unwrap_or(0);
     if version as usize > MIGRATIONS.len() {
-        return Err(too_new(&label, version));
+        return Err(MigrateError::Other(too_new(label, version)));
+    }
+    if version == 0 {
+        unrecorded_tables(&mut tx, label).map_err(MigrateError::Other)?;
     }
     for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
-        tx.batch_execute(sql).map_err(|e| err(&label, e))?;
+        tx.batch_execute(sql).map_err(fail)?;
         tx.execute(
             "INSERT INTO keyrotate_schema (version) VALUES ($1)",
             &[&((i + 1) as i64)],
         )
-        .map_err(|e| err(&label, e))?;
+        .map_err(fail)?;
     }
-    tx.commit().map_err(|e| err(&label, e))?;
-    Ok(client)
+    tx.commit().map_err(fail)?;
+    Ok((version, MIGRATIONS.len() as i64))
+}
+
+/// Refuses a database whose keyrotate tables exist while no schema version is recorded
+/// (the version row deleted, or the tables restored without it): migrating would fail
+/// on "relation already exists", and guessing their version could apply a migration
+/// twice.
+fn unrecorded_tables(c: &mut impl GenericClient, label: &str) -> Result<(), String> {
+    let found: Option<String> = c
+        .query_one("SELECT to_regclass('rotations')::text", &[])
+        .map_err(|e| err(label, e))?
+        .get(0);
+    match found {
+        None => Ok(()),
+        Some(_) => Err(format!(
+            "ledger {label}: table rotations exists but keyrotate_schema records no schema version (its row was \
+             deleted, or the tables were restored without it); keyrotate will not guess: as the tables' owner, \
+             record the version they are at with INSERT INTO keyrotate_schema (version) VALUES (N) \
+             (this keyrotate's schema is version {})",
+            MIGRATIONS.len()
+        )),
+    }
 }
 
 pub(super) fn open_read_only(url: &str) -> Result<Option<Client>, String> {
     let label = redact(url);
     let mut client = connect(url, Duration::from_secs(10))?;
-    let exists: Option<String> = client
-        .query_one("SELECT to_regclass('keyrotate_schema')::text", &[])
-        .map_err(|e| err(&label, e))?
-        .get(0);
-    if exists.is_none() {
-        return Ok(None);
-    }
-    let version = schema_version(&mut client, &label)?;
+    let version = match recorded_version(&mut client, &label)? {
+        None | Some(0) => {
+            unrecorded_tables(&mut client, &label)?;
+            return Ok(None);
+        }
+        Some(v) => v,
+    };
     if version as usize > MIGRATIONS.len() {
         return Err(too_new(&label, version));
     }
     if (version as usize) < MIGRATIONS.len() {
-        return if version == 0 {
-            Ok(None)
-        } else {
-            Err(format!("ledger {label}: schema version {version} needs migrating"))
-        };
+        return Err(format!(
+            "ledger {label}: schema version {version} needs migrating to {}: run `keyrotate migrate` as the role \
+             that owns the tables",
+            MIGRATIONS.len()
+        ));
     }
     client
         .batch_execute("SET default_transaction_read_only = on")
@@ -196,12 +288,21 @@ pub(super) fn open_read_only(url: &str) -> Result<Option<Client>, String> {
     Ok(Some(client))
 }
 
-fn schema_version(c: &mut impl GenericClient, label: &str) -> Result<i64, String> {
+/// The schema version recorded in `keyrotate_schema`: `None` when that table does not
+/// exist, `Some(0)` when it is empty. Reads only.
+fn recorded_version(c: &mut impl GenericClient, label: &str) -> Result<Option<i64>, String> {
+    let exists: Option<String> = c
+        .query_one("SELECT to_regclass('keyrotate_schema')::text", &[])
+        .map_err(|e| err(label, e))?
+        .get(0);
+    if exists.is_none() {
+        return Ok(None);
+    }
     let v: Option<i64> = c
         .query_one("SELECT max(version) FROM keyrotate_schema", &[])
         .map_err(|e| err(label, e))?
         .get(0);
-    Ok(v.unwrap_or(0))
+    Ok(Some(v.unwrap_or(0)))
 }
 
 fn too_new(label: &str, version: i64) -> String {
@@ -233,23 +334,4 @@ pub(super) fn advisory_lock_held(c: &mut Client, domain: &str) -> Result<bool, p
         &[&lock_key(domain)],
     )?
     .get(0))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::redact;
-
-    #[test]
-    fn urls_lose_their_password_in_messages() {
-        assert_eq!(
-            redact("postgres://kr:s3cret@db.example:5432/ledger"),
-            "postgres://kr:***@db.example:5432/ledger"
-        );
-        assert_eq!(redact("postgres://kr@db/ledger"), "postgres://kr@db/ledger");
-        assert_eq!(
-            redact("postgres://postgres@%2Fvar%2Frun%2Fpostgresql/db"),
-            "postgres://postgres@%2Fvar%2Frun%2Fpostgresql/db"
-        );
-        assert_eq!(redact("postgresql://a:b:c@h/d"), "postgresql://a:***@h/d");
-    }
 }

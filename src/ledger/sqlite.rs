@@ -115,6 +115,21 @@ impl Sqlite {
     }
 
     pub(super) fn open(path: &Path, busy: Duration) -> Result<Sqlite, String> {
+        let mut s = Sqlite::open_unmigrated(path, busy)?;
+        s.migrate(&path.display().to_string())?;
+        Ok(s)
+    }
+
+    /// `keyrotate migrate`: creates or migrates the ledger; the version before and after.
+    pub(super) fn migrate_now(path: &Path, busy: Duration) -> Result<(i64, i64), String> {
+        let label = path.display().to_string();
+        let mut s = Sqlite::open_unmigrated(path, busy)?;
+        let before = s.user_version(&label)?;
+        s.migrate(&label)?;
+        Ok((before.min(MIGRATIONS.len() as i64), s.user_version(&label)?))
+    }
+
+    fn open_unmigrated(path: &Path, busy: Duration) -> Result<Sqlite, String> {
         let label = path.display().to_string();
         match std::fs::symlink_metadata(path) {
             Ok(m) if !m.is_file() => return Err(format!("ledger {label}: not a regular file")),
@@ -131,13 +146,11 @@ impl Sqlite {
         }
         let flags =
             OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_NOFOLLOW;
-        let conn = Connection::open_with_flags(path, flags).map_err(|e| err(&label, e))?;
+        let conn = Connection::open_with_flags(real_parents(path), flags).map_err(|e| err(&label, e))?;
         conn.busy_timeout(busy).map_err(|e| err(&label, e))?;
         conn.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;")
             .map_err(|e| err(&label, e))?;
-        let mut s = Sqlite { conn, _snapshot: None };
-        s.migrate(&label)?;
-        Ok(s)
+        Ok(Sqlite { conn, _snapshot: None })
     }
 
     pub(super) fn open_read_only(path: &Path) -> Result<Option<Sqlite>, String> {
@@ -153,7 +166,7 @@ impl Sqlite {
         let flags =
             OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_NOFOLLOW;
         let s = if !Path::new(&wal).exists() {
-            let uri = format!("file:{}?immutable=1", uri_escape(path));
+            let uri = format!("file:{}?immutable=1", uri_escape(&real_parents(path)));
             let conn =
                 Connection::open_with_flags(uri, flags | OpenFlags::SQLITE_OPEN_URI).map_err(|e| err(&label, e))?;
             Sqlite { conn, _snapshot: None }
@@ -178,7 +191,7 @@ impl Sqlite {
         }
         if (version as usize) < MIGRATIONS.len() {
             return Err(format!(
-                "ledger {label}: schema version {version} needs migrating; run any rotate or resolve first"
+                "ledger {label}: schema version {version} needs migrating; run `keyrotate migrate` (or any rotate) first"
             ));
         }
         Ok(Some(s))
@@ -235,6 +248,19 @@ fn private_copy(db: &Path, wal: &Path) -> Result<tempfile::TempDir, String> {
     std::fs::copy(db, dir.path().join("ledger.sqlite3")).map_err(fail)?;
     std::fs::copy(wal, dir.path().join("ledger.sqlite3-wal")).map_err(fail)?;
     Ok(dir)
+}
+
+/// `path` with the symlinks above the state folder resolved. SQLite's NOFOLLOW refuses a
+/// symlink anywhere in the path, but one above the configured folder (`/var/lib` ->
+/// `/data`) is normal and must work (DESIGN section 4.4); the state folder's own name
+/// and the file's are kept, so a symlink there is still refused.
+fn real_parents(path: &Path) -> std::path::PathBuf {
+    let resolved = (|| {
+        let dir = path.parent()?;
+        let above = std::fs::canonicalize(dir.parent()?).ok()?;
+        Some(above.join(dir.file_name()?).join(path.file_name()?))
+    })();
+    resolved.unwrap_or_else(|| path.to_path_buf())
 }
 
 fn uri_escape(path: &Path) -> String {

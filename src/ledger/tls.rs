@@ -36,8 +36,13 @@ pub(super) struct Tls {
 
 /// The URL with keyrotate's TLS options taken out (in the form the driver parses), and
 /// the TLS policy they ask for: `None` for `sslmode=disable`.
+///
+/// The query starts after the user-info (as the driver reads it), so a `?` in a
+/// password is not mistaken for it. On Unix-domain sockets `sslmode` is ignored, as
+/// libpq does: there is no TLS on a socket.
 pub(super) fn policy(url: &str) -> Result<(String, Option<Tls>), String> {
-    let (base, query) = url.split_once('?').unwrap_or((url, ""));
+    let parts = super::pgurl::split(url).ok_or("expected a postgres:// or postgresql:// URL")?;
+    let (base, query) = (parts.base(), parts.query());
     let mut mode = "prefer".to_string();
     let mut rootcert = None;
     let mut rest = Vec::new();
@@ -63,6 +68,10 @@ pub(super) fn policy(url: &str) -> Result<(String, Option<Tls>), String> {
             ))
         }
     };
+    if parts.unix_socket_only() {
+        rest.push("sslmode=disable".into());
+        return Ok((format!("{base}?{}", rest.join("&")), None));
+    }
     rest.push(format!("sslmode={wire}"));
     Ok((
         format!("{base}?{}", rest.join("&")),
@@ -206,5 +215,13 @@ mod tests {
             tls(Verify::Chain, Some("/ca"))
         );
         assert!(policy("postgres://h/db?sslmode=allow").is_err());
+        assert_eq!(
+            p("postgres://u:p?w@h/db?sslmode=disable"),
+            ("postgres://u:p?w@h/db?sslmode=disable".into(), None)
+        );
+        assert_eq!(
+            p("postgres://u@%2Fvar%2Frun%2Fpostgresql/db?sslmode=verify-full"),
+            ("postgres://u@%2Fvar%2Frun%2Fpostgresql/db?sslmode=disable".into(), None)
+        );
     }
 }

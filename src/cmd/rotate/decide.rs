@@ -85,7 +85,7 @@ pub(super) fn last_step(events: &[(String, String, Option<String>)]) -> Option<&
 }
 
 /// What the key store shows about a run that died: did it commit?
-pub(super) fn diagnose(p: &Prepared, dead: &RunRow, last_step: Option<&str>) -> String {
+pub(super) fn diagnose(p: &Prepared, dead: &RunRow, last_step: Option<&str>, ledger: Option<&Ledger>) -> String {
     let step = last_step
         .map(|s| format!("its last recorded step was '{s}'; "))
         .unwrap_or_default();
@@ -100,27 +100,25 @@ pub(super) fn diagnose(p: &Prepared, dead: &RunRow, last_step: Option<&str>) -> 
         }
         Backend::Keystore { keystore, .. } => {
             let ks = Keystore::new(keystore, &p.domain.name);
-            match ks.inspect() {
+            match crate::backend::keystore::examine(&ks, ledger, &p.domain.name) {
                 Err(d) => format!("{step}the key store is inconsistent: {d}"),
-                Ok(i) => {
+                Ok((i, verdict)) => {
                     let mine: Vec<String> = i
                         .manifest
-                        .versions
-                        .iter()
-                        .filter(|v| v.created_by_run == dead.run_id)
+                        .created_by(&dead.run_id)
                         .map(|v| format!("v{}", v.version))
                         .collect();
                     let primary = i.manifest.primary.map_or("empty".into(), |n| format!("v{n}"));
                     if mine.is_empty() {
                         format!(
                             "{step}keyring primary is {primary}, not created by that run: it did not commit, the old key state stands{}",
-                            leftovers_note(&i)
+                            leftovers_note(&i, &verdict)
                         )
                     } else {
                         format!(
-                            "{step}keyring primary is {primary}; {} created by that run: it did commit (its tidy-up may be unfinished){}",
+                            "{step}keyring primary is {primary}; {} created by that run: it did commit{}",
                             mine.join(", "),
-                            leftovers_note(&i)
+                            leftovers_note(&i, &verdict)
                         )
                     }
                 }
@@ -142,14 +140,17 @@ pub(super) fn diagnose(p: &Prepared, dead: &RunRow, last_step: Option<&str>) -> 
     }
 }
 
-pub(super) fn leftovers_note(i: &Inspection) -> String {
-    if i.leftovers.is_empty() {
-        String::new()
-    } else {
-        format!(
-            "; {} leftover file(s) ({}) will be removed by the next rotation",
-            i.leftovers.len(),
-            i.leftovers.join(", ")
-        )
+/// What the diagnosis adds about files the manifest does not list.
+pub(super) fn leftovers_note(i: &Inspection, verdict: &crate::keystore::Verdict) -> String {
+    let mut note = String::new();
+    if !i.unlisted.is_empty() {
+        note.push_str(&format!(
+            "; file(s) not in keyring.json: {} (the first rotation after review removes those a run recorded as staged and never committed, and reports any other)",
+            i.unlisted.join(", ")
+        ));
     }
+    if let Some(m) = &verdict.mismatch {
+        note.push_str(&format!("; {m}"));
+    }
+    note
 }

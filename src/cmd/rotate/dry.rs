@@ -79,6 +79,21 @@ pub(super) fn dry_run_decide(p: &Prepared, plan: &mut Vec<String>) -> (Outcome, 
         Ok(None) => plan.push("lock: free".into()),
         Err(e) => plan.push(format!("lock: cannot tell whether it is held ({e})")),
     }
+    if let Backend::Keystore { keystore, .. } = &p.domain.backend {
+        let ks_lock = Keystore::new(keystore, &p.domain.name).lock_path();
+        if let Ok(Some(pid)) = lock::probe(&ks_lock) {
+            let who = lock::read_holder(&ks_lock).map_or(format!("pid {pid}"), |h| h.describe());
+            plan.push(format!(
+                "lock: the key store lock {} is held by {who}",
+                ks_lock.display()
+            ));
+            return (
+                Outcome::Busy,
+                format!("another run holds the key store lock: {who}"),
+                none,
+            );
+        }
+    }
 
     let ledger = match Ledger::open_read_only(&p.config.ledger) {
         Ok(l) => l,
@@ -142,13 +157,23 @@ pub(super) fn dry_run_decide(p: &Prepared, plan: &mut Vec<String>) -> (Outcome, 
             last.ended_at.as_deref().unwrap_or(&last.started_at)
         ));
     }
+    if let Backend::Keystore { keystore, .. } = &p.domain.backend {
+        let ks = Keystore::new(keystore, &p.domain.name);
+        if let Ok((insp, verdict)) = crate::backend::keystore::examine(&ks, ledger.as_ref(), &p.domain.name) {
+            if verdict.clean() && insp.exists {
+                for todo in ks.repair_needed(&insp) {
+                    plan.push(format!("repair (the last commit's unfinished tidy-up): {todo}"));
+                }
+            }
+        }
+    }
     match admit(p, &rec, p.deadline.remaining()) {
         Admission::Stale(dead) => {
             let events = ledger
                 .as_ref()
                 .and_then(|l| l.events(&dead.run_id).ok())
                 .unwrap_or_default();
-            let diagnosis = diagnose(p, &dead, last_step(&events));
+            let diagnosis = diagnose(p, &dead, last_step(&events), ledger.as_ref());
             plan.push(format!(
                 "ledger: run {} is still in flight but holds no lock: it died",
                 dead.run_id
@@ -188,6 +213,14 @@ pub(super) fn dry_run_decide(p: &Prepared, plan: &mut Vec<String>) -> (Outcome, 
         }),
     }
 
+    if let Err(e) = p.audit.preflight(false) {
+        plan.push(format!("audit: {e}"));
+        return (
+            Outcome::Aborted,
+            format!("{e}; the real run would stop before touching any key"),
+            none,
+        );
+    }
     match &p.domain.backend {
         Backend::Keystore {
             keystore,
@@ -199,28 +232,40 @@ pub(super) fn dry_run_decide(p: &Prepared, plan: &mut Vec<String>) -> (Outcome, 
                 plan.push(format!("key store: {e}"));
                 return (Outcome::Aborted, format!("{e}; the real run would refuse it"), none);
             }
-            let insp = match ks.inspect() {
+            let (insp, verdict) = match crate::backend::keystore::examine(&ks, ledger.as_ref(), &p.domain.name) {
                 Ok(i) => i,
+                Err(crate::backend::keystore::ExamineError::Ledger(e)) => {
+                    plan.push(format!("ledger: {e}"));
+                    return (
+                        Outcome::Aborted,
+                        format!("{e}; the real run would stop before touching any key"),
+                        none,
+                    );
+                }
                 Err(d) => {
                     plan.push(format!("key store: inconsistent: {d}"));
                     return (Outcome::NeedsReview, format!("key store is inconsistent: {d}"), none);
                 }
             };
+            if let Some(d) = verdict.diagnosis(&p.domain.name) {
+                plan.push(format!("key store: {d}"));
+                return (Outcome::NeedsReview, d, none);
+            }
             if !insp.exists {
                 plan.push(format!(
                     "key store: {} has no keyring yet (first rotation)",
                     ks.dir().display()
                 ));
             }
-            if !insp.leftovers.is_empty() {
+            if !verdict.garbage.is_empty() {
                 plan.push(format!(
-                    "sweep: remove {} left by an interrupted run",
-                    insp.leftovers.join(", ")
+                    "sweep: remove {} (proven garbage: destroyed versions, temporaries, files staged by runs that never committed)",
+                    verdict.garbage.join(", ")
                 ));
             }
             let rp = insp
                 .manifest
-                .plan(*algorithm, *activation, p.domain.retain, insp.next_version);
+                .plan(*algorithm, *activation, p.domain.retain, verdict.next_version);
             for n in &rp.create {
                 plan.push(
                     format!(
@@ -242,7 +287,12 @@ pub(super) fn dry_run_decide(p: &Prepared, plan: &mut Vec<String>) -> (Outcome, 
             for v in &rp.destroy {
                 plan.push(format!("destroy: v{v} (beyond retain = {})", p.domain.retain));
             }
-            plan.push("commit: replace keyring.json atomically; update current symlink and jwks.json".into());
+            // Symmetric keys have no public half: no jwks.json is written for them.
+            plan.push(if algorithm.is_symmetric() {
+                "commit: replace keyring.json atomically; update the current.key symlink".into()
+            } else {
+                "commit: replace keyring.json atomically; update the current.pem symlink and jwks.json".into()
+            });
             let v = |n: Option<u64>| n.map_or("none".into(), |n| format!("v{n}"));
             (
                 Outcome::Rotated,
@@ -263,11 +313,14 @@ pub(super) fn dry_run_decide(p: &Prepared, plan: &mut Vec<String>) -> (Outcome, 
                     none,
                 );
             }
+            // Quoted the way a shell would need it, so the plan shows exactly which
+            // arguments the hook gets (an argument with a space is one argument).
+            let words: Vec<String> = std::iter::once(program.to_string_lossy().into_owned())
+                .chain(args.iter().cloned())
+                .collect();
+            let shown = shlex::try_join(words.iter().map(String::as_str)).unwrap_or_else(|_| format!("{words:?}"));
             for step in command::STEPS {
-                plan.push(format!(
-                    "run: KEYROTATE_STEP={step} {}",
-                    command::describe(program, args)
-                ));
+                plan.push(format!("run: KEYROTATE_STEP={step} {shown}"));
             }
             plan.push("commit point: the 'set' step; a failure from there on blocks the domain".into());
             (Outcome::Rotated, "would run the hook's four steps".into(), none)

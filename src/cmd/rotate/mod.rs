@@ -25,7 +25,7 @@ use serde::Serialize;
 use super::{clean_text, hostname, load_config, operator, print_json};
 use crate::audit::{Audit, Event};
 use crate::backend::command::{self, CommandRotation};
-use crate::backend::keystore::KeystoreRotation;
+use crate::backend::keystore::{KeystoreRotation, PreCommitUndo};
 use crate::backend::{Rotated, Step};
 use crate::cli::{Cli, OutputFormat, RotateArgs};
 use crate::config::{Backend, Config, DomainConfig};
@@ -106,9 +106,9 @@ fn print_report(r: &Report, output: OutputFormat) {
         OutputFormat::Json => print_json(r),
         OutputFormat::Text => {
             if let Some(plan) = &r.plan {
-                println!("plan for {} (dry run, nothing changed):", r.domain);
+                out!("plan for {} (dry run, nothing changed):", r.domain);
                 for line in plan {
-                    println!("  {line}");
+                    out!("  {line}");
                 }
             }
             let run = if r.run_id.is_empty() {
@@ -117,7 +117,7 @@ fn print_report(r: &Report, output: OutputFormat) {
                 format!(" [run {}]", r.run_id)
             };
             let would = if r.dry_run { "would exit " } else { "" };
-            println!("{} {}: {}{run} ({would}{})", r.outcome, r.domain, r.reason, r.exit_code);
+            out!("{} {}: {}{run} ({would}{})", r.outcome, r.domain, r.reason, r.exit_code);
         }
     }
 }

@@ -118,18 +118,46 @@ pub(super) fn real_run_inner(p: &Prepared) -> Concluded {
         Err(e) => return stop_unrecorded(p, before_keys(p), format!("{e}; no key was touched")),
     }
 
+    // The key store's own lock, so that a config with another state folder can never
+    // rotate this key store at the same time. A key folder that cannot be prepared is
+    // left to the backend, which refuses it with a recorded ABORTED.
+    let _keystore_lock = match keystore_of(p) {
+        Some(ks) if ks.prepare().is_ok() => match DomainLock::try_acquire(&ks.lock_path()) {
+            Err(e) => return refuse_recorded(p, &mut ledger, Outcome::Aborted, format!("{e}; nothing was changed")),
+            Ok(Acquire::Busy(holder)) => return refuse_busy_keystore(p, &ks, holder),
+            Ok(Acquire::Acquired(mut l)) => {
+                if let Err(e) = l.write_holder(&holder) {
+                    tracing::warn!("{e}");
+                }
+                Some(l)
+            }
+        },
+        _ => None,
+    };
     // 4-6. stale run, open review, due, budget: decided and recorded in one transaction
+    // (after finishing what a committed run left undone)
     match admit_and_record(p, &mut ledger, &guard) {
         Err(f) => return stop_unrecorded(p, f.outcome, f.message),
         Ok(Some(refused)) => return refused,
         Ok(None) => {}
     }
-    let _ = p.audit.emit(Event {
-        reason: p.run.requested_reason.clone(),
-        ..Event::of("rotation.started", &p.run)
+    // The audit trail is part of the run: a run that cannot write it stops here, before
+    // any key is touched, with its row saying why (DESIGN section 5).
+    let audited = p.audit.preflight(true).and_then(|()| {
+        p.audit.emit(Event {
+            reason: p.run.requested_reason.clone(),
+            ..Event::of("rotation.started", &p.run)
+        })
     });
+    if let Err(e) = audited {
+        let reason = format!("{e}: the audit trail is part of the run; no key was touched");
+        conclude(&mut ledger, p, Outcome::Aborted, &reason, None);
+        drop(held);
+        return stop(Outcome::Aborted, reason);
+    }
     tracing::info!(run_id = %p.run.run_id, domain = %p.domain.name, deadline = %p.run.deadline_at, "rotation started");
-    arm_watchdog(p, &guard);
+    let undo = PreCommitUndo::default();
+    arm_watchdog(p, &guard, undo.clone());
 
     // 7. rotation
     let result = {
@@ -145,11 +173,12 @@ pub(super) fn real_run_inner(p: &Prepared) -> Concluded {
                 keystore,
                 activation,
             } => KeystoreRotation {
-                keystore: Keystore::new(keystore, &p.domain.name),
+                keystore: Keystore::new(keystore, &p.domain.name).with_access(p.domain.access.clone()),
                 algorithm: *algorithm,
                 activation: *activation,
                 retain: p.domain.retain,
                 step,
+                undo,
             }
             .run(),
             Backend::Command { program, args } => CommandRotation {
@@ -171,12 +200,65 @@ pub(super) fn real_run_inner(p: &Prepared) -> Concluded {
         ),
         Err(f) => (f.outcome, f.message, None),
     };
-    conclude(&mut ledger, p, outcome, &reason, rotated.as_ref());
+    let (outcome, reason) = conclude(&mut ledger, p, outcome, &reason, rotated.as_ref());
     drop(held);
     Concluded {
         outcome,
         reason,
         rotated,
+    }
+}
+
+/// Ends a run before admission with a closed row (`aborted`) and its audit line.
+fn refuse_recorded(p: &Prepared, ledger: &mut Ledger, outcome: Outcome, reason: String) -> Concluded {
+    let res = ledger.write("refuse", |w| {
+        if w.get(&p.run.run_id)?.is_some() {
+            return Err(format!("--run-id {} is already in the ledger", p.run.run_id));
+        }
+        w.insert(&p.run, Some((outcome.ledger_state(), outcome, &reason)), None)
+    });
+    if let Err(e) = res {
+        return stop_unrecorded(p, outcome, format!("{reason}; {e}"));
+    }
+    let _ = p.audit.emit(refused_event(p, outcome, &reason));
+    stop(outcome, reason)
+}
+
+fn keystore_of(p: &Prepared) -> Option<Keystore> {
+    match &p.domain.backend {
+        Backend::Keystore { keystore, .. } => {
+            Some(Keystore::new(keystore, &p.domain.name).with_access(p.domain.access.clone()))
+        }
+        Backend::Command { .. } => None,
+    }
+}
+
+/// DESIGN 5, repair after a crash past the commit: under the locks, before any
+/// decision, finish the tidy-up the manifest says is due (`current.*`, `jwks.json`,
+/// destroyed versions' files), but only on a store nothing contradicts: with a
+/// mismatch or unlisted files the manifest may be an old copy, and "repairing" from it
+/// would roll the store back. Returns what it did, for the run's reason.
+fn repair(p: &Prepared, ledger: &Ledger) -> Option<String> {
+    let ks = keystore_of(p)?;
+    let (insp, verdict) = crate::backend::keystore::examine(&ks, Some(ledger), &p.domain.name).ok()?;
+    if !verdict.clean() || !insp.exists {
+        return None;
+    }
+    match ks.repair(&insp) {
+        Ok(done) if done.is_empty() => None,
+        Ok(done) => {
+            let note = format!("finished the last commit's tidy-up: {}", done.join(", "));
+            tracing::info!("{note}");
+            Some(note)
+        }
+        Err(e) => {
+            let note = format!(
+                "could not finish the last commit's tidy-up: {}",
+                crate::fsutil::io_reason(&e)
+            );
+            tracing::warn!("{note}");
+            Some(note)
+        }
     }
 }
 
@@ -198,12 +280,20 @@ pub(super) fn open_ledger(p: &Prepared) -> Result<Ledger, String> {
 }
 
 /// Closes the run's row and writes its last audit line. Used by the main thread and by
-/// the deadline watchdog.
-pub(super) fn conclude(ledger: &mut Ledger, p: &Prepared, outcome: Outcome, reason: &str, rotated: Option<&Rotated>) {
+/// the deadline watchdog. Returns the outcome the run must exit with: when the closing
+/// write fails the row stays in flight, the next run will find it and block the domain,
+/// so the run says so now (NEEDS_REVIEW) instead of an exit code nobody will see again.
+pub(super) fn conclude(
+    ledger: &mut Ledger,
+    p: &Prepared,
+    outcome: Outcome,
+    reason: &str,
+    rotated: Option<&Rotated>,
+) -> (Outcome, String) {
     let to_version = rotated.and_then(|r| r.to_version);
     let from_version = rotated.and_then(|r| r.from_version);
     let run_id = p.run.run_id.clone();
-    let event = Event {
+    let event = |outcome: Outcome, reason: &str| Event {
         exit_code: Some(outcome.code()),
         outcome: Some(outcome.name()),
         reason: Some(reason.to_string()),
@@ -215,18 +305,25 @@ pub(super) fn conclude(ledger: &mut Ledger, p: &Prepared, outcome: Outcome, reas
     };
     // The closing transaction also records the chain head that this run's last audit
     // line becomes (DESIGN section 12); the line is appended right after it commits.
-    let (closed, audited) = p.audit.emit_anchored(event, |head| {
-        ledger.write("close", |w| {
+    // If it fails, no anchor was recorded and the line says what the run now is.
+    let ((outcome, reason), audited) = p.audit.emit_anchored(event(outcome, reason), |head| {
+        let closed = ledger.write("close", |w| {
             w.close(&run_id, outcome, reason, (from_version, to_version))?;
             match head {
                 Some(head) => w.anchor(&run_id, head),
                 None => Ok(()),
             }
-        })
+        });
+        match closed {
+            Ok(()) => ((outcome, reason.to_string()), None),
+            Err(e) => {
+                let (o, r) = unclosed(outcome, reason, &e);
+                let line = event(o, &r);
+                ((o, r), Some(line))
+            }
+        }
     });
-    if let Err(e) = closed {
-        tracing::error!("{e}; the run's row stays open and the next run will flag it for review");
-    }
+    let reason = reason.as_str();
     if let Err(e) = audited {
         tracing::error!("{e}");
     }
@@ -234,37 +331,70 @@ pub(super) fn conclude(ledger: &mut Ledger, p: &Prepared, outcome: Outcome, reas
         Outcome::Rotated => tracing::info!("{}: {reason}", outcome.name()),
         _ => tracing::error!("{}: {reason}", outcome.name()),
     }
+    (outcome, reason.to_string())
+}
+
+/// The outcome and reason of a run whose row could not be closed (`e`): it stays in
+/// flight, which the next run on any host reads as a run that died, and blocks on.
+fn unclosed(outcome: Outcome, reason: &str, e: &str) -> (Outcome, String) {
+    (
+        Outcome::NeedsReview,
+        format!(
+            "{reason}; but the ledger could not record this ({e}): the run's row stays in flight, so the domain \
+             is blocked until `keyrotate resolve` (the run itself ended {})",
+            outcome.name()
+        ),
+    )
+}
+
+fn refuse_busy_keystore(p: &Prepared, ks: &Keystore, holder: Option<Holder>) -> Concluded {
+    let who = holder.map_or("another process (the lock file does not name it)".to_string(), |h| {
+        h.describe()
+    });
+    let reason = format!(
+        "another run holds the key store lock {} of {}: {who} (a config with another state folder may rotate this key store)",
+        ks.lock_path().display(),
+        p.domain.name
+    );
+    refuse_busy_because(p, reason)
 }
 
 pub(super) fn refuse_busy(p: &Prepared, holder: Option<Holder>) -> Concluded {
     let who = holder.map_or("another process (the lock file does not name it)".to_string(), |h| {
         h.describe()
     });
-    let reason = format!("another rotation of {} is running: {who}", p.domain.name);
-    match open_ledger(p) {
-        Ok(mut ledger) => {
-            // The refused row is this run's closing write: it anchors the audit line too.
-            let (res, _) = p.audit.emit_anchored(refused_event(p, Outcome::Busy, &reason), |head| {
-                ledger.write("refuse", |w| {
-                    if w.get(&p.run.run_id)?.is_some() {
-                        return Err(format!("--run-id {} is already in the ledger", p.run.run_id));
-                    }
-                    w.insert(&p.run, Some(("refused", Outcome::Busy, &reason)), None)?;
-                    match head {
-                        Some(head) => w.anchor(&p.run.run_id, head),
-                        None => Ok(()),
-                    }
-                })
-            });
-            if let Err(e) = res {
+    refuse_busy_because(p, format!("another rotation of {} is running: {who}", p.domain.name))
+}
+
+fn refuse_busy_because(p: &Prepared, reason: String) -> Concluded {
+    // Connected before the audit file is locked: other processes' lines never wait for
+    // this connection.
+    let ledger = open_ledger(p);
+    // The refused row is this run's closing write: it anchors the run's audit line too.
+    let ((), _) = p.audit.emit_anchored(refused_event(p, Outcome::Busy, &reason), |head| {
+        let recorded = ledger.and_then(|mut ledger| {
+            ledger.write("refuse", |w| {
+                if w.get(&p.run.run_id)?.is_some() {
+                    return Err(format!("--run-id {} is already in the ledger", p.run.run_id));
+                }
+                w.insert(&p.run, Some(("refused", Outcome::Busy, &reason)), None)?;
+                match head {
+                    Some(head) => w.anchor(&p.run.run_id, head),
+                    None => Ok(()),
+                }
+            })
+        });
+        match recorded {
+            Ok(()) => ((), None),
+            // Without its row (the database at its connection limit, say) the audit
+            // line is the run's only record: it must say so.
+            Err(e) => {
                 tracing::error!("{e}");
+                let line = refused_event(p, Outcome::Busy, &format!("{reason} (no ledger row: {e})"));
+                ((), Some(line))
             }
         }
-        Err(e) => {
-            tracing::error!("{e}");
-            let _ = p.audit.emit(refused_event(p, Outcome::Busy, &reason));
-        }
-    }
+    });
     stop(Outcome::Busy, reason)
 }
 
@@ -273,10 +403,16 @@ pub(super) fn admit_and_record(p: &Prepared, ledger: &mut Ledger, guard: &Guard)
     let rec = ledger
         .domain_record(&p.domain.name)
         .map_err(|e| Failure::new(before_keys(p), format!("{e}; no key was touched")))?;
+    // Before deciding anything: finish what a committed run left undone.
+    let repaired = repair(p, ledger);
     // The diagnosis reads the key store, so it is made before the write transaction.
     let stale_diagnosis = rec.in_flight.as_ref().map(|dead| {
         let events = ledger.events(&dead.run_id).unwrap_or_default();
-        diagnose(p, dead, last_step(&events))
+        let d = diagnose(p, dead, last_step(&events), Some(&*ledger));
+        match &repaired {
+            Some(r) => format!("{d}; {r}"),
+            None => d,
+        }
     });
     let domain = p.domain.name.clone();
     let decision = ledger
@@ -355,7 +491,7 @@ pub(super) fn admit_and_record(p: &Prepared, ledger: &mut Ledger, guard: &Guard)
 /// At the deadline, if the run is still before its commit point, the watchdog records
 /// TIMED_OUT and ends the process: the hung step is abandoned like a crash before the
 /// commit, which leaves the old manifest authoritative.
-pub(super) fn arm_watchdog(p: &Prepared, guard: &Guard) {
+pub(super) fn arm_watchdog(p: &Prepared, guard: &Guard, undo: PreCommitUndo) {
     let ledger_at = p.config.ledger.clone();
     let snapshot = Prepared {
         config: p.config.clone(),
@@ -374,21 +510,31 @@ pub(super) fn arm_watchdog(p: &Prepared, guard: &Guard) {
         Backend::Command { .. } => command::KILL_GRACE + Duration::from_secs(3),
     };
     guard.spawn_watchdog(after, move |step| {
+        // Take back what the abandoned run staged and published, as a run ending
+        // before its commit by itself would.
+        let undone = undo
+            .undo()
+            .unwrap_or_else(|| "what the step left is cleaned up by the next run".into());
         let reason = format!(
             "deadline {} reached while '{step}' was still running: the step was abandoned before the commit point; \
-             the old key state stands and what the step left is cleaned up by the next run",
+             the old key state stands; {undone}",
             snapshot.run.deadline_at
         );
-        match Ledger::open(&ledger_at, Duration::from_secs(2)) {
+        let (outcome, reason) = match Ledger::open(&ledger_at, Duration::from_secs(2)) {
             Ok(mut ledger) => conclude(&mut ledger, &snapshot, Outcome::TimedOut, &reason, None),
-            Err(e) => tracing::error!("{e}"),
-        }
+            Err(e) => {
+                let (outcome, reason) = unclosed(Outcome::TimedOut, &reason, &e);
+                let _ = snapshot.audit.emit(refused_event(&snapshot, outcome, &reason));
+                tracing::error!("{}: {reason}", outcome.name());
+                (outcome, reason)
+            }
+        };
         print_report(
             &Report {
                 run_id: snapshot.run.run_id.clone(),
                 domain: snapshot.domain.name.clone(),
-                outcome: Outcome::TimedOut.name(),
-                exit_code: Outcome::TimedOut.code(),
+                outcome: outcome.name(),
+                exit_code: outcome.code(),
                 from_version: None,
                 to_version: None,
                 reason,
@@ -401,6 +547,6 @@ pub(super) fn arm_watchdog(p: &Prepared, guard: &Guard) {
         crate::cmd::write_metrics(&snapshot.config);
         use std::io::Write;
         let _ = std::io::stdout().flush();
-        std::process::exit(i32::from(Outcome::TimedOut.code()));
+        std::process::exit(i32::from(outcome.code()));
     });
 }
