@@ -653,3 +653,26 @@ fn verify_checks_the_anchors_of_a_postgresql_ledger() {
     let v = verify(&env, 4);
     assert!(v["first_bad"]["reason"].as_str().unwrap().contains("PG-2"), "{v}");
 }
+
+/// A closing write that fails records no anchor; the run's last line, rewritten to say
+/// NEEDS_REVIEW, still takes its place in the chain.
+#[cfg(feature = "failpoints")]
+#[test]
+fn a_failed_closing_write_keeps_the_chain_whole_without_an_anchor() {
+    let env = Env::new();
+    env.rotate("sig").args(["--run-id", "FIRST"]).status(0);
+    env.rotate("sig")
+        .args(["--force", "--run-id", "UNCLOSED"])
+        .env("KEYROTATE_FAILPOINTS", "ledger.close=error")
+        .status(4);
+    let all = lines(&audit_path(&env));
+    let last: Value = serde_json::from_str(all.last().unwrap()).unwrap();
+    assert_eq!(
+        (last["run_id"].as_str(), last["exit_code"].as_i64()),
+        (Some("UNCLOSED"), Some(4))
+    );
+    assert_eq!(last["seq"], all.len());
+    let row = env.rows().into_iter().find(|r| r["run_id"] == "UNCLOSED").unwrap();
+    assert!(row["audit_seq"].is_null(), "{row}");
+    assert_eq!(verify(&env, 0)["anchors_checked"], 1);
+}
