@@ -9,17 +9,36 @@
 //! the ledger (which syncs every transition) still has the run and the next run flags
 //! it for review. Each event is also logged through `tracing` for the job's stderr.
 //! Nothing here ever carries key material: only versions and fingerprints.
+//!
+//! **Hash chain.** Every line carries `seq` (1, 2, 3, … across the whole trail) and
+//! `prev`, the SHA-256 (hex) of the previous line's bytes without its newline; the
+//! first line ever has `prev` = 64 zeros. Appending is serialized by an exclusive
+//! `flock` on the audit file itself, held from reading the tail to writing the line, so
+//! concurrent keyrotate processes (other domains, BUSY refusals) never fork the chain.
+//! When the file is empty (logrotate just moved it to `<file>.1` and created a new
+//! one), the first line continues from the last line of `<file>.1`. The chain adds no
+//! fsync: it only reads the tail of the file it appends to anyway. [`verify`]
+//! recomputes the chain over `<file>.N` … `<file>.1`, `<file>` and checks it against
+//! the anchors (seq, hash) the ledger recorded in each run's closing transaction.
 
-use std::fs::OpenOptions;
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
+use fs2::FileExt as _; // lock_exclusive (std has it only since 1.89, past the MSRV)
 use serde::Serialize;
+
+/// `prev` of the very first line of a trail.
+pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
 /// One audit line.
 #[derive(Clone, Debug, Serialize, Default)]
 pub struct Event {
+    /// Position in the chain, from 1; filled in when the line is appended.
+    pub seq: u64,
+    /// SHA-256 (hex) of the previous line's bytes; filled in when the line is appended.
+    pub prev: String,
     pub ts: String,
     pub event: &'static str,
     pub run_id: String,
@@ -137,8 +156,24 @@ impl Audit {
         Ok(())
     }
 
-    /// Appends `event` durably. The timestamp is filled in here.
-    pub fn emit(&self, mut event: Event) -> Result<(), String> {
+    /// Appends `event` durably. The timestamp and chain fields are filled in here.
+    pub fn emit(&self, event: Event) -> Result<(), String> {
+        self.emit_anchored(event, |_| ((), None)).1
+    }
+
+    /// Appends `event` like [`Audit::emit`], and calls `anchor` with the chain head the
+    /// line becomes (its seq and hash) while the file is still locked, just before the
+    /// line is written: that is where a run's closing ledger transaction records the
+    /// head, so the ledger's anchor covers the run's own last line. When the file
+    /// cannot be opened or read, `anchor` is called with `None` and the error returned.
+    /// `anchor` may return a replacement event (when its transaction failed, so no
+    /// anchor was recorded and the line must say what happened instead): it is written
+    /// in the same place of the chain.
+    pub fn emit_anchored<R>(
+        &self,
+        mut event: Event,
+        anchor: impl FnOnce(Option<&Head>) -> (R, Option<Event>),
+    ) -> (R, Result<(), String>) {
         event.ts = crate::ledger::now();
         tracing::info!(
             target: "keyrotate::audit",
@@ -149,27 +184,425 @@ impl Audit {
             reason = event.reason.as_deref().unwrap_or(""),
             "audit"
         );
-        let mut line = serde_json::to_vec(&event).expect("json");
-        line.push(b'\n');
-        let fail = |e: std::io::Error| format!("audit file {}: {}", self.path.display(), crate::fsutil::io_reason(&e));
-        if let Some(parent) = self.path.parent() {
-            if !parent.exists() {
-                crate::fsutil::ensure_private_dir(parent, "audit folder")?;
-            }
-        }
-        let mut f = OpenOptions::new()
-            .append(true)
-            .create(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(&self.path)
-            .map_err(fail)?;
-        f.write_all(&line).map_err(fail)?;
+        let fail = |e: io::Error| format!("audit file {}: {}", self.path.display(), crate::fsutil::io_reason(&e));
         let ends_something =
             event.exit_code.is_some() || !matches!(event.event, "rotation.started" | "rotation.committed");
-        if ends_something {
-            f.sync_data().map_err(fail)?;
+        let (mut f, tail) = match self.open_locked().and_then(|f| {
+            let tail = self.tail(&f)?;
+            Ok((f, tail))
+        }) {
+            Ok(x) => x,
+            Err(e) => return (anchor(None).0, Err(fail(e))),
+        };
+        event.seq = tail.seq + 1;
+        event.prev = tail.hash;
+        let mut line = serde_json::to_vec(&event).expect("json");
+        let head = Head {
+            seq: event.seq,
+            hash: line_hash(&line),
+        };
+        let (r, replacement) = anchor(Some(&head));
+        if let Some(mut other) = replacement {
+            other.ts = event.ts;
+            other.seq = event.seq;
+            other.prev = event.prev;
+            line = serde_json::to_vec(&other).expect("json");
         }
-        Ok(())
+        if tail.torn {
+            // A line cut short (a full disk): end it, so ours stands on its own line.
+            line.insert(0, b'\n');
+        }
+        line.push(b'\n');
+        let written = f
+            .write_all(&line)
+            .and_then(|()| if ends_something { f.sync_data() } else { Ok(()) });
+        // The lock goes with the descriptor when `f` is dropped.
+        (r, written.map_err(fail))
     }
+
+    /// Opens the audit file for appending and locks it exclusively. If logrotate
+    /// renamed it while this process waited for the lock, the new file is opened
+    /// instead: a line must never land in a file that is no longer the trail's tail.
+    fn open_locked(&self) -> io::Result<File> {
+        if let Some(parent) = self.path.parent() {
+            if !parent.exists() {
+                crate::fsutil::ensure_private_dir(parent, "audit folder").map_err(io::Error::other)?;
+            }
+        }
+        loop {
+            let f = OpenOptions::new()
+                .append(true)
+                .read(true)
+                .create(true)
+                .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                .open(&self.path)?;
+            f.lock_exclusive()?;
+            let held = f.metadata()?;
+            match std::fs::symlink_metadata(&self.path) {
+                Ok(now) if now.ino() == held.ino() && now.dev() == held.dev() => return Ok(f),
+                // Renamed (or removed) under us: open what is there now.
+                _ => continue,
+            }
+        }
+    }
+
+    /// The chain head a new line continues from: this file's last line, else (an
+    /// empty file, just rotated) the last line of `<file>.1`, else the genesis.
+    fn tail(&self, f: &File) -> io::Result<Tail> {
+        if let Some((line, complete)) = last_line(f)? {
+            return Ok(Tail::after(&line, !complete));
+        }
+        let rotated = rotated_path(&self.path, 1);
+        match OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&rotated)
+        {
+            Ok(old) => {
+                // A writer that locked the old file just before the rename may still be
+                // appending its line there: wait for it.
+                fs2::FileExt::lock_shared(&old)?;
+                Ok(match last_line(&old)? {
+                    Some((line, _)) => Tail::after(&line, false),
+                    None => Tail::genesis(),
+                })
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Tail::genesis()),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// A chain head: the seq of a line and the hash of its bytes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Head {
+    pub seq: u64,
+    pub hash: String,
+}
+
+/// What the next line continues from.
+struct Tail {
+    seq: u64,
+    hash: String,
+    /// The file ends in the middle of a line.
+    torn: bool,
+}
+
+impl Tail {
+    fn genesis() -> Tail {
+        Tail {
+            seq: 0,
+            hash: GENESIS.to_string(),
+            torn: false,
+        }
+    }
+
+    /// After `line`: its seq (0 when it has none: a line from before the chain, or a
+    /// torn one, which `verify` reports) and its hash.
+    fn after(line: &[u8], torn: bool) -> Tail {
+        let seq = serde_json::from_slice::<serde_json::Value>(line)
+            .ok()
+            .and_then(|v| v.get("seq").and_then(serde_json::Value::as_u64))
+            .unwrap_or(0);
+        Tail {
+            seq,
+            hash: line_hash(line),
+            torn,
+        }
+    }
+}
+
+/// SHA-256 (lowercase hex) of a line's bytes, without its newline.
+pub fn line_hash(line: &[u8]) -> String {
+    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, line);
+    d.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// `<file>.N`, the name logrotate gives the N-th older file.
+pub fn rotated_path(path: &Path, n: u32) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(format!(".{n}"));
+    PathBuf::from(s)
+}
+
+/// The last line of a file, without its newline, and whether it was complete (ended
+/// with a newline). Reads backwards in blocks, so the cost does not grow with the file.
+fn last_line(f: &File) -> io::Result<Option<(Vec<u8>, bool)>> {
+    let len = f.metadata()?.len();
+    if len == 0 {
+        return Ok(None);
+    }
+    let mut last = [0u8; 1];
+    f.read_exact_at(&mut last, len - 1)?;
+    let complete = last[0] == b'\n';
+    let end = if complete { len - 1 } else { len };
+    let mut tail: Vec<u8> = Vec::new();
+    let mut pos = end;
+    const BLOCK: u64 = 8192;
+    while pos > 0 {
+        let start = pos.saturating_sub(BLOCK);
+        let mut buf = vec![0u8; (pos - start) as usize];
+        f.read_exact_at(&mut buf, start)?;
+        if let Some(i) = buf.iter().rposition(|&b| b == b'\n') {
+            buf.drain(..=i);
+            buf.extend_from_slice(&tail);
+            return Ok(Some((buf, complete)));
+        }
+        buf.extend_from_slice(&tail);
+        tail = buf;
+        pos = start;
+    }
+    Ok(Some((tail, complete)))
+}
+
+/// A chain head the ledger recorded for one run.
+#[derive(Clone, Debug)]
+pub struct Anchor {
+    pub run_id: String,
+    pub seq: u64,
+    pub hash: String,
+}
+
+/// The first line that breaks the chain.
+#[derive(Clone, Debug, Serialize)]
+pub struct BadLine {
+    pub file: String,
+    /// 1-based line number within `file`.
+    pub line: u64,
+    pub seq: Option<u64>,
+    pub reason: String,
+}
+
+/// What [`verify`] found.
+#[derive(Clone, Debug, Serialize)]
+pub struct Verification {
+    pub intact: bool,
+    /// The files read, oldest first.
+    pub files: Vec<String>,
+    pub lines: u64,
+    /// Lines at the very start written before the chain existed (no `seq`/`prev`).
+    pub unchained_lines: u64,
+    pub first_seq: Option<u64>,
+    pub last_seq: Option<u64>,
+    pub last_hash: Option<String>,
+    pub anchors_checked: u64,
+    /// Anchors older than the oldest file still present (logrotate removed it).
+    pub anchors_before_trail: u64,
+    pub first_bad: Option<BadLine>,
+}
+
+/// Takes a shared lock on the audit file, so that no writer is between recording its
+/// anchor in the ledger and appending its line while the caller reads both. `None`
+/// when there is no audit file.
+pub fn lock_for_reading(path: &Path) -> Result<Option<File>, String> {
+    let fail = |e: io::Error| format!("audit file {}: {}", path.display(), crate::fsutil::io_reason(&e));
+    match OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+    {
+        Ok(f) => {
+            fs2::FileExt::lock_shared(&f).map_err(fail)?;
+            Ok(Some(f))
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(fail(e)),
+    }
+}
+
+/// Recomputes the chain over `<path>.N` … `<path>.1`, `<path>` (the numbered files
+/// logrotate leaves, oldest first, as far as they are consecutive) and checks every
+/// anchor. `Err` means a file could not be read (exit 3); a broken chain is
+/// `Ok` with `intact: false` and the first bad line named (exit 4).
+pub fn verify(path: &Path, anchors: &[Anchor]) -> Result<Verification, String> {
+    let mut files = Vec::new();
+    let mut n = 1;
+    while std::fs::symlink_metadata(rotated_path(path, n)).is_ok() {
+        files.push(rotated_path(path, n));
+        n += 1;
+    }
+    let rotated = !files.is_empty();
+    files.reverse();
+    if std::fs::symlink_metadata(path).is_ok() {
+        files.push(path.to_path_buf());
+    }
+    let mut by_seq: std::collections::BTreeMap<u64, Vec<&Anchor>> = std::collections::BTreeMap::new();
+    for a in anchors {
+        by_seq.entry(a.seq).or_default().push(a);
+    }
+    let mut v = Verification {
+        intact: true,
+        files: files.iter().map(|f| f.display().to_string()).collect(),
+        lines: 0,
+        unchained_lines: 0,
+        first_seq: None,
+        last_seq: None,
+        last_hash: None,
+        anchors_checked: 0,
+        anchors_before_trail: 0,
+        first_bad: None,
+    };
+    // (file, line number) of the line before, to name it when the next line's `prev`
+    // shows it was altered.
+    let mut before: Option<(String, u64)> = None;
+    let mut prev_hash: Option<String> = None;
+    let mut last_file_lines = 0;
+    let bad = |file: &str, line: u64, seq: Option<u64>, reason: String| BadLine {
+        file: file.to_string(),
+        line,
+        seq,
+        reason,
+    };
+    'files: for file in &files {
+        let shown = file.display().to_string();
+        let bytes = read_trail_file(file)?;
+        let mut lines: Vec<&[u8]> = bytes.split(|&b| b == b'\n').collect();
+        let torn = lines.last().is_some_and(|l| !l.is_empty());
+        if !torn {
+            lines.pop();
+        }
+        last_file_lines = lines.len() as u64;
+        for (i, line) in lines.iter().enumerate() {
+            let no = i as u64 + 1;
+            v.lines += 1;
+            if torn && i + 1 == lines.len() {
+                v.first_bad = Some(bad(
+                    &shown,
+                    no,
+                    None,
+                    "the last line is incomplete (no newline): a write was cut short or the file was cut".into(),
+                ));
+                break 'files;
+            }
+            let hash = line_hash(line);
+            let value: Option<serde_json::Value> = serde_json::from_slice(line).ok();
+            let Some(obj) = value.as_ref().and_then(|v| v.as_object()) else {
+                v.first_bad = Some(bad(&shown, no, None, "not a JSON object".into()));
+                break 'files;
+            };
+            let seq = obj.get("seq").and_then(serde_json::Value::as_u64);
+            let prev = obj.get("prev").and_then(serde_json::Value::as_str);
+            let (seq, prev) = match (seq, prev) {
+                (Some(s), Some(p)) => (s, p),
+                (None, None) if obj.get("seq").is_none() && obj.get("prev").is_none() && v.first_seq.is_none() => {
+                    // Written before the chain existed: covered only by the next line's prev.
+                    v.unchained_lines += 1;
+                    prev_hash = Some(hash);
+                    before = Some((shown.clone(), no));
+                    continue;
+                }
+                _ => {
+                    v.first_bad = Some(bad(
+                        &shown,
+                        no,
+                        seq,
+                        "no valid seq and prev: a line inserted or altered".into(),
+                    ));
+                    break 'files;
+                }
+            };
+            match (v.last_seq, &prev_hash) {
+                (Some(last), _) if seq != last + 1 => {
+                    v.first_bad = Some(bad(
+                        &shown,
+                        no,
+                        Some(seq),
+                        format!(
+                            "seq {seq} where {} was expected: lines were removed, inserted or reordered here",
+                            last + 1
+                        ),
+                    ));
+                    break 'files;
+                }
+                (_, Some(h)) if prev != h => {
+                    let (bf, bl) = before.clone().unwrap_or((shown.clone(), no));
+                    v.first_bad = Some(bad(
+                        &bf,
+                        bl,
+                        v.last_seq,
+                        format!(
+                            "its hash does not match the prev of the line after it ({shown}:{no}): this line was altered"
+                        ),
+                    ));
+                    break 'files;
+                }
+                (None, None) if seq == 1 && prev != GENESIS => {
+                    v.first_bad = Some(bad(
+                        &shown,
+                        no,
+                        Some(seq),
+                        "seq 1 must carry the genesis prev (64 zeros)".into(),
+                    ));
+                    break 'files;
+                }
+                (None, None) if seq != 1 && !rotated => {
+                    v.first_bad = Some(bad(
+                        &shown,
+                        no,
+                        Some(seq),
+                        format!("the trail starts at seq {seq} and no rotated file holds the lines before it: lines were removed"),
+                    ));
+                    break 'files;
+                }
+                _ => {}
+            }
+            for a in by_seq.get(&seq).into_iter().flatten() {
+                v.anchors_checked += 1;
+                if a.hash != hash {
+                    v.first_bad = Some(bad(
+                        &shown,
+                        no,
+                        Some(seq),
+                        format!(
+                            "does not match the hash the ledger recorded for seq {seq} (run {}): this line was altered",
+                            a.run_id
+                        ),
+                    ));
+                    break 'files;
+                }
+            }
+            v.first_seq.get_or_insert(seq);
+            v.last_seq = Some(seq);
+            prev_hash = Some(hash);
+            before = Some((shown.clone(), no));
+        }
+    }
+    if v.first_bad.is_none() {
+        let first = v.first_seq.unwrap_or(1);
+        let last = v.last_seq.unwrap_or(0);
+        v.anchors_before_trail = anchors.iter().filter(|a| a.seq < first).count() as u64;
+        if let Some(a) = anchors.iter().filter(|a| a.seq > last).min_by_key(|a| a.seq) {
+            let file = files
+                .last()
+                .map_or(path.display().to_string(), |f| f.display().to_string());
+            v.first_bad = Some(bad(
+                &file,
+                last_file_lines + 1,
+                Some(a.seq),
+                format!(
+                    "missing: the ledger recorded seq {} (run {}) but the trail ends at seq {last}: lines were removed from its end",
+                    a.seq, a.run_id
+                ),
+            ));
+        }
+    }
+    v.last_hash = prev_hash.filter(|_| v.first_bad.is_none());
+    v.intact = v.first_bad.is_none();
+    Ok(v)
+}
+
+fn read_trail_file(path: &Path) -> Result<Vec<u8>, String> {
+    let fail = |e: io::Error| format!("audit file {}: {}", path.display(), crate::fsutil::io_reason(&e));
+    let mut f = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(fail)?;
+    if !f.metadata().map_err(fail)?.is_file() {
+        return Err(format!("audit file {}: not a regular file", path.display()));
+    }
+    let mut bytes = Vec::new();
+    io::Read::read_to_end(&mut f, &mut bytes).map_err(fail)?;
+    Ok(bytes)
 }

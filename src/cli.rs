@@ -60,6 +60,57 @@ pub enum Command {
     Check(CheckArgs),
     /// Create or upgrade the ledger's tables (run as the role that owns them)
     Migrate(MigrateArgs),
+    /// Check the audit trail's integrity
+    #[command(subcommand)]
+    Audit(AuditCommand),
+    /// Print a shell completion script (bash, zsh or fish) on stdout
+    Completions(CompletionsArgs),
+    /// Print the man page (roff) on stdout, or write one page per command into a folder
+    Manpage(ManpageArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ManpageArgs {
+    /// Write keyrotate.1 and a page per subcommand (keyrotate-rotate.1, …) into DIR
+    #[arg(long, value_name = "DIR")]
+    pub dir: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AuditCommand {
+    /// Recompute the audit hash chain and check it against the ledger's anchors
+    /// (exit 0 intact, 4 altered/removed/reordered lines or a cut tail, 3 unreadable)
+    Verify(AuditVerifyArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct AuditVerifyArgs {
+    #[arg(long, value_enum, default_value_t)]
+    pub output: OutputFormat,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Shell {
+    Bash,
+    Zsh,
+    Fish,
+}
+
+#[derive(Args, Debug)]
+pub struct CompletionsArgs {
+    /// The shell to complete for
+    #[arg(value_enum)]
+    pub shell: Shell,
+}
+
+/// `status --output`: the usual formats, plus the Prometheus exposition.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Default)]
+pub enum StatusOutput {
+    #[default]
+    Text,
+    Json,
+    /// The metrics of `[metrics] textfile`, in the Prometheus text format
+    Prometheus,
 }
 
 #[derive(Args, Debug)]
@@ -105,7 +156,7 @@ pub struct StatusArgs {
     #[arg(long, value_name = "NAME")]
     pub domain: Option<String>,
     #[arg(long, value_enum, default_value_t)]
-    pub output: OutputFormat,
+    pub output: StatusOutput,
 }
 
 #[derive(Args, Debug)]

@@ -39,6 +39,8 @@ pub struct Config {
     pub host_pool: Option<String>,
     pub audit_file: PathBuf,
     pub domains: BTreeMap<String, DomainConfig>,
+    /// `[metrics] textfile`: where to write the Prometheus metrics (DESIGN section 12).
+    pub metrics_textfile: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug)]
@@ -94,6 +96,7 @@ struct RawConfig {
     state: RawState,
     host: Option<RawHost>,
     audit: Option<RawAudit>,
+    metrics: Option<RawMetrics>,
     defaults: Option<RawDomain>,
     /// Each domain is deserialized on its own (see `parse_all`).
     #[serde(default)]
@@ -117,6 +120,12 @@ struct RawHost {
 #[serde(deny_unknown_fields)]
 struct RawAudit {
     file: Option<PathBuf>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    textfile: Option<PathBuf>,
 }
 
 #[derive(Deserialize, Default, Clone)]
@@ -272,6 +281,29 @@ impl Config {
             Some(f) => resolve(base, &f),
             None => state_dir.join("audit.jsonl"),
         };
+        let metrics_textfile = match raw.metrics.and_then(|m| m.textfile) {
+            None => None,
+            Some(f) if f.as_os_str().is_empty() => {
+                errors.push(err(
+                    "metrics.textfile",
+                    "expected a file path, found an empty string".into(),
+                ));
+                None
+            }
+            // node_exporter's textfile collector reads only *.prom files: any other name
+            // would be written faithfully and never scraped.
+            Some(f) if f.extension() != Some(std::ffi::OsStr::new("prom")) => {
+                errors.push(err(
+                    "metrics.textfile",
+                    format!(
+                        "expected a file name ending in .prom (the textfile collector reads only those), found {:?}",
+                        f.display().to_string()
+                    ),
+                ));
+                None
+            }
+            Some(f) => Some(resolve(base, &f)),
+        };
         let defaults = raw.defaults.unwrap_or_default();
         let mut domains = BTreeMap::new();
         for (name, value) in raw.domains {
@@ -313,6 +345,7 @@ impl Config {
             host_pool,
             audit_file,
             domains,
+            metrics_textfile,
         })
     }
 

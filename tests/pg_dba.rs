@@ -351,7 +351,8 @@ fn status_never_exits_0_for_a_domain_whose_rows_it_cannot_read() {
     assert_eq!(db.sql("SELECT count(*) FROM rotations"), "1", "a row was added");
 
     // A DBA's lock held past the statement timeout (LOCK TABLE, VACUUM FULL).
-    db.sql("INSERT INTO keyrotate_schema (version) VALUES (1)");
+    // Every migration records its row (002 added the audit anchor columns).
+    db.sql("INSERT INTO keyrotate_schema (version) VALUES (1), (2)");
     let mut holder = locker(&db);
     holder
         .batch_execute("BEGIN; LOCK TABLE rotations IN ACCESS EXCLUSIVE MODE")
@@ -391,13 +392,13 @@ fn a_role_with_only_select_insert_update_runs_everything_after_migrate() {
     // The owner migrates; a second migrate has nothing to do.
     let out = owner.cmd().arg("migrate").status(0);
     assert!(
-        out.stdout.contains("MIGRATED") && out.stdout.contains("0 -> 1"),
+        out.stdout.contains("MIGRATED") && out.stdout.contains("0 -> 2"),
         "{}",
         out.stdout
     );
     let out = owner.cmd().args(["migrate", "--output", "json"]).status(0).json();
     assert_eq!(out["migrated"], false);
-    assert_eq!(out["to_version"], 1);
+    assert_eq!(out["to_version"], 2);
     grant_app(&db, &app.0);
 
     let a = host(&db.url_as(&app.0, app_password));
@@ -418,7 +419,7 @@ fn a_role_with_only_select_insert_update_runs_everything_after_migrate() {
         "resolved"
     );
     // The app role never changed the schema.
-    assert_eq!(db.sql("SELECT count(*) FROM keyrotate_schema"), "1");
+    assert_eq!(db.sql("SELECT count(*) FROM keyrotate_schema"), "2");
 
     // A database the owner has not migrated: one line saying what to run.
     let fresh = Database::new();

@@ -13,11 +13,13 @@ macro_rules! out {
     };
 }
 
+mod audit;
 mod check;
 mod history;
 mod migrate;
 mod resolve;
 mod rotate;
+mod shell;
 mod status;
 
 pub(crate) use check::{check_program, program_runnable};
@@ -64,6 +66,9 @@ pub fn main() -> ExitCode {
         Command::Resolve(args) => resolve::run(&cli, args),
         Command::Check(args) => check::run(&cli, args),
         Command::Migrate(args) => migrate::run(&cli, args),
+        Command::Audit(crate::cli::AuditCommand::Verify(args)) => audit::verify(&cli, args),
+        Command::Completions(args) => shell::completions(args),
+        Command::Manpage(args) => shell::manpage(args),
     };
     outcome.into()
 }
@@ -119,6 +124,12 @@ pub(crate) fn load_config(cli: &Cli) -> Result<Config, Failure> {
         return Err(Failure::new(Outcome::Aborted, format!("{e}; refusing to use it")));
     }
     Config::load(&path).map_err(Failure::usage)
+}
+
+/// Rewrites the `[metrics] textfile`, if configured, after a command that changed or
+/// inspected state (DESIGN section 12). Never changes the command's outcome.
+pub(crate) fn write_metrics(config: &Config) {
+    status::metrics::write_textfile(config);
 }
 
 /// Why the config file at `path` cannot be trusted, if it exists and cannot be. A

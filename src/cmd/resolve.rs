@@ -133,17 +133,18 @@ fn resolve(cli: &Cli, args: &ResolveArgs) -> Result<String, Failure> {
         reason: Some(format!("{note}{store_note}")),
         ..Event::default()
     };
-    audit
-        .emit(Event {
-            event: "review.resolved",
-            ..event
-        })
-        .map_err(|e| {
-            Failure::new(
-                Outcome::Aborted,
-                format!("the review was recorded in the ledger, but {e}"),
-            )
-        })?;
+    let audited = audit.emit(Event {
+        event: "review.resolved",
+        ..event
+    });
+    // The domain is unblocked in the ledger whatever the audit file said: so say the metrics.
+    super::write_metrics(&config);
+    audited.map_err(|e| {
+        Failure::new(
+            Outcome::Aborted,
+            format!("the review was recorded in the ledger, but {e}"),
+        )
+    })?;
     Ok(format!(
         "RESOLVED {}: run {} reviewed by {by}; the domain is unblocked{store_note}",
         domain.name, row.run_id

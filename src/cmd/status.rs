@@ -2,18 +2,22 @@
 //! and when it is next due. Exits NEEDS_REVIEW (4) when any domain shown is blocked,
 //! else ABORTED (3) when a key store, manifest or ledger cannot be read or does not
 //! verify, so Control-M can run it as a monitoring job. Reads only: no file is created or
-//! changed.
+//! changed, except the `[metrics] textfile` when one is configured (`metrics.rs`).
 
 use serde::Serialize;
 
 use super::{load_config, print_json, report_failure};
-use crate::cli::{Cli, OutputFormat, StatusArgs};
+use crate::cli::{Cli, StatusArgs, StatusOutput};
 use crate::config::{Backend, Config, DomainConfig};
 use crate::keystore::manifest::{now_rfc3339, VersionState};
 use crate::keystore::Keystore;
 use crate::ledger::{DomainRecord, Ledger};
 use crate::lock;
 use crate::outcome::{Failure, Outcome};
+
+// A child module, so that it reads the status fields without widening their visibility.
+#[path = "metrics.rs"]
+pub(super) mod metrics;
 
 #[derive(Serialize, Debug)]
 struct DomainStatus {
@@ -34,6 +38,19 @@ struct DomainStatus {
     /// The domain's ledger rows could not be read: whether it is blocked is unknown.
     #[serde(skip)]
     ledger_unread: bool,
+    /// For the metrics only (DESIGN section 12).
+    #[serde(skip)]
+    metrics: MetricInputs,
+}
+
+/// What the Prometheus metrics need beyond the fields `status` prints.
+#[derive(Debug, Default)]
+struct MetricInputs {
+    pub last_success_at: Option<String>,
+    /// When the next rotation is due; `None` when the domain never rotated.
+    pub next_due_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// Version count per state, for key store domains whose manifest was read.
+    pub versions: Option<Vec<(&'static str, u64)>>,
 }
 
 #[derive(Serialize, Debug)]
@@ -70,30 +87,17 @@ fn status(cli: &Cli, args: &StatusArgs) -> Result<Outcome, Failure> {
         Some(d) => vec![config.domain(d).map_err(Failure::usage)?],
         None => config.domains.values().collect(),
     };
-    // A ledger that cannot be read still leaves the key stores worth showing; every
-    // domain then carries the ledger's error and the exit code says it (below).
-    let (ledger, ledger_err) = match Ledger::open_read_only(&config.ledger) {
-        Ok(l) => (l, None),
-        Err(e) => (None, Some(e)),
-    };
-    let statuses: Vec<DomainStatus> = domains
-        .iter()
-        .map(|d| {
-            let mut s = domain_status(&config, d, ledger.as_ref());
-            if let Some(e) = &ledger_err {
-                s.problems.push(e.clone());
-                s.ledger_unread = true;
-            }
-            if s.ledger_unread {
-                // Without the last success the next due time is unknown, not "now".
-                s.next_due = None;
-            }
-            s
-        })
-        .collect();
+    let statuses = collect(&config, &domains);
     match args.output {
-        OutputFormat::Json => print_json(&serde_json::json!({ "domains": statuses })),
-        OutputFormat::Text => print_text(&statuses),
+        StatusOutput::Json => print_json(&serde_json::json!({ "domains": statuses })),
+        StatusOutput::Text => print_text(&statuses),
+        StatusOutput::Prometheus => out!("{}", metrics::render(&statuses).trim_end()),
+    }
+    // The textfile always carries every domain, whatever --domain narrowed the output to.
+    if args.domain.is_none() {
+        metrics::write_from(&config, &statuses);
+    } else {
+        metrics::write_textfile(&config);
     }
     // DESIGN section 5: 4 if any domain is blocked, else 3 if any key store, manifest or
     // ledger cannot be read or does not verify, else 0 (a monitor alerts on both).
@@ -123,6 +127,32 @@ fn status(cli: &Cli, args: &StatusArgs) -> Result<Outcome, Failure> {
     })
 }
 
+/// The status of `domains`, read from their key stores and the ledger.
+fn collect(config: &Config, domains: &[&DomainConfig]) -> Vec<DomainStatus> {
+    // A ledger that cannot be read still leaves the key stores worth showing; every
+    // domain then carries the ledger's error and the exit code says it (below).
+    let (ledger, ledger_err) = match Ledger::open_read_only(&config.ledger) {
+        Ok(l) => (l, None),
+        Err(e) => (None, Some(e)),
+    };
+    domains
+        .iter()
+        .map(|d| {
+            let mut s = domain_status(config, d, ledger.as_ref());
+            if let Some(e) = &ledger_err {
+                s.problems.push(e.clone());
+                s.ledger_unread = true;
+            }
+            if s.ledger_unread {
+                // Without the last success the next due time is unknown, not "now".
+                s.next_due = None;
+                s.metrics.next_due_at = None;
+            }
+            s
+        })
+        .collect()
+}
+
 fn domain_status(config: &Config, d: &DomainConfig, ledger: Option<&Ledger>) -> DomainStatus {
     let mut s = DomainStatus {
         domain: d.name.clone(),
@@ -139,6 +169,7 @@ fn domain_status(config: &Config, d: &DomainConfig, ledger: Option<&Ledger>) -> 
         in_flight: None,
         problems: Vec::new(),
         ledger_unread: false,
+        metrics: MetricInputs::default(),
     };
     if let Backend::Keystore { keystore, .. } = &d.backend {
         let ks = Keystore::new(keystore, &d.name);
@@ -154,6 +185,13 @@ fn domain_status(config: &Config, d: &DomainConfig, ledger: Option<&Ledger>) -> 
                     .filter(|v| v.state == VersionState::Retired)
                     .map(|v| v.version)
                     .collect();
+                let count = |state: VersionState| m.versions.iter().filter(|v| v.state == state).count() as u64;
+                s.metrics.versions = Some(vec![
+                    ("pending", count(VersionState::Pending)),
+                    ("active", count(VersionState::Active)),
+                    ("retired", count(VersionState::Retired)),
+                    ("destroyed", count(VersionState::Destroyed)),
+                ]);
             }
             Err(e) => s.problems.push(format!("key store: {e}")),
         }
@@ -175,6 +213,11 @@ fn domain_status(config: &Config, d: &DomainConfig, ledger: Option<&Ledger>) -> 
         started_at: r.started_at.clone(),
         ended_at: r.ended_at.clone(),
     });
+    s.metrics.last_success_at = rec
+        .last_success
+        .as_ref()
+        .map(|r| r.ended_at.clone().unwrap_or_else(|| r.started_at.clone()));
+    s.metrics.next_due_at = super::rotate::next_due(rec.last_success.as_ref(), d.min_interval);
     s.next_due = Some(
         match super::rotate::next_due(rec.last_success.as_ref(), d.min_interval) {
             Some(t) if t > chrono::Utc::now() => now_rfc3339(t),

@@ -48,6 +48,9 @@ pub struct RunRow {
     pub resolved_at: Option<String>,
     pub resolution: Option<String>,
     pub requested_reason: Option<String>,
+    /// The audit chain head recorded when the run closed (DESIGN section 12).
+    pub audit_seq: Option<i64>,
+    pub audit_hash: Option<String>,
 }
 
 impl RunRow {
@@ -58,7 +61,7 @@ impl RunRow {
 
 const COLUMNS: &str = "id, run_id, domain, state, exit_code, reason, trigger, operator, host, pid, pool, \
     started_at, deadline_at, ended_at, from_version, to_version, forced, resolved_by, resolved_at, resolution, \
-    requested_reason";
+    requested_reason, audit_seq, audit_hash";
 
 /// `(from_version, to_version)`: the active version before and after a run.
 pub type Versions = (Option<u64>, Option<u64>);
@@ -163,6 +166,8 @@ fn run_row(r: &dyn Cols) -> Result<RunRow, String> {
         resolved_at: r.text(18)?,
         resolution: r.text(19)?,
         requested_reason: r.text(20)?,
+        audit_seq: r.int(21)?,
+        audit_hash: r.text(22)?,
     })
 }
 
@@ -342,6 +347,24 @@ impl Ledger {
                     r.text(1)?.unwrap_or_default(),
                     r.text(2)?,
                 ))
+            },
+        )
+    }
+
+    /// The audit chain heads recorded by runs of `host`, whose audit file is this
+    /// host's (a shared ledger holds every host's anchors).
+    pub fn audit_anchors(&self, host: &str) -> Result<Vec<crate::audit::Anchor>, String> {
+        self.db().query(
+            &self.label,
+            "SELECT run_id, audit_seq, audit_hash FROM rotations \
+             WHERE host = $1 AND audit_seq IS NOT NULL AND audit_hash IS NOT NULL ORDER BY audit_seq",
+            &[host.into()],
+            |r| {
+                Ok(crate::audit::Anchor {
+                    run_id: r.text(0)?.unwrap_or_default(),
+                    seq: r.int(1)?.unwrap_or(0).max(0) as u64,
+                    hash: r.text(2)?.unwrap_or_default(),
+                })
             },
         )
     }
@@ -627,6 +650,15 @@ impl Writer<'_, '_> {
             ],
         )?;
         self.event(run_id, outcome.ledger_state(), Some(reason))
+    }
+
+    /// Records the audit chain head of a run's last line, in its closing transaction.
+    pub fn anchor(&self, run_id: &str, head: &crate::audit::Head) -> Result<(), String> {
+        self.exec(
+            "UPDATE rotations SET audit_seq = $2, audit_hash = $3 WHERE run_id = $1",
+            &[run_id.into(), head.seq.into(), (&head.hash).into()],
+        )
+        .map(|_| ())
     }
 
     /// Marks a dead run as needing review, with what the key store shows.

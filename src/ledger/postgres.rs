@@ -19,7 +19,10 @@ use postgres::{Client, GenericClient};
 
 use super::{Cols, Val};
 
-const MIGRATIONS: &[&str] = &[include_str!("migrations/postgres/001_init.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("migrations/postgres/001_init.sql"),
+    include_str!("migrations/postgres/002_audit_anchor.sql"),
+];
 
 /// The URL as messages show it: without its password (see `pgurl.rs`).
 pub(super) fn redact(url: &str) -> String {

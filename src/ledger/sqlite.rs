@@ -15,7 +15,10 @@ use rusqlite::{Connection, OpenFlags, TransactionBehavior};
 
 use super::{Cols, Val};
 
-const MIGRATIONS: &[&str] = &[include_str!("migrations/sqlite/001_init.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("migrations/sqlite/001_init.sql"),
+    include_str!("migrations/sqlite/002_audit_anchor.sql"),
+];
 
 pub(super) struct Sqlite {
     conn: Connection,

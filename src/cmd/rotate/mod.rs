@@ -94,6 +94,10 @@ pub fn run(cli: &Cli, args: &RotateArgs) -> Outcome {
     };
     let report = if p.dry_run { dry_run(&p) } else { real_run(&p) };
     print_report(&report, p.output);
+    if !p.dry_run {
+        // After the report: the outcome is final, the metrics only describe it.
+        super::write_metrics(&p.config);
+    }
     Outcome::from_code(i64::from(report.exit_code)).unwrap_or(Outcome::Aborted)
 }
 

@@ -300,23 +300,7 @@ pub(super) fn conclude(
     let to_version = rotated.and_then(|r| r.to_version);
     let from_version = rotated.and_then(|r| r.from_version);
     let run_id = p.run.run_id.clone();
-    let close = |ledger: &mut Ledger| {
-        ledger.write("close", |w| {
-            w.close(&run_id, outcome, reason, (from_version, to_version))
-        })
-    };
-    let mut closed = close(ledger);
-    if closed.is_err() && ledger.is_shared() {
-        // The session that held the lock may be gone (that may be why the run ends):
-        // closing our own row needs no lock, so a new session records the truth.
-        closed = Ledger::open(&p.config.ledger, Duration::from_secs(5)).and_then(|mut fresh| close(&mut fresh));
-    }
-    let (outcome, reason) = match closed {
-        Ok(()) => (outcome, reason.to_string()),
-        Err(e) => unclosed(outcome, reason, &e),
-    };
-    let reason = reason.as_str();
-    let event = Event {
+    let event = |outcome: Outcome, reason: &str| Event {
         exit_code: Some(outcome.code()),
         outcome: Some(outcome.name()),
         reason: Some(reason.to_string()),
@@ -326,7 +310,37 @@ pub(super) fn conclude(
         to_fingerprint: rotated.and_then(|r| r.to_fingerprint.clone()),
         ..Event::of(outcome.audit_event(), &p.run)
     };
-    if let Err(e) = p.audit.emit(event) {
+    // The closing transaction also records the chain head that this run's last audit
+    // line becomes (DESIGN section 12); the line is appended right after it commits.
+    // If it fails, no anchor was recorded and the line says what the run now is.
+    let ((outcome, reason), audited) = p.audit.emit_anchored(event(outcome, reason), |head| {
+        let close = |ledger: &mut Ledger| {
+            ledger.write("close", |w| {
+                w.close(&run_id, outcome, reason, (from_version, to_version))?;
+                match &head {
+                    Some(head) => w.anchor(&run_id, head),
+                    None => Ok(()),
+                }
+            })
+        };
+        let mut closed = close(ledger);
+        if closed.is_err() && ledger.is_shared() {
+            // The session that held the lock may be gone (that may be why the run
+            // ends): closing our own row needs no lock, so a new session records the
+            // truth.
+            closed = Ledger::open(&p.config.ledger, Duration::from_secs(5)).and_then(|mut fresh| close(&mut fresh));
+        }
+        match closed {
+            Ok(()) => ((outcome, reason.to_string()), None),
+            Err(e) => {
+                let (o, r) = unclosed(outcome, reason, &e);
+                let line = event(o, &r);
+                ((o, r), Some(line))
+            }
+        }
+    });
+    let reason = reason.as_str();
+    if let Err(e) = audited {
         tracing::error!("{e}");
     }
     match outcome {
@@ -369,24 +383,34 @@ pub(super) fn refuse_busy(p: &Prepared, holder: Option<Holder>) -> Concluded {
 }
 
 fn refuse_busy_because(p: &Prepared, reason: String) -> Concluded {
-    let recorded = open_ledger(p).and_then(|mut ledger| {
-        ledger.write("refuse", |w| {
-            if w.get(&p.run.run_id)?.is_some() {
-                return Err(format!("--run-id {} is already in the ledger", p.run.run_id));
+    // Connected before the audit file is locked: other processes' lines never wait for
+    // this connection.
+    let ledger = open_ledger(p);
+    // The refused row is this run's closing write: it anchors the run's audit line too.
+    let ((), _) = p.audit.emit_anchored(refused_event(p, Outcome::Busy, &reason), |head| {
+        let recorded = ledger.and_then(|mut ledger| {
+            ledger.write("refuse", |w| {
+                if w.get(&p.run.run_id)?.is_some() {
+                    return Err(format!("--run-id {} is already in the ledger", p.run.run_id));
+                }
+                w.insert(&p.run, Some(("refused", Outcome::Busy, &reason)), None)?;
+                match head {
+                    Some(head) => w.anchor(&p.run.run_id, head),
+                    None => Ok(()),
+                }
+            })
+        });
+        match recorded {
+            Ok(()) => ((), None),
+            // Without its row (the database at its connection limit, say) the audit
+            // line is the run's only record: it must say so.
+            Err(e) => {
+                tracing::error!("{e}");
+                let line = refused_event(p, Outcome::Busy, &format!("{reason} (no ledger row: {e})"));
+                ((), Some(line))
             }
-            w.insert(&p.run, Some(("refused", Outcome::Busy, &reason)), None)
-        })
-    });
-    // Without its row (the database at its connection limit, say) the audit line is
-    // the run's only record: it must say so.
-    let audited = match recorded {
-        Ok(()) => reason.clone(),
-        Err(e) => {
-            tracing::error!("{e}");
-            format!("{reason} (no ledger row: {e})")
         }
-    };
-    let _ = p.audit.emit(refused_event(p, Outcome::Busy, &audited));
+    });
     stop(Outcome::Busy, reason)
 }
 
@@ -558,6 +582,7 @@ pub(super) fn arm_watchdog(p: &Prepared, guard: &Guard, undo: PreCommitUndo) {
             },
             snapshot.output,
         );
+        crate::cmd::write_metrics(&snapshot.config);
         use std::io::Write;
         let _ = std::io::stdout().flush();
         std::process::exit(i32::from(outcome.code()));
