@@ -23,6 +23,7 @@ pub mod cli;
 mod cmd;
 pub mod config;
 pub mod deadline;
+pub mod errout;
 pub mod failpoint;
 pub mod fsutil;
 #[cfg(test)]
@@ -33,5 +34,6 @@ pub mod keystore;
 pub mod ledger;
 pub mod lock;
 pub mod outcome;
+pub mod process;
 
 pub use cmd::main;

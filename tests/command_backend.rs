@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 use crate::common::Env;
 
 /// A hook that logs each step and, driven by files in its folder, fails, hangs (with a
-/// child), prints a lot, kills itself, or kills keyrotate.
+/// child), prints a lot, kills itself, or kills keyrotate (its parent is keyrotate's
+/// hook watcher, whose parent is keyrotate).
 const HOOK: &str = r#"#!/bin/sh
 here=$(dirname "$0")
 echo "$KEYROTATE_STEP $KEYROTATE_DOMAIN $KEYROTATE_RUN_ID $KEYROTATE_DEADLINE $KEYROTATE_STATE_DIR $*" >> "$here/steps.log"
@@ -16,7 +17,7 @@ echo "hook says: step $KEYROTATE_STEP"
 [ -e "$here/hang.$KEYROTATE_STEP" ] && { sleep 300 & echo $! > "$here/child.pid"; wait; }
 [ -e "$here/loud.$KEYROTATE_STEP" ] && head -c 3000000 /dev/zero | tr '\0' 'x'
 [ -e "$here/suicide.$KEYROTATE_STEP" ] && kill -9 $$
-[ -e "$here/killparent.$KEYROTATE_STEP" ] && { kill -9 $PPID; sleep 1; }
+[ -e "$here/killparent.$KEYROTATE_STEP" ] && { kill -9 $(awk '{print $4}' /proc/$PPID/stat); sleep 1; }
 exit 0
 "#;
 

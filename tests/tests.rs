@@ -13,6 +13,7 @@ mod dry_run;
 mod failure_model;
 mod group_access;
 mod hardening;
+mod hook_safety;
 mod hygiene;
 mod keystore;
 #[cfg(feature = "failpoints")]
@@ -20,6 +21,7 @@ mod keystore_safety;
 mod observability;
 mod operator_safety;
 mod pg_dba;
+mod pg_fencing;
 mod pg_hook;
 mod postgres;
 #[cfg(feature = "failpoints")]

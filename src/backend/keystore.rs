@@ -297,6 +297,8 @@ impl KeystoreRotation<'_> {
                 .map_err(|e| io("cannot sync the key folder", e))?;
         }
 
+        // Fencing: on a shared ledger the lock may have been lost with its session.
+        self.step.confirm_lock("the key-store commit", false)?;
         guard.enter_commit()?;
         if let Err(e) = ks.commit(&next) {
             return match ks.inspect() {

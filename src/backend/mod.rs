@@ -5,6 +5,7 @@
 
 pub mod command;
 pub mod keystore;
+pub mod watcher;
 
 use crate::audit::{Audit, Event};
 use crate::guard::Guard;
@@ -57,6 +58,33 @@ impl Step<'_> {
     pub fn event(&mut self, phase: &str, detail: &str) -> Result<(), String> {
         let run_id = self.run.run_id.clone();
         self.ledger.write("event", |w| w.event(&run_id, phase, Some(detail)))
+    }
+
+    /// Fencing (DESIGN 8): before `what`, a step that changes something outside the
+    /// database, confirm that this run still holds its lock. When it does not, another
+    /// host may be running the domain already: stop, ABORTED when nothing was changed
+    /// yet, NEEDS_REVIEW once the target (`changed`) may have been.
+    pub fn confirm_lock(&self, what: &str, changed: bool) -> Result<(), Failure> {
+        if !self.ledger.is_shared() {
+            // The embedded ledger's lock is this process's own: it cannot be lost.
+            return Ok(());
+        }
+        let checked = crate::failpoint::hit("ledger", "confirm")
+            .map_err(|e| format!("ledger {}: {e}", self.ledger.label()))
+            .and_then(|()| self.ledger.confirm_lock(&self.run.domain));
+        checked.map_err(|e| {
+            if changed {
+                Failure::new(
+                    Outcome::NeedsReview,
+                    format!("lost its lock: {e}; stopped before {what}, but the target may already be changed: check it, then resolve"),
+                )
+            } else {
+                Failure::new(
+                    Outcome::Aborted,
+                    format!("lost its lock: {e}; stopped before {what}, nothing was changed"),
+                )
+            }
+        })
     }
 
     /// The commit happened: say so in the ledger and the audit trail. A ledger that

@@ -43,6 +43,21 @@ fn resolve(cli: &Cli, args: &ResolveArgs) -> Result<String, Failure> {
     }
     let mut ledger = Ledger::open(&config.ledger, std::time::Duration::from_secs(10))
         .map_err(|e| Failure::new(Outcome::Aborted, e))?;
+    // Nothing is resolved while the run, or a hook it started, still runs here: a
+    // rotation after the review would run beside it.
+    if let Some(row) = ledger.get(&args.run).map_err(|e| Failure::new(Outcome::Aborted, e))? {
+        if row.in_flight() || row.state == "needs_review" {
+            let events = ledger
+                .events(&row.run_id)
+                .map_err(|e| Failure::new(Outcome::Aborted, e))?;
+            if let Some(alive) = crate::process::liveness(&hostname(), &row.host, &events) {
+                return Err(Failure::new(
+                    Outcome::Busy,
+                    format!("not resolved: {}; then resolve", alive.describe(&row.run_id)),
+                ));
+            }
+        }
+    }
     // Take the domain's locks, as a rotation would: the review is followed by the
     // repair of the key store (DESIGN 5), which must not race a run. A lock held by
     // someone else means a process is alive: it is named, and nothing is repaired.

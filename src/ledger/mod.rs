@@ -256,10 +256,13 @@ impl Ledger {
                 label: path.display().to_string(),
                 conn: Conn::Sqlite(sqlite::Sqlite::open(path, busy)?),
             }),
-            LedgerLocation::Postgres(url) => Ok(Ledger {
-                label: postgres::redact(url),
-                conn: Conn::Postgres(RefCell::new(postgres::open(url, busy)?)),
-            }),
+            LedgerLocation::Postgres(url) => {
+                failpoint::hit("ledger", "connect").map_err(|e| format!("ledger {}: {e}", postgres::redact(url)))?;
+                Ok(Ledger {
+                    label: postgres::redact(url),
+                    conn: Conn::Postgres(RefCell::new(postgres::open(url, busy)?)),
+                })
+            }
         }
     }
 
@@ -305,10 +308,12 @@ impl Ledger {
     }
 
     pub fn get(&self, run_id: &str) -> Result<Option<RunRow>, String> {
+        self.round_trip("get")?;
         self.db().get(&self.label, run_id)
     }
 
     pub fn domain_record(&self, domain: &str) -> Result<DomainRecord, String> {
+        self.round_trip("domain_record")?;
         self.db().domain_record(&self.label, domain)
     }
 
@@ -331,6 +336,7 @@ impl Ledger {
 
     /// The step events of one run, oldest first: `(at, phase, detail)`.
     pub fn events(&self, run_id: &str) -> Result<Vec<(String, String, Option<String>)>, String> {
+        self.round_trip("events")?;
         self.db().query(
             &self.label,
             "SELECT at, phase, detail FROM rotation_events WHERE run_id = $1 ORDER BY id",
@@ -427,9 +433,46 @@ impl Ledger {
         match &self.conn {
             Conn::Sqlite(_) => Ok(true),
             Conn::Postgres(c) => {
+                self.round_trip("lock")?;
                 postgres::try_advisory_lock(&mut c.borrow_mut(), domain).map_err(|e| postgres::err(&self.label, e))
             }
         }
+    }
+
+    /// Whether the ledger is shared between hosts (PostgreSQL), where the run's lock
+    /// is a database session's and can be lost while the run goes on.
+    pub fn is_shared(&self) -> bool {
+        matches!(self.conn, Conn::Postgres(_))
+    }
+
+    /// Confirms that this run still holds `domain`'s cross-host lock: the same session,
+    /// alive, the lock granted to it (DESIGN 8, "Fencing"). Called before every step that
+    /// changes anything outside the database, and every second during long steps (which
+    /// keeps the session from ever being idle). The embedded ledger's lock is the
+    /// process's own file lock, which cannot be lost: always `Ok`.
+    pub fn confirm_lock(&self, domain: &str) -> Result<(), String> {
+        match &self.conn {
+            Conn::Sqlite(_) => Ok(()),
+            Conn::Postgres(c) => match postgres::own_advisory_lock_held(&mut c.borrow_mut(), domain) {
+                Ok(true) => Ok(()),
+                Ok(false) => Err(format!(
+                    "ledger {}: this run's lock on {domain} is no longer held by its session",
+                    self.label
+                )),
+                Err(e) => Err(format!(
+                    "{}; the session holding this run's lock on {domain} is gone",
+                    postgres::err(&self.label, e)
+                )),
+            },
+        }
+    }
+
+    /// A crash-test point at each PostgreSQL round trip outside [`Ledger::write`].
+    fn round_trip(&self, op: &str) -> Result<(), String> {
+        if self.is_shared() {
+            failpoint::hit("ledger", op).map_err(|e| format!("ledger {}: {e}", self.label))?;
+        }
+        Ok(())
     }
 
     /// Whether another session (on any host) holds `domain`'s cross-host lock now.

@@ -138,7 +138,14 @@ fn connect(url: &str, timeout: Duration) -> Result<Client, String> {
     }
     config
         .connect_timeout(timeout.max(Duration::from_millis(100)))
-        .application_name("keyrotate");
+        .application_name("keyrotate")
+        // A dead peer (network cut, vanished server) fails a query within seconds
+        // instead of hanging the run past its deadline with the lock unconfirmed.
+        .keepalives(true)
+        .keepalives_idle(Duration::from_secs(5))
+        .keepalives_interval(Duration::from_secs(1))
+        .keepalives_retries(3)
+        .tcp_user_timeout(Duration::from_secs(5));
     let mut client = match tls {
         None => config.connect(postgres::NoTls),
         Some(tls) => {
@@ -319,6 +326,19 @@ fn lock_key(domain: &str) -> String {
 pub(super) fn try_advisory_lock(c: &mut Client, domain: &str) -> Result<bool, postgres::Error> {
     Ok(c.query_one(
         "SELECT pg_try_advisory_lock(hashtextextended($1, 0))",
+        &[&lock_key(domain)],
+    )?
+    .get(0))
+}
+
+/// Whether this session still holds `domain`'s advisory lock. The query is also the
+/// keep-alive of a long step: a session that runs it every second is never idle for
+/// `idle_session_timeout` or an idle-killing proxy.
+pub(super) fn own_advisory_lock_held(c: &mut Client, domain: &str) -> Result<bool, postgres::Error> {
+    Ok(c.query_one(
+        "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 1 \
+         AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+         AND ((classid::bigint << 32) | objid::bigint) = hashtextextended($1, 0) AND pid = pg_backend_pid())",
         &[&lock_key(domain)],
     )?
     .get(0))

@@ -69,9 +69,26 @@ pub(super) fn blocked_message(domain: &str, row: &RunRow) -> String {
 
 pub(super) fn stale_message(domain: &str, dead: &RunRow, diagnosis: &str) -> String {
     format!(
-        "run {} (pid {} on {}, started {}) died while {}: {diagnosis}; after review: keyrotate resolve --domain {domain} --run {} --note \"...\"",
-        dead.run_id, dead.pid, dead.host, dead.started_at, dead.state, dead.run_id
+        "run {} (pid {} on {}, started {}) {} while {}: {diagnosis}; after review: keyrotate resolve --domain {domain} --run {} --note \"...\"",
+        dead.run_id,
+        dead.pid,
+        dead.host,
+        dead.started_at,
+        ended_how(dead),
+        dead.state,
+        dead.run_id
     )
+}
+
+/// How a run that no longer holds its lock ended, as far as this host can tell: its
+/// own processes are checked (a live one is never called dead, see `real.rs`); another
+/// host's are not visible from here (a shared ledger).
+pub(super) fn ended_how(dead: &RunRow) -> &'static str {
+    if dead.host == hostname() {
+        "died"
+    } else {
+        "died or lost its ledger lock (on another host, whose processes this host cannot see)"
+    }
 }
 
 /// The step a dead run was in: its last hook step if it ran hooks, else its last event.

@@ -173,16 +173,37 @@ pub(super) fn dry_run_decide(p: &Prepared, plan: &mut Vec<String>) -> (Outcome, 
                 .as_ref()
                 .and_then(|l| l.events(&dead.run_id).ok())
                 .unwrap_or_default();
-            let diagnosis = diagnose(p, &dead, last_step(&events), ledger.as_ref());
-            plan.push(format!(
-                "ledger: run {} is still in flight but holds no lock: it died",
-                dead.run_id
-            ));
-            return (
-                Outcome::NeedsReview,
-                stale_message(&p.domain.name, &dead, &diagnosis),
-                none,
-            );
+            // As the real run decides: a live process is never called dead.
+            match crate::process::liveness(&p.run.host, &dead.host, &events) {
+                Some(alive @ crate::process::Alive::Run(_)) => {
+                    plan.push(format!("ledger: {}", alive.describe(&dead.run_id)));
+                    return (
+                        Outcome::Busy,
+                        format!(
+                            "another rotation of {} is running: {}; it stops at its next step: wait for it",
+                            p.domain.name,
+                            alive.describe(&dead.run_id)
+                        ),
+                        none,
+                    );
+                }
+                alive => {
+                    let mut diagnosis = diagnose(p, &dead, last_step(&events), ledger.as_ref());
+                    if let Some(a) = alive {
+                        diagnosis = format!("{diagnosis}; {}", a.describe(&dead.run_id));
+                    }
+                    plan.push(format!(
+                        "ledger: run {} is still in flight but holds no lock: it {}",
+                        dead.run_id,
+                        ended_how(&dead)
+                    ));
+                    return (
+                        Outcome::NeedsReview,
+                        stale_message(&p.domain.name, &dead, &diagnosis),
+                        none,
+                    );
+                }
+            }
         }
         Admission::Blocked(row) => {
             plan.push(format!("ledger: blocked by run {}", row.run_id));

@@ -141,6 +141,13 @@ pub(super) fn real_run_inner(p: &Prepared) -> Concluded {
         Ok(Some(refused)) => return refused,
         Ok(None) => {}
     }
+    // Who runs this, so that the next run can tell "still running" from "died".
+    if ledger.is_shared() || matches!(p.domain.backend, Backend::Command { .. }) {
+        let run_id = p.run.run_id.clone();
+        let _ = ledger.write("event", |w| {
+            w.event(&run_id, "process", Some(&crate::process::record_me()))
+        });
+    }
     // The audit trail is part of the run: a run that cannot write it stops here, before
     // any key is touched, with its row saying why (DESIGN section 5).
     let audited = p.audit.preflight(true).and_then(|()| {
@@ -307,13 +314,22 @@ pub(super) fn conclude(
     // line becomes (DESIGN section 12); the line is appended right after it commits.
     // If it fails, no anchor was recorded and the line says what the run now is.
     let ((outcome, reason), audited) = p.audit.emit_anchored(event(outcome, reason), |head| {
-        let closed = ledger.write("close", |w| {
-            w.close(&run_id, outcome, reason, (from_version, to_version))?;
-            match head {
-                Some(head) => w.anchor(&run_id, head),
-                None => Ok(()),
-            }
-        });
+        let close = |ledger: &mut Ledger| {
+            ledger.write("close", |w| {
+                w.close(&run_id, outcome, reason, (from_version, to_version))?;
+                match &head {
+                    Some(head) => w.anchor(&run_id, head),
+                    None => Ok(()),
+                }
+            })
+        };
+        let mut closed = close(ledger);
+        if closed.is_err() && ledger.is_shared() {
+            // The session that held the lock may be gone (that may be why the run
+            // ends): closing our own row needs no lock, so a new session records the
+            // truth.
+            closed = Ledger::open(&p.config.ledger, Duration::from_secs(5)).and_then(|mut fresh| close(&mut fresh));
+        }
         match closed {
             Ok(()) => ((outcome, reason.to_string()), None),
             Err(e) => {
@@ -406,14 +422,24 @@ pub(super) fn admit_and_record(p: &Prepared, ledger: &mut Ledger, guard: &Guard)
     // Before deciding anything: finish what a committed run left undone.
     let repaired = repair(p, ledger);
     // The diagnosis reads the key store, so it is made before the write transaction.
-    let stale_diagnosis = rec.in_flight.as_ref().map(|dead| {
-        let events = ledger.events(&dead.run_id).unwrap_or_default();
-        let d = diagnose(p, dead, last_step(&events), Some(&*ledger));
+    let stale_events = rec
+        .in_flight
+        .as_ref()
+        .map(|dead| ledger.events(&dead.run_id).unwrap_or_default());
+    let stale_diagnosis = rec.in_flight.as_ref().zip(stale_events.as_ref()).map(|(dead, events)| {
+        let d = diagnose(p, dead, last_step(events), Some(&*ledger));
         match &repaired {
             Some(r) => format!("{d}; {r}"),
             None => d,
         }
     });
+    // A live process is never called dead: a run that lost its PostgreSQL lock may
+    // still run here, and a dead run's hook may outlive it.
+    let still_running = rec
+        .in_flight
+        .as_ref()
+        .zip(stale_events.as_ref())
+        .and_then(|(dead, events)| crate::process::liveness(&p.run.host, &dead.host, events));
     let domain = p.domain.name.clone();
     let decision = ledger
         .write("admit", |w| {
@@ -435,9 +461,21 @@ pub(super) fn admit_and_record(p: &Prepared, ledger: &mut Ledger, guard: &Guard)
                     w.insert(&p.run, None, from)?;
                     return Ok(Ok(None));
                 }
+                Admission::Stale(dead) if matches!(still_running, Some(crate::process::Alive::Run(_))) => {
+                    let alive = still_running.clone().expect("matched above");
+                    let reason = format!(
+                        "another rotation of {domain} is running: {}; it stops at its next step: wait for it",
+                        alive.describe(&dead.run_id)
+                    );
+                    (Outcome::Busy, "refused", reason, None)
+                }
                 Admission::Stale(dead) => {
-                    let diagnosis = stale_diagnosis.clone().unwrap_or_else(|| "the key store was not inspected".into());
-                    let mark = format!("stale: the process died mid-rotation; {diagnosis}");
+                    let mut diagnosis =
+                        stale_diagnosis.clone().unwrap_or_else(|| "the key store was not inspected".into());
+                    if let Some(alive) = &still_running {
+                        diagnosis = format!("{diagnosis}; {}", alive.describe(&dead.run_id));
+                    }
+                    let mark = format!("stale: the process {} mid-rotation; {diagnosis}", ended_how(&dead));
                     w.mark_stale(&dead.run_id, &mark)?;
                     let reason = stale_message(&domain, &dead, &diagnosis);
                     (Outcome::NeedsReview, "refused", reason, Some((dead.run_id, mark)))
@@ -507,7 +545,7 @@ pub(super) fn arm_watchdog(p: &Prepared, guard: &Guard, undo: PreCommitUndo) {
     // SIGKILL); its watchdog is only a backstop behind that.
     let after = match p.domain.backend {
         Backend::Keystore { .. } => Duration::ZERO,
-        Backend::Command { .. } => command::KILL_GRACE + Duration::from_secs(3),
+        Backend::Command { .. } => command::KILL_GRACE + Duration::from_secs(5),
     };
     guard.spawn_watchdog(after, move |step| {
         // Take back what the abandoned run staged and published, as a run ending
