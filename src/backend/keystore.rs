@@ -59,6 +59,7 @@ pub fn examine(ks: &Keystore, ledger: Option<&Ledger>, domain: &str) -> Result<(
         None => crate::keystore::Provenance {
             manifest_run_known: insp.manifest.committed_by_run.as_ref().map(|_| false),
             runs: Vec::new(),
+            later_commit: None,
         },
     };
     let verdict = judge(&insp, &prov);

@@ -203,6 +203,27 @@ fn domain_status(config: &Config, d: &DomainConfig, ledger: Option<&Ledger>) -> 
     if let Some(b) = &rec.blocking {
         s.blocked_by = Some(b.run_id.clone());
     }
+    // A store the next rotation would refuse (unlisted key files, a manifest this
+    // ledger does not know or that is older than its last commit) is a problem now,
+    // not after the next run blocks the domain. Not judged beside a run in flight (its
+    // staged file is unlisted until it commits); judged twice so that a rotation
+    // committing between the manifest read and the folder listing is not reported.
+    if let (Backend::Keystore { keystore, .. }, true, false) =
+        (&d.backend, s.problems.is_empty(), rec.in_flight.is_some())
+    {
+        let ks = Keystore::new(keystore, &d.name);
+        let diagnose = || {
+            crate::backend::keystore::examine(&ks, ledger, &d.name)
+                .ok()
+                .and_then(|(_, v)| v.diagnosis(&d.name))
+        };
+        if let (Some(_), Some(diag)) = (diagnose(), diagnose()) {
+            let diag = diag.strip_suffix("; nothing was changed").unwrap_or(&diag);
+            s.problems.push(format!(
+                "{diag}; the next rotation (when due) stops with NEEDS_REVIEW (4)"
+            ));
+        }
+    }
     s
 }
 

@@ -1,0 +1,239 @@
+//! Attacks through the real binary, as a hostile operator would make them: files
+//! deleted or put back from a backup, closed pipes, full disks, planted symlinks,
+//! hooks that will not die, concurrent runs. Each test is either a break that was
+//! found (and fixed) or a risky property that was proved to hold.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use crate::common::Env;
+
+/// Every file of the key and state folders with its bytes (symlinks as their target).
+fn store(env: &Env) -> BTreeMap<PathBuf, Vec<u8>> {
+    env.snapshot()
+        .into_iter()
+        .filter(|(p, _)| p.starts_with("keys") || p.starts_with("state"))
+        .collect()
+}
+
+/// `rotate --dry-run` predicts `expected`, changes no byte, and the real run that
+/// follows exits with the same code.
+#[track_caller]
+fn dry_run_predicts(env: &Env, domain: &str, expected: i32) -> crate::common::Out {
+    let before = store(env);
+    let dry = env.rotate(domain).args(["--dry-run", "--force"]).status(expected);
+    assert!(
+        dry.stdout.contains(&format!("(would exit {expected})")),
+        "dry run: {}",
+        dry.stdout
+    );
+    assert_eq!(store(env), before, "the dry run changed the key or state folder");
+    env.rotate(domain).arg("--force").status(expected)
+}
+
+/// The key files, manifest, jwks.json and current.* of a domain (not `.lock`, which
+/// names its last holder, nor folder modes, which a run brings to the configured ones).
+fn key_files(env: &Env, domain: &str) -> BTreeMap<PathBuf, Vec<u8>> {
+    let prefix = Path::new("keys").join(domain);
+    store(env)
+        .into_iter()
+        .filter(|(p, _)| p.starts_with(&prefix) && !p.ends_with(".lock") && !p.to_string_lossy().ends_with('/'))
+        .collect()
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let ft = e.file_type().unwrap();
+        let dest = to.join(e.file_name());
+        if ft.is_symlink() {
+            std::os::unix::fs::symlink(std::fs::read_link(e.path()).unwrap(), dest).unwrap();
+        } else if ft.is_dir() {
+            copy_dir(&e.path(), &dest);
+        } else {
+            std::fs::copy(e.path(), dest).unwrap();
+        }
+    }
+}
+
+fn last_run_id(env: &Env) -> String {
+    env.last_row()["run_id"].as_str().unwrap().to_string()
+}
+
+fn kids(env: &Env, domain: &str) -> Vec<String> {
+    env.jwks(domain)["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["kid"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Every kid names one version, and no version number is named by two different kids
+/// across all jwks.json documents seen.
+fn assert_no_kid_reuse(seen: &mut BTreeMap<String, String>, env: &Env, domain: &str) {
+    for kid in kids(env, domain) {
+        let (n, _) = kid.split_once('-').unwrap();
+        if let Some(prev) = seen.insert(n.to_string(), kid.clone()) {
+            assert_eq!(prev, kid, "version {n} named two keys");
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The on-call engineer restoring from a backup.
+
+/// BREAK (fixed): the whole domain folder put back from an older backup is internally
+/// consistent (its keyring.json lists exactly its files), so no file was unlisted and
+/// the run rolled the active key back to the backup's and rotated on with exit 0: the
+/// keys of the later commits (the one applications were signing with) were gone from
+/// jwks.json without a word. The ledger knows a later commit: that is a mismatch.
+#[test]
+fn an_older_copy_of_the_whole_domain_folder_needs_review_not_a_silent_rollback() {
+    let env = Env::new();
+    env.rotate("sig").status(0);
+    env.rotate("sig").arg("--force").status(0);
+    let backup = env.path("backup-sig");
+    copy_dir(&env.key_dir("sig"), &backup);
+    for _ in 0..3 {
+        env.rotate("sig").arg("--force").status(0);
+    }
+    let mut seen = BTreeMap::new();
+    assert_no_kid_reuse(&mut seen, &env, "sig");
+    std::fs::remove_dir_all(env.key_dir("sig")).unwrap();
+    copy_dir(&backup, &env.key_dir("sig"));
+    std::fs::remove_dir_all(&backup).unwrap();
+
+    // status warns before the next run, the run refuses and names the later commit.
+    let st = env.cmd().args(["status", "--domain", "sig"]).status(3);
+    assert!(st.stderr.contains("later commit"), "{}", st.stderr);
+    let before = key_files(&env, "sig");
+    let out = env.rotate("sig").args(["--force", "--run-id", "RESTORED"]).status(4);
+    assert!(out.stdout.contains("later commit"), "{}", out.stdout);
+    assert!(
+        key_files(&env, "sig") == before,
+        "the refused run changed the key store"
+    );
+
+    // After review the restored store is adopted; versions only grow.
+    env.resolve("sig", "RESTORED", "restored the folder of last week on purpose")
+        .status(0);
+    env.cmd().args(["status", "--domain", "sig"]).status(0);
+    let out = env.rotate("sig").arg("--force").status(0);
+    assert!(out.stdout.contains("active v2 -> v6"), "{}", out.stdout);
+    assert_no_kid_reuse(&mut seen, &env, "sig");
+}
+
+/// BREAK (fixed): `status` exited 0 on a store the next rotation refuses (a deleted
+/// keyring.json with the key files still there; a ledger restored from an older backup
+/// that does not know the last commit). A monitor never alerted before the domain
+/// blocked.
+#[test]
+fn status_exits_3_on_a_store_the_next_rotation_would_refuse() {
+    let env = Env::new();
+    env.rotate("sig").status(0);
+    env.cmd().args(["status", "--domain", "sig"]).status(0);
+    let ledger_backup = std::fs::read(env.path("state/ledger.sqlite3")).unwrap();
+    env.rotate("sig").arg("--force").status(0);
+
+    let manifest = std::fs::read(env.key_dir("sig").join("keyring.json")).unwrap();
+    std::fs::remove_file(env.key_dir("sig").join("keyring.json")).unwrap();
+    let st = env.cmd().args(["status", "--domain", "sig"]).status(3);
+    assert!(st.stderr.contains("v000002.pem"), "{}", st.stderr);
+    std::fs::write(env.key_dir("sig").join("keyring.json"), &manifest).unwrap();
+    env.cmd().args(["status", "--domain", "sig"]).status(0);
+
+    // The ledger from before the last commit (its WAL goes with the copy).
+    for f in ["ledger.sqlite3-wal", "ledger.sqlite3-shm"] {
+        let _ = std::fs::remove_file(env.path("state").join(f));
+    }
+    std::fs::write(env.path("state/ledger.sqlite3"), &ledger_backup).unwrap();
+    let st = env.cmd().args(["status", "--domain", "sig"]).status(3);
+    assert!(st.stderr.contains("does not know"), "{}", st.stderr);
+    dry_run_predicts(&env, "sig", 4);
+}
+
+/// Property: each single file an on-call engineer might delete gives the outcome an
+/// operator expects, the dry run predicts it without changing a byte, and no key file
+/// is ever removed that the manifest lists.
+#[test]
+fn deleting_one_file_of_the_store_is_either_rebuilt_or_reported() {
+    // (file to delete, exit of the next rotation)
+    let cases: &[(&str, i32)] = &[
+        ("keys/sig/jwks.json", 0),
+        ("keys/sig/current.pem", 0),
+        ("keys/sig/.lock", 0),
+        ("state/locks", 0),
+        ("state/ledger.sqlite3-wal", 0),
+        ("keys/sig/v000004.pem", 4), // active
+        ("keys/sig/v000003.pem", 4), // retired
+        ("keys/sig/keyring.json", 4),
+        ("state/ledger.sqlite3", 4),
+    ];
+    for (victim, code) in cases {
+        let env =
+            Env::with_config(&crate::common::DEFAULT_CONFIG.replace("min_interval = \"1h\"", "min_interval = \"0s\""));
+        for _ in 0..4 {
+            env.rotate("sig").status(0);
+        }
+        let listed: Vec<String> = env.live_files("sig");
+        let p = env.path(victim);
+        if p.is_dir() {
+            std::fs::remove_dir_all(&p).unwrap();
+        } else {
+            let _ = std::fs::remove_file(&p);
+        }
+        let out = dry_run_predicts(&env, "sig", *code);
+        if *code == 4 {
+            assert!(out.stdout.contains("nothing was changed"), "{victim}: {}", out.stdout);
+        }
+        let manifest_now = std::fs::read(env.key_dir("sig").join("keyring.json"))
+            .map(|b| serde_json::from_slice::<serde_json::Value>(&b).unwrap())
+            .unwrap_or_default();
+        let destroyed_now: Vec<String> = manifest_now["versions"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter(|v| v["state"] == "destroyed")
+                    .map(|v| v["file"].as_str().unwrap().to_string())
+                    .collect()
+            })
+            .unwrap_or_default();
+        for f in &listed {
+            if !victim.ends_with(f.as_str()) && !destroyed_now.contains(f) {
+                assert!(env.key_dir("sig").join(f).exists(), "{victim}: {f} was removed");
+            }
+        }
+        if *code == 0 {
+            env.cmd().args(["status", "--domain", "sig"]).status(0);
+            let live = env.live_files("sig");
+            let mut published: Vec<String> = kids(&env, "sig")
+                .iter()
+                .map(|k| format!("{}.pem", k.split('-').next().unwrap()))
+                .collect();
+            published.sort();
+            assert_eq!(published, live, "{victim}: jwks.json does not list the live versions");
+        }
+    }
+}
+
+/// Property: a pending version's file deleted (prepublish) blocks instead of
+/// promoting a key nobody has.
+#[test]
+fn a_deleted_pending_key_file_blocks_the_promotion() {
+    let env = Env::new();
+    env.rotate("pre").status(0);
+    let pending = env.manifest("pre")["versions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["state"] == "pending")
+        .unwrap()["file"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    std::fs::remove_file(env.key_dir("pre").join(&pending)).unwrap();
+    let out = dry_run_predicts(&env, "pre", 4);
+    assert!(out.stdout.contains("pending"), "{}", out.stdout);
+}
