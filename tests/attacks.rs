@@ -237,3 +237,74 @@ fn a_deleted_pending_key_file_blocks_the_promotion() {
     let out = dry_run_predicts(&env, "pre", 4);
     assert!(out.stdout.contains("pending"), "{}", out.stdout);
 }
+
+// ---------------------------------------------------------------------------
+// Full and read-only file systems.
+
+/// Mounts a small tmpfs at `dir` (root only). `None` (after printing SKIPPED) where
+/// this test cannot mount.
+fn mount_tmpfs(dir: &Path, opts: &str) -> Option<Mounted> {
+    std::fs::create_dir_all(dir).unwrap();
+    let ok = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", opts, "tmpfs"])
+        .arg(dir)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        println!("SKIPPED: cannot mount a tmpfs here (needs root)");
+        return None;
+    }
+    Some(Mounted(dir.to_path_buf()))
+}
+
+struct Mounted(PathBuf);
+
+impl Mounted {
+    fn remount(&self, opts: &str) {
+        let ok = std::process::Command::new("mount")
+            .args(["-o", &format!("remount,{opts}")])
+            .arg(&self.0)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "remount {opts} failed");
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// BREAK (fixed): with the key store on a file system remounted read-only, the dry run
+/// predicted "would exit 0" while the real run stopped with 3 at the key store lock.
+/// Proved too: the real run records its row and audit line, and once the mount is
+/// writable again the next run rotates.
+#[test]
+fn a_read_only_key_store_is_predicted_by_the_dry_run_and_recorded_by_the_real_one() {
+    let env = Env::new();
+    let keys = env.path("keys");
+    let Some(mount) = mount_tmpfs(&keys, "size=1m,mode=700") else {
+        return;
+    };
+    env.rotate("sig").status(0);
+    mount.remount("ro");
+    let out = dry_run_predicts(&env, "sig", 3);
+    assert!(out.stdout.contains("read-only"), "{}", out.stdout);
+    let row = env.last_row();
+    assert_eq!(
+        (row["state"].as_str(), row["exit_code"].as_i64()),
+        (Some("aborted"), Some(3))
+    );
+    let run = row["run_id"].as_str().unwrap().to_string();
+    assert!(
+        env.audit()
+            .iter()
+            .any(|l| l["run_id"] == run.as_str() && l["exit_code"] == 3),
+        "no audit line for {run}"
+    );
+    mount.remount("rw");
+    env.rotate("sig").arg("--force").status(0);
+}

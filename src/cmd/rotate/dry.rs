@@ -93,6 +93,25 @@ pub(super) fn dry_run_decide(p: &Prepared, plan: &mut Vec<String>) -> (Outcome, 
                 none,
             );
         }
+        // The real run opens the key store's lock file for writing next: a key store it
+        // cannot write (a read-only mount) stops it there with 3, before any other
+        // decision, so the plan must say so rather than predict a rotation.
+        let ks = Keystore::new(keystore, &p.domain.name);
+        let target = if ks.dir().is_dir() {
+            ks.dir()
+        } else {
+            keystore.as_path()
+        };
+        if target.is_dir() && !fsutil::can_write_dir(target) {
+            let why = fsutil::fs_trouble(target).unwrap_or("this user cannot write it");
+            let e = format!("key store {}: {why}", target.display());
+            plan.push(format!("key store: {e}"));
+            return (
+                Outcome::Aborted,
+                format!("{e}; the real run would stop before touching any key"),
+                none,
+            );
+        }
     }
 
     let ledger = match Ledger::open_read_only(&p.config.ledger) {
