@@ -308,3 +308,60 @@ fn a_read_only_key_store_is_predicted_by_the_dry_run_and_recorded_by_the_real_on
     mount.remount("rw");
     env.rotate("sig").arg("--force").status(0);
 }
+
+// ---------------------------------------------------------------------------
+// Symlinks planted where keyrotate writes (created as root, owned by uid 65534 where
+// this runs as root).
+
+fn plant(link: &Path, target: &Path) {
+    let _ = std::fs::remove_file(link);
+    std::os::unix::fs::symlink(target, link).unwrap();
+    if unsafe { libc::geteuid() } == 0 {
+        let c = std::ffi::CString::new(link.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: `c` is a valid NUL-terminated path that outlives the call.
+        unsafe { libc::lchown(c.as_ptr(), 65534, 65534) };
+    }
+}
+
+/// BREAK (fixed): a symlink at the state lock, the key store's `.lock` or the ledger's
+/// `-wal`/`-shm` made the real run stop with 3 while the dry run predicted 0 (and a
+/// symlinked `-wal` was reported as a bare "unable to open database file"). Proved
+/// too: at every name keyrotate writes, the symlink's target is never written, and
+/// the dry run predicts the real run.
+#[test]
+fn a_planted_symlink_never_redirects_a_write_and_the_dry_run_predicts_the_outcome() {
+    let cases: &[(&str, i32)] = &[
+        ("keys/sig/current.pem", 0),
+        ("keys/sig/jwks.json", 0),
+        ("keys/sig/.keyring.json.tmp", 0),
+        ("keys/sig/.jwks.json.tmp", 0),
+        ("keys/sig/keyring.json", 4),
+        ("keys/sig/v000003.pem", 4), // the next version's name
+        ("keys/sig/.lock", 3),
+        ("state/locks/sig.lock", 3),
+        ("state/audit.jsonl", 3),
+        ("state/ledger.sqlite3-wal", 3),
+        ("state/ledger.sqlite3-shm", 3),
+    ];
+    for (name, code) in cases {
+        let env = Env::new();
+        env.rotate("sig").status(0);
+        env.rotate("sig").arg("--force").status(0);
+        let victim = env.path("victim");
+        std::fs::write(&victim, "not yours").unwrap();
+        plant(&env.path(name), &victim);
+        let out = dry_run_predicts(&env, "sig", *code);
+        assert_eq!(
+            std::fs::read_to_string(&victim).unwrap(),
+            "not yours",
+            "{name}: the target was written"
+        );
+        if *code == 3 {
+            assert!(out.stdout.contains("symlink"), "{name}: {}", out.stdout);
+        }
+        if *code == 0 {
+            assert!(!std::fs::symlink_metadata(env.path(name))
+                .is_ok_and(|m| m.file_type().is_symlink() && name.ends_with(".tmp")));
+        }
+    }
+}

@@ -70,6 +70,10 @@ pub(super) fn dry_run_decide(p: &Prepared, plan: &mut Vec<String>) -> (Outcome, 
         }
     }
     let lock_path = lock::lock_path(&p.config.lock_dir(), &p.domain.name);
+    if let Err(e) = lock::check_openable(&lock_path) {
+        plan.push(format!("lock: {e}"));
+        return (Outcome::Aborted, format!("{e}; the real run would stop there"), none);
+    }
     match lock::probe(&lock_path) {
         Ok(Some(pid)) => {
             let who = lock::read_holder(&lock_path).map_or(format!("pid {pid}"), |h| h.describe());
@@ -81,6 +85,10 @@ pub(super) fn dry_run_decide(p: &Prepared, plan: &mut Vec<String>) -> (Outcome, 
     }
     if let Backend::Keystore { keystore, .. } = &p.domain.backend {
         let ks_lock = Keystore::new(keystore, &p.domain.name).lock_path();
+        if let Err(e) = lock::check_openable(&ks_lock) {
+            plan.push(format!("lock: {e}"));
+            return (Outcome::Aborted, format!("{e}; the real run would stop there"), none);
+        }
         if let Ok(Some(pid)) = lock::probe(&ks_lock) {
             let who = lock::read_holder(&ks_lock).map_or(format!("pid {pid}"), |h| h.describe());
             plan.push(format!(
