@@ -57,10 +57,6 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
-fn last_run_id(env: &Env) -> String {
-    env.last_row()["run_id"].as_str().unwrap().to_string()
-}
-
 fn kids(env: &Env, domain: &str) -> Vec<String> {
     env.jwks(domain)["keys"]
         .as_array()
@@ -363,5 +359,97 @@ fn a_planted_symlink_never_redirects_a_write_and_the_dry_run_predicts_the_outcom
             assert!(!std::fs::symlink_metadata(env.path(name))
                 .is_ok_and(|m| m.file_type().is_symlink() && name.ends_with(".tmp")));
         }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Hooks that will not let go.
+
+/// A command domain whose hook runs `body` (sh) for the steps named in `steps`.
+fn hook_env(steps: &str, body: &str) -> Env {
+    use std::os::unix::fs::PermissionsExt;
+    let env = Env::with_config(
+        r#"
+[state]
+dir = "state"
+[host]
+pool = "p"
+[domains.h]
+designated_pool = "p"
+backend = "command"
+command = ["./hooks/h"]
+min_interval = "0s"
+"#,
+    );
+    std::fs::create_dir(env.path("hooks")).unwrap();
+    std::fs::write(
+        env.path("hooks/h"),
+        format!(
+            "#!/bin/sh\nhere=$(dirname \"$0\")\necho \"$KEYROTATE_STEP\" >> \"$here/steps.log\"\ncase \"$KEYROTATE_STEP\" in {steps}) {body} ;; esac\nexit 0\n"
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(env.path("hooks/h"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    env
+}
+
+fn kill_pids_in(file: &Path) {
+    for pid in std::fs::read_to_string(file).unwrap_or_default().split_whitespace() {
+        if let Ok(pid) = pid.parse::<i32>() {
+            // SAFETY: plain kill(2) of a pid this test's hook recorded.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+}
+
+/// BREAK (fixed): a step that ends at once but leaves a process outside its process
+/// group holding its stdout (`setsid … &`, an init script that daemonizes without
+/// closing its descriptors) held the run on the pipe: with `set`, a 3 s deadline took
+/// the background process's full 30 s, `test` then started after the deadline and the
+/// run ended NEEDS_REVIEW blaming 'test'. The step's output is now read for a moment
+/// after the step ends, not until every holder is gone.
+#[test]
+fn a_background_process_holding_a_steps_output_does_not_hold_the_run() {
+    let env = hook_env(
+        "create|set",
+        "setsid sh -c 'echo held; sleep 30' & echo $! >> \"$here/bg.pid\"",
+    );
+    let start = std::time::Instant::now();
+    let out = env.cmd().args(["rotate", "--domain", "h", "--deadline", "3s"]).output();
+    let took = start.elapsed();
+    kill_pids_in(&env.path("hooks/bg.pid"));
+    assert_eq!(out.code, 0, "{}\n{}", out.stdout, out.stderr);
+    assert!(took < std::time::Duration::from_secs(3), "took {took:?}");
+    assert!(out.stderr.contains("still holds its output"), "{}", out.stderr);
+    assert_eq!(
+        std::fs::read_to_string(env.path("hooks/steps.log")).unwrap(),
+        "create\nset\ntest\nfinish\n"
+    );
+}
+
+/// Property: a step that ignores SIGTERM is SIGKILLed 2 s after the deadline; before
+/// the commit that is TIMED_OUT (8) with a closed row, from `set` on NEEDS_REVIEW (4).
+#[test]
+fn a_step_ignoring_sigterm_is_killed_and_the_outcome_names_it() {
+    for (step, code) in [("create", 8), ("set", 4)] {
+        let env = hook_env(step, "trap '' TERM; sleep 30 & echo $! >> \"$here/bg.pid\"; wait; wait");
+        let start = std::time::Instant::now();
+        let out = env
+            .cmd()
+            .args(["rotate", "--domain", "h", "--deadline", "2s", "--run-id", "STUCK"])
+            .output();
+        let took = start.elapsed();
+        kill_pids_in(&env.path("hooks/bg.pid"));
+        assert_eq!(out.code, code, "{step}: {}\n{}", out.stdout, out.stderr);
+        assert!(took < std::time::Duration::from_secs(7), "{step}: took {took:?}");
+        assert!(out.stdout.contains(&format!("'{step}'")), "{step}: {}", out.stdout);
+        let row = env.last_row();
+        assert_eq!(row["exit_code"].as_i64(), Some(code.into()), "{step}: {row}");
+        assert!(
+            env.audit()
+                .iter()
+                .any(|l| l["run_id"] == "STUCK" && l["exit_code"] == code),
+            "{step}: no audit line"
+        );
     }
 }

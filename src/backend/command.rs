@@ -30,6 +30,11 @@ pub const KILL_GRACE: Duration = Duration::from_secs(2);
 const PASS_THROUGH_LIMIT: usize = 256 * 1024;
 /// Output tail kept in the ledger per step.
 const TAIL_BYTES: usize = 2048;
+/// How long a step's output is still read once the step (its process group) has
+/// ended. A process that left the group (`setsid`, a daemon started without closing
+/// its descriptors) can hold the pipes for as long as it lives: the run must not wait
+/// for it, or a `set` that ended in a second holds the run far past its deadline.
+const DRAIN_AFTER_END: Duration = Duration::from_millis(500);
 
 pub struct CommandRotation<'a> {
     pub program: PathBuf,
@@ -140,10 +145,26 @@ impl CommandRotation<'_> {
         let (status, timed_out) = wait_until(&mut child, pgid, deadline.instant())?;
         // Whatever the step left running in its group does not outlive it.
         kill_group(pgid);
+        let drain_until = Instant::now() + DRAIN_AFTER_END;
+        let mut held_open = false;
         for r in readers.into_iter().flatten() {
-            let _ = r.join();
+            while !r.is_finished() && Instant::now() < drain_until {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            if r.is_finished() {
+                let _ = r.join();
+            } else {
+                // Left reading (it ends with the pipe or the process); not waited for.
+                held_open = true;
+            }
         }
-        let text = tail.lock().unwrap_or_else(|e| e.into_inner()).text();
+        let mut text = tail.lock().unwrap_or_else(|e| e.into_inner()).text();
+        if held_open {
+            tracing::warn!(
+                "hook step '{name}' ended but a process it started outside its process group still holds its output; not waiting for it"
+            );
+            text.push_str(" | (a process outside the step's process group still held its output: not waited for)");
+        }
         let status_text = match (timed_out, status.code(), status.signal()) {
             (true, _, _) => "killed at the deadline".to_string(),
             (false, Some(c), _) => format!("exit {c}"),
