@@ -453,3 +453,31 @@ fn a_step_ignoring_sigterm_is_killed_and_the_outcome_names_it() {
         );
     }
 }
+
+/// BREAK (fixed; issue 11 item 12 was still open): a reader of keyrotate's stderr that
+/// does not keep up (a Control-M agent busy elsewhere, a `| sleep`) stalled the thread
+/// passing the hook's output through, the hook blocked on its full pipe and was killed
+/// at the deadline: TIMED_OUT for a hook that had nothing wrong. Hook output now goes
+/// through a queue of its own; what does not fit is dropped from stderr, not waited for.
+#[test]
+fn a_slow_reader_of_our_stderr_does_not_stall_a_loud_hook_into_its_deadline() {
+    use std::io::Read;
+    let env = hook_env("create", "head -c 3000000 /dev/zero | tr '\\0' 'x'");
+    let mut child = env
+        .cmd()
+        .args(["rotate", "--domain", "h", "--deadline", "3s"])
+        .command()
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Nobody reads stderr until well past the deadline.
+    std::thread::sleep(std::time::Duration::from_secs(5));
+    let mut err = Vec::new();
+    child.stderr.take().unwrap().read_to_end(&mut err).unwrap();
+    let status = child.wait().unwrap();
+    let mut out = String::new();
+    child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+    assert_eq!(status.code(), Some(0), "{out}");
+    assert_eq!(env.last_row()["state"], "succeeded");
+}

@@ -13,7 +13,7 @@
 //! or TIMED_OUT at the deadline); from `set` on, the target may hold a half-rotated
 //! secret, so any failure is NEEDS_REVIEW and blocks the domain.
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -158,6 +158,8 @@ impl CommandRotation<'_> {
                 held_open = true;
             }
         }
+        // The step's output before what comes next, unless our stderr is stalled.
+        stderr_writer::flush(Duration::from_millis(200));
         let mut text = tail.lock().unwrap_or_else(|e| e.into_inner()).text();
         if held_open {
             tracing::warn!(
@@ -242,6 +244,53 @@ impl Tail {
     }
 }
 
+/// Hook output on its way to our stderr, written by one thread of its own: a slow or
+/// stalled reader of our stderr must never stall the pumps, or the hook blocks on a
+/// full pipe and is killed at the deadline. What does not fit the queue is dropped
+/// (the ledger keeps the tail either way).
+mod stderr_writer {
+    use std::io::Write;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::mpsc::{sync_channel, SyncSender};
+    use std::sync::OnceLock;
+    use std::time::{Duration, Instant};
+
+    static QUEUE: OnceLock<SyncSender<Vec<u8>>> = OnceLock::new();
+    static PENDING: AtomicUsize = AtomicUsize::new(0);
+
+    fn queue() -> &'static SyncSender<Vec<u8>> {
+        QUEUE.get_or_init(|| {
+            let (tx, rx) = sync_channel::<Vec<u8>>(256);
+            std::thread::spawn(move || {
+                for chunk in rx {
+                    let _ = std::io::stderr().lock().write_all(&chunk);
+                    PENDING.fetch_sub(1, Ordering::SeqCst);
+                }
+            });
+            tx
+        })
+    }
+
+    /// Queues `chunk` without waiting; `false` when the queue is full.
+    pub fn offer(chunk: Vec<u8>) -> bool {
+        PENDING.fetch_add(1, Ordering::SeqCst);
+        if queue().try_send(chunk).is_ok() {
+            true
+        } else {
+            PENDING.fetch_sub(1, Ordering::SeqCst);
+            false
+        }
+    }
+
+    /// Waits (at most `limit`) for what is queued to reach stderr.
+    pub fn flush(limit: Duration) {
+        let until = Instant::now() + limit;
+        while PENDING.load(Ordering::SeqCst) > 0 && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+}
+
 /// Copies a hook's output to our stderr (up to the pass-through limit) and keeps its tail.
 fn pump(src: Option<Box<dyn Read + Send>>, step: &str, tail: Arc<Mutex<Tail>>) -> Option<std::thread::JoinHandle<()>> {
     let mut src = src?;
@@ -258,19 +307,25 @@ fn pump(src: Option<Box<dyn Read + Send>>, step: &str, tail: Arc<Mutex<Tail>>) -
             t.push(&buf[..n]);
             if t.passed < PASS_THROUGH_LIMIT {
                 t.passed += n;
-                let mut err = std::io::stderr().lock();
+                let mut out = Vec::with_capacity(n + prefix.len());
                 for piece in buf[..n].split_inclusive(|b| *b == b'\n') {
                     if at_line_start {
-                        let _ = err.write_all(prefix.as_bytes());
+                        out.extend_from_slice(prefix.as_bytes());
                     }
-                    let _ = err.write_all(piece);
+                    out.extend_from_slice(piece);
                     at_line_start = piece.ends_with(b"\n");
+                }
+                if !stderr_writer::offer(out) && !t.truncated_notice {
+                    t.truncated_notice = true;
+                    stderr_writer::offer(
+                        format!("\n{prefix}(our stderr is not being read fast enough: some output not shown)\n")
+                            .into_bytes(),
+                    );
                 }
             } else if !t.truncated_notice {
                 t.truncated_notice = true;
-                let _ = writeln!(
-                    std::io::stderr(),
-                    "\n{prefix}(output beyond {PASS_THROUGH_LIMIT} bytes not shown)"
+                stderr_writer::offer(
+                    format!("\n{prefix}(output beyond {PASS_THROUGH_LIMIT} bytes not shown)\n").into_bytes(),
                 );
             }
         }
