@@ -481,3 +481,64 @@ fn a_slow_reader_of_our_stderr_does_not_stall_a_loud_hook_into_its_deadline() {
     assert_eq!(status.code(), Some(0), "{out}");
     assert_eq!(env.last_row()["state"], "succeeded");
 }
+
+// ---------------------------------------------------------------------------
+// Concurrency.
+
+/// BREAK (fixed): an on-call "clean-up" that deletes the lock files of a live run
+/// (both `state/locks/D.lock` and the key store's `.lock`) let a second run take the
+/// locks, call the live run "died … it did not commit, the old key state stands",
+/// mark it needs_review and exit 4; the live run then committed anyway and overwrote
+/// its row with `succeeded`, so the recorded review pointed at nothing. A run in flight
+/// whose process is alive on this host (same pid and start time) is now BUSY (5),
+/// in the dry run, the real run and `status` alike.
+#[cfg(feature = "failpoints")]
+#[test]
+fn deleting_the_lock_files_of_a_live_run_never_makes_it_dead() {
+    let env = Env::new();
+    env.rotate("sig").status(0);
+    let log = env.path("fp.log");
+    let mut live = env
+        .rotate("sig")
+        .args(["--force", "--run-id", "LIVE"])
+        .env("KEYROTATE_FAILPOINTS", "stage.create=sleep(3000)")
+        .env("KEYROTATE_FAILPOINT_LOG", &log)
+        .spawn();
+    crate::common::wait_for_step(&log, "stage.create");
+    std::fs::remove_file(env.path("state/locks/sig.lock")).unwrap();
+    std::fs::remove_file(env.key_dir("sig").join(".lock")).unwrap();
+    let st = env.cmd().args(["status", "--domain", "sig"]).output();
+    let out = dry_run_predicts(&env, "sig", 5);
+    assert!(
+        out.stdout.contains("LIVE") && out.stdout.contains("alive"),
+        "{}",
+        out.stdout
+    );
+    assert!(live.wait().unwrap().success(), "the live run did not end ROTATED");
+    assert_eq!(st.code, 0, "status called the live run blocked: {}", st.stdout);
+    let rows = env.rows();
+    let live_row = rows.iter().find(|r| r["run_id"] == "LIVE").unwrap();
+    assert_eq!(live_row["state"], "succeeded");
+    assert!(rows.iter().all(|r| r["state"] != "needs_review"), "{rows:?}");
+    env.rotate("sig").arg("--force").status(0);
+}
+
+/// Property: 20 rotations started at once rotate one at a time: every run is either
+/// ROTATED or BUSY, each version is created once, and the store verifies.
+#[test]
+fn twenty_concurrent_rotations_never_overlap() {
+    let env = Env::new();
+    env.rotate("sig").status(0);
+    let children: Vec<_> = (0..20).map(|_| env.rotate("sig").arg("--force").spawn()).collect();
+    let codes: Vec<i32> = children
+        .into_iter()
+        .map(|c| c.wait_with_output().unwrap().status.code().unwrap())
+        .collect();
+    assert!(codes.iter().all(|c| *c == 0 || *c == 5), "{codes:?}");
+    let rotated = codes.iter().filter(|c| **c == 0).count() as u64;
+    assert!(rotated >= 1);
+    assert_eq!(env.manifest("sig")["primary"], 1 + rotated);
+    env.cmd().args(["status", "--domain", "sig"]).status(0);
+    let rows = env.rows();
+    assert_eq!(rows.len(), 21, "one row per run");
+}

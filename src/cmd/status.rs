@@ -186,7 +186,8 @@ fn domain_status(config: &Config, d: &DomainConfig, ledger: Option<&Ledger>) -> 
             .ok()
             .flatten()
             .is_some()
-            || ledger.is_some_and(|l| l.domain_locked_elsewhere(&d.name).unwrap_or(false));
+            || ledger.is_some_and(|l| l.domain_locked_elsewhere(&d.name).unwrap_or(false))
+            || crate::cmd::run_process_alive(r);
         if !lock_held {
             // A rotate now would flag it and refuse: report it as the block it is.
             s.blocked_by = Some(r.run_id.clone());

@@ -211,6 +211,13 @@ pub(super) fn dry_run_decide(p: &Prepared, plan: &mut Vec<String>) -> (Outcome, 
                 none,
             );
         }
+        Admission::Alive(row) => {
+            plan.push(format!(
+                "ledger: run {} is in flight and its process is alive",
+                row.run_id
+            ));
+            return (Outcome::Busy, alive_message(&row), none);
+        }
         Admission::Blocked(row) => {
             plan.push(format!("ledger: blocked by run {}", row.run_id));
             return (Outcome::NeedsReview, blocked_message(&p.domain.name, &row), none);
