@@ -417,10 +417,20 @@ fn a_background_process_holding_a_steps_output_does_not_hold_the_run() {
     let start = std::time::Instant::now();
     let out = env.cmd().args(["rotate", "--domain", "h", "--deadline", "3s"]).output();
     let took = start.elapsed();
+    let survivors: Vec<String> = std::fs::read_to_string(env.path("hooks/bg.pid"))
+        .unwrap()
+        .split_whitespace()
+        .filter(|pid| Path::new(&format!("/proc/{pid}")).exists())
+        .map(str::to_string)
+        .collect();
     kill_pids_in(&env.path("hooks/bg.pid"));
     assert_eq!(out.code, 0, "{}\n{}", out.stdout, out.stderr);
     assert!(took < std::time::Duration::from_secs(3), "took {took:?}");
-    assert!(out.stderr.contains("still holds its output"), "{}", out.stderr);
+    assert!(out.stderr.contains("outside its process group"), "{}", out.stderr);
+    assert!(
+        survivors.is_empty(),
+        "background processes outlived their step: {survivors:?}"
+    );
     assert_eq!(
         std::fs::read_to_string(env.path("hooks/steps.log")).unwrap(),
         "create\nset\ntest\nfinish\n"
@@ -541,4 +551,27 @@ fn twenty_concurrent_rotations_never_overlap() {
     env.cmd().args(["status", "--domain", "sig"]).status(0);
     let rows = env.rows();
     assert_eq!(rows.len(), 21, "one row per run");
+}
+
+/// BREAK (fixed): a `set` step that double-forks a `setsid` child ignoring SIGTERM
+/// (stdio closed, so nothing held the run) left it running after keyrotate exited 0;
+/// it changed the target 2 s later, behind the recorded outcome. keyrotate is now the
+/// subreaper of its hooks and kills what a step leaves running, group or not.
+#[test]
+fn a_double_forked_setsid_child_of_set_does_not_outlive_its_step() {
+    let env = hook_env(
+        "set",
+        "( setsid sh -c 'trap \"\" TERM; echo $$ >> \"$0/bg.pid\"; sleep 2; echo changed > \"$0/target\"' \"$here\" </dev/null >/dev/null 2>&1 & )",
+    );
+    let out = env
+        .cmd()
+        .args(["rotate", "--domain", "h", "--deadline", "10s"])
+        .output();
+    assert_eq!(out.code, 0, "{}\n{}", out.stdout, out.stderr);
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    kill_pids_in(&env.path("hooks/bg.pid"));
+    assert!(
+        !env.path("hooks/target").exists(),
+        "a process the set step left behind changed the target after the run ended"
+    );
 }

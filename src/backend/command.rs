@@ -59,6 +59,11 @@ impl CommandRotation<'_> {
         let guard = self.step.guard.clone();
         crate::cmd::check_program(&self.program)
             .map_err(|e| Failure::new(Outcome::Aborted, format!("{e}; refusing to run it")))?;
+        // Orphans of the hook (a double fork, `setsid … &`) become our children rather
+        // than init's, so that what a step leaves running can be found and ended even
+        // when it left the step's process group.
+        // SAFETY: prctl with PR_SET_CHILD_SUBREAPER takes one integer argument.
+        unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
         for name in STEPS {
             let committing = name != "create";
             if name == "set" {
@@ -145,6 +150,7 @@ impl CommandRotation<'_> {
         let (status, timed_out) = wait_until(&mut child, pgid, deadline.instant())?;
         // Whatever the step left running in its group does not outlive it.
         kill_group(pgid);
+        let escaped = kill_escaped();
         let drain_until = Instant::now() + DRAIN_AFTER_END;
         let mut held_open = false;
         for r in readers.into_iter().flatten() {
@@ -161,6 +167,14 @@ impl CommandRotation<'_> {
         // The step's output before what comes next, unless our stderr is stalled.
         stderr_writer::flush(Duration::from_millis(200));
         let mut text = tail.lock().unwrap_or_else(|e| e.into_inner()).text();
+        if escaped > 0 {
+            tracing::warn!(
+                "hook step '{name}' left {escaped} process(es) running outside its process group; they were killed"
+            );
+            text.push_str(&format!(
+                " | (killed {escaped} process(es) the step left running outside its process group)"
+            ));
+        }
         if held_open {
             tracing::warn!(
                 "hook step '{name}' ended but a process it started outside its process group still holds its output; not waiting for it"
@@ -205,6 +219,46 @@ fn wait_until(child: &mut Child, pgid: i32, deadline: Instant) -> std::io::Resul
             _ => std::thread::sleep(Duration::from_millis(5)),
         }
     }
+}
+
+/// Kills what a step left running outside its process group: with the subreaper set,
+/// every orphan of the hook is a child of this process (the step itself has been
+/// waited for, and keyrotate starts no other process). Killing one reparents its own
+/// children to us, so this repeats until none is left (bounded). Returns how many.
+fn kill_escaped() -> usize {
+    let me = std::process::id() as i32;
+    let mut killed = 0;
+    let until = Instant::now() + KILL_GRACE;
+    loop {
+        let kids = children_of(me);
+        if kids.is_empty() || Instant::now() >= until {
+            return killed;
+        }
+        for pid in kids {
+            // SAFETY: plain kill(2)/waitpid(2) of our own child; the status is unused.
+            unsafe {
+                if libc::kill(pid, libc::SIGKILL) == 0 {
+                    killed += 1;
+                }
+                libc::waitpid(pid, std::ptr::null_mut(), 0);
+            }
+        }
+    }
+}
+
+/// The pids whose parent is `ppid` (field 4 of /proc/PID/stat).
+fn children_of(ppid: i32) -> Vec<i32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).ok().and_then(|s| {
+                let (_, rest) = s.rsplit_once(')')?;
+                rest.split_whitespace().nth(1)?.parse::<i32>().ok()
+            }) == Some(ppid)
+        })
+        .collect()
 }
 
 fn kill_group(pgid: i32) {
