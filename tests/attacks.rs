@@ -575,3 +575,22 @@ fn a_double_forked_setsid_child_of_set_does_not_outlive_its_step() {
         "a process the set step left behind changed the target after the run ended"
     );
 }
+
+/// BREAK (fixed): a folder planted where the run removes a temporary
+/// (`.jwks.json.tmp`, `.keyring.json.tmp`) or replaces `jwks.json` stops the real run
+/// with 3 ("is a directory"), but the dry run predicted 0.
+#[test]
+fn a_folder_where_the_run_writes_is_predicted_by_the_dry_run() {
+    for name in [".jwks.json.tmp", ".keyring.json.tmp", "jwks.json"] {
+        let env = Env::new();
+        env.rotate("sig").status(0);
+        let p = env.key_dir("sig").join(name);
+        let _ = std::fs::remove_file(&p);
+        std::fs::create_dir(&p).unwrap();
+        let out = dry_run_predicts(&env, "sig", 3);
+        assert!(out.stdout.contains("directory"), "{name}: {}", out.stdout);
+        assert_eq!(env.manifest("sig")["primary"], 1, "{name}");
+        std::fs::remove_dir(&p).unwrap();
+        env.rotate("sig").arg("--force").status(0);
+    }
+}

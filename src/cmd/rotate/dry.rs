@@ -291,6 +291,20 @@ pub(super) fn dry_run_decide(p: &Prepared, plan: &mut Vec<String>) -> (Outcome, 
                     ks.dir().display()
                 ));
             }
+            // The real run removes the garbage and replaces jwks.json: a folder planted
+            // under one of those names stops it with 3 ("is a directory").
+            let jwks = (!algorithm.is_symmetric()).then_some(crate::keystore::JWKS);
+            for name in verdict.garbage.iter().map(String::as_str).chain(jwks) {
+                if std::fs::symlink_metadata(ks.dir().join(name)).is_ok_and(|m| m.is_dir()) {
+                    let e = format!("{} is a directory", ks.dir().join(name).display());
+                    plan.push(format!("key store: {e}"));
+                    return (
+                        Outcome::Aborted,
+                        format!("{e}; the real run would stop there (move it away)"),
+                        none,
+                    );
+                }
+            }
             if !verdict.garbage.is_empty() {
                 plan.push(format!(
                     "sweep: remove {} (proven garbage: destroyed versions, temporaries, files staged by runs that never committed)",
