@@ -594,3 +594,53 @@ fn a_folder_where_the_run_writes_is_predicted_by_the_dry_run() {
         env.rotate("sig").arg("--force").status(0);
     }
 }
+
+/// BREAK (fixed; issue 11 item 6 and issue 17 item 1 were still open): keyrotate
+/// SIGKILLed (Control-M's Kill, the OOM killer) while `set` runs left the hook's
+/// process group running; it changed the target seconds later, beside whatever ran
+/// next. A watcher forked per step now kills the step's group when keyrotate dies.
+#[test]
+fn a_hook_dies_with_a_killed_keyrotate() {
+    let env = hook_env(
+        "set",
+        "echo $$ > \"$here/set.pid\"; sleep 3; echo changed > \"$here/target\"",
+    );
+    let mut child = env
+        .cmd()
+        .args(["rotate", "--domain", "h", "--deadline", "30s", "--run-id", "KILLED"])
+        .spawn();
+    let start = std::time::Instant::now();
+    while std::fs::read_to_string(env.path("hooks/set.pid"))
+        .unwrap_or_default()
+        .trim()
+        .is_empty()
+    {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(20),
+            "set never started"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(4));
+    assert!(
+        !env.path("hooks/target").exists(),
+        "the hook's set step ran on after keyrotate was killed"
+    );
+    // The next run flags the dead run; after review the domain rotates again.
+    let out = env
+        .cmd()
+        .args(["rotate", "--domain", "h", "--deadline", "10s"])
+        .status(4);
+    assert!(
+        out.stdout.contains("KILLED") && out.stdout.contains("set"),
+        "{}",
+        out.stdout
+    );
+    env.resolve("h", "KILLED", "set was killed with keyrotate; target checked")
+        .status(0);
+    env.cmd()
+        .args(["rotate", "--domain", "h", "--deadline", "10s"])
+        .status(0);
+}

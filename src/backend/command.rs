@@ -134,6 +134,7 @@ impl CommandRotation<'_> {
         let started = Instant::now();
         let mut child = cmd.spawn()?;
         let pgid = child.id() as i32;
+        let watch = DeathWatch::start(pgid);
         let tail = Arc::new(Mutex::new(Tail::default()));
         let readers = [
             pump(
@@ -150,6 +151,7 @@ impl CommandRotation<'_> {
         let (status, timed_out) = wait_until(&mut child, pgid, deadline.instant())?;
         // Whatever the step left running in its group does not outlive it.
         kill_group(pgid);
+        drop(watch);
         let escaped = kill_escaped();
         let drain_until = Instant::now() + DRAIN_AFTER_END;
         let mut held_open = false;
@@ -217,6 +219,72 @@ fn wait_until(child: &mut Child, pgid: i32, deadline: Instant) -> std::io::Resul
                 return Ok((status, true));
             }
             _ => std::thread::sleep(Duration::from_millis(5)),
+        }
+    }
+}
+
+/// Ends a step's process group if keyrotate itself dies mid-step (Control-M's Kill,
+/// the OOM killer): a forked watcher, in a process group of its own, waits on a pipe
+/// only keyrotate writes; end of file without the "done" byte means keyrotate is gone,
+/// and it kills the hook's group, so a hook never runs on beside the next run.
+struct DeathWatch {
+    pid: libc::pid_t,
+    done: libc::c_int,
+}
+
+impl DeathWatch {
+    fn start(pgid: i32) -> Option<DeathWatch> {
+        let mut fds = [0 as libc::c_int; 2];
+        // SAFETY: `fds` is an array of two ints, as pipe2 requires.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+            return None;
+        }
+        let (r, w) = (fds[0], fds[1]);
+        // SAFETY: after fork the child (a copy of a multi-threaded process) calls only
+        // async-signal-safe functions (setpgid, close, read, killpg, _exit) and never
+        // returns into Rust code.
+        match unsafe { libc::fork() } {
+            -1 => {
+                // SAFETY: closing the two descriptors pipe2 just gave us.
+                unsafe {
+                    libc::close(r);
+                    libc::close(w);
+                }
+                None
+            }
+            0 => unsafe {
+                libc::setpgid(0, 0);
+                libc::close(w);
+                let mut byte = 0u8;
+                let n = loop {
+                    let n = libc::read(r, (&mut byte as *mut u8).cast(), 1);
+                    if n >= 0 || *libc::__errno_location() != libc::EINTR {
+                        break n;
+                    }
+                };
+                if n <= 0 {
+                    libc::killpg(pgid, libc::SIGKILL);
+                }
+                libc::_exit(0)
+            },
+            pid => {
+                // SAFETY: the read end belongs to the watcher now.
+                unsafe { libc::close(r) };
+                Some(DeathWatch { pid, done: w })
+            }
+        }
+    }
+}
+
+impl Drop for DeathWatch {
+    /// The step ended under our eyes: the watcher leaves without killing anything.
+    fn drop(&mut self) {
+        // SAFETY: writing one byte to and closing our own pipe end, then reaping our
+        // own child.
+        unsafe {
+            libc::write(self.done, b"d".as_ptr().cast(), 1);
+            libc::close(self.done);
+            libc::waitpid(self.pid, std::ptr::null_mut(), 0);
         }
     }
 }
