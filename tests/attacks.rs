@@ -644,3 +644,56 @@ fn a_hook_dies_with_a_killed_keyrotate() {
         .args(["rotate", "--domain", "h", "--deadline", "10s"])
         .status(0);
 }
+
+/// BREAK (fixed): the deadline watchdog stood down before keyring.json's temporary was
+/// written, so a write or fsync of it that hung past the deadline (a slow disk) still
+/// committed, seconds after the deadline, and exited 0. The deadline is now checked
+/// right before the rename: a late write ends TIMED_OUT with the old state standing.
+#[cfg(feature = "failpoints")]
+#[test]
+fn a_manifest_write_hung_past_the_deadline_does_not_commit_late() {
+    for step in ["commit.create", "commit.fsync"] {
+        let env = Env::new();
+        env.rotate("sig").status(0);
+        let manifest = std::fs::read(env.key_dir("sig").join("keyring.json")).unwrap();
+        let jwks = std::fs::read(env.key_dir("sig").join("jwks.json")).unwrap();
+        let start = std::time::Instant::now();
+        let out = env
+            .cmd()
+            .args([
+                "rotate",
+                "--domain",
+                "sig",
+                "--deadline",
+                "1s",
+                "--force",
+                "--run-id",
+                "LATE",
+            ])
+            .env("KEYROTATE_FAILPOINTS", format!("{step}=sleep(2500)"))
+            .status(8);
+        assert!(
+            start.elapsed() < std::time::Duration::from_millis(2400),
+            "{step}: {}",
+            out.stdout
+        );
+        assert_eq!(
+            std::fs::read(env.key_dir("sig").join("keyring.json")).unwrap(),
+            manifest,
+            "{step}"
+        );
+        assert_eq!(
+            std::fs::read(env.key_dir("sig").join("jwks.json")).unwrap(),
+            jwks,
+            "{step}"
+        );
+        assert_eq!(env.key_files("sig"), ["v000001.pem"], "{step}");
+        assert_eq!(env.last_row()["state"], "timed_out", "{step}");
+        dry_run_predicts(&env, "sig", 0);
+        assert_eq!(
+            env.manifest("sig")["primary"],
+            3,
+            "{step}: the next run skips the staged number"
+        );
+    }
+}

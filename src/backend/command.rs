@@ -335,6 +335,10 @@ fn kill_group(pgid: i32) {
         unsafe { libc::killpg(pgid, libc::SIGTERM) };
         let start = Instant::now();
         while unsafe { libc::killpg(pgid, 0) } == 0 && start.elapsed() < KILL_GRACE {
+            // As the hooks' subreaper we inherit their orphans: one that died in the
+            // group stays a member (a zombie) until reaped, so reap what has ended.
+            // SAFETY: waitpid with WNOHANG on any child; the status is unused.
+            while unsafe { libc::waitpid(-1, std::ptr::null_mut(), libc::WNOHANG) } > 0 {}
             std::thread::sleep(Duration::from_millis(10));
         }
         unsafe { libc::killpg(pgid, libc::SIGKILL) };

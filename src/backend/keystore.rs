@@ -298,8 +298,21 @@ impl KeystoreRotation<'_> {
                 .map_err(|e| io("cannot sync the key folder", e))?;
         }
 
-        guard.enter_commit()?;
-        if let Err(e) = ks.commit(&next) {
+        // The deadline and signals are checked right before the rename, not before the
+        // temporary is written: a slow write of keyring.json must not commit after the
+        // deadline (the watchdog abandons the run while it is still before the rename).
+        guard.checkpoint("commit")?;
+        let mut stopped = None;
+        let committed_now = ks.commit_gated(&next, || {
+            guard.enter_commit().map_err(|f| {
+                stopped = Some(f);
+                std::io::Error::other("stopped before the commit")
+            })
+        });
+        if let Some(f) = stopped {
+            return Err(f);
+        }
+        if let Err(e) = committed_now {
             return match ks.inspect() {
                 Ok(i) if i.manifest == inspection.manifest => {
                     Err(io("cannot write keyring.json (the old one stands)", e))

@@ -535,6 +535,20 @@ impl Keystore {
         )
     }
 
+    /// [`Keystore::commit`], asking `gate` right before the rename (the commit point)
+    /// whether it may still happen.
+    pub fn commit_gated(&self, manifest: &Manifest, gate: impl FnOnce() -> io::Result<()>) -> io::Result<()> {
+        fsutil::write_atomic_gated(
+            &self.dir,
+            MANIFEST,
+            &manifest.to_bytes(),
+            "commit",
+            DirSync::Now,
+            self.access().file_perms(),
+            gate,
+        )
+    }
+
     /// Points `current.pem` (or `current.key`) at the active version.
     pub fn point_current(&self, manifest: &Manifest, sync: DirSync) -> io::Result<()> {
         let Some(active) = manifest.active() else {
