@@ -697,3 +697,60 @@ fn a_manifest_write_hung_past_the_deadline_does_not_commit_late() {
         );
     }
 }
+
+/// BREAK (fixed): `status` exited 0 while what consumers read did not match
+/// keyring.json: a jwks.json without the active key (every relying party rejects its
+/// tokens), a garbage or missing jwks.json, a missing current.pem or one on a retired
+/// key. It now exits 3 naming what is out of step; a run that is not due repairs it.
+#[test]
+fn status_exits_3_when_what_consumers_read_does_not_match_the_manifest() {
+    let env = Env::new();
+    env.rotate("sig").status(0);
+    env.rotate("sig").arg("--force").status(0);
+    let dir = env.key_dir("sig");
+    let good_jwks = std::fs::read(dir.join("jwks.json")).unwrap();
+    let mut without_active = env.jwks("sig");
+    without_active["keys"]
+        .as_array_mut()
+        .unwrap()
+        .retain(|k| !k["kid"].as_str().unwrap().starts_with("v000002"));
+    let damages: Vec<(&str, Box<dyn Fn()>)> = vec![
+        (
+            "jwks.json without the active key",
+            Box::new(|| std::fs::write(dir.join("jwks.json"), serde_json::to_vec(&without_active).unwrap()).unwrap()),
+        ),
+        (
+            "garbage jwks.json",
+            Box::new(|| std::fs::write(dir.join("jwks.json"), "{garbage").unwrap()),
+        ),
+        (
+            "no jwks.json",
+            Box::new(|| std::fs::remove_file(dir.join("jwks.json")).unwrap()),
+        ),
+        (
+            "no current.pem",
+            Box::new(|| std::fs::remove_file(dir.join("current.pem")).unwrap()),
+        ),
+        (
+            "current.pem on the retired key",
+            Box::new(|| {
+                std::fs::remove_file(dir.join("current.pem")).unwrap();
+                std::os::unix::fs::symlink("v000001.pem", dir.join("current.pem")).unwrap();
+            }),
+        ),
+    ];
+    for (what, damage) in damages {
+        damage();
+        let st = env.cmd().args(["status", "--domain", "sig"]).status(3);
+        assert!(st.stderr.contains("do not match keyring.json"), "{what}: {}", st.stderr);
+        // Not due (min_interval 1h): the run repairs, rotates nothing, exits 7.
+        env.rotate("sig").status(7);
+        env.cmd().args(["status", "--domain", "sig"]).status(0);
+        assert_eq!(std::fs::read(dir.join("jwks.json")).unwrap(), good_jwks, "{what}");
+        assert_eq!(
+            std::fs::read_link(dir.join("current.pem")).unwrap(),
+            Path::new("v000002.pem"),
+            "{what}"
+        );
+    }
+}

@@ -214,15 +214,33 @@ fn domain_status(config: &Config, d: &DomainConfig, ledger: Option<&Ledger>) -> 
     {
         let ks = Keystore::new(keystore, &d.name);
         let diagnose = || {
-            crate::backend::keystore::examine(&ks, ledger, &d.name)
-                .ok()
-                .and_then(|(_, v)| v.diagnosis(&d.name))
+            let (insp, verdict) = crate::backend::keystore::examine(&ks, ledger, &d.name).ok()?;
+            if let Some(diag) = verdict.diagnosis(&d.name) {
+                let diag = diag.strip_suffix("; nothing was changed").unwrap_or(&diag);
+                return Some(format!(
+                    "{diag}; the next rotation (when due) stops with NEEDS_REVIEW (4)"
+                ));
+            }
+            // What consumers read (current.*, jwks.json) must match keyring.json: a
+            // jwks.json without the active key makes every relying party reject its
+            // tokens, however green the manifest is.
+            let todo = if insp.exists {
+                ks.repair_needed(&insp)
+            } else {
+                Vec::new()
+            };
+            (!todo.is_empty()).then(|| {
+                format!(
+                    "key store {}: the published files do not match keyring.json (to do: {}); any \
+                     `keyrotate rotate --domain {}` run repairs this before anything else, even when not due",
+                    d.name,
+                    todo.join(", "),
+                    d.name
+                )
+            })
         };
-        if let (Some(_), Some(diag)) = (diagnose(), diagnose()) {
-            let diag = diag.strip_suffix("; nothing was changed").unwrap_or(&diag);
-            s.problems.push(format!(
-                "{diag}; the next rotation (when due) stops with NEEDS_REVIEW (4)"
-            ));
+        if let (Some(_), Some(problem)) = (diagnose(), diagnose()) {
+            s.problems.push(problem);
         }
     }
     s
