@@ -412,7 +412,9 @@ fn kill_pids_in(file: &Path) {
 fn a_background_process_holding_a_steps_output_does_not_hold_the_run() {
     let env = hook_env(
         "create|set",
-        "setsid sh -c 'echo held; sleep 30' & echo $! >> \"$here/bg.pid\"",
+        // The step ends only once its child has really left the group.
+        "rm -f \"$here/bg.new\"; setsid sh -c 'echo $$ > \"$0/bg.new\"; echo held; sleep 30' \"$here\" & \
+         while [ ! -s \"$here/bg.new\" ]; do sleep 0.02; done; cat \"$here/bg.new\" >> \"$here/bg.pid\"",
     );
     let start = std::time::Instant::now();
     let out = env.cmd().args(["rotate", "--domain", "h", "--deadline", "3s"]).output();
@@ -561,7 +563,8 @@ fn twenty_concurrent_rotations_never_overlap() {
 fn a_double_forked_setsid_child_of_set_does_not_outlive_its_step() {
     let env = hook_env(
         "set",
-        "( setsid sh -c 'trap \"\" TERM; echo $$ >> \"$0/bg.pid\"; sleep 2; echo changed > \"$0/target\"' \"$here\" </dev/null >/dev/null 2>&1 & )",
+        "( setsid sh -c 'trap \"\" TERM; echo $$ >> \"$0/bg.pid\"; sleep 2; echo changed > \"$0/target\"' \"$here\" </dev/null >/dev/null 2>&1 & ); \
+         while [ ! -s \"$here/bg.pid\" ]; do sleep 0.02; done",
     );
     let out = env
         .cmd()
