@@ -458,6 +458,33 @@ pub fn write_atomic_with(
     write_atomic_via_with(dir, name, &tmp_name(name), bytes, step, sync, perms)
 }
 
+/// [`write_atomic_with`] that asks `gate` between the temporary's fsync and the rename
+/// whether to go on: a commit whose temporary took past the deadline to write must not
+/// happen (the gate's error is returned and the temporary left for the sweep).
+pub fn write_atomic_gated(
+    dir: &Path,
+    name: &str,
+    bytes: &[u8],
+    step: &str,
+    sync: DirSync,
+    perms: Perms,
+    gate: impl FnOnce() -> io::Result<()>,
+) -> io::Result<()> {
+    let tmp = tmp_name(name);
+    failpoint::hit(step, "create")?;
+    let mut f = open_private(&dir.join(&tmp), false, perms)?;
+    f.write_all(bytes)?;
+    log_write(&dir.join(&tmp), &f, bytes);
+    failpoint::hit(step, "fsync")?;
+    f.sync_all()?;
+    log_fsync(&f);
+    drop(f);
+    gate()?;
+    failpoint::hit(step, "rename")?;
+    rename(&dir.join(&tmp), &dir.join(name))?;
+    sync_dir(dir, step, sync)
+}
+
 /// [`write_atomic_via`] with the given mode and group.
 pub fn write_atomic_via_with(
     dir: &Path,

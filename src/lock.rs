@@ -71,8 +71,12 @@ fn open_lock_file(path: &Path) -> io::Result<File> {
 impl DomainLock {
     /// Tries once to take the lock; never waits.
     pub fn try_acquire(path: &Path) -> Result<Acquire, String> {
-        let file = open_lock_file(path)
-            .map_err(|e| format!("lock file {}: {}", path.display(), crate::fsutil::io_reason(&e)))?;
+        let file = open_lock_file(path).map_err(|e| {
+            // O_NOFOLLOW's ELOOP reads as "too many levels of symbolic links": say what it is.
+            check_openable(path)
+                .err()
+                .unwrap_or_else(|| format!("lock file {}: {}", path.display(), crate::fsutil::io_reason(&e)))
+        })?;
         match file.try_lock_exclusive() {
             Ok(()) => Ok(Acquire::Acquired(DomainLock {
                 file,
@@ -118,6 +122,20 @@ pub fn read_holder(path: &Path) -> Option<Holder> {
 /// Whether the lock at `path` is held right now, without taking it: `Some(pid)` of a
 /// holder listed in `/proc/locks`, `None` if free or if there is no lock file.
 /// `Err` when it cannot be known (no `/proc/locks`).
+/// What the real run meets when it opens a lock file that exists but is not a regular
+/// file (it opens with O_NOFOLLOW): the dry run says so rather than predicting a
+/// rotation.
+pub fn check_openable(path: &Path) -> Result<(), String> {
+    match fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_symlink() => Err(format!(
+            "lock file {} is a symlink; refusing to follow it (move it away)",
+            path.display()
+        )),
+        Ok(m) if !m.is_file() => Err(format!("lock file {} is not a regular file", path.display())),
+        _ => Ok(()),
+    }
+}
+
 pub fn probe(path: &Path) -> Result<Option<u32>, String> {
     let meta = match fs::symlink_metadata(path) {
         Ok(m) => m,

@@ -196,7 +196,9 @@ fn sigterm_at_every_durable_step_ends_the_run_itself_with_0_or_3() {
     let base_versions = base.versions("sig");
     let base_manifest = std::fs::read(base.key_dir("sig").join("keyring.json")).unwrap();
     let steps = steps(&base);
-    let commit_at = steps.iter().position(|s| s == "commit.create").unwrap() + 1;
+    // The commit point is keyring.json's rename: a signal that arrives while its
+    // temporary is written still stops the run.
+    let commit_at = steps.iter().position(|s| s == "commit.rename").unwrap() + 1;
     for (i, step) in steps.iter().enumerate() {
         let k = i + 1;
         let context = format!("SIGTERM at step {k} ({step})");
@@ -207,7 +209,7 @@ fn sigterm_at_every_durable_step_ends_the_run_itself_with_0_or_3() {
             .env("KEYROTATE_FAILPOINTS", format!("{k}=term"))
             .output();
         // A signal that arrives before the commit stops the run; one that arrives
-        // during the commit (its first step onwards) lets it finish first.
+        // during the commit (its rename onwards) lets it finish first.
         let expected = if k < commit_at { 3 } else { 0 };
         assert_eq!(out.code, expected, "{context}: {}{}", out.stdout, out.stderr);
         let r = row(&env, "TERMED").unwrap_or_else(|| panic!("{context}: no ledger row"));

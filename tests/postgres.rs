@@ -11,7 +11,9 @@ use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::common::pg::{admin, server, ADMIN_PASSWORD, ADMIN_USER};
-use crate::common::{wait_for_step, Env};
+#[cfg(feature = "failpoints")]
+use crate::common::wait_for_step;
+use crate::common::Env;
 
 /// A fresh database, dropped when the test ends.
 struct Database(String);

@@ -3,6 +3,7 @@
 
 mod common;
 
+mod attacks;
 mod cli_and_config;
 mod command_backend;
 mod commands;

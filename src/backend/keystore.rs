@@ -59,6 +59,7 @@ pub fn examine(ks: &Keystore, ledger: Option<&Ledger>, domain: &str) -> Result<(
         None => crate::keystore::Provenance {
             manifest_run_known: insp.manifest.committed_by_run.as_ref().map(|_| false),
             runs: Vec::new(),
+            later_commit: None,
         },
     };
     let verdict = judge(&insp, &prov);
@@ -299,8 +300,21 @@ impl KeystoreRotation<'_> {
 
         // Fencing: on a shared ledger the lock may have been lost with its session.
         self.step.confirm_lock("the key-store commit", false)?;
-        guard.enter_commit()?;
-        if let Err(e) = ks.commit(&next) {
+        // The deadline and signals are checked right before the rename, not before the
+        // temporary is written: a slow write of keyring.json must not commit after the
+        // deadline (the watchdog abandons the run while it is still before the rename).
+        guard.checkpoint("commit")?;
+        let mut stopped = None;
+        let committed_now = ks.commit_gated(&next, || {
+            guard.enter_commit().map_err(|f| {
+                stopped = Some(f);
+                std::io::Error::other("stopped before the commit")
+            })
+        });
+        if let Some(f) = stopped {
+            return Err(f);
+        }
+        if let Err(e) = committed_now {
             return match ks.inspect() {
                 Ok(i) if i.manifest == inspection.manifest => {
                     Err(io("cannot write keyring.json (the old one stands)", e))

@@ -208,3 +208,48 @@ pub(crate) fn hostname() -> String {
 pub(crate) fn print_json(value: &impl serde::Serialize) {
     out!("{}", serde_json::to_string(value).expect("json"));
 }
+
+/// Whether the process of an in-flight run is still alive on this host: same host
+/// name, its pid exists, and that process started when the run did (so a pid reused
+/// since is not taken for it). A run found in flight while this one holds the lock is
+/// normally dead; alive, it means its lock file was deleted or replaced while it ran
+/// (an on-call "clean-up" of lock files), and calling it dead would be false.
+pub(crate) fn run_process_alive(row: &crate::ledger::RunRow) -> bool {
+    if row.host != hostname() || row.pid <= 0 || i64::from(std::process::id()) == row.pid {
+        return false;
+    }
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{}/stat", row.pid)) else {
+        return false;
+    };
+    // Fields 3 (state) and 22 (start time), counted after the parenthesised command
+    // name (which may hold spaces). A zombie (killed, not yet reaped) is dead.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    if matches!(fields.first(), None | Some(&"Z") | Some(&"X")) {
+        return false;
+    }
+    let Some(start_ticks) = fields.get(19).and_then(|t| t.parse::<u64>().ok()) else {
+        return false;
+    };
+    let Some(btime) = std::fs::read_to_string("/proc/stat").ok().and_then(|s| {
+        s.lines()
+            .find_map(|l| l.strip_prefix("btime ").and_then(|v| v.trim().parse::<i64>().ok()))
+    }) else {
+        return false;
+    };
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if hz <= 0 {
+        return false;
+    }
+    let started_ms = btime * 1000 + (start_ticks as i64) * 1000 / hz as i64;
+    let Ok(recorded) = chrono::DateTime::parse_from_rfc3339(&row.started_at) else {
+        return false;
+    };
+    let recorded_ms = recorded.timestamp_millis();
+    // The process starts before it records its row: allow for a slow start, and for
+    // the clock-tick and boot-time rounding after.
+    (recorded_ms - 120_000..=recorded_ms + 2_000).contains(&started_ms)
+}

@@ -229,7 +229,8 @@ fn domain_status(config: &Config, d: &DomainConfig, ledger: Option<&Ledger>) -> 
             .ok()
             .flatten()
             .is_some()
-            || ledger.is_some_and(|l| l.domain_locked_elsewhere(&d.name).unwrap_or(false));
+            || ledger.is_some_and(|l| l.domain_locked_elsewhere(&d.name).unwrap_or(false))
+            || crate::cmd::run_process_alive(r);
         if !lock_held {
             // A rotate now would flag it and refuse: report it as the block it is.
             s.blocked_by = Some(r.run_id.clone());
@@ -245,6 +246,45 @@ fn domain_status(config: &Config, d: &DomainConfig, ledger: Option<&Ledger>) -> 
     }
     if let Some(b) = &rec.blocking {
         s.blocked_by = Some(b.run_id.clone());
+    }
+    // A store the next rotation would refuse (unlisted key files, a manifest this
+    // ledger does not know or that is older than its last commit) is a problem now,
+    // not after the next run blocks the domain. Not judged beside a run in flight (its
+    // staged file is unlisted until it commits); judged twice so that a rotation
+    // committing between the manifest read and the folder listing is not reported.
+    if let (Backend::Keystore { keystore, .. }, true, false) =
+        (&d.backend, s.problems.is_empty(), rec.in_flight.is_some())
+    {
+        let ks = Keystore::new(keystore, &d.name);
+        let diagnose = || {
+            let (insp, verdict) = crate::backend::keystore::examine(&ks, ledger, &d.name).ok()?;
+            if let Some(diag) = verdict.diagnosis(&d.name) {
+                let diag = diag.strip_suffix("; nothing was changed").unwrap_or(&diag);
+                return Some(format!(
+                    "{diag}; the next rotation (when due) stops with NEEDS_REVIEW (4)"
+                ));
+            }
+            // What consumers read (current.*, jwks.json) must match keyring.json: a
+            // jwks.json without the active key makes every relying party reject its
+            // tokens, however green the manifest is.
+            let todo = if insp.exists {
+                ks.repair_needed(&insp)
+            } else {
+                Vec::new()
+            };
+            (!todo.is_empty()).then(|| {
+                format!(
+                    "key store {}: the published files do not match keyring.json (to do: {}); any \
+                     `keyrotate rotate --domain {}` run repairs this before anything else, even when not due",
+                    d.name,
+                    todo.join(", "),
+                    d.name
+                )
+            })
+        };
+        if let (Some(_), Some(problem)) = (diagnose(), diagnose()) {
+            s.problems.push(problem);
+        }
     }
     s
 }

@@ -66,6 +66,10 @@ pub struct Provenance {
     /// Whether the ledger has a row for the manifest's `committed_by_run`, of this
     /// domain (`None` when the manifest names no run).
     pub manifest_run_known: Option<bool>,
+    /// A run of this domain, on the host of the manifest's `committed_by_run`, that the
+    /// ledger records committing after it: `keyring.json` (or the whole domain folder)
+    /// is older than the ledger's last commit, i.e. restored from a backup.
+    pub later_commit: Option<String>,
     /// Recent runs of the domain that recorded staging files or noticed unlisted ones.
     pub runs: Vec<RunRecord>,
 }
@@ -160,7 +164,14 @@ pub fn judge(insp: &Inspection, prov: &Provenance) -> Verdict {
              (ledger deleted or restored, or another state folder rotates this key store); \
              after review, resolve this run to adopt the key store into this ledger"
         )),
-        _ => None,
+        _ => prov.later_commit.as_ref().filter(|_| insp.exists).map(|later| {
+            format!(
+                "keyring.json was last committed by run {}, but this ledger records a later commit by run {later} \
+                 (keyring.json or the domain folder restored from an older backup? the keys of the later \
+                 commits are missing from it); after review, resolve this run to adopt the key store as it is",
+                insp.manifest.committed_by_run.as_deref().unwrap_or("?")
+            )
+        }),
     };
     // Item 13: a number any run recorded (staged or reported) is never given to
     // another key, even if its file vanished in a power loss.
@@ -524,6 +535,20 @@ impl Keystore {
         )
     }
 
+    /// [`Keystore::commit`], asking `gate` right before the rename (the commit point)
+    /// whether it may still happen.
+    pub fn commit_gated(&self, manifest: &Manifest, gate: impl FnOnce() -> io::Result<()>) -> io::Result<()> {
+        fsutil::write_atomic_gated(
+            &self.dir,
+            MANIFEST,
+            &manifest.to_bytes(),
+            "commit",
+            DirSync::Now,
+            self.access().file_perms(),
+            gate,
+        )
+    }
+
     /// Points `current.pem` (or `current.key`) at the active version.
     pub fn point_current(&self, manifest: &Manifest, sync: DirSync) -> io::Result<()> {
         let Some(active) = manifest.active() else {
@@ -625,6 +650,7 @@ mod tests {
         // And a number the ledger recorded beats both.
         let prov = Provenance {
             manifest_run_known: None,
+            later_commit: None,
             runs: vec![RunRecord {
                 run_id: "r".into(),
                 state: "aborted".into(),
@@ -656,6 +682,7 @@ mod tests {
         };
         let prov = Provenance {
             manifest_run_known: None,
+            later_commit: None,
             runs: vec![
                 run("a", "aborted", false, "v000001.pem"),
                 run("b", "succeeded", false, "v000002.pem"),

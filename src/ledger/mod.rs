@@ -383,6 +383,22 @@ impl Ledger {
                     .is_empty(),
             ),
         };
+        // Only a row of the same host counts: a key store is local to its host, and a
+        // shared ledger also records other hosts' commits of their own stores.
+        let later_commit = match (manifest_run, manifest_run_known) {
+            (Some(run), Some(true)) => db
+                .query(
+                    &self.label,
+                    "SELECT r.run_id FROM rotations r JOIN rotation_events e ON e.run_id = r.run_id \
+                     WHERE r.domain = $1 AND e.phase = 'committed' \
+                     AND r.host = (SELECT host FROM rotations WHERE run_id = $2) \
+                     AND r.id > (SELECT id FROM rotations WHERE run_id = $2) ORDER BY r.id DESC LIMIT 1",
+                    &[domain.into(), run.into()],
+                    |r| Ok(r.text(0)?.unwrap_or_default()),
+                )?
+                .pop(),
+            _ => None,
+        };
         let rows = db.query(
             &self.label,
             "SELECT r.run_id, r.state, e.phase, e.detail FROM rotations r \
@@ -421,6 +437,7 @@ impl Ledger {
         }
         Ok(crate::keystore::Provenance {
             manifest_run_known,
+            later_commit,
             runs,
         })
     }

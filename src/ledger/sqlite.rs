@@ -131,6 +131,7 @@ impl Sqlite {
 
     fn open_unmigrated(path: &Path, busy: Duration) -> Result<Sqlite, String> {
         let label = path.display().to_string();
+        check_sidecars(path, &label)?;
         match std::fs::symlink_metadata(path) {
             Ok(m) if !m.is_file() => return Err(format!("ledger {label}: not a regular file")),
             Ok(_) => {}
@@ -161,6 +162,7 @@ impl Sqlite {
             Ok(m) if !m.is_file() => return Err(format!("ledger {label}: not a regular file")),
             Ok(_) => {}
         }
+        check_sidecars(path, &label)?;
         let mut wal = path.as_os_str().to_owned();
         wal.push("-wal");
         let flags =
@@ -275,4 +277,28 @@ fn uri_escape(path: &Path) -> String {
         }
     }
     out
+}
+
+/// Refuses a `-wal` or `-shm` beside the ledger that is not a regular file (a planted
+/// symlink, a folder). SQLite (NOFOLLOW) refuses a symlinked one with a bare "unable to
+/// open database file", and a dry run's private copy would read through it: name it,
+/// the same way for the real and the dry run.
+fn check_sidecars(path: &Path, label: &str) -> Result<(), String> {
+    for suffix in ["-wal", "-shm"] {
+        let mut side = path.as_os_str().to_owned();
+        side.push(suffix);
+        if let Ok(m) = std::fs::symlink_metadata(&side) {
+            if !m.is_file() {
+                let what = if m.file_type().is_symlink() {
+                    "a symlink"
+                } else {
+                    "not a regular file"
+                };
+                return Err(format!(
+                    "ledger {label}: its {suffix} file is {what}; refusing to follow it (move it away)"
+                ));
+            }
+        }
+    }
+    Ok(())
 }

@@ -6,14 +6,26 @@ use super::*;
 /// Phases 4 to 6 as a pure decision over what the ledger holds.
 pub(super) enum Admission {
     Stale(RunRow),
+    /// In flight, and its process is alive on this host although this run holds the
+    /// lock: its lock file was deleted or replaced while it ran.
+    Alive(RunRow),
     Blocked(RunRow),
-    NotDue { last: RunRow, next_due: String },
-    OverBudget { left: Duration, need: Duration },
+    NotDue {
+        last: RunRow,
+        next_due: String,
+    },
+    OverBudget {
+        left: Duration,
+        need: Duration,
+    },
     Go,
 }
 
 pub(super) fn admit(p: &Prepared, rec: &DomainRecord, remaining: Duration) -> Admission {
     if let Some(dead) = &rec.in_flight {
+        if crate::cmd::run_process_alive(dead) {
+            return Admission::Alive(dead.clone());
+        }
         return Admission::Stale(dead.clone());
     }
     if let Some(blocking) = &rec.blocking {
@@ -170,4 +182,12 @@ pub(super) fn leftovers_note(i: &Inspection, verdict: &crate::keystore::Verdict)
         note.push_str(&format!("; {m}"));
     }
     note
+}
+
+pub(super) fn alive_message(row: &RunRow) -> String {
+    format!(
+        "another rotation is running: run {} (pid {} on {}, since {}) is alive although this run got the lock: \
+         its lock file was deleted or replaced while it ran (never delete lock files of a live run); nothing was changed",
+        row.run_id, row.pid, row.host, row.started_at
+    )
 }

@@ -70,6 +70,10 @@ pub(super) fn dry_run_decide(p: &Prepared, plan: &mut Vec<String>) -> (Outcome, 
         }
     }
     let lock_path = lock::lock_path(&p.config.lock_dir(), &p.domain.name);
+    if let Err(e) = lock::check_openable(&lock_path) {
+        plan.push(format!("lock: {e}"));
+        return (Outcome::Aborted, format!("{e}; the real run would stop there"), none);
+    }
     match lock::probe(&lock_path) {
         Ok(Some(pid)) => {
             let who = lock::read_holder(&lock_path).map_or(format!("pid {pid}"), |h| h.describe());
@@ -81,6 +85,10 @@ pub(super) fn dry_run_decide(p: &Prepared, plan: &mut Vec<String>) -> (Outcome, 
     }
     if let Backend::Keystore { keystore, .. } = &p.domain.backend {
         let ks_lock = Keystore::new(keystore, &p.domain.name).lock_path();
+        if let Err(e) = lock::check_openable(&ks_lock) {
+            plan.push(format!("lock: {e}"));
+            return (Outcome::Aborted, format!("{e}; the real run would stop there"), none);
+        }
         if let Ok(Some(pid)) = lock::probe(&ks_lock) {
             let who = lock::read_holder(&ks_lock).map_or(format!("pid {pid}"), |h| h.describe());
             plan.push(format!(
@@ -90,6 +98,25 @@ pub(super) fn dry_run_decide(p: &Prepared, plan: &mut Vec<String>) -> (Outcome, 
             return (
                 Outcome::Busy,
                 format!("another run holds the key store lock: {who}"),
+                none,
+            );
+        }
+        // The real run opens the key store's lock file for writing next: a key store it
+        // cannot write (a read-only mount) stops it there with 3, before any other
+        // decision, so the plan must say so rather than predict a rotation.
+        let ks = Keystore::new(keystore, &p.domain.name);
+        let target = if ks.dir().is_dir() {
+            ks.dir()
+        } else {
+            keystore.as_path()
+        };
+        if target.is_dir() && !fsutil::can_write_dir(target) {
+            let why = fsutil::fs_trouble(target).unwrap_or("this user cannot write it");
+            let e = format!("key store {}: {why}", target.display());
+            plan.push(format!("key store: {e}"));
+            return (
+                Outcome::Aborted,
+                format!("{e}; the real run would stop before touching any key"),
                 none,
             );
         }
@@ -205,6 +232,13 @@ pub(super) fn dry_run_decide(p: &Prepared, plan: &mut Vec<String>) -> (Outcome, 
                 }
             }
         }
+        Admission::Alive(row) => {
+            plan.push(format!(
+                "ledger: run {} is in flight and its process is alive",
+                row.run_id
+            ));
+            return (Outcome::Busy, alive_message(&row), none);
+        }
         Admission::Blocked(row) => {
             plan.push(format!("ledger: blocked by run {}", row.run_id));
             return (Outcome::NeedsReview, blocked_message(&p.domain.name, &row), none);
@@ -277,6 +311,20 @@ pub(super) fn dry_run_decide(p: &Prepared, plan: &mut Vec<String>) -> (Outcome, 
                     "key store: {} has no keyring yet (first rotation)",
                     ks.dir().display()
                 ));
+            }
+            // The real run removes the garbage and replaces jwks.json: a folder planted
+            // under one of those names stops it with 3 ("is a directory").
+            let jwks = (!algorithm.is_symmetric()).then_some(crate::keystore::JWKS);
+            for name in verdict.garbage.iter().map(String::as_str).chain(jwks) {
+                if std::fs::symlink_metadata(ks.dir().join(name)).is_ok_and(|m| m.is_dir()) {
+                    let e = format!("{} is a directory", ks.dir().join(name).display());
+                    plan.push(format!("key store: {e}"));
+                    return (
+                        Outcome::Aborted,
+                        format!("{e}; the real run would stop there (move it away)"),
+                        none,
+                    );
+                }
             }
             if !verdict.garbage.is_empty() {
                 plan.push(format!(
