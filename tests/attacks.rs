@@ -522,7 +522,7 @@ fn deleting_the_lock_files_of_a_live_run_never_makes_it_dead() {
     let st = env.cmd().args(["status", "--domain", "sig"]).output();
     let out = dry_run_predicts(&env, "sig", 5);
     assert!(
-        out.stdout.contains("LIVE") && out.stdout.contains("alive"),
+        out.stdout.contains("LIVE") && out.stdout.contains("still running"),
         "{}",
         out.stdout
     );
@@ -759,13 +759,12 @@ fn status_exits_3_when_what_consumers_read_does_not_match_the_manifest() {
     }
 }
 
-/// OPEN: a retired (or pending) key file lost with no backup to restore it from blocks
-/// the domain for good: every rotation exits 4 ("is a retired version but its file …
-/// no such file"), `resolve` records the review but changes nothing, and the only way
-/// out is editing keyring.json by hand. A reviewed loss should be recordable (e.g.
-/// `resolve` marking the version destroyed, with the note), after which rotations go on.
+/// BREAK (fixed): a retired (or pending) key file lost with no backup to restore it
+/// from blocked the domain for good: every rotation exits 4 ("is a retired version but
+/// its file … no such file"), and `resolve` recorded the review but changed nothing.
+/// The review now records the loss: the version becomes `destroyed` (it is), resolve
+/// says so, and rotations go on. A lost *active* key is never written off this way.
 #[test]
-#[ignore = "BUG: a lost retired key file without a backup blocks the domain for good; resolve cannot record the loss"]
 fn a_reviewed_loss_of_a_retired_key_file_unblocks_the_domain() {
     let env = Env::new();
     env.rotate("sig").status(0);
@@ -780,4 +779,14 @@ fn a_reviewed_loss_of_a_retired_key_file_unblocks_the_domain() {
     .status(0);
     env.rotate("sig").arg("--force").status(0);
     assert_eq!(env.versions("sig")[0], (1, "destroyed".to_string()));
+    let jwks = std::fs::read_to_string(env.key_dir("sig").join("jwks.json")).unwrap();
+    assert!(!jwks.contains("\"v000001-"), "a lost version stays published: {jwks}");
+
+    // The active key's file is never written off: the domain stays blocked.
+    let active = env.manifest("sig")["primary"].as_u64().unwrap();
+    std::fs::remove_file(env.key_dir("sig").join(format!("v{active:06}.pem"))).unwrap();
+    env.rotate("sig").args(["--force", "--run-id", "LOST-ACTIVE"]).status(4);
+    env.resolve("sig", "LOST-ACTIVE", "active key deleted").status(0);
+    env.rotate("sig").arg("--force").status(4);
+    assert_eq!(env.manifest("sig")["primary"].as_u64().unwrap(), active);
 }

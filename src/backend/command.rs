@@ -235,7 +235,17 @@ impl CommandRotation<'_> {
                     let _ = watcher.wait();
                     return Err(std::io::Error::other(e));
                 }
-                Report::Done(status) => break status,
+                Report::Done(status) => {
+                    let (in_group, outside) = control.leftovers;
+                    if in_group + outside > 0 {
+                        tracing::warn!(
+                            "hook step '{name}' left {in_group} process(es) in its process group and {outside} \
+                             outside its process group (setsid, double fork) running when it ended: killed; \
+                             a hook step must not leave background processes"
+                        );
+                    }
+                    break status;
+                }
                 Report::Gone => {
                     watcher_answered = false;
                     break "ended without a report (its watcher died)".to_string();
@@ -355,6 +365,9 @@ struct Control {
     buf: Vec<u8>,
     status: Option<String>,
     error: Option<String>,
+    /// Processes the step left running when it ended (in its group, outside it), which
+    /// the watcher killed.
+    leftovers: (usize, usize),
 }
 
 impl Control {
@@ -384,6 +397,9 @@ impl Control {
                 if let (Some(Ok(pid)), Some(Ok(start))) = (it.next().map(str::parse), it.next().map(str::parse)) {
                     return Report::Started { pid, start };
                 }
+            } else if let Some(rest) = line.strip_prefix("leftovers ") {
+                let mut it = rest.split(' ').map(|n| n.parse::<usize>().unwrap_or(0));
+                self.leftovers = (it.next().unwrap_or(0), it.next().unwrap_or(0));
             } else if line.starts_with("exit ") {
                 self.status = Some(line);
             } else if let Some(e) = line.strip_prefix("error ") {

@@ -143,8 +143,13 @@ pub fn main(args: Vec<std::ffi::OsString>) -> ExitCode {
         }
         reap(hook, &mut status);
         if status.is_some() {
-            // The step ended: whatever it left running does not outlive it.
-            kill_tree(hook, &mut status);
+            // The step ended and its outcome is about to be recorded: whatever it left
+            // running must not act after that, so it gets no grace (SIGKILL at once).
+            let (in_group, outside) = kill_leftovers(hook, &mut status);
+            if in_group + outside > 0 {
+                let _ = sock.set_nonblocking(false);
+                let _ = writeln!(sock, "leftovers {in_group} {outside}");
+            }
             let s = status.expect("set above");
             let line = match (s.code(), s.signal()) {
                 (Some(c), _) => format!("exit code {c}\n"),
@@ -193,6 +198,24 @@ fn signal_tree(hook: i32, sig: i32) -> usize {
         }
     }
     rest.len()
+}
+
+/// What a step that has ended left running, killed at once: returns how many were in
+/// the hook's process group and how many outside it (a `setsid` or double fork).
+fn kill_leftovers(hook: i32, status: &mut Option<std::process::ExitStatus>) -> (usize, usize) {
+    let left = process::descendants(std::process::id() as i32);
+    let outside = left
+        .iter()
+        .filter(|p| process::stat(**p).is_some_and(|s| s.pgrp != hook))
+        .count();
+    let in_group = left.len() - outside;
+    let start = Instant::now();
+    while signal_tree(hook, libc::SIGKILL) > 0 && start.elapsed() < Duration::from_secs(2) {
+        reap(hook, status);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    reap(hook, status);
+    (in_group, outside)
 }
 
 /// SIGTERM to the whole tree, then SIGKILL after the grace period; returns when

@@ -184,11 +184,26 @@ fn take_locks(config: &Config, domain: &DomainConfig, ledger: &Ledger) -> Result
 /// still needs a human (unlisted files, a store that does not verify) is said, and
 /// left alone. Returns a note for the message and the audit line.
 fn repair_after_review(ks: &Keystore, ledger: &Ledger, domain: &str, run_id: &str) -> String {
+    let mut notes = Vec::new();
+    // The review is the deliberate act that writes off key files that are gone for good.
+    match ks.record_lost_files() {
+        Ok(lost) if lost.is_empty() => {}
+        Ok(lost) => {
+            let names: Vec<String> = lost.iter().map(|n| format!("v{n}")).collect();
+            notes.push(format!(
+                "{} recorded as destroyed: the file was missing at this review",
+                names.join(", ")
+            ));
+        }
+        Err(e) => return format!("; {e}: the next rotation stops again"),
+    }
     let (mut insp, mut verdict) = match examine(ks, Some(ledger), domain) {
         Ok(x) => x,
-        Err(d) => return format!("; the key store does not verify ({d}): the next rotation stops again"),
+        Err(d) => {
+            let before: String = notes.iter().map(|n| format!("; {n}")).collect();
+            return format!("{before}; the key store does not verify ({d}): the next rotation stops again");
+        }
     };
-    let mut notes = Vec::new();
     if verdict.mismatch.is_some() {
         let mut adopted = insp.manifest.clone();
         adopted.committed_by_run = Some(run_id.to_string());

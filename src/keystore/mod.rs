@@ -524,6 +524,42 @@ impl Keystore {
     }
 
     /// The commit point: atomically replaces `keyring.json`.
+    /// Records, after a review, that the files of retired or pending versions are gone
+    /// for good (deleted with no backup): those versions become `destroyed`, which is
+    /// what they are, and the domain can rotate again. Only a missing file counts: a
+    /// damaged or substituted one is tampering, to be restored from backup, and a lost
+    /// active key is never written off here (the run stays blocked until it is back).
+    /// Returns the versions written off.
+    pub fn record_lost_files(&self) -> Result<Vec<u64>, String> {
+        let path = self.dir.join(MANIFEST);
+        let bytes = match fsutil::read_nofollow(&path, MANIFEST_LIMIT) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(format!("{}: {}", path.display(), fsutil::io_reason(&e))),
+        };
+        let mut manifest = Manifest::parse(&bytes, &self.domain)?;
+        let ts = manifest::now_rfc3339(chrono::Utc::now());
+        let mut lost = Vec::new();
+        for v in &mut manifest.versions {
+            let gone =
+                matches!(fs::symlink_metadata(self.dir.join(&v.file)), Err(e) if e.kind() == io::ErrorKind::NotFound);
+            if gone && matches!(v.state, VersionState::Retired | VersionState::Pending) {
+                v.state = VersionState::Destroyed;
+                v.destroyed_at = Some(ts.clone());
+                lost.push(v.version);
+            }
+        }
+        if !lost.is_empty() {
+            self.commit(&manifest).map_err(|e| {
+                format!(
+                    "cannot record the lost versions in keyring.json: {}",
+                    fsutil::io_reason(&e)
+                )
+            })?;
+        }
+        Ok(lost)
+    }
+
     pub fn commit(&self, manifest: &Manifest) -> io::Result<()> {
         fsutil::write_atomic_with(
             &self.dir,

@@ -184,10 +184,17 @@ pub(super) fn leftovers_note(i: &Inspection, verdict: &crate::keystore::Verdict)
     note
 }
 
-pub(super) fn alive_message(row: &RunRow) -> String {
+pub(super) fn alive_message(row: &RunRow, shared: bool) -> String {
+    // One wording for both ways a live run loses its lock, so that nobody reading it
+    // takes the run for dead (DESIGN 8: never call a live process dead).
+    let cause = if shared {
+        "its session to the shared ledger ended (server restart, pg_terminate_backend, a proxy) \
+         or its lock file was deleted"
+    } else {
+        "its lock file was deleted or replaced while it ran (never delete lock files of a live run)"
+    };
     format!(
-        "another rotation is running: run {} (pid {} on {}, since {}) is alive although this run got the lock: \
-         its lock file was deleted or replaced while it ran (never delete lock files of a live run); nothing was changed",
+        "another rotation is running: run {} lost its lock, still running (pid {} on {}, since {}): {cause}; nothing was changed",
         row.run_id, row.pid, row.host, row.started_at
     )
 }

@@ -237,7 +237,14 @@ pub(super) fn dry_run_decide(p: &Prepared, plan: &mut Vec<String>) -> (Outcome, 
                 "ledger: run {} is in flight and its process is alive",
                 row.run_id
             ));
-            return (Outcome::Busy, alive_message(&row), none);
+            return (
+                Outcome::Busy,
+                alive_message(
+                    &row,
+                    !matches!(p.config.ledger, crate::config::LedgerLocation::Sqlite(_)),
+                ),
+                none,
+            );
         }
         Admission::Blocked(row) => {
             plan.push(format!("ledger: blocked by run {}", row.run_id));

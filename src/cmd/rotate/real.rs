@@ -480,7 +480,7 @@ pub(super) fn admit_and_record(p: &Prepared, ledger: &mut Ledger, guard: &Guard)
                     let reason = stale_message(&domain, &dead, &diagnosis);
                     (Outcome::NeedsReview, "refused", reason, Some((dead.run_id, mark)))
                 }
-                Admission::Alive(row) => (Outcome::Busy, "refused", alive_message(&row), None),
+                Admission::Alive(row) => (Outcome::Busy, "refused", alive_message(&row, !matches!(p.config.ledger, crate::config::LedgerLocation::Sqlite(_))), None),
                 Admission::Blocked(row) => (Outcome::NeedsReview, "refused", blocked_message(&domain, &row), None),
                 Admission::NotDue { last, next_due } => (
                     Outcome::NotDue,
