@@ -235,7 +235,8 @@ fn a_run_holding_the_lock_makes_the_other_host_busy_and_its_dry_run_say_so() {
         .rotate("sig")
         .args(["--run-id", "SLOW-A"])
         .env("KEYROTATE_FAILPOINT_LOG", &log)
-        .env("KEYROTATE_FAILPOINTS", "stage.create=sleep(2000)")
+        // Long enough for the other host's real and dry runs even on a loaded machine.
+        .env("KEYROTATE_FAILPOINTS", "stage.create=sleep(6000)")
         .spawn();
     wait_for_step(&log, "stage.create");
     let out = b.rotate("sig").args(["--run-id", "B-BUSY"]).status(5);
