@@ -95,7 +95,10 @@ fn while_another_process_holds_the_lock_it_says_busy_without_taking_it() {
     f.lock_exclusive().unwrap();
     let r = dry(&env, "sig", &["--force"], 5);
     assert!(
-        r["reason"].as_str().unwrap().contains("another rotation is running"),
+        r["reason"]
+            .as_str()
+            .unwrap()
+            .contains("another rotation of sig is running"),
         "{r}"
     );
     drop(f);

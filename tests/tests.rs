@@ -9,6 +9,7 @@ mod commands;
 mod consumer_snapshot;
 #[cfg(feature = "failpoints")]
 mod crash;
+mod dry_equals_real;
 mod dry_run;
 mod failure_model;
 mod group_access;

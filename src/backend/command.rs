@@ -63,8 +63,7 @@ struct StepResult {
 impl CommandRotation<'_> {
     pub fn run(mut self) -> Result<Rotated, Failure> {
         let guard = self.step.guard.clone();
-        crate::cmd::check_program(&self.program)
-            .map_err(|e| Failure::new(Outcome::Aborted, format!("{e}; refusing to run it")))?;
+        preflight(&self.program)?;
         for name in STEPS {
             let committing = name != "create";
             // No step starts after the deadline or without the lock.
@@ -567,4 +566,41 @@ pub fn describe(program: &Path, args: &[String]) -> String {
     format!("{} {}", program.display(), args.join(" "))
         .trim_end()
         .to_string()
+}
+
+/// A hook program that can run at all: it exists and is an executable regular file.
+/// Missing that is a configuration error (USAGE) for `rotate`.
+pub fn program_runnable(program: &std::path::Path) -> Result<u32, String> {
+    let meta = std::fs::metadata(program)
+        .map_err(|e| format!("program {}: {}", program.display(), crate::fsutil::io_reason(&e)))?;
+    let mode = std::os::unix::fs::PermissionsExt::mode(&meta.permissions());
+    if !meta.is_file() {
+        return Err(format!(
+            "program {} is not an executable file (not a regular file)",
+            program.display()
+        ));
+    }
+    if mode & 0o111 == 0 {
+        return Err(format!(
+            "program {} is not an executable file (mode {:04o})",
+            program.display(),
+            mode & 0o7777
+        ));
+    }
+    Ok(mode)
+}
+
+/// A hook program must also be trusted (anyone who can write it, or replace it through
+/// a folder above it, runs code as keyrotate): not writable by group or others, owned
+/// by root or this user, in folders nobody else can change (DESIGN section 4.4).
+/// `rotate` refuses such a program (ABORTED).
+pub fn check_program(program: &std::path::Path) -> Result<(), String> {
+    program_runnable(program)?;
+    crate::fsutil::check_trusted(program, "program")
+}
+
+/// The command backend's own check before any hook step, shared by the real run and
+/// the dry run: a program that is not trusted is refused (ABORTED).
+pub fn preflight(program: &Path) -> Result<(), Failure> {
+    check_program(program).map_err(|e| Failure::new(Outcome::Aborted, format!("{e}; refusing to run it")))
 }

@@ -48,6 +48,25 @@ impl std::fmt::Display for ExamineError {
     }
 }
 
+impl ExamineError {
+    /// How a run (real or dry) stops on it.
+    pub fn refusal(self) -> Failure {
+        match self {
+            ExamineError::Store(d) => Failure::new(
+                Outcome::NeedsReview,
+                format!("key store is inconsistent, nothing was changed: {d}"),
+            ),
+            ExamineError::Ledger(e) => aborted(format!("{e}; no key was touched")),
+        }
+    }
+}
+
+/// The refusal a judged key store calls for (NEEDS_REVIEW with its diagnosis), if any:
+/// the same for the real run and the dry run.
+pub fn refusal(verdict: &Verdict, domain: &str) -> Option<Failure> {
+    verdict.diagnosis(domain).map(|d| Failure::new(Outcome::NeedsReview, d))
+}
+
 /// Inspects a domain's key store and judges it against the ledger (`None`: there is no
 /// ledger yet, so it knows no run).
 pub fn examine(ks: &Keystore, ledger: Option<&Ledger>, domain: &str) -> Result<(Inspection, Verdict), ExamineError> {
@@ -125,19 +144,13 @@ impl KeystoreRotation<'_> {
         guard.checkpoint("inspect")?;
         ks.prepare().map_err(aborted)?;
         let (inspection, verdict) =
-            examine(&ks, Some(&*self.step.ledger), &self.step.run.domain).map_err(|e| match e {
-                ExamineError::Store(d) => Failure::new(
-                    Outcome::NeedsReview,
-                    format!("key store is inconsistent, nothing was changed: {d}"),
-                ),
-                ExamineError::Ledger(e) => aborted(format!("{e}; no key was touched")),
-            })?;
-        if let Some(diagnosis) = verdict.diagnosis(&self.step.run.domain) {
+            examine(&ks, Some(&*self.step.ledger), &self.step.run.domain).map_err(ExamineError::refusal)?;
+        if let Some(refused) = refusal(&verdict, &self.step.run.domain) {
             if !verdict.evidence.is_empty() {
                 // Their numbers are taken: no later key may get one of them.
                 let _ = self.step.event("unlisted", &verdict.evidence.join(" "));
             }
-            return Err(Failure::new(Outcome::NeedsReview, diagnosis));
+            return Err(refused);
         }
         if !verdict.garbage.is_empty() {
             guard.checkpoint("sweep")?;

@@ -2,8 +2,6 @@
 //! and backend readiness without changing anything. Lists every problem, each naming
 //! the config key it comes from, and exits USAGE (2) if there is any.
 
-use std::os::unix::fs::PermissionsExt;
-
 use super::report_failure;
 use crate::audit::Audit;
 use crate::cli::{CheckArgs, Cli};
@@ -96,7 +94,7 @@ pub fn run(cli: &Cli, args: &CheckArgs) -> Outcome {
                 }
             }
             Backend::Command { program, .. } => {
-                if let Err(e) = check_program(program) {
+                if let Err(e) = crate::backend::command::check_program(program) {
                     problems.push(format!("{file}: {key}.command: {e}"));
                 }
             }
@@ -171,35 +169,4 @@ fn key_store_access(root: &std::path::Path, dir: &std::path::Path, access: &fsut
         }
     }
     problems
-}
-
-/// A hook program that can run at all: it exists and is an executable regular file.
-/// Missing that is a configuration error (USAGE) for `rotate`.
-pub fn program_runnable(program: &std::path::Path) -> Result<u32, String> {
-    let meta =
-        std::fs::metadata(program).map_err(|e| format!("program {}: {}", program.display(), fsutil::io_reason(&e)))?;
-    let mode = meta.permissions().mode();
-    if !meta.is_file() {
-        return Err(format!(
-            "program {} is not an executable file (not a regular file)",
-            program.display()
-        ));
-    }
-    if mode & 0o111 == 0 {
-        return Err(format!(
-            "program {} is not an executable file (mode {:04o})",
-            program.display(),
-            mode & 0o7777
-        ));
-    }
-    Ok(mode)
-}
-
-/// A hook program must also be trusted (anyone who can write it, or replace it through
-/// a folder above it, runs code as keyrotate): not writable by group or others, owned
-/// by root or this user, in folders nobody else can change (DESIGN section 4.4).
-/// `rotate` refuses such a program (ABORTED).
-pub fn check_program(program: &std::path::Path) -> Result<(), String> {
-    program_runnable(program)?;
-    fsutil::check_trusted(program, "program")
 }

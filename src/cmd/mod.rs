@@ -22,8 +22,6 @@ mod rotate;
 mod shell;
 mod status;
 
-pub(crate) use check::{check_program, program_runnable};
-
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 

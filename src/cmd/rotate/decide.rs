@@ -1,5 +1,6 @@
-//! Phases 4 to 6 of a rotation as pure decisions over what the ledger holds (shared by
-//! the real run and the dry run), and the messages and diagnoses they produce.
+//! Phases 4 to 6 of a rotation as pure decisions over what the ledger holds, and every
+//! message a rotation stops with before its backend runs: built here once, for the
+//! real run and the dry run alike.
 
 use super::*;
 
@@ -55,6 +56,176 @@ pub(super) fn budget(d: &DomainConfig) -> Duration {
         Backend::Keystore { algorithm: Rsa2048, .. } => Duration::from_millis(800),
         Backend::Keystore { .. } => Duration::from_millis(200),
         Backend::Command { .. } => Duration::from_secs(1),
+    }
+}
+
+/// What a stale run's diagnosis found out before the admission transaction: the key
+/// store's story and whether one of its processes still lives.
+pub(super) struct StaleFacts {
+    pub diagnosis: String,
+    pub alive: Option<crate::process::Alive>,
+}
+
+/// A refusal decided at admission: the row's state and outcome, the reason, and for a
+/// stale run the mark to put on the dead run's row.
+pub(super) struct Refusal {
+    pub outcome: Outcome,
+    pub state: &'static str,
+    pub reason: String,
+    /// The dead run and the mark its row gets (stale runs only).
+    pub stale: Option<(String, String)>,
+    /// The dry run's plan line.
+    pub plan: String,
+}
+
+/// Phases 4 to 6: the decision the admission makes over the domain's record.
+/// `Ok(())`: the run is admitted.
+pub(super) fn judge(
+    p: &Prepared,
+    rec: &DomainRecord,
+    remaining: Duration,
+    stale: Option<&StaleFacts>,
+) -> Result<(), Refusal> {
+    let domain = &p.domain.name;
+    let refusal = |outcome, state, reason: String, plan: String| Refusal {
+        outcome,
+        state,
+        reason,
+        stale: None,
+        plan,
+    };
+    Err(match admit(p, rec, remaining) {
+        Admission::Go => return Ok(()),
+        Admission::Stale(dead) => match stale.and_then(|s| s.alive.clone()) {
+            // A live process is never called dead: a run that lost its PostgreSQL
+            // lock may still run here, and a dead run's hook may outlive it.
+            Some(alive @ crate::process::Alive::Run(_)) => refusal(
+                Outcome::Busy,
+                "refused",
+                format!(
+                    "another rotation of {domain} is running: {}; it stops at its next step: wait for it",
+                    alive.describe(&dead.run_id)
+                ),
+                format!("ledger: {}", alive.describe(&dead.run_id)),
+            ),
+            alive => {
+                let mut diagnosis = stale
+                    .map(|s| s.diagnosis.clone())
+                    .unwrap_or_else(|| "the key store was not inspected".into());
+                if let Some(alive) = &alive {
+                    diagnosis = format!("{diagnosis}; {}", alive.describe(&dead.run_id));
+                }
+                let mark = format!("stale: the process {} mid-rotation; {diagnosis}", ended_how(&dead));
+                Refusal {
+                    outcome: Outcome::NeedsReview,
+                    state: "refused",
+                    reason: stale_message(domain, &dead, &diagnosis),
+                    plan: format!(
+                        "ledger: run {} is still in flight but holds no lock: it {}",
+                        dead.run_id,
+                        ended_how(&dead)
+                    ),
+                    stale: Some((dead.run_id, mark)),
+                }
+            }
+        },
+        Admission::Blocked(row) => refusal(
+            Outcome::NeedsReview,
+            "refused",
+            blocked_message(domain, &row),
+            format!("ledger: blocked by run {}", row.run_id),
+        ),
+        Admission::NotDue { last, next_due } => refusal(
+            Outcome::NotDue,
+            "refused",
+            format!(
+                "not due: run {} succeeded at {}; next due {next_due} (min_interval {}); use --force for an emergency rotation",
+                last.run_id,
+                last.ended_at.as_deref().unwrap_or(&last.started_at),
+                humantime::format_duration(p.domain.min_interval)
+            ),
+            format!("due: no, next due {next_due}"),
+        ),
+        Admission::OverBudget { left, need } => refusal(
+            Outcome::TimedOut,
+            "timed_out",
+            format!(
+                "deadline budget: {} left, a {} rotation needs at least {}; nothing was changed",
+                // Whole seconds: the dry run, a moment earlier, says the same.
+                humantime::format_duration(Duration::from_secs(left.as_secs())),
+                p.domain.backend.algorithm_name().unwrap_or("command"),
+                humantime::format_duration(need)
+            ),
+            "deadline: too little time left".into(),
+        ),
+    })
+}
+
+pub(super) fn not_designated_message(p: &Prepared) -> String {
+    format!(
+        "this host's pool {} is not the designated pool {}; nothing done",
+        p.pool, p.domain.designated_pool
+    )
+}
+
+pub(super) fn duplicate_run_id_message(run_id: &str) -> String {
+    format!("--run-id {run_id} is already in the ledger; a re-run is a new attempt with a new id")
+}
+
+pub(super) fn busy_message(domain: &str, holder: Option<Holder>) -> String {
+    format!("another rotation of {domain} is running: {}", who(holder))
+}
+
+pub(super) fn keystore_busy_message(p: &Prepared, ks: &Keystore, holder: Option<Holder>) -> String {
+    format!(
+        "another run holds the key store lock {} of {}: {} (a config with another state folder may rotate this key store)",
+        ks.lock_path().display(),
+        p.domain.name,
+        who(holder)
+    )
+}
+
+fn who(holder: Option<Holder>) -> String {
+    holder.map_or("another process (the lock file does not name it)".to_string(), |h| {
+        h.describe()
+    })
+}
+
+/// Who holds a shared ledger's lock on the domain, as far as its rows tell.
+pub(super) fn ledger_holder(ledger: &Ledger, domain: &str) -> Option<Holder> {
+    ledger
+        .domain_record(domain)
+        .ok()
+        .and_then(|r| r.in_flight)
+        .map(|r| Holder {
+            run_id: r.run_id,
+            pid: r.pid as u32,
+            host: r.host,
+            started_at: r.started_at,
+        })
+}
+
+pub(super) fn audit_message(e: &str) -> String {
+    format!("{e}: the audit trail is part of the run; no key was touched")
+}
+
+/// The outcome of a ledger failure before any key was touched: TIMED_OUT when the
+/// wait for the ledger ran into the deadline, ABORTED otherwise.
+pub(super) fn before_keys(p: &Prepared) -> Outcome {
+    if p.deadline.expired() {
+        Outcome::TimedOut
+    } else {
+        Outcome::Aborted
+    }
+}
+
+/// The key store of a key store domain, with the domain's access.
+pub(super) fn keystore_of(p: &Prepared) -> Option<Keystore> {
+    match &p.domain.backend {
+        Backend::Keystore { keystore, .. } => {
+            Some(Keystore::new(keystore, &p.domain.name).with_access(p.domain.access.clone()))
+        }
+        Backend::Command { .. } => None,
     }
 }
 
