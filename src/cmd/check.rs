@@ -5,9 +5,8 @@
 use super::report_failure;
 use crate::audit::Audit;
 use crate::cli::{CheckArgs, Cli};
-use crate::config::{Backend, Config, DomainConfig};
+use crate::config::{Config, DomainConfig};
 use crate::fsutil;
-use crate::keystore::Keystore;
 use crate::ledger::Ledger;
 use crate::outcome::{Failure, Outcome};
 
@@ -79,25 +78,8 @@ pub fn run(cli: &Cli, args: &CheckArgs) -> Outcome {
             )),
             None => {}
         }
-        match &d.backend {
-            Backend::Keystore { keystore, .. } => {
-                let ks = Keystore::new(keystore, &d.name);
-                if let Err(e) = ks.check_folders() {
-                    problems.push(format!("{file}: {key}.keystore: {e}"));
-                } else {
-                    if let Err(e) = ks.inspect() {
-                        problems.push(format!("{file}: {key}.keystore: inconsistent key store: {e}"));
-                    }
-                    for e in key_store_access(keystore, ks.dir(), &d.access) {
-                        problems.push(format!("{file}: {key}.keystore: {e}"));
-                    }
-                }
-            }
-            Backend::Command { program, .. } => {
-                if let Err(e) = crate::backend::command::check_program(program) {
-                    problems.push(format!("{file}: {key}.command: {e}"));
-                }
-            }
+        for (what, e) in crate::backend::for_domain(d, &config.state_dir).check() {
+            problems.push(format!("{file}: {key}.{what}: {e}"));
         }
     }
     for n in &notes {
@@ -113,60 +95,4 @@ pub fn run(cli: &Cli, args: &CheckArgs) -> Outcome {
         tracing::error!("{} problem(s) found in {file}", problems.len());
         Outcome::Usage
     }
-}
-
-/// What the next rotation would trip over, or what exposes keys, that `inspect` does not
-/// look at: a key store this user cannot write (read-only mount, permissions), and key
-/// files readable by group or others or owned by someone else.
-fn key_store_access(root: &std::path::Path, dir: &std::path::Path, access: &fsutil::Access) -> Vec<String> {
-    use std::os::unix::fs::MetadataExt;
-    let mut problems = Vec::new();
-    for (folder, what) in [(root, "keystore"), (dir, "key folder")] {
-        if !folder.is_dir() {
-            continue;
-        }
-        if let Some(why) = fsutil::fs_trouble(folder) {
-            problems.push(format!(
-                "{what} {}: {why}: the next rotate cannot write it",
-                folder.display()
-            ));
-        } else if !fsutil::can_write_dir(folder) {
-            problems.push(format!(
-                "{what} {} is read-only for this user: the next rotate cannot write it",
-                folder.display()
-            ));
-        }
-    }
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let euid = unsafe { libc::geteuid() };
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return problems;
-    };
-    let mut names: Vec<String> = entries
-        .filter_map(|e| e.ok()?.file_name().into_string().ok())
-        .filter(|n| n.starts_with('v') && (n.ends_with(".pem") || n.ends_with(".key")))
-        .collect();
-    names.sort();
-    for name in names {
-        let path = dir.join(&name);
-        let Ok(meta) = std::fs::symlink_metadata(&path) else {
-            continue;
-        };
-        // A domain with `group` grants its group read access; nothing else may.
-        if !access.allows_key_file(&meta) {
-            problems.push(format!(
-                "key file {} is accessible by group or others beyond the domain's access (mode {:04o}); run chmod 600 on it (640 with a configured group)",
-                path.display(),
-                meta.mode() & 0o7777
-            ));
-        }
-        if meta.uid() != euid {
-            problems.push(format!(
-                "key file {} is owned by uid {}, not by this user (uid {euid})",
-                path.display(),
-                meta.uid()
-            ));
-        }
-    }
-    problems
 }

@@ -69,7 +69,7 @@ fn print_table(rows: &[RunRow]) {
                 r.started_at.clone(),
                 r.domain.clone(),
                 r.run_id.clone(),
-                r.state.clone(),
+                r.state.to_string(),
                 r.exit_code.map_or("-".into(), |c| c.to_string()),
                 format!("{}/{}", r.trigger, r.operator.as_deref().unwrap_or("-")),
                 r.host.clone(),

@@ -11,7 +11,7 @@ use crate::cli::{Cli, ResolveArgs};
 use crate::config::{Backend, Config, DomainConfig};
 use crate::fsutil;
 use crate::keystore::Keystore;
-use crate::ledger::Ledger;
+use crate::ledger::{Ledger, RunState};
 use crate::lock::{self, Acquire, DomainLock};
 use crate::outcome::{Failure, Outcome};
 
@@ -46,7 +46,7 @@ fn resolve(cli: &Cli, args: &ResolveArgs) -> Result<String, Failure> {
     // Nothing is resolved while the run, or a hook it started, still runs here: a
     // rotation after the review would run beside it.
     if let Some(row) = ledger.get(&args.run).map_err(|e| Failure::new(Outcome::Aborted, e))? {
-        if row.in_flight() || row.state == "needs_review" {
+        if row.in_flight() || row.state == RunState::NeedsReview {
             let events = ledger
                 .events(&row.run_id)
                 .map_err(|e| Failure::new(Outcome::Aborted, e))?;
@@ -75,8 +75,8 @@ fn resolve(cli: &Cli, args: &ResolveArgs) -> Result<String, Failure> {
                     row.run_id, row.domain, domain.name
                 ))));
             }
-            match row.state.as_str() {
-                "needs_review" if lock_held => {
+            match row.state {
+                RunState::NeedsReview if lock_held => {
                     return Ok(Err(Failure::new(
                         Outcome::Busy,
                         format!(
@@ -85,14 +85,14 @@ fn resolve(cli: &Cli, args: &ResolveArgs) -> Result<String, Failure> {
                         ),
                     )))
                 }
-                "needs_review" => {}
+                RunState::NeedsReview => {}
                 _ if row.in_flight() && !lock_held => {
                     w.mark_stale(
                         &row.run_id,
                         "stale: the process died mid-rotation; resolved before any later run flagged it",
                     )?;
                 }
-                "resolved" => {
+                RunState::Resolved => {
                     return Ok(Err(Failure::usage(format!(
                         "run {} was already resolved by {} at {}",
                         row.run_id,

@@ -207,7 +207,7 @@ fn domain_status(config: &Config, d: &DomainConfig, ledger: Option<&Ledger>) -> 
     };
     s.last_run = rec.last_run.as_ref().map(|r| LastRun {
         run_id: r.run_id.clone(),
-        state: r.state.clone(),
+        state: r.state.to_string(),
         outcome: r.exit_code.and_then(Outcome::from_code).map(Outcome::name),
         exit_code: r.exit_code,
         started_at: r.started_at.clone(),
@@ -236,7 +236,7 @@ fn domain_status(config: &Config, d: &DomainConfig, ledger: Option<&Ledger>) -> 
         }
         s.in_flight = Some(InFlight {
             run_id: r.run_id.clone(),
-            state: r.state.clone(),
+            state: r.state.to_string(),
             pid: r.pid,
             host: r.host.clone(),
             started_at: r.started_at.clone(),

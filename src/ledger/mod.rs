@@ -22,7 +22,99 @@ use crate::config::LedgerLocation;
 use crate::failpoint;
 use crate::outcome::Outcome;
 
-pub const IN_FLIGHT: [&str; 3] = ["started", "staged", "committed"];
+/// The states of a run's row: the `rotations.state` CHECK list of the schema (a unit
+/// test holds the two together). Only this module spells them as text.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunState {
+    /// Admitted, before anything was staged.
+    Started,
+    /// The new key material exists, not yet committed.
+    Staged,
+    /// Past the commit point, not yet closed.
+    Committed,
+    Succeeded,
+    Aborted,
+    TimedOut,
+    NeedsReview,
+    /// Refused before it started (busy, not due, ...): never blocks anything.
+    Refused,
+    /// A `needs_review` run a human reviewed.
+    Resolved,
+}
+
+impl RunState {
+    pub const ALL: [RunState; 9] = [
+        RunState::Started,
+        RunState::Staged,
+        RunState::Committed,
+        RunState::Succeeded,
+        RunState::Aborted,
+        RunState::TimedOut,
+        RunState::NeedsReview,
+        RunState::Refused,
+        RunState::Resolved,
+    ];
+
+    /// The states of a run that has not ended (a run found in one of them without
+    /// its lock died).
+    pub const IN_FLIGHT: [RunState; 3] = [RunState::Started, RunState::Staged, RunState::Committed];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            RunState::Started => "started",
+            RunState::Staged => "staged",
+            RunState::Committed => "committed",
+            RunState::Succeeded => "succeeded",
+            RunState::Aborted => "aborted",
+            RunState::TimedOut => "timed_out",
+            RunState::NeedsReview => "needs_review",
+            RunState::Refused => "refused",
+            RunState::Resolved => "resolved",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<RunState> {
+        RunState::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+
+    pub fn in_flight(self) -> bool {
+        RunState::IN_FLIGHT.contains(&self)
+    }
+
+    /// The terminal state a run with this outcome is closed with.
+    pub const fn of(outcome: Outcome) -> RunState {
+        match outcome {
+            Outcome::Rotated => RunState::Succeeded,
+            Outcome::Aborted => RunState::Aborted,
+            Outcome::TimedOut => RunState::TimedOut,
+            Outcome::NeedsReview => RunState::NeedsReview,
+            Outcome::Usage | Outcome::Busy | Outcome::NotDesignated | Outcome::NotDue => RunState::Refused,
+        }
+    }
+
+    /// A run that ended before its commit point by its own account (`aborted`,
+    /// `timed_out`), or died or was reviewed (`needs_review`, `resolved`): it did not
+    /// commit unless it recorded so.
+    pub fn ended_unsuccessfully(self) -> bool {
+        matches!(
+            self,
+            RunState::Aborted | RunState::TimedOut | RunState::NeedsReview | RunState::Resolved
+        )
+    }
+
+    /// `state IN ('a','b')` for a query.
+    fn sql_in(states: &[RunState]) -> String {
+        let list: Vec<String> = states.iter().map(|s| format!("'{}'", s.as_str())).collect();
+        format!("state IN ({})", list.join(","))
+    }
+}
+
+impl std::fmt::Display for RunState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 
 /// One row of `rotations`, every column.
 #[derive(Clone, Debug, Serialize, PartialEq)]
@@ -30,7 +122,7 @@ pub struct RunRow {
     pub id: i64,
     pub run_id: String,
     pub domain: String,
-    pub state: String,
+    pub state: RunState,
     pub exit_code: Option<i64>,
     pub reason: Option<String>,
     pub trigger: String,
@@ -55,7 +147,7 @@ pub struct RunRow {
 
 impl RunRow {
     pub fn in_flight(&self) -> bool {
-        IN_FLIGHT.contains(&self.state.as_str())
+        self.state.in_flight()
     }
 }
 
@@ -148,7 +240,10 @@ fn run_row(r: &dyn Cols) -> Result<RunRow, String> {
         id: r.int(0)?.unwrap_or(0),
         run_id: need(r.text(1)?)?,
         domain: need(r.text(2)?)?,
-        state: need(r.text(3)?)?,
+        state: {
+            let state = need(r.text(3)?)?;
+            RunState::parse(&state).ok_or_else(|| format!("unknown run state {state:?}"))?
+        },
         exit_code: r.int(4)?,
         reason: r.text(5)?,
         trigger: need(r.text(6)?)?,
@@ -216,7 +311,7 @@ impl Db<'_, '_> {
                 .pop())
         };
         Ok(DomainRecord {
-            in_flight: one("state IN ('started','staged','committed') ORDER BY id")?,
+            in_flight: one(&format!("{} ORDER BY id", RunState::sql_in(&RunState::IN_FLIGHT)))?,
             blocking: one("state = 'needs_review' ORDER BY id")?,
             last_success: one("state = 'succeeded' ORDER BY id DESC")?,
             last_run: one("TRUE ORDER BY id DESC")?,
@@ -406,7 +501,7 @@ impl Ledger {
                 None => {
                     runs.push(crate::keystore::RunRecord {
                         run_id,
-                        state,
+                        ended_uncommitted: RunState::parse(&state).is_some_and(RunState::ended_unsuccessfully),
                         ..Default::default()
                     });
                     runs.len() - 1
@@ -590,11 +685,11 @@ impl Writer<'_, '_> {
     pub fn insert(
         &self,
         run: &NewRun,
-        end: Option<(&str, Outcome, &str)>,
+        end: Option<(RunState, Outcome, &str)>,
         from_version: Option<u64>,
     ) -> Result<(), String> {
         let (state, code, reason, ended) = match end {
-            None => ("started", None, None, None),
+            None => (RunState::Started, None, None, None),
             Some((state, o, reason)) => (state, Some(i64::from(o.code())), Some(reason), Some(now())),
         };
         self.exec(
@@ -604,7 +699,7 @@ impl Writer<'_, '_> {
             &[
                 (&run.run_id).into(),
                 (&run.domain).into(),
-                state.into(),
+                state.as_str().into(),
                 code.into(),
                 reason.into(),
                 run.trigger.into(),
@@ -620,18 +715,23 @@ impl Writer<'_, '_> {
                 run.requested_reason.as_ref().into(),
             ],
         )?;
-        self.event(&run.run_id, state, reason)
+        self.event(&run.run_id, state.as_str(), reason)
     }
 
     /// Moves an in-flight run to `state` (`staged`, `committed`), recording its
     /// `(from_version, to_version)` where known.
-    pub fn advance(&self, run_id: &str, state: &str, versions: Versions, detail: &str) -> Result<(), String> {
+    pub fn advance(&self, run_id: &str, state: RunState, versions: Versions, detail: &str) -> Result<(), String> {
         self.exec(
             "UPDATE rotations SET state = $2, from_version = COALESCE($3, from_version), \
              to_version = COALESCE($4, to_version) WHERE run_id = $1",
-            &[run_id.into(), state.into(), versions.0.into(), versions.1.into()],
+            &[
+                run_id.into(),
+                state.as_str().into(),
+                versions.0.into(),
+                versions.1.into(),
+            ],
         )?;
-        self.event(run_id, state, Some(detail))
+        self.event(run_id, state.as_str(), Some(detail))
     }
 
     /// Closes a run with its outcome.
@@ -641,7 +741,7 @@ impl Writer<'_, '_> {
              from_version = COALESCE($6, from_version), to_version = COALESCE($7, to_version) WHERE run_id = $1",
             &[
                 run_id.into(),
-                outcome.ledger_state().into(),
+                RunState::of(outcome).as_str().into(),
                 i64::from(outcome.code()).into(),
                 reason.into(),
                 (&now()).into(),
@@ -649,7 +749,7 @@ impl Writer<'_, '_> {
                 versions.1.into(),
             ],
         )?;
-        self.event(run_id, outcome.ledger_state(), Some(reason))
+        self.event(run_id, RunState::of(outcome).as_str(), Some(reason))
     }
 
     /// Records the audit chain head of a run's last line, in its closing transaction.
@@ -698,6 +798,35 @@ impl Writer<'_, '_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The states a migration's CHECK constraint on `rotations.state` allows.
+    fn check_list(sql: &str) -> Vec<String> {
+        let start = sql.find("CHECK (state IN (").expect("a CHECK on state") + "CHECK (state IN (".len();
+        let end = start + sql[start..].find(')').unwrap();
+        sql[start..end]
+            .split(',')
+            .map(|s| s.trim().trim_matches('\'').to_string())
+            .collect()
+    }
+
+    #[test]
+    fn run_states_are_the_schemas_check_list() {
+        let mine: Vec<String> = RunState::ALL.iter().map(|s| s.to_string()).collect();
+        for (engine, sql) in [
+            ("sqlite", include_str!("migrations/sqlite/001_init.sql")),
+            ("postgres", include_str!("migrations/postgres/001_init.sql")),
+        ] {
+            let mut theirs = check_list(sql);
+            let mut ours = mine.clone();
+            theirs.sort();
+            ours.sort();
+            assert_eq!(ours, theirs, "{engine}: RunState and the schema's CHECK list differ");
+        }
+        for st in RunState::ALL {
+            assert_eq!(RunState::parse(st.as_str()), Some(st));
+            assert_eq!(serde_json::to_value(st).unwrap(), st.as_str());
+        }
+    }
 
     fn run(id: &str) -> NewRun {
         NewRun {

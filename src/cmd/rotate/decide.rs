@@ -28,7 +28,7 @@ pub(super) fn admit(p: &Prepared, rec: &DomainRecord, remaining: Duration) -> Ad
             };
         }
     }
-    let need = budget(&p.domain);
+    let need = budget(p);
     if remaining < need {
         return Admission::OverBudget { left: remaining, need };
     }
@@ -45,18 +45,10 @@ pub(crate) fn next_due(last_success: Option<&RunRow>, min_interval: Duration) ->
     Some(at + chrono::Duration::from_std(min_interval).unwrap_or(chrono::Duration::MAX))
 }
 
-/// The least time left at admission that a rotation of this domain can finish in.
-/// A floor, not an estimate: a run admitted with less would almost surely time out
-/// half-way, so it is better not started.
-pub(super) fn budget(d: &DomainConfig) -> Duration {
-    use crate::keystore::Algorithm::*;
-    match &d.backend {
-        Backend::Keystore { algorithm: Rsa4096, .. } => Duration::from_secs(5),
-        Backend::Keystore { algorithm: Rsa3072, .. } => Duration::from_secs(2),
-        Backend::Keystore { algorithm: Rsa2048, .. } => Duration::from_millis(800),
-        Backend::Keystore { .. } => Duration::from_millis(200),
-        Backend::Command { .. } => Duration::from_secs(1),
-    }
+/// The least time left at admission that a rotation of this domain can finish in
+/// (the backend's floor).
+pub(super) fn budget(p: &Prepared) -> Duration {
+    p.backend().budget()
 }
 
 /// What a stale run's diagnosis found out before the admission transaction: the key
@@ -70,7 +62,7 @@ pub(super) struct StaleFacts {
 /// stale run the mark to put on the dead run's row.
 pub(super) struct Refusal {
     pub outcome: Outcome,
-    pub state: &'static str,
+    pub state: RunState,
     pub reason: String,
     /// The dead run and the mark its row gets (stale runs only).
     pub stale: Option<(String, String)>,
@@ -101,7 +93,7 @@ pub(super) fn judge(
             // lock may still run here, and a dead run's hook may outlive it.
             Some(alive @ crate::process::Alive::Run(_)) => refusal(
                 Outcome::Busy,
-                "refused",
+                RunState::Refused,
                 format!(
                     "another rotation of {domain} is running: {}; it stops at its next step: wait for it",
                     alive.describe(&dead.run_id)
@@ -118,7 +110,7 @@ pub(super) fn judge(
                 let mark = format!("stale: the process {} mid-rotation; {diagnosis}", ended_how(&dead));
                 Refusal {
                     outcome: Outcome::NeedsReview,
-                    state: "refused",
+                    state: RunState::Refused,
                     reason: stale_message(domain, &dead, &diagnosis),
                     plan: format!(
                         "ledger: run {} is still in flight but holds no lock: it {}",
@@ -131,13 +123,13 @@ pub(super) fn judge(
         },
         Admission::Blocked(row) => refusal(
             Outcome::NeedsReview,
-            "refused",
+            RunState::Refused,
             blocked_message(domain, &row),
             format!("ledger: blocked by run {}", row.run_id),
         ),
         Admission::NotDue { last, next_due } => refusal(
             Outcome::NotDue,
-            "refused",
+            RunState::Refused,
             format!(
                 "not due: run {} succeeded at {}; next due {next_due} (min_interval {}); use --force for an emergency rotation",
                 last.run_id,
@@ -148,7 +140,7 @@ pub(super) fn judge(
         ),
         Admission::OverBudget { left, need } => refusal(
             Outcome::TimedOut,
-            "timed_out",
+            RunState::TimedOut,
             format!(
                 "deadline budget: {} left, a {} rotation needs at least {}; nothing was changed",
                 // Whole seconds: the dry run, a moment earlier, says the same.
@@ -272,73 +264,7 @@ pub(super) fn last_step(events: &[(String, String, Option<String>)]) -> Option<&
         .map(|e| e.1.as_str())
 }
 
-/// What the key store shows about a run that died: did it commit?
+/// What the backend shows about a run that died: did it commit?
 pub(super) fn diagnose(p: &Prepared, dead: &RunRow, last_step: Option<&str>, ledger: Option<&Ledger>) -> String {
-    let step = last_step
-        .map(|s| format!("its last recorded step was '{s}'; "))
-        .unwrap_or_default();
-    match &p.domain.backend {
-        // With a shared ledger the dead run may have been on another host, whose key
-        // store this host cannot see.
-        Backend::Keystore { .. } if dead.host != p.run.host => {
-            format!(
-                "{step}it ran on host {}: inspect the key store there to see whether it committed",
-                dead.host
-            )
-        }
-        Backend::Keystore { keystore, .. } => {
-            let ks = Keystore::new(keystore, &p.domain.name);
-            match crate::backend::keystore::examine(&ks, ledger, &p.domain.name) {
-                Err(d) => format!("{step}the key store is inconsistent: {d}"),
-                Ok((i, verdict)) => {
-                    let mine: Vec<String> = i
-                        .manifest
-                        .created_by(&dead.run_id)
-                        .map(|v| format!("v{}", v.version))
-                        .collect();
-                    let primary = i.manifest.primary.map_or("empty".into(), |n| format!("v{n}"));
-                    if mine.is_empty() {
-                        format!(
-                            "{step}keyring primary is {primary}, not created by that run: it did not commit, the old key state stands{}",
-                            leftovers_note(&i, &verdict)
-                        )
-                    } else {
-                        format!(
-                            "{step}keyring primary is {primary}; {} created by that run: it did commit{}",
-                            mine.join(", "),
-                            leftovers_note(&i, &verdict)
-                        )
-                    }
-                }
-            }
-        }
-        Backend::Command { .. } => match last_step.and_then(|s| s.strip_prefix("hook.")) {
-            Some(hook) => {
-                let (name, phase) = hook.split_once('.').unwrap_or((hook, ""));
-                let when = if phase == "start" { "was running" } else { "had ended" };
-                let target = if name == "create" && phase == "start" {
-                    "the target was not changed yet"
-                } else {
-                    "the target may hold a half-rotated secret: check it"
-                };
-                format!("the hook step '{name}' {when} when it died; {target}")
-            }
-            None => format!("{step}no hook step had started: the target was not changed"),
-        },
-    }
-}
-
-/// What the diagnosis adds about files the manifest does not list.
-pub(super) fn leftovers_note(i: &Inspection, verdict: &crate::keystore::Verdict) -> String {
-    let mut note = String::new();
-    if !i.unlisted.is_empty() {
-        note.push_str(&format!(
-            "; file(s) not in keyring.json: {} (the first rotation after review removes those a run recorded as staged and never committed, and reports any other)",
-            i.unlisted.join(", ")
-        ));
-    }
-    if let Some(m) = &verdict.mismatch {
-        note.push_str(&format!("; {m}"));
-    }
-    note
+    p.backend().diagnose(dead, last_step, ledger, &p.run.host)
 }

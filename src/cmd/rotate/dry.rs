@@ -215,105 +215,11 @@ impl Effects for Dry {
     }
 }
 
-/// Phase 7, what the backend would do: its own preflight (the same as the real
-/// run's), then its plan.
+/// Phase 7, what the backend would do: its own checks (the same as the real run's),
+/// then its plan.
 fn backend_plan(p: &Prepared, ledger: Option<&Ledger>, plan: &mut Vec<String>) -> (Outcome, String, Versions) {
-    let none = (None, None);
-    match &p.domain.backend {
-        Backend::Keystore {
-            keystore,
-            algorithm,
-            activation,
-        } => {
-            let ks = Keystore::new(keystore, &p.domain.name);
-            if let Err(e) = ks.check_folders() {
-                plan.push(format!("key store: {e}"));
-                return (Outcome::Aborted, e, none);
-            }
-            let judged = crate::backend::keystore::examine(&ks, ledger, &p.domain.name)
-                .map_err(crate::backend::keystore::ExamineError::refusal)
-                .and_then(
-                    |(insp, verdict)| match crate::backend::keystore::refusal(&verdict, &p.domain.name) {
-                        Some(f) => Err(f),
-                        None => Ok((insp, verdict)),
-                    },
-                );
-            let (insp, verdict) = match judged {
-                Ok(j) => j,
-                Err(f) => {
-                    plan.push(format!("key store: {}", f.message));
-                    return (f.outcome, f.message, none);
-                }
-            };
-            if !insp.exists {
-                plan.push(format!(
-                    "key store: {} has no keyring yet (first rotation)",
-                    ks.dir().display()
-                ));
-            }
-            if !verdict.garbage.is_empty() {
-                plan.push(format!(
-                    "sweep: remove {} (proven garbage: destroyed versions, temporaries, files staged by runs that never committed)",
-                    verdict.garbage.join(", ")
-                ));
-            }
-            let rp = insp
-                .manifest
-                .plan(*algorithm, *activation, p.domain.retain, verdict.next_version);
-            for n in &rp.create {
-                plan.push(
-                    format!(
-                        "create: v{} ({}, {:?}) as {}",
-                        n.version,
-                        n.algorithm,
-                        n.state,
-                        crate::keystore::manifest::version_file(n.version, n.algorithm)
-                    )
-                    .to_lowercase(),
-                );
-            }
-            if let Some(v) = rp.promote {
-                plan.push(format!("promote: v{v} pending -> active"));
-            }
-            for v in &rp.retire {
-                plan.push(format!("retire: v{v}"));
-            }
-            for v in &rp.destroy {
-                plan.push(format!("destroy: v{v} (beyond retain = {})", p.domain.retain));
-            }
-            // Symmetric keys have no public half: no jwks.json is written for them.
-            plan.push(if algorithm.is_symmetric() {
-                "commit: replace keyring.json atomically; update the current.key symlink".into()
-            } else {
-                "commit: replace keyring.json atomically; update the current.pem symlink and jwks.json".into()
-            });
-            let v = |n: Option<u64>| n.map_or("none".into(), |n| format!("v{n}"));
-            (
-                Outcome::Rotated,
-                format!(
-                    "would rotate: active {} -> {}",
-                    v(rp.from_version),
-                    v(Some(rp.to_version))
-                ),
-                (rp.from_version, Some(rp.to_version)),
-            )
-        }
-        Backend::Command { program, args } => {
-            if let Err(f) = command::preflight(program) {
-                plan.push(format!("hook: {}", f.message));
-                return (f.outcome, f.message, none);
-            }
-            // Quoted the way a shell would need it, so the plan shows exactly which
-            // arguments the hook gets (an argument with a space is one argument).
-            let words: Vec<String> = std::iter::once(program.to_string_lossy().into_owned())
-                .chain(args.iter().cloned())
-                .collect();
-            let shown = shlex::try_join(words.iter().map(String::as_str)).unwrap_or_else(|_| format!("{words:?}"));
-            for step in command::STEPS {
-                plan.push(format!("run: KEYROTATE_STEP={step} {shown}"));
-            }
-            plan.push("commit point: the 'set' step; a failure from there on blocks the domain".into());
-            (Outcome::Rotated, "would run the hook's four steps".into(), none)
-        }
+    match p.backend().plan(ledger, plan) {
+        Ok(planned) => (Outcome::Rotated, planned.summary, planned.versions),
+        Err(f) => (f.outcome, f.message, (None, None)),
     }
 }

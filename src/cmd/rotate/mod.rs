@@ -33,15 +33,14 @@ use serde::Serialize;
 
 use super::{clean_text, hostname, load_config, operator, print_json};
 use crate::audit::{Audit, Event};
-use crate::backend::command::{self, CommandRotation};
-use crate::backend::keystore::{KeystoreRotation, PreCommitUndo};
-use crate::backend::{Rotated, Step};
+use crate::backend::command;
+use crate::backend::{PreCommitUndo, Rotated, RotationBackend, Step};
 use crate::cli::{Cli, OutputFormat, RotateArgs};
 use crate::config::{Backend, Config, DomainConfig};
 use crate::deadline::Deadline;
 use crate::guard::Guard;
-use crate::keystore::{Inspection, Keystore};
-use crate::ledger::{DomainRecord, Ledger, NewRun, RunRow};
+use crate::keystore::Keystore;
+use crate::ledger::{DomainRecord, Ledger, NewRun, RunRow, RunState};
 use crate::lock::{self, Acquire, DomainLock, Holder};
 use crate::outcome::{Failure, Outcome};
 use crate::{fsutil, keystore::manifest::now_rfc3339};
@@ -127,6 +126,13 @@ struct Prepared {
     audit: Audit,
     output: OutputFormat,
     dry_run: bool,
+}
+
+impl Prepared {
+    /// The domain's backend.
+    fn backend(&self) -> Box<dyn RotationBackend> {
+        crate::backend::for_domain(&self.domain, &self.config.state_dir)
+    }
 }
 
 pub(crate) use decide::next_due;

@@ -205,28 +205,7 @@ impl Live {
             ledger,
             audit: &p.audit,
         };
-        let result = match &p.domain.backend {
-            Backend::Keystore {
-                algorithm,
-                keystore,
-                activation,
-            } => KeystoreRotation {
-                keystore: Keystore::new(keystore, &p.domain.name).with_access(p.domain.access.clone()),
-                algorithm: *algorithm,
-                activation: *activation,
-                retain: p.domain.retain,
-                step,
-                undo,
-            }
-            .run(),
-            Backend::Command { program, args } => CommandRotation {
-                program: program.clone(),
-                args: args.clone(),
-                state_dir: p.config.state_dir.clone(),
-                step,
-            }
-            .run(),
-        };
+        let result = p.backend().run(step, undo);
         guard.stand_down();
         let (outcome, reason, rotated) = match result {
             Ok(r) if r.warnings.is_empty() => (Outcome::Rotated, r.summary.clone(), Some(r)),
@@ -252,7 +231,7 @@ fn refuse_recorded(p: &Prepared, ledger: &mut Ledger, outcome: Outcome, reason: 
         if w.get(&p.run.run_id)?.is_some() {
             return Err(duplicate_run_id_message(&p.run.run_id));
         }
-        w.insert(&p.run, Some((outcome.ledger_state(), outcome, &reason)), None)
+        w.insert(&p.run, Some((RunState::of(outcome), outcome, &reason)), None)
     });
     if let Err(e) = res {
         return stop_unrecorded(p, outcome, format!("{reason}; {e}"));
@@ -385,7 +364,7 @@ fn refuse_busy_because(p: &Prepared, reason: String) -> Concluded {
                 if w.get(&p.run.run_id)?.is_some() {
                     return Err(duplicate_run_id_message(&p.run.run_id));
                 }
-                w.insert(&p.run, Some(("refused", Outcome::Busy, &reason)), None)?;
+                w.insert(&p.run, Some((RunState::Refused, Outcome::Busy, &reason)), None)?;
                 match head {
                     Some(head) => w.anchor(&p.run.run_id, head),
                     None => Ok(()),
@@ -426,7 +405,7 @@ fn admit_and_record(
             let refusal = match guard.checkpoint("admission") {
                 Err(f) => Refusal {
                     outcome: f.outcome,
-                    state: f.outcome.ledger_state(),
+                    state: RunState::of(f.outcome),
                     reason: f.message,
                     stale: None,
                     plan: String::new(),
@@ -469,12 +448,8 @@ fn admit_and_record(
 pub(super) fn arm_watchdog(p: &Prepared, guard: &Guard, undo: PreCommitUndo) {
     let ledger_at = p.config.ledger.clone();
     let snapshot = p.clone();
-    // The command backend kills its own hung hooks at the deadline (SIGTERM, grace,
-    // SIGKILL); its watchdog is only a backstop behind that.
-    let after = match p.domain.backend {
-        Backend::Keystore { .. } => Duration::ZERO,
-        Backend::Command { .. } => command::KILL_GRACE + Duration::from_secs(5),
-    };
+    // A backend that enforces the deadline itself gets the watchdog as a backstop.
+    let after = p.backend().watchdog_grace();
     guard.spawn_watchdog(after, move |step| {
         // Take back what the abandoned run staged and published, as a run ending
         // before its commit by itself would.
