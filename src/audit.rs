@@ -61,7 +61,7 @@ pub struct Event {
 
 impl Event {
     /// An event about `run`, with the identity fields filled in.
-    pub fn of(event: &'static str, run: &crate::ledger::NewRun) -> Event {
+    pub fn of(event: &'static str, run: &crate::run::NewRun) -> Event {
         Event {
             event,
             run_id: run.run_id.clone(),
@@ -174,7 +174,7 @@ impl Audit {
         mut event: Event,
         anchor: impl FnOnce(Option<&Head>) -> (R, Option<Event>),
     ) -> (R, Result<(), String>) {
-        event.ts = crate::ledger::now();
+        event.ts = crate::time::now();
         tracing::info!(
             target: "keyrotate::audit",
             event = event.event,

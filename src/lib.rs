@@ -23,6 +23,7 @@ pub mod cli;
 mod cmd;
 pub mod config;
 pub mod deadline;
+pub mod due;
 pub mod errout;
 pub mod failpoint;
 pub mod fsutil;
@@ -35,5 +36,8 @@ pub mod ledger;
 pub mod lock;
 pub mod outcome;
 pub mod process;
+pub mod run;
+pub mod table;
+pub mod time;
 
 pub use cmd::main;

@@ -19,6 +19,7 @@ mod hygiene;
 mod keystore;
 #[cfg(feature = "failpoints")]
 mod keystore_safety;
+mod layering;
 mod observability;
 mod operator_safety;
 mod pg_dba;

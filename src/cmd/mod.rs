@@ -203,6 +203,13 @@ pub(crate) fn hostname() -> String {
 }
 
 /// Prints one JSON object on stdout.
+/// Prints a table (see [`crate::table::render`]).
+pub(crate) fn print_table<const N: usize>(headers: &[&str; N], rows: &[[String; N]]) {
+    for line in crate::table::render(headers, rows) {
+        out!("{line}");
+    }
+}
+
 pub(crate) fn print_json(value: &impl serde::Serialize) {
     out!("{}", serde_json::to_string(value).expect("json"));
 }

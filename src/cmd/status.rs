@@ -9,11 +9,12 @@ use serde::Serialize;
 use super::{load_config, print_json, report_failure};
 use crate::cli::{Cli, StatusArgs, StatusOutput};
 use crate::config::{Backend, Config, DomainConfig};
-use crate::keystore::manifest::{now_rfc3339, VersionState};
+use crate::keystore::manifest::VersionState;
 use crate::keystore::Keystore;
 use crate::ledger::{DomainRecord, Ledger};
 use crate::lock;
 use crate::outcome::{Failure, Outcome};
+use crate::time::rfc3339 as now_rfc3339;
 
 // A child module, so that it reads the status fields without widening their visibility.
 #[path = "metrics.rs"]
@@ -217,13 +218,11 @@ fn domain_status(config: &Config, d: &DomainConfig, ledger: Option<&Ledger>) -> 
         .last_success
         .as_ref()
         .map(|r| r.ended_at.clone().unwrap_or_else(|| r.started_at.clone()));
-    s.metrics.next_due_at = super::rotate::next_due(rec.last_success.as_ref(), d.min_interval);
-    s.next_due = Some(
-        match super::rotate::next_due(rec.last_success.as_ref(), d.min_interval) {
-            Some(t) if t > chrono::Utc::now() => now_rfc3339(t),
-            _ => "now".to_string(),
-        },
-    );
+    s.metrics.next_due_at = crate::due::next_due(rec.last_success.as_ref(), d.min_interval);
+    s.next_due = Some(match crate::due::next_due(rec.last_success.as_ref(), d.min_interval) {
+        Some(t) if t > chrono::Utc::now() => now_rfc3339(t),
+        _ => "now".to_string(),
+    });
     if let Some(r) = &rec.in_flight {
         let lock_held = lock::probe(&lock::lock_path(&config.lock_dir(), &d.name))
             .ok()
@@ -303,35 +302,10 @@ fn print_text(statuses: &[DomainStatus]) {
             ]
         })
         .collect();
-    print_columns(
+    super::print_table(
         &[
             "DOMAIN", "BACKEND", "ACTIVE", "PENDING", "RETIRED", "LAST RUN", "NEXT DUE", "STATE",
         ],
         &rows,
     );
-}
-
-/// Prints a left-aligned table; the last column is not padded.
-pub(crate) fn print_columns<const N: usize>(headers: &[&str; N], rows: &[[String; N]]) {
-    let mut widths = headers.map(|h| h.chars().count());
-    for r in rows {
-        for (w, cell) in widths.iter_mut().zip(r) {
-            *w = (*w).max(cell.chars().count());
-        }
-    }
-    let line = |cells: Vec<&str>| {
-        let mut out = String::new();
-        for (i, c) in cells.iter().enumerate() {
-            if i + 1 == N {
-                out.push_str(c);
-            } else {
-                out.push_str(&format!("{c:<w$}  ", w = widths[i]));
-            }
-        }
-        out!("{}", out.trim_end());
-    };
-    line(headers.to_vec());
-    for r in rows {
-        line(r.iter().map(String::as_str).collect());
-    }
 }

@@ -18,9 +18,17 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::config::LedgerLocation;
 use crate::failpoint;
 use crate::outcome::Outcome;
+
+/// Where the rotation ledger lives.
+#[derive(Clone, Debug, PartialEq)]
+pub enum LedgerLocation {
+    /// The embedded default: `<state.dir>/ledger.sqlite3`.
+    Sqlite(std::path::PathBuf),
+    /// `[state] ledger = "postgres://…"`: shared by every host of a pool.
+    Postgres(String),
+}
 
 /// The states of a run's row: the `rotations.state` CHECK list of the schema (a unit
 /// test holds the two together). Only this module spells them as text.
@@ -158,21 +166,7 @@ const COLUMNS: &str = "id, run_id, domain, state, exit_code, reason, trigger, op
 /// `(from_version, to_version)`: the active version before and after a run.
 pub type Versions = (Option<u64>, Option<u64>);
 
-/// The identity of a new run, as recorded in its row.
-#[derive(Clone, Debug)]
-pub struct NewRun {
-    pub run_id: String,
-    pub domain: String,
-    pub trigger: &'static str,
-    pub operator: Option<String>,
-    pub host: String,
-    pub pid: u32,
-    pub pool: Option<String>,
-    pub started_at: String,
-    pub deadline_at: String,
-    pub forced: bool,
-    pub requested_reason: Option<String>,
-}
+pub use crate::run::NewRun;
 
 /// What the admission decision needs to know about one domain.
 #[derive(Clone, Debug, Default)]
@@ -183,9 +177,7 @@ pub struct DomainRecord {
     pub last_run: Option<RunRow>,
 }
 
-pub fn now() -> String {
-    crate::keystore::manifest::now_rfc3339(chrono::Utc::now())
-}
+pub use crate::time::now;
 
 /// A query parameter, for either engine.
 #[derive(Clone, Debug)]

@@ -20,7 +20,7 @@ pub(super) fn admit(p: &Prepared, rec: &DomainRecord, remaining: Duration) -> Ad
     if let Some(blocking) = &rec.blocking {
         return Admission::Blocked(blocking.clone());
     }
-    if let Some(next_due) = next_due(rec.last_success.as_ref(), p.domain.min_interval) {
+    if let Some(next_due) = crate::due::next_due(rec.last_success.as_ref(), p.domain.min_interval) {
         if !p.run.forced && next_due > chrono::Utc::now() {
             return Admission::NotDue {
                 last: rec.last_success.clone().expect("a due time comes from a success"),
@@ -33,16 +33,6 @@ pub(super) fn admit(p: &Prepared, rec: &DomainRecord, remaining: Duration) -> Ad
         return Admission::OverBudget { left: remaining, need };
     }
     Admission::Go
-}
-
-/// When a domain is next due, from its last success.
-pub(crate) fn next_due(last_success: Option<&RunRow>, min_interval: Duration) -> Option<chrono::DateTime<chrono::Utc>> {
-    let last = last_success?;
-    let at = last.ended_at.as_deref().unwrap_or(&last.started_at);
-    let at = chrono::DateTime::parse_from_rfc3339(at)
-        .ok()?
-        .with_timezone(&chrono::Utc);
-    Some(at + chrono::Duration::from_std(min_interval).unwrap_or(chrono::Duration::MAX))
 }
 
 /// The least time left at admission that a rotation of this domain can finish in

@@ -38,12 +38,13 @@ use crate::backend::{PreCommitUndo, Rotated, RotationBackend, Step};
 use crate::cli::{Cli, OutputFormat, RotateArgs};
 use crate::config::{Backend, Config, DomainConfig};
 use crate::deadline::Deadline;
+use crate::fsutil;
 use crate::guard::Guard;
 use crate::keystore::Keystore;
 use crate::ledger::{DomainRecord, Ledger, NewRun, RunRow, RunState};
 use crate::lock::{self, Acquire, DomainLock, Holder};
 use crate::outcome::{Failure, Outcome};
-use crate::{fsutil, keystore::manifest::now_rfc3339};
+use crate::time::rfc3339 as now_rfc3339;
 use phases::{Effects, Held, Record, Stop};
 
 /// What `rotate` prints on stdout (one line, or this object with `--output json`).
@@ -135,7 +136,6 @@ impl Prepared {
     }
 }
 
-pub(crate) use decide::next_due;
 use decide::*;
 use dry::dry_run;
 use real::real_run;

@@ -1,0 +1,107 @@
+//! Layers point one way: no module below `src/cmd` uses `cmd`, and the top-level
+//! modules of `src/` import each other without a cycle (a shared helper has a home
+//! below its users). Read from the sources, so a new import that breaks either fails
+//! here, naming it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+/// Every `.rs` file under `path`.
+fn files(path: &Path) -> Vec<PathBuf> {
+    if path.is_file() {
+        return vec![path.to_path_buf()];
+    }
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(path).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(files(&p));
+        } else if p.extension().is_some_and(|x| x == "rs") {
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// Top-level module -> the top-level modules its code names as `crate::<name>`.
+fn graph() -> BTreeMap<String, BTreeSet<String>> {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut g = BTreeMap::new();
+    for e in std::fs::read_dir(&src).unwrap().flatten() {
+        let p = e.path();
+        let name = p.file_stem().unwrap().to_string_lossy().into_owned();
+        // The crate root and the binary wire everything; `fuzz` is test-only.
+        if ["lib", "main", "fuzz"].contains(&name.as_str()) {
+            continue;
+        }
+        let deps: &mut BTreeSet<String> = g.entry(name.clone()).or_default();
+        for f in files(&p) {
+            let text = std::fs::read_to_string(&f).unwrap();
+            for (i, _) in text.match_indices("crate::") {
+                let rest = &text[i + "crate::".len()..];
+                let dep: String = rest
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                // `$crate::` is the `out!` macro, defined and used in `cmd`.
+                let dollar = i > 0 && text.as_bytes()[i - 1] == b'$';
+                if !dep.is_empty() && dep != name && !dollar {
+                    deps.insert(dep);
+                }
+            }
+        }
+    }
+    g
+}
+
+#[test]
+fn nothing_below_cmd_uses_cmd() {
+    let offenders: Vec<String> = graph()
+        .into_iter()
+        .filter(|(m, deps)| m != "cmd" && deps.contains("cmd"))
+        .map(|(m, _)| m)
+        .collect();
+    assert!(
+        offenders.is_empty(),
+        "modules below cmd that use crate::cmd: {offenders:?}"
+    );
+}
+
+#[test]
+fn the_modules_import_each_other_without_a_cycle() {
+    let g = graph();
+    assert!(
+        g.contains_key("ledger") && g.contains_key("cmd"),
+        "read the wrong folder: {g:?}"
+    );
+    // Depth-first search; a module met again on the current path closes a cycle.
+    fn visit(
+        m: &str,
+        g: &BTreeMap<String, BTreeSet<String>>,
+        path: &mut Vec<String>,
+        done: &mut BTreeSet<String>,
+    ) -> Option<Vec<String>> {
+        if let Some(at) = path.iter().position(|p| p == m) {
+            let mut cycle = path[at..].to_vec();
+            cycle.push(m.to_string());
+            return Some(cycle);
+        }
+        if !done.insert(m.to_string()) {
+            return None;
+        }
+        path.push(m.to_string());
+        for d in g.get(m).into_iter().flatten() {
+            if let Some(c) = visit(d, g, path, done) {
+                return Some(c);
+            }
+        }
+        path.pop();
+        None
+    }
+    let mut done = BTreeSet::new();
+    for m in g.keys() {
+        if let Some(cycle) = visit(m, &g, &mut Vec::new(), &mut done) {
+            panic!("import cycle: {}", cycle.join(" -> "));
+        }
+    }
+}
