@@ -105,3 +105,34 @@ fn the_modules_import_each_other_without_a_cycle() {
         }
     }
 }
+
+/// No function in `src/cmd` is longer than this many lines: a subcommand reads as a
+/// sequence of named steps.
+const MAX_FN_LINES: usize = 80;
+
+#[test]
+fn no_long_function_in_cmd() {
+    let cmd = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/cmd");
+    let mut long = Vec::new();
+    for f in files(&cmd) {
+        let text = std::fs::read_to_string(&f).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        for (i, l) in lines.iter().enumerate() {
+            let t = l.trim_start();
+            let is_fn = ["fn ", "pub fn ", "pub(crate) fn ", "pub(super) fn "]
+                .iter()
+                .any(|p| t.starts_with(p));
+            if !is_fn || t.ends_with(';') {
+                continue;
+            }
+            // rustfmt closes a function at its own indentation.
+            let close = format!("{}}}", &l[..l.len() - t.len()]);
+            if let Some(n) = lines[i + 1..].iter().position(|x| *x == close) {
+                if n + 2 > MAX_FN_LINES {
+                    long.push(format!("{}:{} ({} lines)", f.display(), i + 1, n + 2));
+                }
+            }
+        }
+    }
+    assert!(long.is_empty(), "functions over {MAX_FN_LINES} lines: {long:?}");
+}

@@ -39,7 +39,26 @@ pub fn run(cli: &Cli, args: &CheckArgs) -> Outcome {
     let mut notes: Vec<String> = Vec::new();
     let file = config.path.display().to_string();
     problems.extend(distrust);
+    check_state(&config, &mut problems, &mut notes);
+    check_domains(&config, &domains, &mut problems, &mut notes);
+    for n in &notes {
+        out!("note: {n}");
+    }
+    for p in &problems {
+        out!("problem: {p}");
+    }
+    if problems.is_empty() {
+        out!("OK {}: {} domain(s) checked, no problems", file, domains.len());
+        Outcome::Rotated
+    } else {
+        tracing::error!("{} problem(s) found in {file}", problems.len());
+        Outcome::Usage
+    }
+}
 
+/// The state folder, the ledger and the audit file.
+fn check_state(config: &Config, problems: &mut Vec<String>, notes: &mut Vec<String>) {
+    let file = config.path.display().to_string();
     for (dir, key) in [
         (config.state_dir.clone(), "state.dir"),
         (config.lock_dir(), "state.dir (locks/)"),
@@ -61,6 +80,11 @@ pub fn run(cli: &Cli, args: &CheckArgs) -> Outcome {
     if let Err(e) = Audit::new(&config.audit_file).preflight(false) {
         problems.push(format!("{file}: audit.file: {e}"));
     }
+}
+
+/// Each domain: is this host designated, and what its backend finds wrong.
+fn check_domains(config: &Config, domains: &[&DomainConfig], problems: &mut Vec<String>, notes: &mut Vec<String>) {
+    let file = config.path.display().to_string();
     let pool = std::env::var("KEYROTATE_POOL")
         .ok()
         .filter(|s| !s.is_empty())
@@ -68,7 +92,7 @@ pub fn run(cli: &Cli, args: &CheckArgs) -> Outcome {
     if pool.is_none() {
         notes.push("host.pool: not set (and no KEYROTATE_POOL): rotate needs --pool".into());
     }
-    for d in &domains {
+    for d in domains {
         let key = format!("domains.{}", d.name);
         match &pool {
             Some(p) if *p == d.designated_pool => notes.push(format!("{key}: this host (pool {p}) is designated")),
@@ -81,18 +105,5 @@ pub fn run(cli: &Cli, args: &CheckArgs) -> Outcome {
         for (what, e) in crate::backend::for_domain(d, &config.state_dir).check() {
             problems.push(format!("{file}: {key}.{what}: {e}"));
         }
-    }
-    for n in &notes {
-        out!("note: {n}");
-    }
-    for p in &problems {
-        out!("problem: {p}");
-    }
-    if problems.is_empty() {
-        out!("OK {}: {} domain(s) checked, no problems", file, domains.len());
-        Outcome::Rotated
-    } else {
-        tracing::error!("{} problem(s) found in {file}", problems.len());
-        Outcome::Usage
     }
 }

@@ -173,7 +173,15 @@ fn domain_status(config: &Config, d: &DomainConfig, ledger: Option<&Ledger>) -> 
         metrics: MetricInputs::default(),
     };
     if let Backend::Keystore { keystore, .. } = &d.backend {
-        let ks = Keystore::new(keystore, &d.name);
+        key_store_part(&mut s, &Keystore::new(keystore, &d.name));
+    }
+    ledger_part(&mut s, config, d, ledger);
+    s
+}
+
+/// What the key store's manifest says about the domain.
+fn key_store_part(s: &mut DomainStatus, ks: &Keystore) {
+    {
         match ks.check_folders().and_then(|()| ks.inspect()) {
             Ok(i) => {
                 let m = &i.manifest;
@@ -197,6 +205,10 @@ fn domain_status(config: &Config, d: &DomainConfig, ledger: Option<&Ledger>) -> 
             Err(e) => s.problems.push(format!("key store: {e}")),
         }
     }
+}
+
+/// What the ledger says about the domain: its last run, when it is due, what blocks it.
+fn ledger_part(s: &mut DomainStatus, config: &Config, d: &DomainConfig, ledger: Option<&Ledger>) {
     let rec = match ledger.map(|l| l.domain_record(&d.name)) {
         None => DomainRecord::default(),
         Some(Ok(r)) => r,
@@ -245,7 +257,6 @@ fn domain_status(config: &Config, d: &DomainConfig, ledger: Option<&Ledger>) -> 
     if let Some(b) = &rec.blocking {
         s.blocked_by = Some(b.run_id.clone());
     }
-    s
 }
 
 fn age(since: Option<&str>) -> String {
