@@ -74,7 +74,6 @@ fn another_pool() {
 
 #[test]
 fn a_held_state_lock_and_a_held_key_store_lock() {
-    use fs2::FileExt;
     let env = Env::new();
     env.rotate("sig").status(0);
     for lock in ["state/locks/sig.lock", "keys/sig/.lock"] {
@@ -83,7 +82,7 @@ fn a_held_state_lock_and_a_held_key_store_lock() {
             .write(true)
             .open(env.path(lock))
             .unwrap();
-        f.lock_exclusive().unwrap();
+        f.lock().unwrap();
         let r = same(&env, "sig", &["--force"], 5);
         assert!(r["reason"].as_str().unwrap().contains("another"), "{lock}: {r}");
         drop(f);

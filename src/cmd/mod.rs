@@ -157,6 +157,7 @@ pub(crate) fn operator(flag: Option<&str>) -> String {
             }
         }
     }
+    // SAFETY: getuid has no preconditions and cannot fail.
     format!("uid:{}", unsafe { libc::getuid() })
 }
 
@@ -194,6 +195,8 @@ pub(crate) fn clean_text(what: &str, value: &str, max: usize) -> Result<String, 
 
 pub(crate) fn hostname() -> String {
     let mut buf = [0u8; 256];
+    // SAFETY: the pointer and length describe `buf`, which outlives the call; gethostname
+    // writes at most that many bytes.
     let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
     if rc != 0 {
         return "unknown-host".into();
