@@ -252,7 +252,7 @@ impl CommandRotation<'_> {
             }
             if shared && kill_at.is_none() && now >= next_confirm {
                 if let Err(e) = self.step.ledger.confirm_lock(&domain) {
-                    lost_lock = Some(e);
+                    lost_lock = Some(e.to_string());
                     kill_at = Some(now);
                     let _ = ours.write(b"k");
                 }

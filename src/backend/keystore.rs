@@ -74,7 +74,7 @@ pub fn examine(ks: &Keystore, ledger: Option<&Ledger>, domain: &str) -> Result<(
     let prov = match ledger {
         Some(l) => l
             .provenance(domain, insp.manifest.committed_by_run.as_deref())
-            .map_err(ExamineError::Ledger)?,
+            .map_err(|e| ExamineError::Ledger(e.into()))?,
         None => crate::keystore::Provenance {
             manifest_run_known: insp.manifest.committed_by_run.as_ref().map(|_| false),
             runs: Vec::new(),

@@ -130,7 +130,7 @@ impl Step<'_> {
         }
         let checked = crate::failpoint::hit("ledger", "confirm")
             .map_err(|e| format!("ledger {}: {e}", self.ledger.label()))
-            .and_then(|()| self.ledger.confirm_lock(&self.run.domain));
+            .and_then(|()| Ok(self.ledger.confirm_lock(&self.run.domain)?));
         checked.map_err(|e| {
             if changed {
                 Failure::new(

@@ -194,7 +194,7 @@ fn take_locks(config: &Config, domain: &DomainConfig, ledger: &Ledger) -> Result
         Acquire::Busy(_) => return Ok(None),
         Acquire::Acquired(l) => held.push(l),
     }
-    if !ledger.lock_domain(&domain.name).map_err(aborted)? {
+    if !ledger.lock_domain(&domain.name).map_err(|e| aborted(e.into()))? {
         return Ok(None);
     }
     if let Backend::Keystore { keystore, .. } = &domain.backend {

@@ -141,7 +141,7 @@ fn collect(config: &Config, domains: &[&DomainConfig]) -> Vec<DomainStatus> {
         .map(|d| {
             let mut s = domain_status(config, d, ledger.as_ref());
             if let Some(e) = &ledger_err {
-                s.problems.push(e.clone());
+                s.problems.push(e.to_string());
                 s.ledger_unread = true;
             }
             if s.ledger_unread {
@@ -213,7 +213,7 @@ fn ledger_part(s: &mut DomainStatus, config: &Config, d: &DomainConfig, ledger: 
         None => DomainRecord::default(),
         Some(Ok(r)) => r,
         Some(Err(e)) => {
-            s.problems.push(e);
+            s.problems.push(e.to_string());
             s.ledger_unread = true;
             DomainRecord::default()
         }

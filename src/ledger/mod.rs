@@ -21,6 +21,26 @@ use serde::Serialize;
 use crate::failpoint;
 use crate::outcome::Outcome;
 
+/// Why the ledger could not do what was asked. Each message already names the ledger
+/// and the cause in an operator's words; the variant says which step failed, so that a
+/// caller can tell "no ledger to talk to" from "a read failed".
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum LedgerError {
+    /// It could not be opened, connected to, or migrated.
+    #[error("{0}")]
+    Open(String),
+    /// A read, or a lock request, failed (a lost session included).
+    #[error("{0}")]
+    Query(String),
+}
+
+/// The rest of the code (the writer's closures, `Failure`) speaks `String`.
+impl From<LedgerError> for String {
+    fn from(e: LedgerError) -> String {
+        e.to_string()
+    }
+}
+
 /// Where the rotation ledger lives.
 #[derive(Clone, Debug, PartialEq)]
 pub enum LedgerLocation {
@@ -337,7 +357,11 @@ pub struct Ledger {
 impl Ledger {
     /// Opens the ledger for writing, creating and migrating it as needed. Waiting for
     /// other writers is bounded by `busy`.
-    pub fn open(location: &LedgerLocation, busy: Duration) -> Result<Ledger, String> {
+    pub fn open(location: &LedgerLocation, busy: Duration) -> Result<Ledger, LedgerError> {
+        Self::open_raw(location, busy).map_err(LedgerError::Open)
+    }
+
+    fn open_raw(location: &LedgerLocation, busy: Duration) -> Result<Ledger, String> {
         match location {
             LedgerLocation::Sqlite(path) => Ok(Ledger {
                 label: path.display().to_string(),
@@ -355,7 +379,11 @@ impl Ledger {
 
     /// Opens the ledger for reading only: no file is created or changed (dry runs,
     /// `status`, `history`, `check`). `Ok(None)` when there is no ledger yet.
-    pub fn open_read_only(location: &LedgerLocation) -> Result<Option<Ledger>, String> {
+    pub fn open_read_only(location: &LedgerLocation) -> Result<Option<Ledger>, LedgerError> {
+        Self::open_read_only_raw(location).map_err(LedgerError::Open)
+    }
+
+    fn open_read_only_raw(location: &LedgerLocation) -> Result<Option<Ledger>, String> {
         match location {
             LedgerLocation::Sqlite(path) => Ok(sqlite::Sqlite::open_read_only(path)?.map(|s| Ledger {
                 label: path.display().to_string(),
@@ -370,7 +398,11 @@ impl Ledger {
 
     /// Brings the schema to this keyrotate's version (`keyrotate migrate`, run as the
     /// role that owns the tables): `(label, version before, version after)`.
-    pub fn migrate(location: &LedgerLocation, busy: Duration) -> Result<(String, i64, i64), String> {
+    pub fn migrate(location: &LedgerLocation, busy: Duration) -> Result<(String, i64, i64), LedgerError> {
+        Self::migrate_raw(location, busy).map_err(LedgerError::Open)
+    }
+
+    fn migrate_raw(location: &LedgerLocation, busy: Duration) -> Result<(String, i64, i64), String> {
         match location {
             LedgerLocation::Sqlite(path) => {
                 let (from, to) = sqlite::Sqlite::migrate_now(path, busy)?;
@@ -394,18 +426,30 @@ impl Ledger {
         }
     }
 
-    pub fn get(&self, run_id: &str) -> Result<Option<RunRow>, String> {
+    pub fn get(&self, run_id: &str) -> Result<Option<RunRow>, LedgerError> {
+        self.get_raw(run_id).map_err(LedgerError::Query)
+    }
+
+    fn get_raw(&self, run_id: &str) -> Result<Option<RunRow>, String> {
         self.round_trip("get")?;
         self.db().get(&self.label, run_id)
     }
 
-    pub fn domain_record(&self, domain: &str) -> Result<DomainRecord, String> {
+    pub fn domain_record(&self, domain: &str) -> Result<DomainRecord, LedgerError> {
+        self.domain_record_raw(domain).map_err(LedgerError::Query)
+    }
+
+    fn domain_record_raw(&self, domain: &str) -> Result<DomainRecord, String> {
         self.round_trip("domain_record")?;
         self.db().domain_record(&self.label, domain)
     }
 
     /// Ledger rows newest first, optionally for one domain and since an instant.
-    pub fn history(&self, domain: Option<&str>, since: Option<&str>, limit: u32) -> Result<Vec<RunRow>, String> {
+    pub fn history(&self, domain: Option<&str>, since: Option<&str>, limit: u32) -> Result<Vec<RunRow>, LedgerError> {
+        self.history_raw(domain, since, limit).map_err(LedgerError::Query)
+    }
+
+    fn history_raw(&self, domain: Option<&str>, since: Option<&str>, limit: u32) -> Result<Vec<RunRow>, String> {
         let mut filter = String::from("TRUE");
         let mut params = Vec::new();
         if let Some(d) = domain {
@@ -422,7 +466,11 @@ impl Ledger {
     }
 
     /// The step events of one run, oldest first: `(at, phase, detail)`.
-    pub fn events(&self, run_id: &str) -> Result<Vec<(String, String, Option<String>)>, String> {
+    pub fn events(&self, run_id: &str) -> Result<Vec<(String, String, Option<String>)>, LedgerError> {
+        self.events_raw(run_id).map_err(LedgerError::Query)
+    }
+
+    fn events_raw(&self, run_id: &str) -> Result<Vec<(String, String, Option<String>)>, String> {
         self.round_trip("events")?;
         self.db().query(
             &self.label,
@@ -440,7 +488,11 @@ impl Ledger {
 
     /// The audit chain heads recorded by runs of `host`, whose audit file is this
     /// host's (a shared ledger holds every host's anchors).
-    pub fn audit_anchors(&self, host: &str) -> Result<Vec<crate::audit::Anchor>, String> {
+    pub fn audit_anchors(&self, host: &str) -> Result<Vec<crate::audit::Anchor>, LedgerError> {
+        self.audit_anchors_raw(host).map_err(LedgerError::Query)
+    }
+
+    fn audit_anchors_raw(&self, host: &str) -> Result<Vec<crate::audit::Anchor>, String> {
         self.db().query(
             &self.label,
             "SELECT run_id, audit_seq, audit_hash FROM rotations \
@@ -461,7 +513,15 @@ impl Ledger {
     /// commits and reported files of the domain's recent runs. Refused runs never
     /// touch keys and are skipped; a leftover is removed by the first rotation after
     /// the run that left it, so the last few dozen runs are the whole story.
-    pub fn provenance(&self, domain: &str, manifest_run: Option<&str>) -> Result<crate::keystore::Provenance, String> {
+    pub fn provenance(
+        &self,
+        domain: &str,
+        manifest_run: Option<&str>,
+    ) -> Result<crate::keystore::Provenance, LedgerError> {
+        self.provenance_raw(domain, manifest_run).map_err(LedgerError::Query)
+    }
+
+    fn provenance_raw(&self, domain: &str, manifest_run: Option<&str>) -> Result<crate::keystore::Provenance, String> {
         let db = self.db();
         let manifest_run_known = match manifest_run {
             None => None,
@@ -516,7 +576,11 @@ impl Ledger {
     /// (PostgreSQL: a session advisory lock, released by the server if the process
     /// dies). `Ok(false)` when another session holds it. The embedded ledger serves one
     /// host, where the file lock is the whole story: always `Ok(true)`.
-    pub fn lock_domain(&self, domain: &str) -> Result<bool, String> {
+    pub fn lock_domain(&self, domain: &str) -> Result<bool, LedgerError> {
+        self.lock_domain_raw(domain).map_err(LedgerError::Query)
+    }
+
+    fn lock_domain_raw(&self, domain: &str) -> Result<bool, String> {
         match &self.conn {
             Conn::Sqlite(_) => Ok(true),
             Conn::Postgres(c) => {
@@ -537,7 +601,11 @@ impl Ledger {
     /// changes anything outside the database, and every second during long steps (which
     /// keeps the session from ever being idle). The embedded ledger's lock is the
     /// process's own file lock, which cannot be lost: always `Ok`.
-    pub fn confirm_lock(&self, domain: &str) -> Result<(), String> {
+    pub fn confirm_lock(&self, domain: &str) -> Result<(), LedgerError> {
+        self.confirm_lock_raw(domain).map_err(LedgerError::Query)
+    }
+
+    fn confirm_lock_raw(&self, domain: &str) -> Result<(), String> {
         match &self.conn {
             Conn::Sqlite(_) => Ok(()),
             Conn::Postgres(c) => match postgres::own_advisory_lock_held(&mut c.borrow_mut(), domain) {
@@ -563,7 +631,11 @@ impl Ledger {
     }
 
     /// Whether another session (on any host) holds `domain`'s cross-host lock now.
-    pub fn domain_locked_elsewhere(&self, domain: &str) -> Result<bool, String> {
+    pub fn domain_locked_elsewhere(&self, domain: &str) -> Result<bool, LedgerError> {
+        self.domain_locked_elsewhere_raw(domain).map_err(LedgerError::Query)
+    }
+
+    fn domain_locked_elsewhere_raw(&self, domain: &str) -> Result<bool, String> {
         match &self.conn {
             Conn::Sqlite(_) => Ok(false),
             Conn::Postgres(c) => {
@@ -864,7 +936,10 @@ mod tests {
         let e = Ledger::open(&LedgerLocation::Sqlite(path.clone()), Duration::from_secs(1))
             .err()
             .unwrap();
-        assert!(e.contains("not a SQLite database"), "{e}");
+        assert!(
+            matches!(&e, LedgerError::Open(m) if m.contains("not a SQLite database")),
+            "{e:?}"
+        );
         assert_eq!(std::fs::read(&path).unwrap(), vec![b'x'; 4096]);
     }
 }

@@ -185,7 +185,9 @@ impl Effects for Dry {
     ) -> Result<(), Stop> {
         let mut rec = DomainRecord::default();
         if let Some(l) = &self.ledger {
-            let failed = |e: String| Stop::new(before_keys(p), format!("{e}; no key was touched"), Record::AuditOnly);
+            let failed = |e: crate::ledger::LedgerError| {
+                Stop::new(before_keys(p), format!("{e}; no key was touched"), Record::AuditOnly)
+            };
             if l.get(&p.run.run_id).map_err(failed)?.is_some() {
                 let usage = duplicate_run_id_message(&p.run.run_id);
                 return Err(Stop::new(Outcome::Usage, usage, Record::AuditOnly));

@@ -138,6 +138,7 @@ impl Effects for Live {
             .as_ref()
             .expect("opened before")
             .domain_record(&p.domain.name)
+            .map_err(String::from)
     }
 
     fn repair(&mut self, p: &Prepared) -> Option<String> {
@@ -273,7 +274,7 @@ pub(super) fn open_ledger(p: &Prepared) -> Result<Ledger, String> {
     // Waiting for another writer is bounded by the deadline (and by 10 s: ledger
     // transactions are milliseconds long; longer means something is wrong).
     let busy = p.deadline.remaining().min(Duration::from_secs(10));
-    Ledger::open(&p.config.ledger, busy)
+    Ok(Ledger::open(&p.config.ledger, busy)?)
 }
 
 /// Closes the run's row and writes its last audit line. Used by the main thread and by
@@ -318,7 +319,9 @@ pub(super) fn conclude(
             // The session that held the lock may be gone (that may be why the run
             // ends): closing our own row needs no lock, so a new session records the
             // truth.
-            closed = Ledger::open(&p.config.ledger, Duration::from_secs(5)).and_then(|mut fresh| close(&mut fresh));
+            closed = Ledger::open(&p.config.ledger, Duration::from_secs(5))
+                .map_err(String::from)
+                .and_then(|mut fresh| close(&mut fresh));
         }
         match closed {
             Ok(()) => ((outcome, reason.to_string()), None),
@@ -464,7 +467,7 @@ pub(super) fn arm_watchdog(p: &Prepared, guard: &Guard, undo: PreCommitUndo) {
         let (outcome, reason) = match Ledger::open(&ledger_at, Duration::from_secs(2)) {
             Ok(mut ledger) => conclude(&mut ledger, &snapshot, Outcome::TimedOut, &reason, None),
             Err(e) => {
-                let (outcome, reason) = unclosed(Outcome::TimedOut, &reason, &e);
+                let (outcome, reason) = unclosed(Outcome::TimedOut, &reason, &e.to_string());
                 let _ = snapshot.audit.emit(refused_event(&snapshot, outcome, &reason));
                 tracing::error!("{}: {reason}", outcome.name());
                 (outcome, reason)
