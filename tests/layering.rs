@@ -136,3 +136,36 @@ fn no_long_function_in_cmd() {
     }
     assert!(long.is_empty(), "functions over {MAX_FN_LINES} lines: {long:?}");
 }
+
+/// Run states are spelled as text only in the ledger module (`RunState`); everywhere
+/// else they are the enum.
+#[test]
+fn run_state_names_are_spelled_only_in_the_ledger() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let states = [
+        "started",
+        "staged",
+        "committed",
+        "succeeded",
+        "aborted",
+        "timed_out",
+        "needs_review",
+        "refused",
+        "resolved",
+    ];
+    let mut found = Vec::new();
+    for f in files(&src) {
+        if f.starts_with(src.join("ledger")) {
+            continue;
+        }
+        let text = std::fs::read_to_string(&f).unwrap();
+        for st in states {
+            for quoted in [format!("\"{st}\""), format!("'{st}'")] {
+                if text.contains(&quoted) {
+                    found.push(format!("{}: {quoted}", f.display()));
+                }
+            }
+        }
+    }
+    assert!(found.is_empty(), "run states spelled outside src/ledger: {found:?}");
+}
