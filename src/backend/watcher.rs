@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 
 use crate::process::{self, ProcId};
 
-/// argv[1] that turns the keyrotate binary into a watcher.
+/// `argv[1]` that turns the keyrotate binary into a watcher.
 pub const ARG: &str = "__hook-watcher";
 
 /// How the watcher ends a hook tree: SIGTERM, this long, then SIGKILL.
