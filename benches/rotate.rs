@@ -34,7 +34,9 @@ fn run(cmd: &mut Command) -> Sample {
         .spawn()
         .expect("spawn");
     let mut status = 0;
+    // SAFETY: rusage is a plain C struct, valid all-zero.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: waits for our own child; `status` and `usage` are valid and ours.
     let pid = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut usage) };
     assert_eq!(pid, child.id() as i32);
     let wall = start.elapsed();
@@ -269,7 +271,9 @@ fn main() {
     let mut cpu = Duration::ZERO;
     for c in children {
         let mut status = 0;
+        // SAFETY: rusage is a plain C struct, valid all-zero.
         let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: waits for our own child; `status` and `usage` are valid and ours.
         unsafe { libc::wait4(c.id() as i32, &mut status, 0, &mut usage) };
         let tv = |t: libc::timeval| Duration::from_micros(t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64);
         cpu += tv(usage.ru_utime) + tv(usage.ru_stime);

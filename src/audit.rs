@@ -26,7 +26,6 @@ use std::io::{self, Write};
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use fs2::FileExt as _; // lock_exclusive (std has it only since 1.89, past the MSRV)
 use serde::Serialize;
 
 /// `prev` of the very first line of a trail.
@@ -61,7 +60,7 @@ pub struct Event {
 
 impl Event {
     /// An event about `run`, with the identity fields filled in.
-    pub fn of(event: &'static str, run: &crate::ledger::NewRun) -> Event {
+    pub fn of(event: &'static str, run: &crate::run::NewRun) -> Event {
         Event {
             event,
             run_id: run.run_id.clone(),
@@ -174,7 +173,7 @@ impl Audit {
         mut event: Event,
         anchor: impl FnOnce(Option<&Head>) -> (R, Option<Event>),
     ) -> (R, Result<(), String>) {
-        event.ts = crate::ledger::now();
+        event.ts = crate::time::now();
         tracing::info!(
             target: "keyrotate::audit",
             event = event.event,
@@ -237,7 +236,7 @@ impl Audit {
                 .mode(0o600)
                 .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
                 .open(&self.path)?;
-            f.lock_exclusive()?;
+            f.lock()?;
             let held = f.metadata()?;
             match std::fs::symlink_metadata(&self.path) {
                 Ok(now) if now.ino() == held.ino() && now.dev() == held.dev() => return Ok(f),
@@ -262,7 +261,7 @@ impl Audit {
             Ok(old) => {
                 // A writer that locked the old file just before the rename may still be
                 // appending its line there: wait for it.
-                fs2::FileExt::lock_shared(&old)?;
+                old.lock_shared()?;
                 Ok(match last_line(&old)? {
                     Some((line, _)) => Tail::after(&line, false),
                     None => Tail::genesis(),
@@ -403,7 +402,7 @@ pub fn lock_for_reading(path: &Path) -> Result<Option<File>, String> {
         .open(path)
     {
         Ok(f) => {
-            fs2::FileExt::lock_shared(&f).map_err(fail)?;
+            f.lock_shared().map_err(fail)?;
             Ok(Some(f))
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),

@@ -22,14 +22,9 @@ const DEFAULT_RETAIN: u32 = 3;
 const MAX_CONFIG_BYTES: u64 = 1 << 20;
 
 /// A loaded, validated configuration with every path absolute.
-/// Where the rotation ledger lives.
-#[derive(Clone, Debug, PartialEq)]
-pub enum LedgerLocation {
-    /// The embedded default: `<state.dir>/ledger.sqlite3`.
-    Sqlite(PathBuf),
-    /// `[state] ledger = "postgres://…"`: shared by every host of a pool.
-    Postgres(String),
-}
+// Defined beside their users below the config, re-exported here as config values.
+pub use crate::keystore::manifest::Activation;
+pub use crate::ledger::LedgerLocation;
 
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -82,12 +77,6 @@ impl Backend {
             Backend::Command { .. } => None,
         }
     }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Activation {
-    Immediate,
-    Prepublish,
 }
 
 #[derive(Deserialize)]

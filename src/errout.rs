@@ -65,12 +65,14 @@ fn writable(wait: Duration) -> bool {
 fn pipe_has_room() -> bool {
     // SAFETY: fstat into a zeroed struct we own.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstat writes into `st`, a valid stat we own; a bad fd is an error return.
     if unsafe { libc::fstat(2, &mut st) } != 0 || st.st_mode & libc::S_IFMT != libc::S_IFIFO {
         return true;
     }
     // SAFETY: F_GETPIPE_SZ and FIONREAD only read the pipe's sizes.
     let size = unsafe { libc::fcntl(2, libc::F_GETPIPE_SZ) };
     let mut queued: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one c_int into `queued`, which we own.
     let rc = unsafe { libc::ioctl(2, libc::FIONREAD, &mut queued) };
     if size <= 0 || rc != 0 {
         return true;

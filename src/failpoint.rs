@@ -48,9 +48,12 @@ pub fn hit(step: &str, op: &str) -> io::Result<()> {
             continue;
         }
         match action {
+            // SAFETY: raise(3) only sends a signal to this process; it has no memory
+            // preconditions. (Test-only: the crash suite's simulated crash.)
             "kill" => unsafe {
                 libc::raise(libc::SIGKILL);
             },
+            // SAFETY: as above; SIGTERM goes to keyrotate's own handler.
             "term" => unsafe {
                 libc::raise(libc::SIGTERM);
             },

@@ -248,7 +248,10 @@ pub fn fs_trouble(path: &Path) -> Option<&'static str> {
     use std::os::unix::ffi::OsStrExt;
     let dir = if path.is_dir() { path } else { path.parent()? };
     let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statvfs is a plain C struct of integers, for which all-zero is a valid value.
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a NUL-terminated path that outlives the call, and `st` a valid,
+    // writable statvfs the call fills in.
     if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
         return None;
     }
@@ -290,6 +293,7 @@ pub fn check_secure_dir(path: &Path, what: &str) -> Result<(), String> {
             meta.mode() & 0o7777
         ));
     }
+    // SAFETY: geteuid has no preconditions and cannot fail.
     let euid = unsafe { libc::geteuid() };
     if meta.uid() != euid {
         return Err(format!(
@@ -658,9 +662,12 @@ mod tests {
     #[test]
     fn atomic_write_replaces_and_is_private_whatever_the_umask() {
         let d = tempfile::tempdir().unwrap();
+        // SAFETY: umask only swaps this process's file mode mask; it cannot fail. (The
+        // test sets it to 0 to show the mode does not depend on it, then restores it.)
         let old = unsafe { libc::umask(0) };
         write_atomic(d.path(), "f", b"one", "t", DirSync::Now).unwrap();
         write_atomic(d.path(), "f", b"two", "t", DirSync::Now).unwrap();
+        // SAFETY: as above, restoring the mask.
         unsafe { libc::umask(old) };
         assert_eq!(fs::read(d.path().join("f")).unwrap(), b"two");
         assert_eq!(fs::metadata(d.path().join("f")).unwrap().mode() & 0o777, 0o600);

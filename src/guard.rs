@@ -79,7 +79,7 @@ impl Guard {
                 Outcome::TimedOut,
                 format!(
                     "deadline {} reached before {step}",
-                    crate::keystore::manifest::now_rfc3339(self.deadline.at())
+                    crate::time::rfc3339(self.deadline.at())
                 ),
             ));
         }

@@ -6,11 +6,13 @@
 //! - [`outcome`]: the exit-code table, the one source of the numbers;
 //! - [`cli`] and `cmd`: the command line and one file per subcommand;
 //! - [`config`]: `rotate.toml`; [`deadline`]: `--deadline` and its clock;
-//! - [`lock`]: the per-domain OS lock; [`ledger`]: the SQLite rotation ledger;
+//! - [`lock`]: the per-domain OS lock; [`ledger`]: the rotation ledger (SQLite or PostgreSQL);
 //! - [`keystore`]: the built-in key store (files, manifest, algorithms);
 //! - [`keyring`]: the read-only API applications use to load the keys (see its docs);
 //! - [`backend`]: what one rotation does, per backend; [`guard`]: signals and deadline;
-//! - [`audit`]: the JSON audit trail; [`fsutil`]: durable, symlink-safe file writes.
+//! - [`audit`]: the JSON audit trail; [`fsutil`]: durable, symlink-safe file writes;
+//! - shared at the bottom: [`run`] (a run's identity), [`time`] (time formatting),
+//!   [`due`] (the due-date rule), [`table`] (text tables).
 
 // println!/eprintln! panic on a closed pipe (EPIPE), which would turn a finished
 // rotation into exit 101: output goes through cmd's `out!` and the log, which ignore
@@ -23,6 +25,7 @@ pub mod cli;
 mod cmd;
 pub mod config;
 pub mod deadline;
+pub mod due;
 pub mod errout;
 pub mod failpoint;
 pub mod fsutil;
@@ -35,5 +38,8 @@ pub mod ledger;
 pub mod lock;
 pub mod outcome;
 pub mod process;
+pub mod run;
+pub mod table;
+pub mod time;
 
 pub use cmd::main;

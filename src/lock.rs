@@ -1,5 +1,5 @@
 //! The per-domain OS lock: `<state.dir>/locks/<domain>.lock`, exclusive and
-//! non-blocking (flock through fs2), held for the whole run and released by the
+//! non-blocking (flock(2), through std's `File::try_lock`), held for the whole run and released by the
 //! kernel when the process dies, however it dies.
 //!
 //! The holder writes who it is into the file so that a refused run can name it. A dry
@@ -11,7 +11,6 @@ use std::io::{self, Read, Seek, Write};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use fs2::FileExt;
 use serde::{Deserialize, Serialize};
 
 /// Who holds (or last held) a domain lock.
@@ -77,15 +76,13 @@ impl DomainLock {
                 .err()
                 .unwrap_or_else(|| format!("lock file {}: {}", path.display(), crate::fsutil::io_reason(&e)))
         })?;
-        match file.try_lock_exclusive() {
+        match file.try_lock() {
             Ok(()) => Ok(Acquire::Acquired(DomainLock {
                 file,
                 path: path.to_path_buf(),
             })),
-            Err(e) if e.raw_os_error() == fs2::lock_contended_error().raw_os_error() => {
-                Ok(Acquire::Busy(read_holder(path)))
-            }
-            Err(e) => Err(format!(
+            Err(std::fs::TryLockError::WouldBlock) => Ok(Acquire::Busy(read_holder(path))),
+            Err(std::fs::TryLockError::Error(e)) => Err(format!(
                 "lock file {}: {}",
                 path.display(),
                 crate::fsutil::io_reason(&e)

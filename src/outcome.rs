@@ -75,17 +75,6 @@ impl Outcome {
         Outcome::ALL.into_iter().find(|o| i64::from(o.code()) == code)
     }
 
-    /// The terminal ledger state a run with this outcome is closed with.
-    pub const fn ledger_state(self) -> &'static str {
-        match self {
-            Outcome::Rotated => "succeeded",
-            Outcome::Aborted => "aborted",
-            Outcome::TimedOut => "timed_out",
-            Outcome::NeedsReview => "needs_review",
-            Outcome::Usage | Outcome::Busy | Outcome::NotDesignated | Outcome::NotDue => "refused",
-        }
-    }
-
     /// The audit event a run with this outcome ends with.
     pub const fn audit_event(self) -> &'static str {
         match self {

@@ -312,6 +312,7 @@ fn a_read_only_key_store_is_predicted_by_the_dry_run_and_recorded_by_the_real_on
 fn plant(link: &Path, target: &Path) {
     let _ = std::fs::remove_file(link);
     std::os::unix::fs::symlink(target, link).unwrap();
+    // SAFETY: geteuid has no preconditions and cannot fail.
     if unsafe { libc::geteuid() } == 0 {
         let c = std::ffi::CString::new(link.as_os_str().as_encoded_bytes()).unwrap();
         // SAFETY: `c` is a valid NUL-terminated path that outlives the call.

@@ -84,7 +84,6 @@ fn it_predicts_every_refusal() {
 
 #[test]
 fn while_another_process_holds_the_lock_it_says_busy_without_taking_it() {
-    use fs2::FileExt;
     let env = Env::new();
     env.rotate("sig").status(0);
     let f = std::fs::OpenOptions::new()
@@ -92,10 +91,13 @@ fn while_another_process_holds_the_lock_it_says_busy_without_taking_it() {
         .write(true)
         .open(env.path("state/locks/sig.lock"))
         .unwrap();
-    f.lock_exclusive().unwrap();
+    f.lock().unwrap();
     let r = dry(&env, "sig", &["--force"], 5);
     assert!(
-        r["reason"].as_str().unwrap().contains("another rotation is running"),
+        r["reason"]
+            .as_str()
+            .unwrap()
+            .contains("another rotation of sig is running"),
         "{r}"
     );
     drop(f);

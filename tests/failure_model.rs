@@ -261,6 +261,7 @@ mod injected {
             .env("KEYROTATE_FAILPOINTS", "stage.fsync=sleep(3000)")
             .spawn();
         wait_for_step(&log, "stage.fsync");
+        // SAFETY: a signal to a process this test started; kill has no memory preconditions.
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
         let out = child.wait_with_output().unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout);

@@ -50,6 +50,7 @@ algorithm = "ed25519"
 
 /// The gid of `daemon`, when this test can use it (root, `setpriv` present).
 fn usable_group(test: &str) -> Option<u32> {
+    // SAFETY: geteuid has no preconditions and cannot fail.
     if unsafe { libc::geteuid() } != 0 {
         eprintln!("SKIPPED {test}: changing a file's group to another group needs root");
         return None;
@@ -258,6 +259,7 @@ fn dropping_the_group_makes_everything_private_again_and_writable_folders_are_re
     // the umask.
     std::fs::write(env.config_path(), config("")).unwrap();
     env.rotate("pre").shell_prefix("umask 000").status(0);
+    // SAFETY: getegid has no preconditions and cannot fail.
     let own_gid = unsafe { libc::getegid() };
     assert_folder(&env, "pre", 0o700, 0o600, 0o600, own_gid);
 }

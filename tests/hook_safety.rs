@@ -287,6 +287,7 @@ fn a_stderr_nobody_reads_does_not_stall_a_hook() {
     let mut fds = [0; 2];
     // SAFETY: a fresh pipe whose two ends this test owns from here.
     assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    // SAFETY: both fds were just returned by pipe(2) and are owned by nothing else.
     let (read_end, write_end) = unsafe { (std::fs::File::from_raw_fd(fds[0]), std::fs::File::from_raw_fd(fds[1])) };
     let start = Instant::now();
     let mut cmd = env

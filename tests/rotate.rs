@@ -267,7 +267,6 @@ fn not_designated_does_nothing_at_all() {
 
 #[test]
 fn busy_when_the_lock_is_held_names_the_holder() {
-    use fs2::FileExt;
     let env = Env::new();
     env.rotate("sig").status(0);
     let lock_path = env.path("state/locks/sig.lock");
@@ -276,7 +275,7 @@ fn busy_when_the_lock_is_held_names_the_holder() {
         .write(true)
         .open(&lock_path)
         .unwrap();
-    f.lock_exclusive().unwrap();
+    f.lock().unwrap();
     std::fs::write(
         &lock_path,
         r#"{"run_id":"HOLDER-7","pid":4242,"host":"hostx","started_at":"2026-11-25T19:00:00Z"}"#,
@@ -352,6 +351,7 @@ fn unsafe_folders_abort_without_writing_through_them() {
     let env = Env::new();
     std::fs::create_dir_all(env.path("state")).unwrap();
     std::fs::set_permissions(env.path("state"), std::fs::Permissions::from_mode(0o700)).unwrap();
+    // SAFETY: geteuid has no preconditions and cannot fail.
     if unsafe { libc::geteuid() } == 0 {
         std::os::unix::fs::chown(env.path("state"), Some(65534), None).unwrap();
         let out = env.rotate("sig").status(3);

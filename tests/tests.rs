@@ -10,6 +10,7 @@ mod commands;
 mod consumer_snapshot;
 #[cfg(feature = "failpoints")]
 mod crash;
+mod dry_equals_real;
 mod dry_run;
 mod failure_model;
 mod group_access;
@@ -19,6 +20,7 @@ mod hygiene;
 mod keystore;
 #[cfg(feature = "failpoints")]
 mod keystore_safety;
+mod layering;
 mod observability;
 mod operator_safety;
 mod pg_dba;

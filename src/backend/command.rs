@@ -63,8 +63,7 @@ struct StepResult {
 impl CommandRotation<'_> {
     pub fn run(mut self) -> Result<Rotated, Failure> {
         let guard = self.step.guard.clone();
-        crate::cmd::check_program(&self.program)
-            .map_err(|e| Failure::new(Outcome::Aborted, format!("{e}; refusing to run it")))?;
+        preflight(&self.program)?;
         for name in STEPS {
             let committing = name != "create";
             // No step starts after the deadline or without the lock.
@@ -134,7 +133,11 @@ impl CommandRotation<'_> {
             }
             if name == "create" {
                 self.step
-                    .advance("staged", (None, None), "hook created the new secret")
+                    .advance(
+                        crate::ledger::RunState::Staged,
+                        (None, None),
+                        "hook created the new secret",
+                    )
                     .map_err(|e| Failure::new(Outcome::Aborted, e))?;
             }
         }
@@ -259,7 +262,7 @@ impl CommandRotation<'_> {
             }
             if shared && kill_at.is_none() && now >= next_confirm {
                 if let Err(e) = self.step.ledger.confirm_lock(&domain) {
-                    lost_lock = Some(e);
+                    lost_lock = Some(e.to_string());
                     kill_at = Some(now);
                     let _ = ours.write(b"k");
                 }
@@ -583,4 +586,123 @@ pub fn describe(program: &Path, args: &[String]) -> String {
     format!("{} {}", program.display(), args.join(" "))
         .trim_end()
         .to_string()
+}
+
+/// A hook program that can run at all: it exists and is an executable regular file.
+/// Missing that is a configuration error (USAGE) for `rotate`.
+pub fn program_runnable(program: &std::path::Path) -> Result<u32, String> {
+    let meta = std::fs::metadata(program)
+        .map_err(|e| format!("program {}: {}", program.display(), crate::fsutil::io_reason(&e)))?;
+    let mode = std::os::unix::fs::PermissionsExt::mode(&meta.permissions());
+    if !meta.is_file() {
+        return Err(format!(
+            "program {} is not an executable file (not a regular file)",
+            program.display()
+        ));
+    }
+    if mode & 0o111 == 0 {
+        return Err(format!(
+            "program {} is not an executable file (mode {:04o})",
+            program.display(),
+            mode & 0o7777
+        ));
+    }
+    Ok(mode)
+}
+
+/// A hook program must also be trusted (anyone who can write it, or replace it through
+/// a folder above it, runs code as keyrotate): not writable by group or others, owned
+/// by root or this user, in folders nobody else can change (DESIGN section 4.4).
+/// `rotate` refuses such a program (ABORTED).
+pub fn check_program(program: &std::path::Path) -> Result<(), String> {
+    program_runnable(program)?;
+    crate::fsutil::check_trusted(program, "program")
+}
+
+/// The command backend's own check before any hook step, shared by the real run and
+/// the dry run: a program that is not trusted is refused (ABORTED).
+pub fn preflight(program: &Path) -> Result<(), Failure> {
+    check_program(program).map_err(|e| Failure::new(Outcome::Aborted, format!("{e}; refusing to run it")))
+}
+
+/// The command backend as a [`super::RotationBackend`].
+pub struct CommandBackend {
+    pub program: PathBuf,
+    pub args: Vec<String>,
+    pub state_dir: PathBuf,
+}
+
+impl super::RotationBackend for CommandBackend {
+    fn budget(&self) -> Duration {
+        Duration::from_secs(1)
+    }
+
+    /// The backend kills its own hung hooks at the deadline (SIGTERM, grace, SIGKILL);
+    /// the watchdog is only a backstop behind that.
+    fn watchdog_grace(&self) -> Duration {
+        KILL_GRACE + Duration::from_secs(5)
+    }
+
+    fn plan(&self, _ledger: Option<&crate::ledger::Ledger>, plan: &mut Vec<String>) -> Result<super::Planned, Failure> {
+        preflight(&self.program).inspect_err(|f| plan.push(format!("hook: {}", f.message)))?;
+        // Quoted the way a shell would need it, so the plan shows exactly which
+        // arguments the hook gets (an argument with a space is one argument).
+        let words: Vec<String> = std::iter::once(self.program.to_string_lossy().into_owned())
+            .chain(self.args.iter().cloned())
+            .collect();
+        let shown = shlex::try_join(words.iter().map(String::as_str)).unwrap_or_else(|_| format!("{words:?}"));
+        for step in STEPS {
+            plan.push(format!("run: KEYROTATE_STEP={step} {shown}"));
+        }
+        plan.push("commit point: the 'set' step; a failure from there on blocks the domain".into());
+        Ok(super::Planned {
+            summary: "would run the hook's four steps".into(),
+            versions: (None, None),
+        })
+    }
+
+    fn diagnose(
+        &self,
+        _dead: &crate::ledger::RunRow,
+        last_step: Option<&str>,
+        _ledger: Option<&crate::ledger::Ledger>,
+        _this_host: &str,
+    ) -> String {
+        match last_step.and_then(|s| s.strip_prefix("hook.")) {
+            Some(hook) => {
+                let (name, phase) = hook.split_once('.').unwrap_or((hook, ""));
+                let when = if phase == "start" { "was running" } else { "had ended" };
+                let target = if name == "create" && phase == "start" {
+                    "the target was not changed yet"
+                } else {
+                    "the target may hold a half-rotated secret: check it"
+                };
+                format!("the hook step '{name}' {when} when it died; {target}")
+            }
+            None => {
+                let step = last_step
+                    .map(|s| format!("its last recorded step was '{s}'; "))
+                    .unwrap_or_default();
+                format!("{step}no hook step had started: the target was not changed")
+            }
+        }
+    }
+
+    fn check(&self) -> Vec<(&'static str, String)> {
+        check_program(&self.program)
+            .err()
+            .map(|e| ("command", e))
+            .into_iter()
+            .collect()
+    }
+
+    fn run(&self, step: Step<'_>, _undo: super::PreCommitUndo) -> Result<Rotated, Failure> {
+        CommandRotation {
+            program: self.program.clone(),
+            args: self.args.clone(),
+            state_dir: self.state_dir.clone(),
+            step,
+        }
+        .run()
+    }
 }

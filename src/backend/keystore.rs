@@ -14,7 +14,7 @@ use crate::config::Activation;
 use crate::fsutil::DirSync;
 use crate::keystore::manifest::{self, Manifest, Plan};
 use crate::keystore::{judge, Algorithm, Inspection, KeyFile, Keystore, PublicKey, Verdict};
-use crate::ledger::Ledger;
+use crate::ledger::{Ledger, RunRow, RunState};
 use crate::outcome::{Failure, Outcome};
 
 pub struct KeystoreRotation<'a> {
@@ -48,6 +48,25 @@ impl std::fmt::Display for ExamineError {
     }
 }
 
+impl ExamineError {
+    /// How a run (real or dry) stops on it.
+    pub fn refusal(self) -> Failure {
+        match self {
+            ExamineError::Store(d) => Failure::new(
+                Outcome::NeedsReview,
+                format!("key store is inconsistent, nothing was changed: {d}"),
+            ),
+            ExamineError::Ledger(e) => aborted(format!("{e}; no key was touched")),
+        }
+    }
+}
+
+/// The refusal a judged key store calls for (NEEDS_REVIEW with its diagnosis), if any:
+/// the same for the real run and the dry run.
+pub fn refusal(verdict: &Verdict, domain: &str) -> Option<Failure> {
+    verdict.diagnosis(domain).map(|d| Failure::new(Outcome::NeedsReview, d))
+}
+
 /// Inspects a domain's key store and judges it against the ledger (`None`: there is no
 /// ledger yet, so it knows no run).
 pub fn examine(ks: &Keystore, ledger: Option<&Ledger>, domain: &str) -> Result<(Inspection, Verdict), ExamineError> {
@@ -55,7 +74,7 @@ pub fn examine(ks: &Keystore, ledger: Option<&Ledger>, domain: &str) -> Result<(
     let prov = match ledger {
         Some(l) => l
             .provenance(domain, insp.manifest.committed_by_run.as_deref())
-            .map_err(ExamineError::Ledger)?,
+            .map_err(|e| ExamineError::Ledger(e.into()))?,
         None => crate::keystore::Provenance {
             manifest_run_known: insp.manifest.committed_by_run.as_ref().map(|_| false),
             runs: Vec::new(),
@@ -126,19 +145,13 @@ impl KeystoreRotation<'_> {
         guard.checkpoint("inspect")?;
         ks.prepare().map_err(aborted)?;
         let (inspection, verdict) =
-            examine(&ks, Some(&*self.step.ledger), &self.step.run.domain).map_err(|e| match e {
-                ExamineError::Store(d) => Failure::new(
-                    Outcome::NeedsReview,
-                    format!("key store is inconsistent, nothing was changed: {d}"),
-                ),
-                ExamineError::Ledger(e) => aborted(format!("{e}; no key was touched")),
-            })?;
-        if let Some(diagnosis) = verdict.diagnosis(&self.step.run.domain) {
+            examine(&ks, Some(&*self.step.ledger), &self.step.run.domain).map_err(ExamineError::refusal)?;
+        if let Some(refused) = refusal(&verdict, &self.step.run.domain) {
             if !verdict.evidence.is_empty() {
                 // Their numbers are taken: no later key may get one of them.
                 let _ = self.step.event("unlisted", &verdict.evidence.join(" "));
             }
-            return Err(Failure::new(Outcome::NeedsReview, diagnosis));
+            return Err(refused);
         }
         if !verdict.garbage.is_empty() {
             guard.checkpoint("sweep")?;
@@ -255,7 +268,7 @@ impl KeystoreRotation<'_> {
         let new_versions: Vec<String> = plan.create.iter().map(|n| format!("v{}", n.version)).collect();
         self.step
             .advance(
-                "staged",
+                RunState::Staged,
                 (plan.from_version, Some(plan.to_version)),
                 &format!("staged {}", new_versions.join(", ")),
             )
@@ -323,9 +336,10 @@ impl KeystoreRotation<'_> {
                     staged.clear();
                     // Readers may already use the new keys: no later run may treat
                     // them as an abandoned staging, whichever manifest survives.
-                    let _ = self
-                        .step
-                        .event("committed", "keyring.json was replaced; its folder sync failed");
+                    let _ = self.step.event(
+                        RunState::Committed.as_str(),
+                        "keyring.json was replaced; its folder sync failed",
+                    );
                     // The new manifest is in place but may not survive a power loss:
                     // keep publishing every key of both (the preview) until a run
                     // under review knows which one stands.
@@ -391,4 +405,240 @@ fn summary(plan: &Plan, next: &Manifest) -> String {
         s.push_str(&format!(", destroyed {}", d.join(", ")));
     }
     s
+}
+
+/// The built-in key store as a [`super::RotationBackend`].
+pub struct KeystoreBackend {
+    pub keystore: Keystore,
+    pub algorithm: Algorithm,
+    pub activation: Activation,
+    pub retain: u32,
+}
+
+impl super::RotationBackend for KeystoreBackend {
+    fn budget(&self) -> std::time::Duration {
+        use std::time::Duration;
+        match self.algorithm {
+            Algorithm::Rsa4096 => Duration::from_secs(5),
+            Algorithm::Rsa3072 => Duration::from_secs(2),
+            Algorithm::Rsa2048 => Duration::from_millis(800),
+            _ => Duration::from_millis(200),
+        }
+    }
+
+    fn watchdog_grace(&self) -> std::time::Duration {
+        std::time::Duration::ZERO
+    }
+
+    fn plan(&self, ledger: Option<&Ledger>, plan: &mut Vec<String>) -> Result<super::Planned, Failure> {
+        let ks = &self.keystore;
+        let domain = ks.domain().to_string();
+        let judged = ks
+            .check_folders()
+            .map_err(aborted)
+            .and_then(|()| examine(ks, ledger, &domain).map_err(ExamineError::refusal))
+            .and_then(|(insp, verdict)| match refusal(&verdict, &domain) {
+                Some(f) => Err(f),
+                None => Ok((insp, verdict)),
+            });
+        let (insp, verdict) = judged.inspect_err(|f| plan.push(format!("key store: {}", f.message)))?;
+        if !insp.exists {
+            plan.push(format!(
+                "key store: {} has no keyring yet (first rotation)",
+                ks.dir().display()
+            ));
+        }
+        // The real run removes the garbage and replaces jwks.json: a folder planted
+        // under one of those names stops it with 3 ("is a directory").
+        let jwks = (!self.algorithm.is_symmetric()).then_some(crate::keystore::JWKS);
+        for name in verdict.garbage.iter().map(String::as_str).chain(jwks) {
+            if std::fs::symlink_metadata(ks.dir().join(name)).is_ok_and(|m| m.is_dir()) {
+                let e = format!("{} is a directory", ks.dir().join(name).display());
+                plan.push(format!("key store: {e}"));
+                return Err(aborted(format!("{e}; the real run would stop there (move it away)")));
+            }
+        }
+        if !verdict.garbage.is_empty() {
+            plan.push(format!(
+                "sweep: remove {} (proven garbage: destroyed versions, temporaries, files staged by runs that never committed)",
+                verdict.garbage.join(", ")
+            ));
+        }
+        let rp = insp
+            .manifest
+            .plan(self.algorithm, self.activation, self.retain, verdict.next_version);
+        for n in &rp.create {
+            plan.push(
+                format!(
+                    "create: v{} ({}, {:?}) as {}",
+                    n.version,
+                    n.algorithm,
+                    n.state,
+                    manifest::version_file(n.version, n.algorithm)
+                )
+                .to_lowercase(),
+            );
+        }
+        if let Some(v) = rp.promote {
+            plan.push(format!("promote: v{v} pending -> active"));
+        }
+        for v in &rp.retire {
+            plan.push(format!("retire: v{v}"));
+        }
+        for v in &rp.destroy {
+            plan.push(format!("destroy: v{v} (beyond retain = {})", self.retain));
+        }
+        // Symmetric keys have no public half: no jwks.json is written for them.
+        plan.push(if self.algorithm.is_symmetric() {
+            "commit: replace keyring.json atomically; update the current.key symlink".into()
+        } else {
+            "commit: replace keyring.json atomically; update the current.pem symlink and jwks.json".into()
+        });
+        let v = |n: Option<u64>| n.map_or("none".into(), |n| format!("v{n}"));
+        Ok(super::Planned {
+            summary: format!(
+                "would rotate: active {} -> {}",
+                v(rp.from_version),
+                v(Some(rp.to_version))
+            ),
+            versions: (rp.from_version, Some(rp.to_version)),
+        })
+    }
+
+    fn diagnose(&self, dead: &RunRow, last_step: Option<&str>, ledger: Option<&Ledger>, this_host: &str) -> String {
+        let step = last_step
+            .map(|s| format!("its last recorded step was '{s}'; "))
+            .unwrap_or_default();
+        // With a shared ledger the dead run may have been on another host, whose key
+        // store this host cannot see.
+        if dead.host != this_host {
+            return format!(
+                "{step}it ran on host {}: inspect the key store there to see whether it committed",
+                dead.host
+            );
+        }
+        let domain = self.keystore.domain().to_string();
+        match examine(&self.keystore, ledger, &domain) {
+            Err(d) => format!("{step}the key store is inconsistent: {d}"),
+            Ok((i, verdict)) => {
+                let mine: Vec<String> = i
+                    .manifest
+                    .created_by(&dead.run_id)
+                    .map(|v| format!("v{}", v.version))
+                    .collect();
+                let primary = i.manifest.primary.map_or("empty".into(), |n| format!("v{n}"));
+                if mine.is_empty() {
+                    format!(
+                        "{step}keyring primary is {primary}, not created by that run: it did not commit, the old key state stands{}",
+                        leftovers_note(&i, &verdict)
+                    )
+                } else {
+                    format!(
+                        "{step}keyring primary is {primary}; {} created by that run: it did commit{}",
+                        mine.join(", "),
+                        leftovers_note(&i, &verdict)
+                    )
+                }
+            }
+        }
+    }
+
+    fn check(&self) -> Vec<(&'static str, String)> {
+        let ks = &self.keystore;
+        if let Err(e) = ks.check_folders() {
+            return vec![("keystore", e)];
+        }
+        let mut problems = Vec::new();
+        if let Err(e) = ks.inspect() {
+            problems.push(("keystore", format!("inconsistent key store: {e}")));
+        }
+        let access = ks.configured_access().cloned().unwrap_or_default();
+        for e in key_store_access(ks.root(), ks.dir(), &access) {
+            problems.push(("keystore", e));
+        }
+        problems
+    }
+
+    fn run(&self, step: Step<'_>, undo: PreCommitUndo) -> Result<Rotated, Failure> {
+        KeystoreRotation {
+            keystore: self.keystore.clone(),
+            algorithm: self.algorithm,
+            activation: self.activation,
+            retain: self.retain,
+            step,
+            undo,
+        }
+        .run()
+    }
+}
+
+/// What the diagnosis adds about files the manifest does not list.
+fn leftovers_note(i: &Inspection, verdict: &Verdict) -> String {
+    let mut note = String::new();
+    if !i.unlisted.is_empty() {
+        note.push_str(&format!(
+            "; file(s) not in keyring.json: {} (the first rotation after review removes those a run recorded as staged and never committed, and reports any other)",
+            i.unlisted.join(", ")
+        ));
+    }
+    if let Some(m) = &verdict.mismatch {
+        note.push_str(&format!("; {m}"));
+    }
+    note
+}
+
+/// What the next rotation would trip over, or what exposes keys, that `inspect` does not
+/// look at: a key store this user cannot write (read-only mount, permissions), and key
+/// files readable by group or others or owned by someone else.
+fn key_store_access(root: &std::path::Path, dir: &std::path::Path, access: &crate::fsutil::Access) -> Vec<String> {
+    use std::os::unix::fs::MetadataExt;
+    let mut problems = Vec::new();
+    for (folder, what) in [(root, "keystore"), (dir, "key folder")] {
+        if !folder.is_dir() {
+            continue;
+        }
+        if let Some(why) = crate::fsutil::fs_trouble(folder) {
+            problems.push(format!(
+                "{what} {}: {why}: the next rotate cannot write it",
+                folder.display()
+            ));
+        } else if !crate::fsutil::can_write_dir(folder) {
+            problems.push(format!(
+                "{what} {} is read-only for this user: the next rotate cannot write it",
+                folder.display()
+            ));
+        }
+    }
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return problems;
+    };
+    let mut names: Vec<String> = entries
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with('v') && (n.ends_with(".pem") || n.ends_with(".key")))
+        .collect();
+    names.sort();
+    for name in names {
+        let path = dir.join(&name);
+        let Ok(meta) = std::fs::symlink_metadata(&path) else {
+            continue;
+        };
+        // A domain with `group` grants its group read access; nothing else may.
+        if !access.allows_key_file(&meta) {
+            problems.push(format!(
+                "key file {} is accessible by group or others beyond the domain's access (mode {:04o}); run chmod 600 on it (640 with a configured group)",
+                path.display(),
+                meta.mode() & 0o7777
+            ));
+        }
+        if meta.uid() != euid {
+            problems.push(format!(
+                "key file {} is owned by uid {}, not by this user (uid {euid})",
+                path.display(),
+                meta.uid()
+            ));
+        }
+    }
+    problems
 }

@@ -7,10 +7,69 @@ pub mod command;
 pub mod keystore;
 pub mod watcher;
 
+use std::path::Path;
+use std::time::Duration;
+
 use crate::audit::{Audit, Event};
+use crate::config::{Backend, DomainConfig};
 use crate::guard::Guard;
-use crate::ledger::{Ledger, NewRun, Versions};
+use crate::ledger::{Ledger, NewRun, RunRow, RunState, Versions};
 use crate::outcome::{Failure, Outcome};
+
+pub use keystore::PreCommitUndo;
+
+/// One rotation backend as `rotate` and `check` see it. Adding a backend is a module
+/// implementing this, its config variant, and its line in [`for_domain`]; the phases
+/// of `rotate` (and its dry run) do not change.
+pub trait RotationBackend {
+    /// DESIGN section 5, phase 6: the least time left at admission that a rotation
+    /// can finish in. A floor, not an estimate: a run admitted with less would almost
+    /// surely time out half-way, so it is better not started.
+    fn budget(&self) -> Duration;
+    /// How long after the deadline the watchdog abandons the run (zero: at once; a
+    /// backend that enforces the deadline itself gets the watchdog as a backstop).
+    fn watchdog_grace(&self) -> Duration;
+    /// Phase 7 of a dry run: the same checks as [`RotationBackend::run`] makes before
+    /// it changes anything (the same refusal, word for word), then the plan lines;
+    /// read-only.
+    fn plan(&self, ledger: Option<&Ledger>, plan: &mut Vec<String>) -> Result<Planned, Failure>;
+    /// What this backend can tell about a run that died mid-rotation: did it commit?
+    /// `this_host` is the host the diagnosis runs on.
+    fn diagnose(&self, dead: &RunRow, last_step: Option<&str>, ledger: Option<&Ledger>, this_host: &str) -> String;
+    /// What `check` reports: `(config key suffix, problem)`.
+    fn check(&self) -> Vec<(&'static str, String)>;
+    /// Phase 7: the rotation, reporting through `step`; `undo` is what the deadline
+    /// watchdog takes back if it abandons the run before the commit.
+    fn run(&self, step: Step<'_>, undo: PreCommitUndo) -> Result<Rotated, Failure>;
+}
+
+/// What a dry run's backend would do.
+#[derive(Debug, Default)]
+pub struct Planned {
+    pub summary: String,
+    pub versions: Versions,
+}
+
+/// The backend a domain's config names.
+pub fn for_domain(domain: &DomainConfig, state_dir: &Path) -> Box<dyn RotationBackend> {
+    match &domain.backend {
+        Backend::Keystore {
+            algorithm,
+            keystore,
+            activation,
+        } => Box::new(keystore::KeystoreBackend {
+            keystore: crate::keystore::Keystore::new(keystore, &domain.name).with_access(domain.access.clone()),
+            algorithm: *algorithm,
+            activation: *activation,
+            retain: domain.retain,
+        }),
+        Backend::Command { program, args } => Box::new(command::CommandBackend {
+            program: program.clone(),
+            args: args.clone(),
+            state_dir: state_dir.to_path_buf(),
+        }),
+    }
+}
 
 /// A finished rotation.
 #[derive(Debug, Default)]
@@ -36,10 +95,10 @@ pub struct Step<'a> {
 impl Step<'_> {
     /// Records progress (`staged`, `committed`) in the ledger: a progress mark, made
     /// durable by the run's closing write.
-    pub fn advance(&mut self, state: &str, versions: Versions, detail: &str) -> Result<(), String> {
+    pub fn advance(&mut self, state: RunState, versions: Versions, detail: &str) -> Result<(), String> {
         let run_id = self.run.run_id.clone();
         self.ledger
-            .write_progress(state, |w| w.advance(&run_id, state, versions, detail))
+            .write_progress(state.as_str(), |w| w.advance(&run_id, state, versions, detail))
     }
 
     /// Records, durably and before any of them exists, the files this run is about to
@@ -71,7 +130,7 @@ impl Step<'_> {
         }
         let checked = crate::failpoint::hit("ledger", "confirm")
             .map_err(|e| format!("ledger {}: {e}", self.ledger.label()))
-            .and_then(|()| self.ledger.confirm_lock(&self.run.domain));
+            .and_then(|()| Ok(self.ledger.confirm_lock(&self.run.domain)?));
         checked.map_err(|e| {
             if changed {
                 Failure::new(
@@ -90,7 +149,7 @@ impl Step<'_> {
     /// The commit happened: say so in the ledger and the audit trail. A ledger that
     /// cannot record it leaves the run's outcome uncertain to everyone else.
     pub fn committed(&mut self, r: &Rotated) -> Result<(), Failure> {
-        let ledger = self.advance("committed", (r.from_version, r.to_version), &r.summary);
+        let ledger = self.advance(RunState::Committed, (r.from_version, r.to_version), &r.summary);
         let audit = self.audit.emit(Event {
             reason: Some(r.summary.clone()),
             from_version: r.from_version,

@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 
 use crate::process::{self, ProcId};
 
-/// argv[1] that turns the keyrotate binary into a watcher.
+/// `argv[1]` that turns the keyrotate binary into a watcher.
 pub const ARG: &str = "__hook-watcher";
 
 /// How the watcher ends a hook tree: SIGTERM, this long, then SIGKILL.
@@ -58,8 +58,11 @@ pub fn main(args: Vec<std::ffi::OsString>) -> ExitCode {
     // SAFETY: fstat into a zeroed struct we own; fd 0 is the socket keyrotate passed,
     // duplicated so that fd 0 itself can be pointed at /dev/null below.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstat writes into `st`, a valid stat we own; a bad fd is an error return.
     let is_socket = unsafe { libc::fstat(0, &mut st) } == 0 && st.st_mode & libc::S_IFMT == libc::S_IFSOCK;
     let dup = if is_socket {
+        // SAFETY: F_DUPFD_CLOEXEC only duplicates fd 0 (checked above to be a socket)
+        // onto a new descriptor; it touches no memory.
         unsafe { libc::fcntl(0, libc::F_DUPFD_CLOEXEC, 3) }
     } else {
         -1

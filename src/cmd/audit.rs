@@ -35,11 +35,12 @@ pub fn verify(cli: &Cli, args: &AuditVerifyArgs) -> Outcome {
 fn check(cli: &Cli) -> Result<audit::Verification, Failure> {
     let config = load_config(cli)?;
     let unreadable = |e: String| Failure::new(Outcome::Aborted, e);
+    let ledger_unreadable = |e: crate::ledger::LedgerError| unreadable(e.into());
     // Held while the anchors and the files are read: no writer is then between
     // recording its anchor and appending its line.
     let _lock = audit::lock_for_reading(&config.audit_file).map_err(unreadable)?;
-    let anchors = match Ledger::open_read_only(&config.ledger).map_err(unreadable)? {
-        Some(ledger) => ledger.audit_anchors(&hostname()).map_err(unreadable)?,
+    let anchors = match Ledger::open_read_only(&config.ledger).map_err(ledger_unreadable)? {
+        Some(ledger) => ledger.audit_anchors(&hostname()).map_err(ledger_unreadable)?,
         None => Vec::new(),
     };
     audit::verify(&config.audit_file, &anchors).map_err(unreadable)

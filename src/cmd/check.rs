@@ -2,14 +2,11 @@
 //! and backend readiness without changing anything. Lists every problem, each naming
 //! the config key it comes from, and exits USAGE (2) if there is any.
 
-use std::os::unix::fs::PermissionsExt;
-
 use super::report_failure;
 use crate::audit::Audit;
 use crate::cli::{CheckArgs, Cli};
-use crate::config::{Backend, Config, DomainConfig};
+use crate::config::{Config, DomainConfig};
 use crate::fsutil;
-use crate::keystore::Keystore;
 use crate::ledger::Ledger;
 use crate::outcome::{Failure, Outcome};
 
@@ -42,7 +39,26 @@ pub fn run(cli: &Cli, args: &CheckArgs) -> Outcome {
     let mut notes: Vec<String> = Vec::new();
     let file = config.path.display().to_string();
     problems.extend(distrust);
+    check_state(&config, &mut problems, &mut notes);
+    check_domains(&config, &domains, &mut problems, &mut notes);
+    for n in &notes {
+        out!("note: {n}");
+    }
+    for p in &problems {
+        out!("problem: {p}");
+    }
+    if problems.is_empty() {
+        out!("OK {}: {} domain(s) checked, no problems", file, domains.len());
+        Outcome::Rotated
+    } else {
+        tracing::error!("{} problem(s) found in {file}", problems.len());
+        Outcome::Usage
+    }
+}
 
+/// The state folder, the ledger and the audit file.
+fn check_state(config: &Config, problems: &mut Vec<String>, notes: &mut Vec<String>) {
+    let file = config.path.display().to_string();
     for (dir, key) in [
         (config.state_dir.clone(), "state.dir"),
         (config.lock_dir(), "state.dir (locks/)"),
@@ -64,6 +80,11 @@ pub fn run(cli: &Cli, args: &CheckArgs) -> Outcome {
     if let Err(e) = Audit::new(&config.audit_file).preflight(false) {
         problems.push(format!("{file}: audit.file: {e}"));
     }
+}
+
+/// Each domain: is this host designated, and what its backend finds wrong.
+fn check_domains(config: &Config, domains: &[&DomainConfig], problems: &mut Vec<String>, notes: &mut Vec<String>) {
+    let file = config.path.display().to_string();
     let pool = std::env::var("KEYROTATE_POOL")
         .ok()
         .filter(|s| !s.is_empty())
@@ -71,7 +92,7 @@ pub fn run(cli: &Cli, args: &CheckArgs) -> Outcome {
     if pool.is_none() {
         notes.push("host.pool: not set (and no KEYROTATE_POOL): rotate needs --pool".into());
     }
-    for d in &domains {
+    for d in domains {
         let key = format!("domains.{}", d.name);
         match &pool {
             Some(p) if *p == d.designated_pool => notes.push(format!("{key}: this host (pool {p}) is designated")),
@@ -81,125 +102,8 @@ pub fn run(cli: &Cli, args: &CheckArgs) -> Outcome {
             )),
             None => {}
         }
-        match &d.backend {
-            Backend::Keystore { keystore, .. } => {
-                let ks = Keystore::new(keystore, &d.name);
-                if let Err(e) = ks.check_folders() {
-                    problems.push(format!("{file}: {key}.keystore: {e}"));
-                } else {
-                    if let Err(e) = ks.inspect() {
-                        problems.push(format!("{file}: {key}.keystore: inconsistent key store: {e}"));
-                    }
-                    for e in key_store_access(keystore, ks.dir(), &d.access) {
-                        problems.push(format!("{file}: {key}.keystore: {e}"));
-                    }
-                }
-            }
-            Backend::Command { program, .. } => {
-                if let Err(e) = check_program(program) {
-                    problems.push(format!("{file}: {key}.command: {e}"));
-                }
-            }
+        for (what, e) in crate::backend::for_domain(d, &config.state_dir).check() {
+            problems.push(format!("{file}: {key}.{what}: {e}"));
         }
     }
-    for n in &notes {
-        out!("note: {n}");
-    }
-    for p in &problems {
-        out!("problem: {p}");
-    }
-    if problems.is_empty() {
-        out!("OK {}: {} domain(s) checked, no problems", file, domains.len());
-        Outcome::Rotated
-    } else {
-        tracing::error!("{} problem(s) found in {file}", problems.len());
-        Outcome::Usage
-    }
-}
-
-/// What the next rotation would trip over, or what exposes keys, that `inspect` does not
-/// look at: a key store this user cannot write (read-only mount, permissions), and key
-/// files readable by group or others or owned by someone else.
-fn key_store_access(root: &std::path::Path, dir: &std::path::Path, access: &fsutil::Access) -> Vec<String> {
-    use std::os::unix::fs::MetadataExt;
-    let mut problems = Vec::new();
-    for (folder, what) in [(root, "keystore"), (dir, "key folder")] {
-        if !folder.is_dir() {
-            continue;
-        }
-        if let Some(why) = fsutil::fs_trouble(folder) {
-            problems.push(format!(
-                "{what} {}: {why}: the next rotate cannot write it",
-                folder.display()
-            ));
-        } else if !fsutil::can_write_dir(folder) {
-            problems.push(format!(
-                "{what} {} is read-only for this user: the next rotate cannot write it",
-                folder.display()
-            ));
-        }
-    }
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let euid = unsafe { libc::geteuid() };
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return problems;
-    };
-    let mut names: Vec<String> = entries
-        .filter_map(|e| e.ok()?.file_name().into_string().ok())
-        .filter(|n| n.starts_with('v') && (n.ends_with(".pem") || n.ends_with(".key")))
-        .collect();
-    names.sort();
-    for name in names {
-        let path = dir.join(&name);
-        let Ok(meta) = std::fs::symlink_metadata(&path) else {
-            continue;
-        };
-        // A domain with `group` grants its group read access; nothing else may.
-        if !access.allows_key_file(&meta) {
-            problems.push(format!(
-                "key file {} is accessible by group or others beyond the domain's access (mode {:04o}); run chmod 600 on it (640 with a configured group)",
-                path.display(),
-                meta.mode() & 0o7777
-            ));
-        }
-        if meta.uid() != euid {
-            problems.push(format!(
-                "key file {} is owned by uid {}, not by this user (uid {euid})",
-                path.display(),
-                meta.uid()
-            ));
-        }
-    }
-    problems
-}
-
-/// A hook program that can run at all: it exists and is an executable regular file.
-/// Missing that is a configuration error (USAGE) for `rotate`.
-pub fn program_runnable(program: &std::path::Path) -> Result<u32, String> {
-    let meta =
-        std::fs::metadata(program).map_err(|e| format!("program {}: {}", program.display(), fsutil::io_reason(&e)))?;
-    let mode = meta.permissions().mode();
-    if !meta.is_file() {
-        return Err(format!(
-            "program {} is not an executable file (not a regular file)",
-            program.display()
-        ));
-    }
-    if mode & 0o111 == 0 {
-        return Err(format!(
-            "program {} is not an executable file (mode {:04o})",
-            program.display(),
-            mode & 0o7777
-        ));
-    }
-    Ok(mode)
-}
-
-/// A hook program must also be trusted (anyone who can write it, or replace it through
-/// a folder above it, runs code as keyrotate): not writable by group or others, owned
-/// by root or this user, in folders nobody else can change (DESIGN section 4.4).
-/// `rotate` refuses such a program (ABORTED).
-pub fn check_program(program: &std::path::Path) -> Result<(), String> {
-    program_runnable(program)?;
-    fsutil::check_trusted(program, "program")
 }

@@ -3,9 +3,9 @@
 use super::{load_config, print_json, report_failure};
 use crate::cli::{Cli, HistoryArgs, OutputFormat};
 use crate::deadline::parse_duration;
-use crate::keystore::manifest::now_rfc3339;
 use crate::ledger::{Ledger, RunRow};
 use crate::outcome::{Failure, Outcome};
+use crate::time::rfc3339 as now_rfc3339;
 
 pub fn run(cli: &Cli, args: &HistoryArgs) -> Outcome {
     match history(cli, args) {
@@ -69,7 +69,7 @@ fn print_table(rows: &[RunRow]) {
                 r.started_at.clone(),
                 r.domain.clone(),
                 r.run_id.clone(),
-                r.state.clone(),
+                r.state.to_string(),
                 r.exit_code.map_or("-".into(), |c| c.to_string()),
                 format!("{}/{}", r.trigger, r.operator.as_deref().unwrap_or("-")),
                 r.host.clone(),
@@ -88,7 +88,7 @@ fn print_table(rows: &[RunRow]) {
             ]
         })
         .collect();
-    super::status::print_columns(
+    super::print_table(
         &[
             "STARTED",
             "DOMAIN",

@@ -30,93 +30,107 @@ fn unix_seconds(rfc3339: &str) -> Option<i64> {
         .map(|t| t.timestamp())
 }
 
-/// The metrics of `statuses` in the Prometheus text exposition format.
-pub(super) fn render(statuses: &[DomainStatus]) -> String {
-    let gauge = |registry: &mut Registry, name: &str, help: &str| {
-        let family = Family::<Labels, Gauge>::default();
-        registry.register(name, help, family.clone());
-        family
-    };
-    let mut registry = Registry::default();
-    let last_success = gauge(
-        &mut registry,
-        "keyrotate_last_success_timestamp_seconds",
-        "When the domain's last successful rotation ended (Unix time)",
-    );
-    let last_run = gauge(
-        &mut registry,
-        "keyrotate_last_run_timestamp_seconds",
-        "When the domain's last recorded run ended, or started if still running (Unix time)",
-    );
-    let last_exit = gauge(
-        &mut registry,
-        "keyrotate_last_exit_code",
-        "Exit code of the domain's last closed run (0 ROTATED, 3 ABORTED, 4 NEEDS_REVIEW, 5 BUSY, 7 NOT_DUE, 8 TIMED_OUT)",
-    );
-    let blocked = gauge(
-        &mut registry,
-        "keyrotate_domain_blocked",
-        "1 when the domain is blocked until an engineer runs keyrotate resolve, else 0",
-    );
-    let active = gauge(
-        &mut registry,
-        "keyrotate_active_version",
-        "Version number of the domain's active key",
-    );
-    let age = gauge(
-        &mut registry,
-        "keyrotate_active_key_age_seconds",
-        "Seconds since the domain's active key was activated",
-    );
-    let next_due = gauge(
-        &mut registry,
-        "keyrotate_next_due_timestamp_seconds",
-        "When the next rotation is due (Unix time); 0 when the domain never rotated successfully",
-    );
-    let versions = gauge(
-        &mut registry,
-        "keyrotate_versions",
-        "Key versions in the domain's manifest, by NIST SP 800-57 state",
-    );
-    let problems = gauge(
-        &mut registry,
-        "keyrotate_domain_problems",
-        "Problems met reading the domain's key store or ledger (0 when all was readable)",
-    );
-    let now = chrono::Utc::now().timestamp();
-    for s in statuses {
+/// The gauge families keyrotate exports.
+struct Gauges {
+    last_success: Family<Labels, Gauge>,
+    last_run: Family<Labels, Gauge>,
+    last_exit: Family<Labels, Gauge>,
+    blocked: Family<Labels, Gauge>,
+    active: Family<Labels, Gauge>,
+    age: Family<Labels, Gauge>,
+    next_due: Family<Labels, Gauge>,
+    versions: Family<Labels, Gauge>,
+    problems: Family<Labels, Gauge>,
+}
+
+impl Gauges {
+    fn register(registry: &mut Registry) -> Gauges {
+        let mut gauge = |name: &str, help: &str| {
+            let family = Family::<Labels, Gauge>::default();
+            registry.register(name, help, family.clone());
+            family
+        };
+        Gauges {
+            last_success: gauge(
+                "keyrotate_last_success_timestamp_seconds",
+                "When the domain's last successful rotation ended (Unix time)",
+            ),
+            last_run: gauge(
+                "keyrotate_last_run_timestamp_seconds",
+                "When the domain's last recorded run ended, or started if still running (Unix time)",
+            ),
+            last_exit: gauge(
+                "keyrotate_last_exit_code",
+                "Exit code of the domain's last closed run (0 ROTATED, 3 ABORTED, 4 NEEDS_REVIEW, 5 BUSY, 7 NOT_DUE, 8 TIMED_OUT)",
+            ),
+            blocked: gauge(
+                "keyrotate_domain_blocked",
+                "1 when the domain is blocked until an engineer runs keyrotate resolve, else 0",
+            ),
+            active: gauge("keyrotate_active_version", "Version number of the domain's active key"),
+            age: gauge(
+                "keyrotate_active_key_age_seconds",
+                "Seconds since the domain's active key was activated",
+            ),
+            next_due: gauge(
+                "keyrotate_next_due_timestamp_seconds",
+                "When the next rotation is due (Unix time); 0 when the domain never rotated successfully",
+            ),
+            versions: gauge(
+                "keyrotate_versions",
+                "Key versions in the domain's manifest, by NIST SP 800-57 state",
+            ),
+            problems: gauge(
+                "keyrotate_domain_problems",
+                "Problems met reading the domain's key store or ledger (0 when all was readable)",
+            ),
+        }
+    }
+
+    /// Sets one domain's gauges (`now` in Unix seconds).
+    fn record(&self, s: &DomainStatus, now: i64) {
         let l = vec![("domain", s.domain.clone())];
         if let Some(t) = s.metrics.last_success_at.as_deref().and_then(unix_seconds) {
-            last_success.get_or_create(&l).set(t);
+            self.last_success.get_or_create(&l).set(t);
         }
         if let Some(r) = &s.last_run {
             if let Some(t) = unix_seconds(r.ended_at.as_deref().unwrap_or(&r.started_at)) {
-                last_run.get_or_create(&l).set(t);
+                self.last_run.get_or_create(&l).set(t);
             }
             if let Some(code) = r.exit_code {
-                last_exit.get_or_create(&l).set(code);
+                self.last_exit.get_or_create(&l).set(code);
             }
         }
         // Unknown when the ledger could not be read: absent, not 0 (problems says why).
         if !s.ledger_unread {
-            blocked.get_or_create(&l).set(i64::from(s.blocked_by.is_some()));
+            self.blocked.get_or_create(&l).set(i64::from(s.blocked_by.is_some()));
         }
         if let Some(v) = s.primary {
-            active.get_or_create(&l).set(v as i64);
+            self.active.get_or_create(&l).set(v as i64);
         }
         if let Some(t) = s.primary_activated_at.as_deref().and_then(unix_seconds) {
-            age.get_or_create(&l).set((now - t).max(0));
+            self.age.get_or_create(&l).set((now - t).max(0));
         }
         if !s.ledger_unread {
-            next_due
+            self.next_due
                 .get_or_create(&l)
                 .set(s.metrics.next_due_at.map_or(0, |t| t.timestamp()));
         }
         for (state, n) in s.metrics.versions.iter().flatten() {
             let labels = vec![("domain", s.domain.clone()), ("state", (*state).to_string())];
-            versions.get_or_create(&labels).set(*n as i64);
+            self.versions.get_or_create(&labels).set(*n as i64);
         }
-        problems.get_or_create(&l).set(s.problems.len() as i64);
+        self.problems.get_or_create(&l).set(s.problems.len() as i64);
+    }
+}
+
+/// The metrics of `statuses` in the Prometheus text exposition format.
+pub(super) fn render(statuses: &[DomainStatus]) -> String {
+    let mut registry = Registry::default();
+    let gauges = Gauges::register(&mut registry);
+    let now = chrono::Utc::now().timestamp();
+    for s in statuses {
+        gauges.record(s, now);
     }
     let mut out = String::new();
     encode(&mut out, &registry).expect("writing to a String cannot fail");

@@ -22,8 +22,6 @@ mod rotate;
 mod shell;
 mod status;
 
-pub(crate) use check::{check_program, program_runnable};
-
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 
@@ -159,6 +157,7 @@ pub(crate) fn operator(flag: Option<&str>) -> String {
             }
         }
     }
+    // SAFETY: getuid has no preconditions and cannot fail.
     format!("uid:{}", unsafe { libc::getuid() })
 }
 
@@ -196,6 +195,8 @@ pub(crate) fn clean_text(what: &str, value: &str, max: usize) -> Result<String, 
 
 pub(crate) fn hostname() -> String {
     let mut buf = [0u8; 256];
+    // SAFETY: the pointer and length describe `buf`, which outlives the call; gethostname
+    // writes at most that many bytes.
     let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
     if rc != 0 {
         return "unknown-host".into();
@@ -205,6 +206,13 @@ pub(crate) fn hostname() -> String {
 }
 
 /// Prints one JSON object on stdout.
+/// Prints a table (see [`crate::table::render`]).
+pub(crate) fn print_table<const N: usize>(headers: &[&str; N], rows: &[[String; N]]) {
+    for line in crate::table::render(headers, rows) {
+        out!("{line}");
+    }
+}
+
 pub(crate) fn print_json(value: &impl serde::Serialize) {
     out!("{}", serde_json::to_string(value).expect("json"));
 }

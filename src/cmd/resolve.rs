@@ -11,7 +11,7 @@ use crate::cli::{Cli, ResolveArgs};
 use crate::config::{Backend, Config, DomainConfig};
 use crate::fsutil;
 use crate::keystore::Keystore;
-use crate::ledger::Ledger;
+use crate::ledger::{Ledger, RunState};
 use crate::lock::{self, Acquire, DomainLock};
 use crate::outcome::{Failure, Outcome};
 
@@ -43,21 +43,7 @@ fn resolve(cli: &Cli, args: &ResolveArgs) -> Result<String, Failure> {
     }
     let mut ledger = Ledger::open(&config.ledger, std::time::Duration::from_secs(10))
         .map_err(|e| Failure::new(Outcome::Aborted, e))?;
-    // Nothing is resolved while the run, or a hook it started, still runs here: a
-    // rotation after the review would run beside it.
-    if let Some(row) = ledger.get(&args.run).map_err(|e| Failure::new(Outcome::Aborted, e))? {
-        if row.in_flight() || row.state == "needs_review" {
-            let events = ledger
-                .events(&row.run_id)
-                .map_err(|e| Failure::new(Outcome::Aborted, e))?;
-            if let Some(alive) = crate::process::liveness(&hostname(), &row.host, &events) {
-                return Err(Failure::new(
-                    Outcome::Busy,
-                    format!("not resolved: {}; then resolve", alive.describe(&row.run_id)),
-                ));
-            }
-        }
-    }
+    refuse_while_running(&ledger, &args.run)?;
     // Take the domain's locks, as a rotation would: the review is followed by the
     // repair of the key store (DESIGN 5), which must not race a run. A lock held by
     // someone else means a process is alive: it is named, and nothing is repaired.
@@ -69,43 +55,8 @@ fn resolve(cli: &Cli, args: &ResolveArgs) -> Result<String, Failure> {
             let Some(row) = w.get_for_update(&args.run)? else {
                 return Ok(Err(Failure::usage(format!("run {} is not in the ledger", args.run))));
             };
-            if row.domain != domain.name {
-                return Ok(Err(Failure::usage(format!(
-                    "run {} belongs to domain {}, not {}",
-                    row.run_id, row.domain, domain.name
-                ))));
-            }
-            match row.state.as_str() {
-                "needs_review" if lock_held => {
-                    return Ok(Err(Failure::new(
-                        Outcome::Busy,
-                        format!(
-                            "another keyrotate run of {} holds its lock; resolve again when it has ended (keyrotate status --domain {})",
-                            domain.name, domain.name
-                        ),
-                    )))
-                }
-                "needs_review" => {}
-                _ if row.in_flight() && !lock_held => {
-                    w.mark_stale(
-                        &row.run_id,
-                        "stale: the process died mid-rotation; resolved before any later run flagged it",
-                    )?;
-                }
-                "resolved" => {
-                    return Ok(Err(Failure::usage(format!(
-                        "run {} was already resolved by {} at {}",
-                        row.run_id,
-                        row.resolved_by.as_deref().unwrap_or("?"),
-                        row.resolved_at.as_deref().unwrap_or("?")
-                    ))))
-                }
-                state => {
-                    return Ok(Err(Failure::usage(format!(
-                        "run {} does not block {}: its state is {state}",
-                        row.run_id, domain.name
-                    ))))
-                }
+            if let Err(f) = review(w, &row, domain, lock_held)? {
+                return Ok(Err(f));
             }
             if !w.resolve(&row.run_id, &by, &note)? {
                 return Ok(Err(Failure::usage(format!("run {} was already resolved", row.run_id))));
@@ -123,13 +74,94 @@ fn resolve(cli: &Cli, args: &ResolveArgs) -> Result<String, Failure> {
         _ => String::new(),
     };
     drop(locks);
+    announce(&config, domain, &row, &by, &note, &store_note)
+}
+
+/// Nothing is resolved while the run, or a hook it started, still runs here: a
+/// rotation after the review would run beside it.
+fn refuse_while_running(ledger: &Ledger, run: &str) -> Result<(), Failure> {
+    let Some(row) = ledger.get(run).map_err(|e| Failure::new(Outcome::Aborted, e))? else {
+        return Ok(());
+    };
+    if row.in_flight() || row.state == RunState::NeedsReview {
+        let events = ledger
+            .events(&row.run_id)
+            .map_err(|e| Failure::new(Outcome::Aborted, e))?;
+        if let Some(alive) = crate::process::liveness(&hostname(), &row.host, &events) {
+            return Err(Failure::new(
+                Outcome::Busy,
+                format!("not resolved: {}; then resolve", alive.describe(&row.run_id)),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Inside the resolve transaction: may this run be resolved now? A run found in flight
+/// without its lock is first marked stale (it died). `Ok(Err)`: refused, nothing written.
+fn review(
+    w: &crate::ledger::Writer<'_, '_>,
+    row: &crate::ledger::RunRow,
+    domain: &DomainConfig,
+    lock_held: bool,
+) -> Result<Result<(), Failure>, String> {
+    if row.domain != domain.name {
+        return Ok(Err(Failure::usage(format!(
+            "run {} belongs to domain {}, not {}",
+            row.run_id, row.domain, domain.name
+        ))));
+    }
+    match row.state {
+        RunState::NeedsReview if lock_held => {
+            return Ok(Err(Failure::new(
+                Outcome::Busy,
+                format!(
+                    "another keyrotate run of {} holds its lock; resolve again when it has ended (keyrotate status --domain {})",
+                    domain.name, domain.name
+                ),
+            )))
+        }
+        RunState::NeedsReview => {}
+        _ if row.in_flight() && !lock_held => {
+            w.mark_stale(
+                &row.run_id,
+                "stale: the process died mid-rotation; resolved before any later run flagged it",
+            )?;
+        }
+        RunState::Resolved => {
+            return Ok(Err(Failure::usage(format!(
+                "run {} was already resolved by {} at {}",
+                row.run_id,
+                row.resolved_by.as_deref().unwrap_or("?"),
+                row.resolved_at.as_deref().unwrap_or("?")
+            ))))
+        }
+        state => {
+            return Ok(Err(Failure::usage(format!(
+                "run {} does not block {}: its state is {state}",
+                row.run_id, domain.name
+            ))))
+        }
+    }
+    Ok(Ok(()))
+}
+
+/// Writes the review's audit line and the metrics, and says what was done.
+fn announce(
+    config: &Config,
+    domain: &DomainConfig,
+    row: &crate::ledger::RunRow,
+    by: &str,
+    note: &str,
+    store_note: &str,
+) -> Result<String, Failure> {
     let audit = Audit::new(&config.audit_file);
     let event = Event {
         run_id: row.run_id.clone(),
         domain: domain.name.clone(),
         host: hostname(),
         pool: config.host_pool.clone(),
-        operator: Some(by.clone()),
+        operator: Some(by.to_string()),
         reason: Some(format!("{note}{store_note}")),
         ..Event::default()
     };
@@ -138,7 +170,7 @@ fn resolve(cli: &Cli, args: &ResolveArgs) -> Result<String, Failure> {
         ..event
     });
     // The domain is unblocked in the ledger whatever the audit file said: so say the metrics.
-    super::write_metrics(&config);
+    super::write_metrics(config);
     audited.map_err(|e| {
         Failure::new(
             Outcome::Aborted,
@@ -162,7 +194,7 @@ fn take_locks(config: &Config, domain: &DomainConfig, ledger: &Ledger) -> Result
         Acquire::Busy(_) => return Ok(None),
         Acquire::Acquired(l) => held.push(l),
     }
-    if !ledger.lock_domain(&domain.name).map_err(aborted)? {
+    if !ledger.lock_domain(&domain.name).map_err(|e| aborted(e.into()))? {
         return Ok(None);
     }
     if let Backend::Keystore { keystore, .. } = &domain.backend {

@@ -9,11 +9,12 @@ use serde::Serialize;
 use super::{load_config, print_json, report_failure};
 use crate::cli::{Cli, StatusArgs, StatusOutput};
 use crate::config::{Backend, Config, DomainConfig};
-use crate::keystore::manifest::{now_rfc3339, VersionState};
+use crate::keystore::manifest::VersionState;
 use crate::keystore::Keystore;
 use crate::ledger::{DomainRecord, Ledger};
 use crate::lock;
 use crate::outcome::{Failure, Outcome};
+use crate::time::rfc3339 as now_rfc3339;
 
 // A child module, so that it reads the status fields without widening their visibility.
 #[path = "metrics.rs"]
@@ -140,7 +141,7 @@ fn collect(config: &Config, domains: &[&DomainConfig]) -> Vec<DomainStatus> {
         .map(|d| {
             let mut s = domain_status(config, d, ledger.as_ref());
             if let Some(e) = &ledger_err {
-                s.problems.push(e.clone());
+                s.problems.push(e.to_string());
                 s.ledger_unread = true;
             }
             if s.ledger_unread {
@@ -172,7 +173,15 @@ fn domain_status(config: &Config, d: &DomainConfig, ledger: Option<&Ledger>) -> 
         metrics: MetricInputs::default(),
     };
     if let Backend::Keystore { keystore, .. } = &d.backend {
-        let ks = Keystore::new(keystore, &d.name);
+        key_store_part(&mut s, &Keystore::new(keystore, &d.name));
+    }
+    ledger_part(&mut s, config, d, ledger);
+    s
+}
+
+/// What the key store's manifest says about the domain.
+fn key_store_part(s: &mut DomainStatus, ks: &Keystore) {
+    {
         match ks.check_folders().and_then(|()| ks.inspect()) {
             Ok(i) => {
                 let m = &i.manifest;
@@ -196,18 +205,22 @@ fn domain_status(config: &Config, d: &DomainConfig, ledger: Option<&Ledger>) -> 
             Err(e) => s.problems.push(format!("key store: {e}")),
         }
     }
+}
+
+/// What the ledger says about the domain: its last run, when it is due, what blocks it.
+fn ledger_part(s: &mut DomainStatus, config: &Config, d: &DomainConfig, ledger: Option<&Ledger>) {
     let rec = match ledger.map(|l| l.domain_record(&d.name)) {
         None => DomainRecord::default(),
         Some(Ok(r)) => r,
         Some(Err(e)) => {
-            s.problems.push(e);
+            s.problems.push(e.to_string());
             s.ledger_unread = true;
             DomainRecord::default()
         }
     };
     s.last_run = rec.last_run.as_ref().map(|r| LastRun {
         run_id: r.run_id.clone(),
-        state: r.state.clone(),
+        state: r.state.to_string(),
         outcome: r.exit_code.and_then(Outcome::from_code).map(Outcome::name),
         exit_code: r.exit_code,
         started_at: r.started_at.clone(),
@@ -217,13 +230,11 @@ fn domain_status(config: &Config, d: &DomainConfig, ledger: Option<&Ledger>) -> 
         .last_success
         .as_ref()
         .map(|r| r.ended_at.clone().unwrap_or_else(|| r.started_at.clone()));
-    s.metrics.next_due_at = super::rotate::next_due(rec.last_success.as_ref(), d.min_interval);
-    s.next_due = Some(
-        match super::rotate::next_due(rec.last_success.as_ref(), d.min_interval) {
-            Some(t) if t > chrono::Utc::now() => now_rfc3339(t),
-            _ => "now".to_string(),
-        },
-    );
+    s.metrics.next_due_at = crate::due::next_due(rec.last_success.as_ref(), d.min_interval);
+    s.next_due = Some(match crate::due::next_due(rec.last_success.as_ref(), d.min_interval) {
+        Some(t) if t > chrono::Utc::now() => now_rfc3339(t),
+        _ => "now".to_string(),
+    });
     if let Some(r) = &rec.in_flight {
         let lock_held = lock::probe(&lock::lock_path(&config.lock_dir(), &d.name))
             .ok()
@@ -237,7 +248,7 @@ fn domain_status(config: &Config, d: &DomainConfig, ledger: Option<&Ledger>) -> 
         }
         s.in_flight = Some(InFlight {
             run_id: r.run_id.clone(),
-            state: r.state.clone(),
+            state: r.state.to_string(),
             pid: r.pid,
             host: r.host.clone(),
             started_at: r.started_at.clone(),
@@ -286,7 +297,6 @@ fn domain_status(config: &Config, d: &DomainConfig, ledger: Option<&Ledger>) -> 
             s.problems.push(problem);
         }
     }
-    s
 }
 
 fn age(since: Option<&str>) -> String {
@@ -343,35 +353,10 @@ fn print_text(statuses: &[DomainStatus]) {
             ]
         })
         .collect();
-    print_columns(
+    super::print_table(
         &[
             "DOMAIN", "BACKEND", "ACTIVE", "PENDING", "RETIRED", "LAST RUN", "NEXT DUE", "STATE",
         ],
         &rows,
     );
-}
-
-/// Prints a left-aligned table; the last column is not padded.
-pub(crate) fn print_columns<const N: usize>(headers: &[&str; N], rows: &[[String; N]]) {
-    let mut widths = headers.map(|h| h.chars().count());
-    for r in rows {
-        for (w, cell) in widths.iter_mut().zip(r) {
-            *w = (*w).max(cell.chars().count());
-        }
-    }
-    let line = |cells: Vec<&str>| {
-        let mut out = String::new();
-        for (i, c) in cells.iter().enumerate() {
-            if i + 1 == N {
-                out.push_str(c);
-            } else {
-                out.push_str(&format!("{c:<w$}  ", w = widths[i]));
-            }
-        }
-        out!("{}", out.trim_end());
-    };
-    line(headers.to_vec());
-    for r in rows {
-        line(r.iter().map(String::as_str).collect());
-    }
 }

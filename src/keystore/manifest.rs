@@ -5,11 +5,10 @@
 //! outside the domain folder), and [`Manifest::rotated`] computes the next manifest
 //! as a pure function so that a dry run and the real run agree on the plan.
 
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::Algorithm;
-use crate::config::Activation;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -91,8 +90,15 @@ pub fn parse_version_file(name: &str) -> Option<u64> {
     digits.parse().ok()
 }
 
-pub fn now_rfc3339(t: DateTime<Utc>) -> String {
-    t.to_rfc3339_opts(SecondsFormat::Millis, true)
+pub use crate::time::rfc3339 as now_rfc3339;
+
+/// When a new key becomes the active one (`activation` in the config).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    /// At once, in the run that creates it.
+    Immediate,
+    /// Published as pending first, promoted by the next rotation.
+    Prepublish,
 }
 
 impl Manifest {

@@ -77,8 +77,9 @@ pub struct Provenance {
 #[derive(Clone, Debug, Default)]
 pub struct RunRecord {
     pub run_id: String,
-    /// The run's ledger state (`aborted`, `needs_review`, ...).
-    pub state: String,
+    /// Its row says it ended without success (aborted, timed out, needs review or
+    /// resolved): it did not commit unless it recorded so.
+    pub ended_uncommitted: bool,
     /// It recorded reaching its commit.
     pub committed: bool,
     /// Files it recorded, before creating them, as staged.
@@ -139,7 +140,7 @@ fn known_not_committed(r: &RunRecord, manifest: &Manifest) -> bool {
     if r.committed || manifest.created_by(&r.run_id).next().is_some() {
         return false;
     }
-    matches!(r.state.as_str(), "aborted" | "timed_out" | "needs_review" | "resolved")
+    r.ended_uncommitted
 }
 
 /// DESIGN 4.4, "nothing is deleted that the store cannot prove is garbage".
@@ -234,6 +235,20 @@ impl Keystore {
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The key store's root folder (the config's `keystore`).
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn domain(&self) -> &str {
+        &self.domain
+    }
+
+    /// The access the domain's config gives, when known.
+    pub fn configured_access(&self) -> Option<&fsutil::Access> {
+        self.access.as_ref()
     }
 
     /// Checks the key store and domain folders without creating anything.
@@ -689,7 +704,7 @@ mod tests {
             later_commit: None,
             runs: vec![RunRecord {
                 run_id: "r".into(),
-                state: "aborted".into(),
+                ended_uncommitted: true,
                 noted: vec!["v000011.pem".into()],
                 ..Default::default()
             }],
@@ -709,9 +724,11 @@ mod tests {
         std::fs::write(ks.dir().join(".lock"), "").unwrap();
         let insp = ks.inspect().unwrap();
         assert_eq!(insp.unlisted, ["v000001.pem", "v000002.pem", "v000003.pem"]);
-        let run = |id: &str, state: &str, committed: bool, file: &str| RunRecord {
+        // `ended_uncommitted` as the ledger derives it from the row's state: true for
+        // an aborted or resolved run, false for a successful one.
+        let run = |id: &str, ended_uncommitted: bool, committed: bool, file: &str| RunRecord {
             run_id: id.into(),
-            state: state.into(),
+            ended_uncommitted,
             committed,
             staged: vec![file.into()],
             noted: Vec::new(),
@@ -720,9 +737,9 @@ mod tests {
             manifest_run_known: None,
             later_commit: None,
             runs: vec![
-                run("a", "aborted", false, "v000001.pem"),
-                run("b", "succeeded", false, "v000002.pem"),
-                run("c", "resolved", true, "v000003.pem"),
+                run("a", true, false, "v000001.pem"),  // aborted
+                run("b", false, false, "v000002.pem"), // succeeded
+                run("c", true, true, "v000003.pem"),   // resolved, recorded its commit
             ],
         };
         let v = judge(&insp, &prov);

@@ -18,11 +18,131 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::config::LedgerLocation;
 use crate::failpoint;
 use crate::outcome::Outcome;
 
-pub const IN_FLIGHT: [&str; 3] = ["started", "staged", "committed"];
+/// Why the ledger could not do what was asked. Each message already names the ledger
+/// and the cause in an operator's words; the variant says which step failed, so that a
+/// caller can tell "no ledger to talk to" from "a read failed".
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum LedgerError {
+    /// It could not be opened, connected to, or migrated.
+    #[error("{0}")]
+    Open(String),
+    /// A read, or a lock request, failed (a lost session included).
+    #[error("{0}")]
+    Query(String),
+}
+
+/// The rest of the code (the writer's closures, `Failure`) speaks `String`.
+impl From<LedgerError> for String {
+    fn from(e: LedgerError) -> String {
+        e.to_string()
+    }
+}
+
+/// Where the rotation ledger lives.
+#[derive(Clone, Debug, PartialEq)]
+pub enum LedgerLocation {
+    /// The embedded default: `<state.dir>/ledger.sqlite3`.
+    Sqlite(std::path::PathBuf),
+    /// `[state] ledger = "postgres://…"`: shared by every host of a pool.
+    Postgres(String),
+}
+
+/// The states of a run's row: the `rotations.state` CHECK list of the schema (a unit
+/// test holds the two together). Only this module spells them as text.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunState {
+    /// Admitted, before anything was staged.
+    Started,
+    /// The new key material exists, not yet committed.
+    Staged,
+    /// Past the commit point, not yet closed.
+    Committed,
+    Succeeded,
+    Aborted,
+    TimedOut,
+    NeedsReview,
+    /// Refused before it started (busy, not due, ...): never blocks anything.
+    Refused,
+    /// A `needs_review` run a human reviewed.
+    Resolved,
+}
+
+impl RunState {
+    pub const ALL: [RunState; 9] = [
+        RunState::Started,
+        RunState::Staged,
+        RunState::Committed,
+        RunState::Succeeded,
+        RunState::Aborted,
+        RunState::TimedOut,
+        RunState::NeedsReview,
+        RunState::Refused,
+        RunState::Resolved,
+    ];
+
+    /// The states of a run that has not ended (a run found in one of them without
+    /// its lock died).
+    pub const IN_FLIGHT: [RunState; 3] = [RunState::Started, RunState::Staged, RunState::Committed];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            RunState::Started => "started",
+            RunState::Staged => "staged",
+            RunState::Committed => "committed",
+            RunState::Succeeded => "succeeded",
+            RunState::Aborted => "aborted",
+            RunState::TimedOut => "timed_out",
+            RunState::NeedsReview => "needs_review",
+            RunState::Refused => "refused",
+            RunState::Resolved => "resolved",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<RunState> {
+        RunState::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+
+    pub fn in_flight(self) -> bool {
+        RunState::IN_FLIGHT.contains(&self)
+    }
+
+    /// The terminal state a run with this outcome is closed with.
+    pub const fn of(outcome: Outcome) -> RunState {
+        match outcome {
+            Outcome::Rotated => RunState::Succeeded,
+            Outcome::Aborted => RunState::Aborted,
+            Outcome::TimedOut => RunState::TimedOut,
+            Outcome::NeedsReview => RunState::NeedsReview,
+            Outcome::Usage | Outcome::Busy | Outcome::NotDesignated | Outcome::NotDue => RunState::Refused,
+        }
+    }
+
+    /// A run that ended before its commit point by its own account (`aborted`,
+    /// `timed_out`), or died or was reviewed (`needs_review`, `resolved`): it did not
+    /// commit unless it recorded so.
+    pub fn ended_unsuccessfully(self) -> bool {
+        matches!(
+            self,
+            RunState::Aborted | RunState::TimedOut | RunState::NeedsReview | RunState::Resolved
+        )
+    }
+
+    /// `state IN ('a','b')` for a query.
+    fn sql_in(states: &[RunState]) -> String {
+        let list: Vec<String> = states.iter().map(|s| format!("'{}'", s.as_str())).collect();
+        format!("state IN ({})", list.join(","))
+    }
+}
+
+impl std::fmt::Display for RunState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 
 /// One row of `rotations`, every column.
 #[derive(Clone, Debug, Serialize, PartialEq)]
@@ -30,7 +150,7 @@ pub struct RunRow {
     pub id: i64,
     pub run_id: String,
     pub domain: String,
-    pub state: String,
+    pub state: RunState,
     pub exit_code: Option<i64>,
     pub reason: Option<String>,
     pub trigger: String,
@@ -55,7 +175,7 @@ pub struct RunRow {
 
 impl RunRow {
     pub fn in_flight(&self) -> bool {
-        IN_FLIGHT.contains(&self.state.as_str())
+        self.state.in_flight()
     }
 }
 
@@ -66,21 +186,7 @@ const COLUMNS: &str = "id, run_id, domain, state, exit_code, reason, trigger, op
 /// `(from_version, to_version)`: the active version before and after a run.
 pub type Versions = (Option<u64>, Option<u64>);
 
-/// The identity of a new run, as recorded in its row.
-#[derive(Clone, Debug)]
-pub struct NewRun {
-    pub run_id: String,
-    pub domain: String,
-    pub trigger: &'static str,
-    pub operator: Option<String>,
-    pub host: String,
-    pub pid: u32,
-    pub pool: Option<String>,
-    pub started_at: String,
-    pub deadline_at: String,
-    pub forced: bool,
-    pub requested_reason: Option<String>,
-}
+pub use crate::run::NewRun;
 
 /// What the admission decision needs to know about one domain.
 #[derive(Clone, Debug, Default)]
@@ -91,9 +197,7 @@ pub struct DomainRecord {
     pub last_run: Option<RunRow>,
 }
 
-pub fn now() -> String {
-    crate::keystore::manifest::now_rfc3339(chrono::Utc::now())
-}
+pub use crate::time::now;
 
 /// A query parameter, for either engine.
 #[derive(Clone, Debug)]
@@ -148,7 +252,10 @@ fn run_row(r: &dyn Cols) -> Result<RunRow, String> {
         id: r.int(0)?.unwrap_or(0),
         run_id: need(r.text(1)?)?,
         domain: need(r.text(2)?)?,
-        state: need(r.text(3)?)?,
+        state: {
+            let state = need(r.text(3)?)?;
+            RunState::parse(&state).ok_or_else(|| format!("unknown run state {state:?}"))?
+        },
         exit_code: r.int(4)?,
         reason: r.text(5)?,
         trigger: need(r.text(6)?)?,
@@ -216,7 +323,7 @@ impl Db<'_, '_> {
                 .pop())
         };
         Ok(DomainRecord {
-            in_flight: one("state IN ('started','staged','committed') ORDER BY id")?,
+            in_flight: one(&format!("{} ORDER BY id", RunState::sql_in(&RunState::IN_FLIGHT)))?,
             blocking: one("state = 'needs_review' ORDER BY id")?,
             last_success: one("state = 'succeeded' ORDER BY id DESC")?,
             last_run: one("TRUE ORDER BY id DESC")?,
@@ -250,7 +357,11 @@ pub struct Ledger {
 impl Ledger {
     /// Opens the ledger for writing, creating and migrating it as needed. Waiting for
     /// other writers is bounded by `busy`.
-    pub fn open(location: &LedgerLocation, busy: Duration) -> Result<Ledger, String> {
+    pub fn open(location: &LedgerLocation, busy: Duration) -> Result<Ledger, LedgerError> {
+        Self::open_raw(location, busy).map_err(LedgerError::Open)
+    }
+
+    fn open_raw(location: &LedgerLocation, busy: Duration) -> Result<Ledger, String> {
         match location {
             LedgerLocation::Sqlite(path) => Ok(Ledger {
                 label: path.display().to_string(),
@@ -268,7 +379,11 @@ impl Ledger {
 
     /// Opens the ledger for reading only: no file is created or changed (dry runs,
     /// `status`, `history`, `check`). `Ok(None)` when there is no ledger yet.
-    pub fn open_read_only(location: &LedgerLocation) -> Result<Option<Ledger>, String> {
+    pub fn open_read_only(location: &LedgerLocation) -> Result<Option<Ledger>, LedgerError> {
+        Self::open_read_only_raw(location).map_err(LedgerError::Open)
+    }
+
+    fn open_read_only_raw(location: &LedgerLocation) -> Result<Option<Ledger>, String> {
         match location {
             LedgerLocation::Sqlite(path) => Ok(sqlite::Sqlite::open_read_only(path)?.map(|s| Ledger {
                 label: path.display().to_string(),
@@ -283,7 +398,11 @@ impl Ledger {
 
     /// Brings the schema to this keyrotate's version (`keyrotate migrate`, run as the
     /// role that owns the tables): `(label, version before, version after)`.
-    pub fn migrate(location: &LedgerLocation, busy: Duration) -> Result<(String, i64, i64), String> {
+    pub fn migrate(location: &LedgerLocation, busy: Duration) -> Result<(String, i64, i64), LedgerError> {
+        Self::migrate_raw(location, busy).map_err(LedgerError::Open)
+    }
+
+    fn migrate_raw(location: &LedgerLocation, busy: Duration) -> Result<(String, i64, i64), String> {
         match location {
             LedgerLocation::Sqlite(path) => {
                 let (from, to) = sqlite::Sqlite::migrate_now(path, busy)?;
@@ -307,18 +426,30 @@ impl Ledger {
         }
     }
 
-    pub fn get(&self, run_id: &str) -> Result<Option<RunRow>, String> {
+    pub fn get(&self, run_id: &str) -> Result<Option<RunRow>, LedgerError> {
+        self.get_raw(run_id).map_err(LedgerError::Query)
+    }
+
+    fn get_raw(&self, run_id: &str) -> Result<Option<RunRow>, String> {
         self.round_trip("get")?;
         self.db().get(&self.label, run_id)
     }
 
-    pub fn domain_record(&self, domain: &str) -> Result<DomainRecord, String> {
+    pub fn domain_record(&self, domain: &str) -> Result<DomainRecord, LedgerError> {
+        self.domain_record_raw(domain).map_err(LedgerError::Query)
+    }
+
+    fn domain_record_raw(&self, domain: &str) -> Result<DomainRecord, String> {
         self.round_trip("domain_record")?;
         self.db().domain_record(&self.label, domain)
     }
 
     /// Ledger rows newest first, optionally for one domain and since an instant.
-    pub fn history(&self, domain: Option<&str>, since: Option<&str>, limit: u32) -> Result<Vec<RunRow>, String> {
+    pub fn history(&self, domain: Option<&str>, since: Option<&str>, limit: u32) -> Result<Vec<RunRow>, LedgerError> {
+        self.history_raw(domain, since, limit).map_err(LedgerError::Query)
+    }
+
+    fn history_raw(&self, domain: Option<&str>, since: Option<&str>, limit: u32) -> Result<Vec<RunRow>, String> {
         let mut filter = String::from("TRUE");
         let mut params = Vec::new();
         if let Some(d) = domain {
@@ -335,7 +466,11 @@ impl Ledger {
     }
 
     /// The step events of one run, oldest first: `(at, phase, detail)`.
-    pub fn events(&self, run_id: &str) -> Result<Vec<(String, String, Option<String>)>, String> {
+    pub fn events(&self, run_id: &str) -> Result<Vec<(String, String, Option<String>)>, LedgerError> {
+        self.events_raw(run_id).map_err(LedgerError::Query)
+    }
+
+    fn events_raw(&self, run_id: &str) -> Result<Vec<(String, String, Option<String>)>, String> {
         self.round_trip("events")?;
         self.db().query(
             &self.label,
@@ -353,7 +488,11 @@ impl Ledger {
 
     /// The audit chain heads recorded by runs of `host`, whose audit file is this
     /// host's (a shared ledger holds every host's anchors).
-    pub fn audit_anchors(&self, host: &str) -> Result<Vec<crate::audit::Anchor>, String> {
+    pub fn audit_anchors(&self, host: &str) -> Result<Vec<crate::audit::Anchor>, LedgerError> {
+        self.audit_anchors_raw(host).map_err(LedgerError::Query)
+    }
+
+    fn audit_anchors_raw(&self, host: &str) -> Result<Vec<crate::audit::Anchor>, String> {
         self.db().query(
             &self.label,
             "SELECT run_id, audit_seq, audit_hash FROM rotations \
@@ -374,7 +513,15 @@ impl Ledger {
     /// commits and reported files of the domain's recent runs. Refused runs never
     /// touch keys and are skipped; a leftover is removed by the first rotation after
     /// the run that left it, so the last few dozen runs are the whole story.
-    pub fn provenance(&self, domain: &str, manifest_run: Option<&str>) -> Result<crate::keystore::Provenance, String> {
+    pub fn provenance(
+        &self,
+        domain: &str,
+        manifest_run: Option<&str>,
+    ) -> Result<crate::keystore::Provenance, LedgerError> {
+        self.provenance_raw(domain, manifest_run).map_err(LedgerError::Query)
+    }
+
+    fn provenance_raw(&self, domain: &str, manifest_run: Option<&str>) -> Result<crate::keystore::Provenance, String> {
         let db = self.db();
         let manifest_run_known = match manifest_run {
             None => None,
@@ -422,7 +569,7 @@ impl Ledger {
                 None => {
                     runs.push(crate::keystore::RunRecord {
                         run_id,
-                        state,
+                        ended_uncommitted: RunState::parse(&state).is_some_and(RunState::ended_unsuccessfully),
                         ..Default::default()
                     });
                     runs.len() - 1
@@ -446,7 +593,11 @@ impl Ledger {
     /// (PostgreSQL: a session advisory lock, released by the server if the process
     /// dies). `Ok(false)` when another session holds it. The embedded ledger serves one
     /// host, where the file lock is the whole story: always `Ok(true)`.
-    pub fn lock_domain(&self, domain: &str) -> Result<bool, String> {
+    pub fn lock_domain(&self, domain: &str) -> Result<bool, LedgerError> {
+        self.lock_domain_raw(domain).map_err(LedgerError::Query)
+    }
+
+    fn lock_domain_raw(&self, domain: &str) -> Result<bool, String> {
         match &self.conn {
             Conn::Sqlite(_) => Ok(true),
             Conn::Postgres(c) => {
@@ -467,7 +618,11 @@ impl Ledger {
     /// changes anything outside the database, and every second during long steps (which
     /// keeps the session from ever being idle). The embedded ledger's lock is the
     /// process's own file lock, which cannot be lost: always `Ok`.
-    pub fn confirm_lock(&self, domain: &str) -> Result<(), String> {
+    pub fn confirm_lock(&self, domain: &str) -> Result<(), LedgerError> {
+        self.confirm_lock_raw(domain).map_err(LedgerError::Query)
+    }
+
+    fn confirm_lock_raw(&self, domain: &str) -> Result<(), String> {
         match &self.conn {
             Conn::Sqlite(_) => Ok(()),
             Conn::Postgres(c) => match postgres::own_advisory_lock_held(&mut c.borrow_mut(), domain) {
@@ -493,7 +648,11 @@ impl Ledger {
     }
 
     /// Whether another session (on any host) holds `domain`'s cross-host lock now.
-    pub fn domain_locked_elsewhere(&self, domain: &str) -> Result<bool, String> {
+    pub fn domain_locked_elsewhere(&self, domain: &str) -> Result<bool, LedgerError> {
+        self.domain_locked_elsewhere_raw(domain).map_err(LedgerError::Query)
+    }
+
+    fn domain_locked_elsewhere_raw(&self, domain: &str) -> Result<bool, String> {
         match &self.conn {
             Conn::Sqlite(_) => Ok(false),
             Conn::Postgres(c) => {
@@ -607,11 +766,11 @@ impl Writer<'_, '_> {
     pub fn insert(
         &self,
         run: &NewRun,
-        end: Option<(&str, Outcome, &str)>,
+        end: Option<(RunState, Outcome, &str)>,
         from_version: Option<u64>,
     ) -> Result<(), String> {
         let (state, code, reason, ended) = match end {
-            None => ("started", None, None, None),
+            None => (RunState::Started, None, None, None),
             Some((state, o, reason)) => (state, Some(i64::from(o.code())), Some(reason), Some(now())),
         };
         self.exec(
@@ -621,7 +780,7 @@ impl Writer<'_, '_> {
             &[
                 (&run.run_id).into(),
                 (&run.domain).into(),
-                state.into(),
+                state.as_str().into(),
                 code.into(),
                 reason.into(),
                 run.trigger.into(),
@@ -637,18 +796,23 @@ impl Writer<'_, '_> {
                 run.requested_reason.as_ref().into(),
             ],
         )?;
-        self.event(&run.run_id, state, reason)
+        self.event(&run.run_id, state.as_str(), reason)
     }
 
     /// Moves an in-flight run to `state` (`staged`, `committed`), recording its
     /// `(from_version, to_version)` where known.
-    pub fn advance(&self, run_id: &str, state: &str, versions: Versions, detail: &str) -> Result<(), String> {
+    pub fn advance(&self, run_id: &str, state: RunState, versions: Versions, detail: &str) -> Result<(), String> {
         self.exec(
             "UPDATE rotations SET state = $2, from_version = COALESCE($3, from_version), \
              to_version = COALESCE($4, to_version) WHERE run_id = $1",
-            &[run_id.into(), state.into(), versions.0.into(), versions.1.into()],
+            &[
+                run_id.into(),
+                state.as_str().into(),
+                versions.0.into(),
+                versions.1.into(),
+            ],
         )?;
-        self.event(run_id, state, Some(detail))
+        self.event(run_id, state.as_str(), Some(detail))
     }
 
     /// Closes a run with its outcome.
@@ -658,7 +822,7 @@ impl Writer<'_, '_> {
              from_version = COALESCE($6, from_version), to_version = COALESCE($7, to_version) WHERE run_id = $1",
             &[
                 run_id.into(),
-                outcome.ledger_state().into(),
+                RunState::of(outcome).as_str().into(),
                 i64::from(outcome.code()).into(),
                 reason.into(),
                 (&now()).into(),
@@ -666,7 +830,7 @@ impl Writer<'_, '_> {
                 versions.1.into(),
             ],
         )?;
-        self.event(run_id, outcome.ledger_state(), Some(reason))
+        self.event(run_id, RunState::of(outcome).as_str(), Some(reason))
     }
 
     /// Records the audit chain head of a run's last line, in its closing transaction.
@@ -716,6 +880,35 @@ impl Writer<'_, '_> {
 mod tests {
     use super::*;
 
+    /// The states a migration's CHECK constraint on `rotations.state` allows.
+    fn check_list(sql: &str) -> Vec<String> {
+        let start = sql.find("CHECK (state IN (").expect("a CHECK on state") + "CHECK (state IN (".len();
+        let end = start + sql[start..].find(')').unwrap();
+        sql[start..end]
+            .split(',')
+            .map(|s| s.trim().trim_matches('\'').to_string())
+            .collect()
+    }
+
+    #[test]
+    fn run_states_are_the_schemas_check_list() {
+        let mine: Vec<String> = RunState::ALL.iter().map(|s| s.to_string()).collect();
+        for (engine, sql) in [
+            ("sqlite", include_str!("migrations/sqlite/001_init.sql")),
+            ("postgres", include_str!("migrations/postgres/001_init.sql")),
+        ] {
+            let mut theirs = check_list(sql);
+            let mut ours = mine.clone();
+            theirs.sort();
+            ours.sort();
+            assert_eq!(ours, theirs, "{engine}: RunState and the schema's CHECK list differ");
+        }
+        for st in RunState::ALL {
+            assert_eq!(RunState::parse(st.as_str()), Some(st));
+            assert_eq!(serde_json::to_value(st).unwrap(), st.as_str());
+        }
+    }
+
     fn run(id: &str) -> NewRun {
         NewRun {
             run_id: id.into(),
@@ -760,7 +953,10 @@ mod tests {
         let e = Ledger::open(&LedgerLocation::Sqlite(path.clone()), Duration::from_secs(1))
             .err()
             .unwrap();
-        assert!(e.contains("not a SQLite database"), "{e}");
+        assert!(
+            matches!(&e, LedgerError::Open(m) if m.contains("not a SQLite database")),
+            "{e:?}"
+        );
         assert_eq!(std::fs::read(&path).unwrap(), vec![b'x'; 4096]);
     }
 }

@@ -131,7 +131,7 @@ fn connect(url: &str, timeout: Duration) -> Result<Client, String> {
     let label = redact(url);
     let (wire, tls) = super::tls::policy(url).map_err(|e| format!("ledger {label}: {e}"))?;
     let mut config: postgres::Config = wire.parse().map_err(|e| format!("ledger {label}: {e}"))?;
-    if config.get_password().map_or(true, <[u8]>::is_empty) {
+    if config.get_password().is_none_or(<[u8]>::is_empty) {
         if let Some(p) = default_password(&config) {
             config.password(p);
         }

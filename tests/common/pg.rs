@@ -22,7 +22,8 @@ pub fn server() -> bool {
         if !std::path::Path::new("/etc/postgresql/15/main").exists() {
             return false;
         }
-        if unsafe { libc::geteuid() } != 0 {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
             eprintln!("PostgreSQL is installed but this test run is not root: start it and set KEYROTATE_TEST_PG (see .ci/run)");
             return false;
         }

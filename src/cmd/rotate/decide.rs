@@ -1,5 +1,6 @@
-//! Phases 4 to 6 of a rotation as pure decisions over what the ledger holds (shared by
-//! the real run and the dry run), and the messages and diagnoses they produce.
+//! Phases 4 to 6 of a rotation as pure decisions over what the ledger holds, and every
+//! message a rotation stops with before its backend runs: built here once, for the
+//! real run and the dry run alike.
 
 use super::*;
 
@@ -31,7 +32,7 @@ pub(super) fn admit(p: &Prepared, rec: &DomainRecord, remaining: Duration) -> Ad
     if let Some(blocking) = &rec.blocking {
         return Admission::Blocked(blocking.clone());
     }
-    if let Some(next_due) = next_due(rec.last_success.as_ref(), p.domain.min_interval) {
+    if let Some(next_due) = crate::due::next_due(rec.last_success.as_ref(), p.domain.min_interval) {
         if !p.run.forced && next_due > chrono::Utc::now() {
             return Admission::NotDue {
                 last: rec.last_success.clone().expect("a due time comes from a success"),
@@ -39,34 +40,192 @@ pub(super) fn admit(p: &Prepared, rec: &DomainRecord, remaining: Duration) -> Ad
             };
         }
     }
-    let need = budget(&p.domain);
+    let need = budget(p);
     if remaining < need {
         return Admission::OverBudget { left: remaining, need };
     }
     Admission::Go
 }
 
-/// When a domain is next due, from its last success.
-pub(crate) fn next_due(last_success: Option<&RunRow>, min_interval: Duration) -> Option<chrono::DateTime<chrono::Utc>> {
-    let last = last_success?;
-    let at = last.ended_at.as_deref().unwrap_or(&last.started_at);
-    let at = chrono::DateTime::parse_from_rfc3339(at)
-        .ok()?
-        .with_timezone(&chrono::Utc);
-    Some(at + chrono::Duration::from_std(min_interval).unwrap_or(chrono::Duration::MAX))
+/// The least time left at admission that a rotation of this domain can finish in
+/// (the backend's floor).
+pub(super) fn budget(p: &Prepared) -> Duration {
+    p.backend().budget()
 }
 
-/// The least time left at admission that a rotation of this domain can finish in.
-/// A floor, not an estimate: a run admitted with less would almost surely time out
-/// half-way, so it is better not started.
-pub(super) fn budget(d: &DomainConfig) -> Duration {
-    use crate::keystore::Algorithm::*;
-    match &d.backend {
-        Backend::Keystore { algorithm: Rsa4096, .. } => Duration::from_secs(5),
-        Backend::Keystore { algorithm: Rsa3072, .. } => Duration::from_secs(2),
-        Backend::Keystore { algorithm: Rsa2048, .. } => Duration::from_millis(800),
-        Backend::Keystore { .. } => Duration::from_millis(200),
-        Backend::Command { .. } => Duration::from_secs(1),
+/// What a stale run's diagnosis found out before the admission transaction: the key
+/// store's story and whether one of its processes still lives.
+pub(super) struct StaleFacts {
+    pub diagnosis: String,
+    pub alive: Option<crate::process::Alive>,
+}
+
+/// A refusal decided at admission: the row's state and outcome, the reason, and for a
+/// stale run the mark to put on the dead run's row.
+pub(super) struct Refusal {
+    pub outcome: Outcome,
+    pub state: RunState,
+    pub reason: String,
+    /// The dead run and the mark its row gets (stale runs only).
+    pub stale: Option<(String, String)>,
+    /// The dry run's plan line.
+    pub plan: String,
+}
+
+/// Phases 4 to 6: the decision the admission makes over the domain's record.
+/// `Ok(())`: the run is admitted.
+pub(super) fn judge(
+    p: &Prepared,
+    rec: &DomainRecord,
+    remaining: Duration,
+    stale: Option<&StaleFacts>,
+) -> Result<(), Refusal> {
+    let domain = &p.domain.name;
+    let refusal = |outcome, state, reason: String, plan: String| Refusal {
+        outcome,
+        state,
+        reason,
+        stale: None,
+        plan,
+    };
+    Err(match admit(p, rec, remaining) {
+        Admission::Go => return Ok(()),
+        Admission::Stale(dead) => match stale.and_then(|s| s.alive.clone()) {
+            // A live process is never called dead: a run that lost its PostgreSQL
+            // lock may still run here, and a dead run's hook may outlive it.
+            Some(alive @ crate::process::Alive::Run(_)) => refusal(
+                Outcome::Busy,
+                RunState::Refused,
+                format!(
+                    "another rotation of {domain} is running: {}; it stops at its next step: wait for it",
+                    alive.describe(&dead.run_id)
+                ),
+                format!("ledger: {}", alive.describe(&dead.run_id)),
+            ),
+            alive => {
+                let mut diagnosis = stale
+                    .map(|s| s.diagnosis.clone())
+                    .unwrap_or_else(|| "the key store was not inspected".into());
+                if let Some(alive) = &alive {
+                    diagnosis = format!("{diagnosis}; {}", alive.describe(&dead.run_id));
+                }
+                let mark = format!("stale: the process {} mid-rotation; {diagnosis}", ended_how(&dead));
+                Refusal {
+                    outcome: Outcome::NeedsReview,
+                    state: RunState::Refused,
+                    reason: stale_message(domain, &dead, &diagnosis),
+                    plan: format!(
+                        "ledger: run {} is still in flight but holds no lock: it {}",
+                        dead.run_id,
+                        ended_how(&dead)
+                    ),
+                    stale: Some((dead.run_id, mark)),
+                }
+            }
+        },
+        Admission::Alive(row) => refusal(
+            Outcome::Busy,
+            RunState::Refused,
+            alive_message(&row, !matches!(p.config.ledger, crate::config::LedgerLocation::Sqlite(_))),
+            format!("ledger: run {} is in flight and its process is alive", row.run_id),
+        ),
+        Admission::Blocked(row) => refusal(
+            Outcome::NeedsReview,
+            RunState::Refused,
+            blocked_message(domain, &row),
+            format!("ledger: blocked by run {}", row.run_id),
+        ),
+        Admission::NotDue { last, next_due } => refusal(
+            Outcome::NotDue,
+            RunState::Refused,
+            format!(
+                "not due: run {} succeeded at {}; next due {next_due} (min_interval {}); use --force for an emergency rotation",
+                last.run_id,
+                last.ended_at.as_deref().unwrap_or(&last.started_at),
+                humantime::format_duration(p.domain.min_interval)
+            ),
+            format!("due: no, next due {next_due}"),
+        ),
+        Admission::OverBudget { left, need } => refusal(
+            Outcome::TimedOut,
+            RunState::TimedOut,
+            format!(
+                "deadline budget: {} left, a {} rotation needs at least {}; nothing was changed",
+                // Whole seconds: the dry run, a moment earlier, says the same.
+                humantime::format_duration(Duration::from_secs(left.as_secs())),
+                p.domain.backend.algorithm_name().unwrap_or("command"),
+                humantime::format_duration(need)
+            ),
+            "deadline: too little time left".into(),
+        ),
+    })
+}
+
+pub(super) fn not_designated_message(p: &Prepared) -> String {
+    format!(
+        "this host's pool {} is not the designated pool {}; nothing done",
+        p.pool, p.domain.designated_pool
+    )
+}
+
+pub(super) fn duplicate_run_id_message(run_id: &str) -> String {
+    format!("--run-id {run_id} is already in the ledger; a re-run is a new attempt with a new id")
+}
+
+pub(super) fn busy_message(domain: &str, holder: Option<Holder>) -> String {
+    format!("another rotation of {domain} is running: {}", who(holder))
+}
+
+pub(super) fn keystore_busy_message(p: &Prepared, ks: &Keystore, holder: Option<Holder>) -> String {
+    format!(
+        "another run holds the key store lock {} of {}: {} (a config with another state folder may rotate this key store)",
+        ks.lock_path().display(),
+        p.domain.name,
+        who(holder)
+    )
+}
+
+fn who(holder: Option<Holder>) -> String {
+    holder.map_or("another process (the lock file does not name it)".to_string(), |h| {
+        h.describe()
+    })
+}
+
+/// Who holds a shared ledger's lock on the domain, as far as its rows tell.
+pub(super) fn ledger_holder(ledger: &Ledger, domain: &str) -> Option<Holder> {
+    ledger
+        .domain_record(domain)
+        .ok()
+        .and_then(|r| r.in_flight)
+        .map(|r| Holder {
+            run_id: r.run_id,
+            pid: r.pid as u32,
+            host: r.host,
+            started_at: r.started_at,
+        })
+}
+
+pub(super) fn audit_message(e: &str) -> String {
+    format!("{e}: the audit trail is part of the run; no key was touched")
+}
+
+/// The outcome of a ledger failure before any key was touched: TIMED_OUT when the
+/// wait for the ledger ran into the deadline, ABORTED otherwise.
+pub(super) fn before_keys(p: &Prepared) -> Outcome {
+    if p.deadline.expired() {
+        Outcome::TimedOut
+    } else {
+        Outcome::Aborted
+    }
+}
+
+/// The key store of a key store domain, with the domain's access.
+pub(super) fn keystore_of(p: &Prepared) -> Option<Keystore> {
+    match &p.domain.backend {
+        Backend::Keystore { keystore, .. } => {
+            Some(Keystore::new(keystore, &p.domain.name).with_access(p.domain.access.clone()))
+        }
+        Backend::Command { .. } => None,
     }
 }
 
@@ -113,75 +272,9 @@ pub(super) fn last_step(events: &[(String, String, Option<String>)]) -> Option<&
         .map(|e| e.1.as_str())
 }
 
-/// What the key store shows about a run that died: did it commit?
+/// What the backend shows about a run that died: did it commit?
 pub(super) fn diagnose(p: &Prepared, dead: &RunRow, last_step: Option<&str>, ledger: Option<&Ledger>) -> String {
-    let step = last_step
-        .map(|s| format!("its last recorded step was '{s}'; "))
-        .unwrap_or_default();
-    match &p.domain.backend {
-        // With a shared ledger the dead run may have been on another host, whose key
-        // store this host cannot see.
-        Backend::Keystore { .. } if dead.host != p.run.host => {
-            format!(
-                "{step}it ran on host {}: inspect the key store there to see whether it committed",
-                dead.host
-            )
-        }
-        Backend::Keystore { keystore, .. } => {
-            let ks = Keystore::new(keystore, &p.domain.name);
-            match crate::backend::keystore::examine(&ks, ledger, &p.domain.name) {
-                Err(d) => format!("{step}the key store is inconsistent: {d}"),
-                Ok((i, verdict)) => {
-                    let mine: Vec<String> = i
-                        .manifest
-                        .created_by(&dead.run_id)
-                        .map(|v| format!("v{}", v.version))
-                        .collect();
-                    let primary = i.manifest.primary.map_or("empty".into(), |n| format!("v{n}"));
-                    if mine.is_empty() {
-                        format!(
-                            "{step}keyring primary is {primary}, not created by that run: it did not commit, the old key state stands{}",
-                            leftovers_note(&i, &verdict)
-                        )
-                    } else {
-                        format!(
-                            "{step}keyring primary is {primary}; {} created by that run: it did commit{}",
-                            mine.join(", "),
-                            leftovers_note(&i, &verdict)
-                        )
-                    }
-                }
-            }
-        }
-        Backend::Command { .. } => match last_step.and_then(|s| s.strip_prefix("hook.")) {
-            Some(hook) => {
-                let (name, phase) = hook.split_once('.').unwrap_or((hook, ""));
-                let when = if phase == "start" { "was running" } else { "had ended" };
-                let target = if name == "create" && phase == "start" {
-                    "the target was not changed yet"
-                } else {
-                    "the target may hold a half-rotated secret: check it"
-                };
-                format!("the hook step '{name}' {when} when it died; {target}")
-            }
-            None => format!("{step}no hook step had started: the target was not changed"),
-        },
-    }
-}
-
-/// What the diagnosis adds about files the manifest does not list.
-pub(super) fn leftovers_note(i: &Inspection, verdict: &crate::keystore::Verdict) -> String {
-    let mut note = String::new();
-    if !i.unlisted.is_empty() {
-        note.push_str(&format!(
-            "; file(s) not in keyring.json: {} (the first rotation after review removes those a run recorded as staged and never committed, and reports any other)",
-            i.unlisted.join(", ")
-        ));
-    }
-    if let Some(m) = &verdict.mismatch {
-        note.push_str(&format!("; {m}"));
-    }
-    note
+    p.backend().diagnose(dead, last_step, ledger, &p.run.host)
 }
 
 pub(super) fn alive_message(row: &RunRow, shared: bool) -> String {

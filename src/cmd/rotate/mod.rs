@@ -11,11 +11,20 @@
 //! 6. deadline budget ............. TIMED_OUT (8)
 //! 7. rotation (backend) .......... ROTATED (0), ABORTED (3), NEEDS_REVIEW (4), TIMED_OUT (8)
 //!
-//! A dry run takes no lock, opens the ledger read-only, writes nothing, and prints the
-//! plan with the code the real run would return now.
+//! Phases 2 to 6 (and the audit check that ends admission) are one sequence,
+//! `phases::admission`, of one function per phase over the run's context and an
+//! [`phases::Effects`] interface. Two drivers implement it: `real.rs` (the live
+//! driver) takes the locks, opens the ledger for writing and records every refusal;
+//! `dry.rs` (the dry driver) only probes (no lock, the ledger read-only, nothing
+//! written) and collects the plan. Every decision and every message is made once, in
+//! `phases.rs` and `decide.rs`, so the dry run cannot predict another code or reason
+//! than the real run would return now. Phase 7 is the backend's: it runs the rotation
+//! in the live driver, and says what it would do (its own preflight, the same as the
+//! run's) in the dry one.
 
 mod decide;
 mod dry;
+mod phases;
 mod real;
 
 use std::time::Duration;
@@ -24,37 +33,91 @@ use serde::Serialize;
 
 use super::{clean_text, hostname, load_config, operator, print_json};
 use crate::audit::{Audit, Event};
-use crate::backend::command::{self, CommandRotation};
-use crate::backend::keystore::{KeystoreRotation, PreCommitUndo};
-use crate::backend::{Rotated, Step};
+use crate::backend::command;
+use crate::backend::{PreCommitUndo, Rotated, RotationBackend, Step};
 use crate::cli::{Cli, OutputFormat, RotateArgs};
 use crate::config::{Backend, Config, DomainConfig};
 use crate::deadline::Deadline;
+use crate::fsutil;
 use crate::guard::Guard;
-use crate::keystore::{Inspection, Keystore};
-use crate::ledger::{DomainRecord, Ledger, NewRun, RunRow};
+use crate::keystore::Keystore;
+use crate::ledger::{DomainRecord, Ledger, NewRun, RunRow, RunState};
 use crate::lock::{self, Acquire, DomainLock, Holder};
 use crate::outcome::{Failure, Outcome};
-use crate::{fsutil, keystore::manifest::now_rfc3339};
+use crate::time::rfc3339 as now_rfc3339;
+use phases::{Effects, Held, Record, Stop};
 
 /// What `rotate` prints on stdout (one line, or this object with `--output json`).
-#[derive(Debug, Serialize)]
+/// It carries the outcome itself; the name and the exit code are derived from it
+/// only when printed.
+#[derive(Debug)]
 pub struct Report {
     pub run_id: String,
     pub domain: String,
-    pub outcome: &'static str,
-    pub exit_code: u8,
+    pub outcome: Outcome,
     pub from_version: Option<u64>,
     pub to_version: Option<u64>,
     pub reason: String,
     pub dry_run: bool,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub plan: Option<Vec<String>>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
 }
 
-/// Everything phase 1 established.
+impl Report {
+    /// A report of a run that stopped with `outcome` and changed no version.
+    fn stopped(p: &Prepared, outcome: Outcome, reason: String) -> Report {
+        Report {
+            run_id: p.run.run_id.clone(),
+            domain: p.domain.name.clone(),
+            outcome,
+            from_version: None,
+            to_version: None,
+            reason,
+            dry_run: p.dry_run,
+            plan: None,
+            warnings: Vec::new(),
+        }
+    }
+}
+
+/// The JSON shape of a [`Report`] (stable field names and order).
+#[derive(Serialize)]
+struct ReportJson<'a> {
+    run_id: &'a str,
+    domain: &'a str,
+    outcome: &'static str,
+    exit_code: u8,
+    from_version: Option<u64>,
+    to_version: Option<u64>,
+    reason: &'a str,
+    dry_run: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    plan: Option<&'a [String]>,
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    warnings: &'a [String],
+}
+
+impl Serialize for Report {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        ReportJson {
+            run_id: &self.run_id,
+            domain: &self.domain,
+            outcome: self.outcome.name(),
+            exit_code: self.outcome.code(),
+            from_version: self.from_version,
+            to_version: self.to_version,
+            reason: &self.reason,
+            dry_run: self.dry_run,
+            plan: self.plan.as_deref(),
+            warnings: &self.warnings,
+        }
+        .serialize(s)
+    }
+}
+
+/// Everything phase 1 established: the run's context. Cloneable, so that the deadline
+/// watchdog gets its own copy.
+#[derive(Clone)]
 struct Prepared {
     config: Config,
     domain: DomainConfig,
@@ -66,7 +129,13 @@ struct Prepared {
     dry_run: bool,
 }
 
-pub(crate) use decide::next_due;
+impl Prepared {
+    /// The domain's backend.
+    fn backend(&self) -> Box<dyn RotationBackend> {
+        crate::backend::for_domain(&self.domain, &self.config.state_dir)
+    }
+}
+
 use decide::*;
 use dry::dry_run;
 use real::real_run;
@@ -79,8 +148,7 @@ pub fn run(cli: &Cli, args: &RotateArgs) -> Outcome {
             let report = Report {
                 run_id: args.run_id.clone().unwrap_or_default(),
                 domain: args.domain.clone(),
-                outcome: f.outcome.name(),
-                exit_code: f.outcome.code(),
+                outcome: f.outcome,
                 from_version: None,
                 to_version: None,
                 reason: f.message.clone(),
@@ -98,7 +166,7 @@ pub fn run(cli: &Cli, args: &RotateArgs) -> Outcome {
         // After the report: the outcome is final, the metrics only describe it.
         super::write_metrics(&p.config);
     }
-    Outcome::from_code(i64::from(report.exit_code)).unwrap_or(Outcome::Aborted)
+    report.outcome
 }
 
 fn print_report(r: &Report, output: OutputFormat) {
@@ -117,7 +185,8 @@ fn print_report(r: &Report, output: OutputFormat) {
                 format!(" [run {}]", r.run_id)
             };
             let would = if r.dry_run { "would exit " } else { "" };
-            out!("{} {}: {}{run} ({would}{})", r.outcome, r.domain, r.reason, r.exit_code);
+            let (name, code) = (r.outcome.name(), r.outcome.code());
+            out!("{name} {}: {}{run} ({would}{code})", r.domain, r.reason);
         }
     }
 }
@@ -129,7 +198,7 @@ fn prepare(cli: &Cli, args: &RotateArgs) -> Result<Prepared, Failure> {
     let domain = config.domain(&args.domain).map_err(Failure::usage)?.clone();
     let deadline = Deadline::parse(&args.deadline, domain.max_deadline).map_err(Failure::usage)?;
     if let Backend::Command { program, .. } = &domain.backend {
-        super::program_runnable(program).map_err(|e| {
+        command::program_runnable(program).map_err(|e| {
             Failure::usage(format!(
                 "{}: domains.{}.command: {e}",
                 config.path.display(),

@@ -10,19 +10,17 @@ pub(super) struct Concluded {
 }
 
 pub(super) fn real_run(p: &Prepared) -> Report {
-    let c = real_run_inner(p);
+    let mut live = Live::default();
+    let c = match phases::admission(p, &mut live) {
+        Err(s) => live.record(p, s),
+        Ok(()) => live.rotate(p),
+    };
     let r = c.rotated.unwrap_or_default();
     Report {
-        run_id: p.run.run_id.clone(),
-        domain: p.domain.name.clone(),
-        outcome: c.outcome.name(),
-        exit_code: c.outcome.code(),
         from_version: r.from_version,
         to_version: r.to_version,
-        reason: c.reason,
-        dry_run: false,
-        plan: None,
         warnings: r.warnings,
+        ..Report::stopped(p, c.outcome, c.reason)
     }
 }
 
@@ -58,161 +56,173 @@ pub(super) fn stop(outcome: Outcome, reason: String) -> Concluded {
     }
 }
 
-pub(super) fn real_run_inner(p: &Prepared) -> Concluded {
-    // 2. designation
-    if p.pool != p.domain.designated_pool {
-        return stop(
-            Outcome::NotDesignated,
-            format!(
-                "this host's pool {} is not the designated pool {}; nothing done",
-                p.pool, p.domain.designated_pool
-            ),
-        );
-    }
+/// The live driver: what it holds while the run goes on (dropped, so released, when
+/// the run ends).
+#[derive(Default)]
+struct Live {
+    guard: Option<Guard>,
+    held: Option<DomainLock>,
+    keystore_lock: Option<DomainLock>,
+    ledger: Option<Ledger>,
+}
 
-    // 3. lock
-    let guard = match Guard::install(p.deadline) {
-        Ok(g) => g,
-        Err(e) => return stop(Outcome::Aborted, e),
-    };
-    if let Err(e) = fsutil::ensure_private_dir(&p.config.state_dir, "state folder")
-        .and_then(|()| fsutil::ensure_private_dir(&p.config.lock_dir(), "lock folder"))
-    {
-        return stop(Outcome::Aborted, format!("{e}; nothing was changed"));
-    }
-    let lock_path = lock::lock_path(&p.config.lock_dir(), &p.domain.name);
-    let mut held = match DomainLock::try_acquire(&lock_path) {
-        Err(e) => return stop_unrecorded(p, Outcome::Aborted, format!("{e}; nothing was changed")),
-        Ok(Acquire::Busy(holder)) => return refuse_busy(p, holder),
-        Ok(Acquire::Acquired(l)) => l,
-    };
-    let holder = Holder {
+fn holder_of(p: &Prepared) -> Holder {
+    Holder {
         run_id: p.run.run_id.clone(),
         pid: p.run.pid,
         host: p.run.host.clone(),
         started_at: p.run.started_at.clone(),
-    };
-    if let Err(e) = held.write_holder(&holder) {
-        tracing::warn!("{e}");
     }
-    let mut ledger = match open_ledger(p) {
-        Ok(l) => l,
-        Err(e) => return stop_unrecorded(p, before_keys(p), format!("{e}; no key was touched")),
-    };
-    // A shared ledger also guards the other hosts of the pool.
-    match ledger.lock_domain(&p.domain.name) {
-        Ok(true) => {}
-        Ok(false) => {
-            let holder = ledger
-                .domain_record(&p.domain.name)
-                .ok()
-                .and_then(|r| r.in_flight)
-                .map(|r| Holder {
-                    run_id: r.run_id,
-                    pid: r.pid as u32,
-                    host: r.host,
-                    started_at: r.started_at,
-                });
-            return refuse_busy(p, holder);
-        }
-        Err(e) => return stop_unrecorded(p, before_keys(p), format!("{e}; no key was touched")),
-    }
+}
 
-    // The key store's own lock, so that a config with another state folder can never
-    // rotate this key store at the same time. A key folder that cannot be prepared is
-    // left to the backend, which refuses it with a recorded ABORTED.
-    let _keystore_lock = match keystore_of(p) {
-        Some(ks) if ks.prepare().is_ok() => match DomainLock::try_acquire(&ks.lock_path()) {
-            Err(e) => return refuse_recorded(p, &mut ledger, Outcome::Aborted, format!("{e}; nothing was changed")),
-            Ok(Acquire::Busy(holder)) => return refuse_busy_keystore(p, &ks, holder),
-            Ok(Acquire::Acquired(mut l)) => {
-                if let Err(e) = l.write_holder(&holder) {
-                    tracing::warn!("{e}");
-                }
-                Some(l)
+fn acquire(path: &std::path::Path, p: &Prepared) -> Result<(Held, Option<DomainLock>), String> {
+    match DomainLock::try_acquire(path)? {
+        Acquire::Busy(holder) => Ok((Held::Busy(holder), None)),
+        Acquire::Acquired(mut l) => {
+            if let Err(e) = l.write_holder(&holder_of(p)) {
+                tracing::warn!("{e}");
             }
-        },
-        _ => None,
-    };
-    // 4-6. stale run, open review, due, budget: decided and recorded in one transaction
-    // (after finishing what a committed run left undone)
-    match admit_and_record(p, &mut ledger, &guard) {
-        Err(f) => return stop_unrecorded(p, f.outcome, f.message),
-        Ok(Some(refused)) => return refused,
-        Ok(None) => {}
+            Ok((Held::Free, Some(l)))
+        }
     }
-    // Who runs this, so that the next run can tell "still running" from "died".
-    if ledger.is_shared() || matches!(p.domain.backend, Backend::Command { .. }) {
-        let run_id = p.run.run_id.clone();
-        let _ = ledger.write("event", |w| {
-            w.event(&run_id, "process", Some(&crate::process::record_me()))
-        });
-    }
-    // The audit trail is part of the run: a run that cannot write it stops here, before
-    // any key is touched, with its row saying why (DESIGN section 5).
-    let audited = p.audit.preflight(true).and_then(|()| {
-        p.audit.emit(Event {
-            reason: p.run.requested_reason.clone(),
-            ..Event::of("rotation.started", &p.run)
-        })
-    });
-    if let Err(e) = audited {
-        let reason = format!("{e}: the audit trail is part of the run; no key was touched");
-        conclude(&mut ledger, p, Outcome::Aborted, &reason, None);
-        drop(held);
-        return stop(Outcome::Aborted, reason);
-    }
-    tracing::info!(run_id = %p.run.run_id, domain = %p.domain.name, deadline = %p.run.deadline_at, "rotation started");
-    let undo = PreCommitUndo::default();
-    arm_watchdog(p, &guard, undo.clone());
+}
 
-    // 7. rotation
-    let result = {
+impl Effects for Live {
+    fn begin(&mut self, p: &Prepared) -> Result<(), String> {
+        self.guard = Some(Guard::install(p.deadline)?);
+        Ok(())
+    }
+
+    fn folders(&mut self, p: &Prepared) -> Result<(), String> {
+        fsutil::ensure_private_dir(&p.config.state_dir, "state folder")
+            .and_then(|()| fsutil::ensure_private_dir(&p.config.lock_dir(), "lock folder"))
+    }
+
+    fn state_lock(&mut self, p: &Prepared) -> Result<Held, String> {
+        let (held, lock) = acquire(&lock::lock_path(&p.config.lock_dir(), &p.domain.name), p)?;
+        self.held = lock;
+        Ok(held)
+    }
+
+    fn open_ledger(&mut self, p: &Prepared) -> Result<(), String> {
+        self.ledger = Some(open_ledger(p)?);
+        Ok(())
+    }
+
+    fn ledger_lock(&mut self, p: &Prepared) -> Result<Held, String> {
+        let ledger = self.ledger.as_mut().expect("opened before");
+        Ok(if ledger.lock_domain(&p.domain.name)? {
+            Held::Free
+        } else {
+            Held::Busy(ledger_holder(ledger, &p.domain.name))
+        })
+    }
+
+    fn keystore_lock(&mut self, p: &Prepared, ks: &Keystore) -> Result<Held, String> {
+        // A key folder that cannot be prepared is left to the backend, which refuses
+        // it with a recorded ABORTED.
+        if ks.prepare().is_err() {
+            return Ok(Held::Free);
+        }
+        let (held, lock) = acquire(&ks.lock_path(), p)?;
+        self.keystore_lock = lock;
+        Ok(held)
+    }
+
+    fn ledger(&self) -> Option<&Ledger> {
+        self.ledger.as_ref()
+    }
+
+    fn domain_record(&mut self, p: &Prepared) -> Result<DomainRecord, String> {
+        self.ledger
+            .as_ref()
+            .expect("opened before")
+            .domain_record(&p.domain.name)
+            .map_err(String::from)
+    }
+
+    fn repair(&mut self, p: &Prepared) -> Option<String> {
+        repair(p, self.ledger.as_ref().expect("opened before"))
+    }
+
+    fn admit(
+        &mut self,
+        p: &Prepared,
+        judge: &dyn Fn(&DomainRecord, Duration) -> Result<(), Refusal>,
+    ) -> Result<(), Stop> {
+        let guard = self.guard.as_ref().expect("installed before");
+        let ledger = self.ledger.as_mut().expect("opened before");
+        admit_and_record(p, ledger, guard, judge)?;
+        // Who runs this, so that the next run can tell "still running" from "died".
+        if ledger.is_shared() || matches!(p.domain.backend, Backend::Command { .. }) {
+            let run_id = p.run.run_id.clone();
+            let _ = ledger.write("event", |w| {
+                w.event(&run_id, "process", Some(&crate::process::record_me()))
+            });
+        }
+        Ok(())
+    }
+
+    fn audit(&mut self, p: &Prepared) -> Result<(), String> {
+        p.audit.preflight(true).and_then(|()| {
+            p.audit.emit(Event {
+                reason: p.run.requested_reason.clone(),
+                ..Event::of("rotation.started", &p.run)
+            })
+        })
+    }
+}
+
+impl Live {
+    /// Records a run that stopped before its backend ran, as the phase said.
+    fn record(&mut self, p: &Prepared, s: Stop) -> Concluded {
+        match s.record {
+            Record::Nothing | Record::Done => stop(s.outcome, s.reason),
+            Record::AuditOnly => stop_unrecorded(p, s.outcome, s.reason),
+            Record::Busy => refuse_busy_because(p, s.reason),
+            Record::Row => match self.ledger.as_mut() {
+                Some(ledger) => refuse_recorded(p, ledger, s.outcome, s.reason),
+                None => stop_unrecorded(p, s.outcome, s.reason),
+            },
+            Record::Close => {
+                if let Some(ledger) = self.ledger.as_mut() {
+                    conclude(ledger, p, s.outcome, &s.reason, None);
+                }
+                stop(s.outcome, s.reason)
+            }
+        }
+    }
+
+    /// 7. rotation: the backend runs, guarded by signals and the deadline.
+    fn rotate(&mut self, p: &Prepared) -> Concluded {
+        let guard = self.guard.as_ref().expect("installed before");
+        let ledger = self.ledger.as_mut().expect("opened before");
+        tracing::info!(run_id = %p.run.run_id, domain = %p.domain.name, deadline = %p.run.deadline_at, "rotation started");
+        let undo = PreCommitUndo::default();
+        arm_watchdog(p, guard, undo.clone());
         let step = Step {
             run: &p.run,
-            guard: &guard,
-            ledger: &mut ledger,
+            guard,
+            ledger,
             audit: &p.audit,
         };
-        match &p.domain.backend {
-            Backend::Keystore {
-                algorithm,
-                keystore,
-                activation,
-            } => KeystoreRotation {
-                keystore: Keystore::new(keystore, &p.domain.name).with_access(p.domain.access.clone()),
-                algorithm: *algorithm,
-                activation: *activation,
-                retain: p.domain.retain,
-                step,
-                undo,
-            }
-            .run(),
-            Backend::Command { program, args } => CommandRotation {
-                program: program.clone(),
-                args: args.clone(),
-                state_dir: p.config.state_dir.clone(),
-                step,
-            }
-            .run(),
+        let result = p.backend().run(step, undo);
+        guard.stand_down();
+        let (outcome, reason, rotated) = match result {
+            Ok(r) if r.warnings.is_empty() => (Outcome::Rotated, r.summary.clone(), Some(r)),
+            Ok(r) => (
+                Outcome::Rotated,
+                format!("{}; warning: {}", r.summary, r.warnings.join("; ")),
+                Some(r),
+            ),
+            Err(f) => (f.outcome, f.message, None),
+        };
+        let (outcome, reason) = conclude(ledger, p, outcome, &reason, rotated.as_ref());
+        Concluded {
+            outcome,
+            reason,
+            rotated,
         }
-    };
-    guard.stand_down();
-    let (outcome, reason, rotated) = match result {
-        Ok(r) if r.warnings.is_empty() => (Outcome::Rotated, r.summary.clone(), Some(r)),
-        Ok(r) => (
-            Outcome::Rotated,
-            format!("{}; warning: {}", r.summary, r.warnings.join("; ")),
-            Some(r),
-        ),
-        Err(f) => (f.outcome, f.message, None),
-    };
-    let (outcome, reason) = conclude(&mut ledger, p, outcome, &reason, rotated.as_ref());
-    drop(held);
-    Concluded {
-        outcome,
-        reason,
-        rotated,
     }
 }
 
@@ -220,24 +230,15 @@ pub(super) fn real_run_inner(p: &Prepared) -> Concluded {
 fn refuse_recorded(p: &Prepared, ledger: &mut Ledger, outcome: Outcome, reason: String) -> Concluded {
     let res = ledger.write("refuse", |w| {
         if w.get(&p.run.run_id)?.is_some() {
-            return Err(format!("--run-id {} is already in the ledger", p.run.run_id));
+            return Err(duplicate_run_id_message(&p.run.run_id));
         }
-        w.insert(&p.run, Some((outcome.ledger_state(), outcome, &reason)), None)
+        w.insert(&p.run, Some((RunState::of(outcome), outcome, &reason)), None)
     });
     if let Err(e) = res {
         return stop_unrecorded(p, outcome, format!("{reason}; {e}"));
     }
     let _ = p.audit.emit(refused_event(p, outcome, &reason));
     stop(outcome, reason)
-}
-
-fn keystore_of(p: &Prepared) -> Option<Keystore> {
-    match &p.domain.backend {
-        Backend::Keystore { keystore, .. } => {
-            Some(Keystore::new(keystore, &p.domain.name).with_access(p.domain.access.clone()))
-        }
-        Backend::Command { .. } => None,
-    }
 }
 
 /// DESIGN 5, repair after a crash past the commit: under the locks, before any
@@ -269,21 +270,11 @@ fn repair(p: &Prepared, ledger: &Ledger) -> Option<String> {
     }
 }
 
-/// The outcome of a ledger failure before any key was touched: TIMED_OUT when the
-/// wait for the ledger ran into the deadline, ABORTED otherwise.
-fn before_keys(p: &Prepared) -> Outcome {
-    if p.deadline.expired() {
-        Outcome::TimedOut
-    } else {
-        Outcome::Aborted
-    }
-}
-
 pub(super) fn open_ledger(p: &Prepared) -> Result<Ledger, String> {
     // Waiting for another writer is bounded by the deadline (and by 10 s: ledger
     // transactions are milliseconds long; longer means something is wrong).
     let busy = p.deadline.remaining().min(Duration::from_secs(10));
-    Ledger::open(&p.config.ledger, busy)
+    Ok(Ledger::open(&p.config.ledger, busy)?)
 }
 
 /// Closes the run's row and writes its last audit line. Used by the main thread and by
@@ -328,7 +319,9 @@ pub(super) fn conclude(
             // The session that held the lock may be gone (that may be why the run
             // ends): closing our own row needs no lock, so a new session records the
             // truth.
-            closed = Ledger::open(&p.config.ledger, Duration::from_secs(5)).and_then(|mut fresh| close(&mut fresh));
+            closed = Ledger::open(&p.config.ledger, Duration::from_secs(5))
+                .map_err(String::from)
+                .and_then(|mut fresh| close(&mut fresh));
         }
         match closed {
             Ok(()) => ((outcome, reason.to_string()), None),
@@ -363,25 +356,6 @@ fn unclosed(outcome: Outcome, reason: &str, e: &str) -> (Outcome, String) {
     )
 }
 
-fn refuse_busy_keystore(p: &Prepared, ks: &Keystore, holder: Option<Holder>) -> Concluded {
-    let who = holder.map_or("another process (the lock file does not name it)".to_string(), |h| {
-        h.describe()
-    });
-    let reason = format!(
-        "another run holds the key store lock {} of {}: {who} (a config with another state folder may rotate this key store)",
-        ks.lock_path().display(),
-        p.domain.name
-    );
-    refuse_busy_because(p, reason)
-}
-
-pub(super) fn refuse_busy(p: &Prepared, holder: Option<Holder>) -> Concluded {
-    let who = holder.map_or("another process (the lock file does not name it)".to_string(), |h| {
-        h.describe()
-    });
-    refuse_busy_because(p, format!("another rotation of {} is running: {who}", p.domain.name))
-}
-
 fn refuse_busy_because(p: &Prepared, reason: String) -> Concluded {
     // Connected before the audit file is locked: other processes' lines never wait for
     // this connection.
@@ -391,9 +365,9 @@ fn refuse_busy_because(p: &Prepared, reason: String) -> Concluded {
         let recorded = ledger.and_then(|mut ledger| {
             ledger.write("refuse", |w| {
                 if w.get(&p.run.run_id)?.is_some() {
-                    return Err(format!("--run-id {} is already in the ledger", p.run.run_id));
+                    return Err(duplicate_run_id_message(&p.run.run_id));
                 }
-                w.insert(&p.run, Some(("refused", Outcome::Busy, &reason)), None)?;
+                w.insert(&p.run, Some((RunState::Refused, Outcome::Busy, &reason)), None)?;
                 match head {
                     Some(head) => w.anchor(&p.run.run_id, head),
                     None => Ok(()),
@@ -414,106 +388,50 @@ fn refuse_busy_because(p: &Prepared, reason: String) -> Concluded {
     stop(Outcome::Busy, reason)
 }
 
-/// Phases 4-6 under the lock. `Ok(None)`: admitted, the row is in flight.
-pub(super) fn admit_and_record(p: &Prepared, ledger: &mut Ledger, guard: &Guard) -> Result<Option<Concluded>, Failure> {
-    let rec = ledger
-        .domain_record(&p.domain.name)
-        .map_err(|e| Failure::new(before_keys(p), format!("{e}; no key was touched")))?;
-    // Before deciding anything: finish what a committed run left undone.
-    let repaired = repair(p, ledger);
-    // The diagnosis reads the key store, so it is made before the write transaction.
-    let stale_events = rec
-        .in_flight
-        .as_ref()
-        .map(|dead| ledger.events(&dead.run_id).unwrap_or_default());
-    let stale_diagnosis = rec.in_flight.as_ref().zip(stale_events.as_ref()).map(|(dead, events)| {
-        let d = diagnose(p, dead, last_step(events), Some(&*ledger));
-        match &repaired {
-            Some(r) => format!("{d}; {r}"),
-            None => d,
-        }
-    });
-    // A live process is never called dead: a run that lost its PostgreSQL lock may
-    // still run here, and a dead run's hook may outlive it.
-    let still_running = rec
-        .in_flight
-        .as_ref()
-        .zip(stale_events.as_ref())
-        .and_then(|(dead, events)| crate::process::liveness(&p.run.host, &dead.host, events));
-    let domain = p.domain.name.clone();
+/// Phases 4-6 under the locks: `judge` decides inside the transaction that writes the
+/// decision, over the record re-read there. `Ok(())`: admitted, the row is in flight.
+fn admit_and_record(
+    p: &Prepared,
+    ledger: &mut Ledger,
+    guard: &Guard,
+    judge: &dyn Fn(&DomainRecord, Duration) -> Result<(), Refusal>,
+) -> Result<(), Stop> {
+    let failed = |e: String| Stop::new(before_keys(p), format!("{e}; no key was touched"), Record::AuditOnly);
     let decision = ledger
         .write("admit", |w| {
             if w.get(&p.run.run_id)?.is_some() {
-                return Ok(Err(Failure::usage(format!(
-                    "--run-id {} is already in the ledger; a re-run is a new attempt with a new id",
-                    p.run.run_id
-                ))));
+                let usage = duplicate_run_id_message(&p.run.run_id);
+                return Ok(Err(Stop::new(Outcome::Usage, usage, Record::AuditOnly)));
             }
             // Re-read inside the transaction: the decision must match what is written.
-            let rec = w.domain_record(&domain)?;
-            if let Err(f) = guard.checkpoint("admission") {
-                w.insert(&p.run, Some((f.outcome.ledger_state(), f.outcome, &f.message)), None)?;
-                return Ok(Ok(Some((f.outcome, f.message, None))));
-            }
-            let from = None;
-            let verdict = match admit(p, &rec, guard.deadline().remaining()) {
-                Admission::Go => {
-                    w.insert(&p.run, None, from)?;
-                    return Ok(Ok(None));
-                }
-                Admission::Stale(dead) if matches!(still_running, Some(crate::process::Alive::Run(_))) => {
-                    let alive = still_running.clone().expect("matched above");
-                    let reason = format!(
-                        "another rotation of {domain} is running: {}; it stops at its next step: wait for it",
-                        alive.describe(&dead.run_id)
-                    );
-                    (Outcome::Busy, "refused", reason, None)
-                }
-                Admission::Stale(dead) => {
-                    let mut diagnosis =
-                        stale_diagnosis.clone().unwrap_or_else(|| "the key store was not inspected".into());
-                    if let Some(alive) = &still_running {
-                        diagnosis = format!("{diagnosis}; {}", alive.describe(&dead.run_id));
+            let rec = w.domain_record(&p.domain.name)?;
+            let refusal = match guard.checkpoint("admission") {
+                Err(f) => Refusal {
+                    outcome: f.outcome,
+                    state: RunState::of(f.outcome),
+                    reason: f.message,
+                    stale: None,
+                    plan: String::new(),
+                },
+                Ok(()) => match judge(&rec, guard.deadline().remaining()) {
+                    Ok(()) => {
+                        w.insert(&p.run, None, None)?;
+                        return Ok(Ok(Ok(())));
                     }
-                    let mark = format!("stale: the process {} mid-rotation; {diagnosis}", ended_how(&dead));
-                    w.mark_stale(&dead.run_id, &mark)?;
-                    let reason = stale_message(&domain, &dead, &diagnosis);
-                    (Outcome::NeedsReview, "refused", reason, Some((dead.run_id, mark)))
-                }
-                Admission::Alive(row) => (Outcome::Busy, "refused", alive_message(&row, !matches!(p.config.ledger, crate::config::LedgerLocation::Sqlite(_))), None),
-                Admission::Blocked(row) => (Outcome::NeedsReview, "refused", blocked_message(&domain, &row), None),
-                Admission::NotDue { last, next_due } => (
-                    Outcome::NotDue,
-                    "refused",
-                    format!(
-                        "not due: run {} succeeded at {}; next due {next_due} (min_interval {}); use --force for an emergency rotation",
-                        last.run_id,
-                        last.ended_at.as_deref().unwrap_or(&last.started_at),
-                        humantime::format_duration(p.domain.min_interval)
-                    ),
-                    None,
-                ),
-                Admission::OverBudget { left, need } => (
-                    Outcome::TimedOut,
-                    "timed_out",
-                    format!(
-                        "deadline budget: {} left, a {} rotation needs at least {}; nothing was changed",
-                        humantime::format_duration(Duration::from_millis(left.as_millis() as u64)),
-                        p.domain.backend.algorithm_name().unwrap_or("command"),
-                        humantime::format_duration(need)
-                    ),
-                    None,
-                ),
+                    Err(r) => r,
+                },
             };
-            let (outcome, state, reason, stale) = verdict;
-            w.insert(&p.run, Some((state, outcome, &reason)), from)?;
-            Ok(Ok(Some((outcome, reason, stale))))
+            if let Some((dead, mark)) = &refusal.stale {
+                w.mark_stale(dead, mark)?;
+            }
+            w.insert(&p.run, Some((refusal.state, refusal.outcome, &refusal.reason)), None)?;
+            Ok(Ok(Err(refusal)))
         })
-        .map_err(|e| Failure::new(before_keys(p), format!("{e}; no key was touched")))??;
-    let Some((outcome, reason, stale)) = decision else {
-        return Ok(None);
+        .map_err(failed)??;
+    let Err(refusal): Result<(), Refusal> = decision else {
+        return Ok(());
     };
-    if let Some((dead_id, mark)) = stale {
+    if let Some((dead_id, mark)) = refusal.stale {
         let _ = p.audit.emit(Event {
             exit_code: None,
             reason: Some(mark),
@@ -523,8 +441,8 @@ pub(super) fn admit_and_record(p: &Prepared, ledger: &mut Ledger, guard: &Guard)
             }
         });
     }
-    let _ = p.audit.emit(refused_event(p, outcome, &reason));
-    Ok(Some(stop(outcome, reason)))
+    let _ = p.audit.emit(refused_event(p, refusal.outcome, &refusal.reason));
+    Err(Stop::new(refusal.outcome, refusal.reason, Record::Done))
 }
 
 /// At the deadline, if the run is still before its commit point, the watchdog records
@@ -532,22 +450,9 @@ pub(super) fn admit_and_record(p: &Prepared, ledger: &mut Ledger, guard: &Guard)
 /// commit, which leaves the old manifest authoritative.
 pub(super) fn arm_watchdog(p: &Prepared, guard: &Guard, undo: PreCommitUndo) {
     let ledger_at = p.config.ledger.clone();
-    let snapshot = Prepared {
-        config: p.config.clone(),
-        domain: p.domain.clone(),
-        deadline: p.deadline,
-        pool: p.pool.clone(),
-        run: p.run.clone(),
-        audit: p.audit.clone(),
-        output: p.output,
-        dry_run: false,
-    };
-    // The command backend kills its own hung hooks at the deadline (SIGTERM, grace,
-    // SIGKILL); its watchdog is only a backstop behind that.
-    let after = match p.domain.backend {
-        Backend::Keystore { .. } => Duration::ZERO,
-        Backend::Command { .. } => command::KILL_GRACE + Duration::from_secs(5),
-    };
+    let snapshot = p.clone();
+    // A backend that enforces the deadline itself gets the watchdog as a backstop.
+    let after = p.backend().watchdog_grace();
     guard.spawn_watchdog(after, move |step| {
         // Take back what the abandoned run staged and published, as a run ending
         // before its commit by itself would.
@@ -562,27 +467,13 @@ pub(super) fn arm_watchdog(p: &Prepared, guard: &Guard, undo: PreCommitUndo) {
         let (outcome, reason) = match Ledger::open(&ledger_at, Duration::from_secs(2)) {
             Ok(mut ledger) => conclude(&mut ledger, &snapshot, Outcome::TimedOut, &reason, None),
             Err(e) => {
-                let (outcome, reason) = unclosed(Outcome::TimedOut, &reason, &e);
+                let (outcome, reason) = unclosed(Outcome::TimedOut, &reason, &e.to_string());
                 let _ = snapshot.audit.emit(refused_event(&snapshot, outcome, &reason));
                 tracing::error!("{}: {reason}", outcome.name());
                 (outcome, reason)
             }
         };
-        print_report(
-            &Report {
-                run_id: snapshot.run.run_id.clone(),
-                domain: snapshot.domain.name.clone(),
-                outcome: outcome.name(),
-                exit_code: outcome.code(),
-                from_version: None,
-                to_version: None,
-                reason,
-                dry_run: false,
-                plan: None,
-                warnings: Vec::new(),
-            },
-            snapshot.output,
-        );
+        print_report(&Report::stopped(&snapshot, outcome, reason), snapshot.output);
         crate::cmd::write_metrics(&snapshot.config);
         use std::io::Write;
         let _ = std::io::stdout().flush();
