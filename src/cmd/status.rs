@@ -258,44 +258,9 @@ fn ledger_part(s: &mut DomainStatus, config: &Config, d: &DomainConfig, ledger: 
     if let Some(b) = &rec.blocking {
         s.blocked_by = Some(b.run_id.clone());
     }
-    // A store the next rotation would refuse (unlisted key files, a manifest this
-    // ledger does not know or that is older than its last commit) is a problem now,
-    // not after the next run blocks the domain. Not judged beside a run in flight (its
-    // staged file is unlisted until it commits); judged twice so that a rotation
-    // committing between the manifest read and the folder listing is not reported.
-    if let (Backend::Keystore { keystore, .. }, true, false) =
-        (&d.backend, s.problems.is_empty(), rec.in_flight.is_some())
-    {
-        let ks = Keystore::new(keystore, &d.name);
-        let diagnose = || {
-            let (insp, verdict) = crate::backend::keystore::examine(&ks, ledger, &d.name).ok()?;
-            if let Some(diag) = verdict.diagnosis(&d.name) {
-                let diag = diag.strip_suffix("; nothing was changed").unwrap_or(&diag);
-                return Some(format!(
-                    "{diag}; the next rotation (when due) stops with NEEDS_REVIEW (4)"
-                ));
-            }
-            // What consumers read (current.*, jwks.json) must match keyring.json: a
-            // jwks.json without the active key makes every relying party reject its
-            // tokens, however green the manifest is.
-            let todo = if insp.exists {
-                ks.repair_needed(&insp)
-            } else {
-                Vec::new()
-            };
-            (!todo.is_empty()).then(|| {
-                format!(
-                    "key store {}: the published files do not match keyring.json (to do: {}); any \
-                     `keyrotate rotate --domain {}` run repairs this before anything else, even when not due",
-                    d.name,
-                    todo.join(", "),
-                    d.name
-                )
-            })
-        };
-        if let (Some(_), Some(problem)) = (diagnose(), diagnose()) {
-            s.problems.push(problem);
-        }
+    // Not judged beside a run in flight: its staged file is unlisted until it commits.
+    if s.problems.is_empty() && rec.in_flight.is_none() {
+        s.problems.extend(store_problem(d, ledger));
     }
 }
 
@@ -359,4 +324,43 @@ fn print_text(statuses: &[DomainStatus]) {
         ],
         &rows,
     );
+}
+
+/// A store the next rotation would refuse (unlisted key files, a manifest this ledger
+/// does not know or that is older than its last commit), or whose published files do
+/// not match its manifest: a problem now, not after the next run blocks the domain.
+/// Judged twice, so that a rotation committing between the manifest read and the
+/// folder listing is not reported.
+fn store_problem(d: &DomainConfig, ledger: Option<&Ledger>) -> Option<String> {
+    let Backend::Keystore { keystore, .. } = &d.backend else {
+        return None;
+    };
+    let ks = Keystore::new(keystore, &d.name);
+    let diagnose = || {
+        let (insp, verdict) = crate::backend::keystore::examine(&ks, ledger, &d.name).ok()?;
+        if let Some(diag) = verdict.diagnosis(&d.name) {
+            let diag = diag.strip_suffix("; nothing was changed").unwrap_or(&diag);
+            return Some(format!(
+                "{diag}; the next rotation (when due) stops with NEEDS_REVIEW (4)"
+            ));
+        }
+        // What consumers read (current.*, jwks.json) must match keyring.json: a
+        // jwks.json without the active key makes every relying party reject its
+        // tokens, however green the manifest is.
+        let todo = if insp.exists {
+            ks.repair_needed(&insp)
+        } else {
+            Vec::new()
+        };
+        (!todo.is_empty()).then(|| {
+            format!(
+                "key store {}: the published files do not match keyring.json (to do: {}); any \
+                 `keyrotate rotate --domain {}` run repairs this before anything else, even when not due",
+                d.name,
+                todo.join(", "),
+                d.name
+            )
+        })
+    };
+    diagnose().and_then(|_| diagnose())
 }

@@ -47,6 +47,50 @@ pub(super) fn admit(p: &Prepared, rec: &DomainRecord, remaining: Duration) -> Ad
     Admission::Go
 }
 
+/// The refusal for a run found in flight while this one holds the lock.
+fn stale_refusal(domain: &str, dead: RunRow, stale: Option<&StaleFacts>) -> Refusal {
+    let refusal = |outcome, state, reason: String, plan: String| Refusal {
+        outcome,
+        state,
+        reason,
+        stale: None,
+        plan,
+    };
+    match stale.and_then(|s| s.alive.clone()) {
+        // A live process is never called dead: a run that lost its PostgreSQL
+        // lock may still run here, and a dead run's hook may outlive it.
+        Some(alive @ crate::process::Alive::Run(_)) => refusal(
+            Outcome::Busy,
+            RunState::Refused,
+            format!(
+                "another rotation of {domain} is running: {}; it stops at its next step: wait for it",
+                alive.describe(&dead.run_id)
+            ),
+            format!("ledger: {}", alive.describe(&dead.run_id)),
+        ),
+        alive => {
+            let mut diagnosis = stale
+                .map(|s| s.diagnosis.clone())
+                .unwrap_or_else(|| "the key store was not inspected".into());
+            if let Some(alive) = &alive {
+                diagnosis = format!("{diagnosis}; {}", alive.describe(&dead.run_id));
+            }
+            let mark = format!("stale: the process {} mid-rotation; {diagnosis}", ended_how(&dead));
+            Refusal {
+                outcome: Outcome::NeedsReview,
+                state: RunState::Refused,
+                reason: stale_message(domain, &dead, &diagnosis),
+                plan: format!(
+                    "ledger: run {} is still in flight but holds no lock: it {}",
+                    dead.run_id,
+                    ended_how(&dead)
+                ),
+                stale: Some((dead.run_id, mark)),
+            }
+        }
+    }
+}
+
 /// The least time left at admission that a rotation of this domain can finish in
 /// (the backend's floor).
 pub(super) fn budget(p: &Prepared) -> Duration {
@@ -90,39 +134,7 @@ pub(super) fn judge(
     };
     Err(match admit(p, rec, remaining) {
         Admission::Go => return Ok(()),
-        Admission::Stale(dead) => match stale.and_then(|s| s.alive.clone()) {
-            // A live process is never called dead: a run that lost its PostgreSQL
-            // lock may still run here, and a dead run's hook may outlive it.
-            Some(alive @ crate::process::Alive::Run(_)) => refusal(
-                Outcome::Busy,
-                RunState::Refused,
-                format!(
-                    "another rotation of {domain} is running: {}; it stops at its next step: wait for it",
-                    alive.describe(&dead.run_id)
-                ),
-                format!("ledger: {}", alive.describe(&dead.run_id)),
-            ),
-            alive => {
-                let mut diagnosis = stale
-                    .map(|s| s.diagnosis.clone())
-                    .unwrap_or_else(|| "the key store was not inspected".into());
-                if let Some(alive) = &alive {
-                    diagnosis = format!("{diagnosis}; {}", alive.describe(&dead.run_id));
-                }
-                let mark = format!("stale: the process {} mid-rotation; {diagnosis}", ended_how(&dead));
-                Refusal {
-                    outcome: Outcome::NeedsReview,
-                    state: RunState::Refused,
-                    reason: stale_message(domain, &dead, &diagnosis),
-                    plan: format!(
-                        "ledger: run {} is still in flight but holds no lock: it {}",
-                        dead.run_id,
-                        ended_how(&dead)
-                    ),
-                    stale: Some((dead.run_id, mark)),
-                }
-            }
-        },
+        Admission::Stale(dead) => stale_refusal(domain, dead, stale),
         Admission::Alive(row) => refusal(
             Outcome::Busy,
             RunState::Refused,
