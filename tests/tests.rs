@@ -18,6 +18,7 @@ mod hygiene;
 mod keystore;
 #[cfg(feature = "failpoints")]
 mod keystore_safety;
+mod ledger_wal;
 mod observability;
 mod operator_safety;
 mod pg_dba;
