@@ -81,7 +81,6 @@ fn steps(base: &Env) -> Vec<String> {
         "current.symlink",
         "current.rename",
         "destroy.unlink",
-        "tidy.dirsync",
         "ledger.close",
     ] {
         assert!(steps.iter().any(|s| s == kind), "no {kind} step in {steps:?}");

@@ -268,14 +268,24 @@ fn status_exits_3_on_a_corrupt_manifest_or_ledger_and_4_when_blocked() {
     // A ledger that is not a database: 3, and the table still shows the key stores.
     let ledger = env.path("state/ledger.sqlite3");
     let good_ledger = std::fs::read(&ledger).unwrap();
-    for f in ["state/ledger.sqlite3-wal", "state/ledger.sqlite3-shm"] {
-        let _ = std::fs::remove_file(env.path(f));
+    // The WAL is kept between runs: the newest pages may live only there.
+    let wal_files: Vec<_> = ["state/ledger.sqlite3-wal", "state/ledger.sqlite3-shm"]
+        .iter()
+        .map(|f| (env.path(f), std::fs::read(env.path(f)).ok()))
+        .collect();
+    for (f, _) in &wal_files {
+        let _ = std::fs::remove_file(f);
     }
     std::fs::write(&ledger, vec![b'x'; 8192]).unwrap();
     let out = env.cmd().arg("status").status(3);
     assert!(out.stdout.contains("v1"), "{}", out.stdout);
     assert!(out.stderr.contains("ledger"), "{}", out.stderr);
     std::fs::write(&ledger, &good_ledger).unwrap();
+    for (f, bytes) in &wal_files {
+        if let Some(b) = bytes {
+            std::fs::write(f, b).unwrap();
+        }
+    }
     env.cmd().arg("status").status(0);
 
     // A ledger whose schema is malformed (the rotations table is gone): 3.

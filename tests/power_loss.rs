@@ -553,13 +553,7 @@ fn power_loss_at_every_durable_step_of_an_immediate_rotation() {
         domain: "sig",
         args: rotation("sig"),
         code: 0,
-        steps: &[
-            "stage.fsync",
-            "jwks.rename",
-            "commit.rename",
-            "commit.dirsync",
-            "tidy.dirsync",
-        ],
+        steps: &["stage.fsync", "jwks.rename", "commit.rename", "commit.dirsync"],
         dead: &[],
     });
 }
@@ -572,13 +566,7 @@ fn power_loss_at_every_durable_step_of_a_prepublish_rotation() {
         domain: "pre",
         args: rotation("pre"),
         code: 0,
-        steps: &[
-            "stage.fsync",
-            "jwks.rename",
-            "commit.rename",
-            "commit.dirsync",
-            "tidy.dirsync",
-        ],
+        steps: &["stage.fsync", "jwks.rename", "commit.rename", "commit.dirsync"],
         dead: &[],
     });
 }

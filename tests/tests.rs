@@ -21,6 +21,7 @@ mod keystore;
 #[cfg(feature = "failpoints")]
 mod keystore_safety;
 mod layering;
+mod ledger_wal;
 mod observability;
 mod operator_safety;
 mod pg_dba;

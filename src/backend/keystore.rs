@@ -371,9 +371,11 @@ impl KeystoreRotation<'_> {
         let recorded = self.step.committed(&rotated);
         let warn =
             |what: &str, e: std::io::Error| format!("{what}: {} (the next run retries)", crate::fsutil::io_reason(&e));
-        // The tidy-up: three independent atomic changes, made durable by one folder
-        // sync (any subset surviving a power loss is consistent, and the next run
-        // redoes what is missing).
+        // The tidy-up: three independent atomic changes, left for the kernel to make
+        // durable (no folder sync): any subset surviving a power loss is the consistent
+        // post-commit state (`keyring.json` new and synced; `current.*`, the destroyed
+        // files and `jwks.json` as the commit's preview left them), which the next
+        // invocation repairs under the lock before it decides anything.
         if let Err(e) = ks.point_current(&next, DirSync::Deferred) {
             rotated.warnings.push(warn("cannot update the current symlink", e));
         }
@@ -382,9 +384,6 @@ impl KeystoreRotation<'_> {
         }
         if let Err(e) = ks.publish_jwks(&next, &publics, DirSync::Deferred) {
             rotated.warnings.push(warn("cannot rewrite jwks.json", e));
-        }
-        if let Err(e) = ks.sync_folder("tidy") {
-            rotated.warnings.push(warn("cannot sync the key folder", e));
         }
         recorded?;
         Ok(rotated)

@@ -4,7 +4,8 @@
 //! committed row survives power loss), and applies the numbered migrations in
 //! `migrations/sqlite/`, tracked by `PRAGMA user_version`. Opening read-only never
 //! creates or modifies a file: without a -wal file it reads the main file with
-//! `immutable=1`; with one (a writer is running or died) it reads a private copy.
+//! `immutable=1`; with one it reads the WAL in place through a read-only index
+//! (`readonly_shm`), and only a WAL whose index is missing is read from a private copy.
 
 use std::fs::OpenOptions;
 use std::os::unix::fs::OpenOptionsExt;
@@ -145,12 +146,43 @@ impl Sqlite {
                     .map_err(|e| format!("ledger {label}: cannot create: {}", crate::fsutil::io_reason(&e)))?;
             }
         }
+        let mut wal = path.as_os_str().to_owned();
+        wal.push("-wal");
+        let new_wal = !Path::new(&wal).exists();
         let flags =
             OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_NOFOLLOW;
         let conn = Connection::open_with_flags(real_parents(path), flags).map_err(|e| err(&label, e))?;
         conn.busy_timeout(busy).map_err(|e| err(&label, e))?;
-        conn.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;")
+        // The WAL outlives the process (no checkpoint on close): a process that found
+        // the WAL in place neither rewrites and flushes its header nor flushes the
+        // folder for a new file, and does not copy the WAL into the database on the way
+        // out. A checkpoint runs at a commit that leaves the WAL past ~100 pages, so
+        // the WAL stays small (cheap for a reader to index) and its flushes are
+        // amortised over many runs. `journal_size_limit` trims a WAL that one large
+        // transaction (a migration) grew. Every commit is still flushed (FULL).
+        conn.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true)
             .map_err(|e| err(&label, e))?;
+        conn.execute_batch(
+            "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; \
+             PRAGMA wal_autocheckpoint=100; PRAGMA journal_size_limit=1048576;",
+        )
+        .map_err(|e| err(&label, e))?;
+        if new_wal {
+            // The bundled SQLite is built without its own folder sync
+            // (`SQLITE_DISABLE_DIRSYNC`, .cargo/config.toml), which it would do in every
+            // process whether or not the WAL was new. Only a new WAL (and, with it, a new
+            // ledger file) needs its name made durable, before the first commit in it.
+            let dir = real_parents(path);
+            let dir = dir.parent().unwrap_or(Path::new("."));
+            crate::failpoint::hit("ledger", "dirsync")
+                .and_then(|()| crate::fsutil::fsync_dir(dir))
+                .map_err(|e| {
+                    format!(
+                        "ledger {label}: cannot sync its folder: {}",
+                        crate::fsutil::io_reason(&e)
+                    )
+                })?;
+        }
         Ok(Sqlite { conn, _snapshot: None })
     }
 
@@ -167,13 +199,42 @@ impl Sqlite {
         wal.push("-wal");
         let flags =
             OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_NOFOLLOW;
+        let mut shm = path.as_os_str().to_owned();
+        shm.push("-shm");
         let s = if !Path::new(&wal).exists() {
             let uri = format!("file:{}?immutable=1", uri_escape(&real_parents(path)));
             let conn =
                 Connection::open_with_flags(uri, flags | OpenFlags::SQLITE_OPEN_URI).map_err(|e| err(&label, e))?;
             Sqlite { conn, _snapshot: None }
+        } else if Path::new(&shm).exists() {
+            // The WAL in place, its index (-shm) opened read-only: this reader writes no
+            // read mark and never rebuilds the index in the shared file. When no other
+            // connection vouches for the index, SQLite indexes the WAL in private memory
+            // (cheap: the writers keep the WAL near 100 pages). Nothing is copied.
+            // A state SQLite will not read that way (an index being rebuilt by a writer
+            // that died mid-way) falls back to the private copy below.
+            let uri = format!("file:{}?mode=ro&readonly_shm=1", uri_escape(&real_parents(path)));
+            let in_place = Connection::open_with_flags(uri, flags | OpenFlags::SQLITE_OPEN_URI)
+                .and_then(|conn| conn.query_row("PRAGMA user_version", [], |_| Ok(())).map(|()| conn));
+            match in_place {
+                Ok(conn) => Sqlite { conn, _snapshot: None },
+                Err(e) => {
+                    tracing::debug!("reading the ledger's WAL in place failed ({e}); reading a copy");
+                    let copy = private_copy(path, Path::new(&wal))?;
+                    let conn = Connection::open_with_flags(
+                        copy.path().join("ledger.sqlite3"),
+                        OpenFlags::SQLITE_OPEN_READ_WRITE,
+                    )
+                    .map_err(|e| err(&label, e))?;
+                    Sqlite {
+                        conn,
+                        _snapshot: Some(copy),
+                    }
+                }
+            }
         } else {
-            // Reading through a live WAL would rewrite -shm: read a private copy.
+            // A WAL without its index (removed by hand): SQLite would have to create the
+            // index file, which a reader must not do. Read a private copy instead.
             let copy = private_copy(path, Path::new(&wal))?;
             let conn =
                 Connection::open_with_flags(copy.path().join("ledger.sqlite3"), OpenFlags::SQLITE_OPEN_READ_WRITE)
