@@ -7,6 +7,7 @@
 //! methods here and writes inside [`Ledger::write`], one transaction per call, through
 //! a [`Writer`]. Queries are written once, with `$N` placeholders, for both engines.
 
+mod migrations;
 mod pgurl;
 mod postgres;
 pub use postgres::validate_url as validate_postgres_url;
