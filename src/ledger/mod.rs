@@ -7,6 +7,8 @@
 //! methods here and writes inside [`Ledger::write`], one transaction per call, through
 //! a [`Writer`]. Queries are written once, with `$N` placeholders, for both engines.
 
+#[cfg(test)]
+mod contract;
 mod migrations;
 mod pgurl;
 mod postgres;
