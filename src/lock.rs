@@ -289,3 +289,79 @@ pub fn probe_shared<S: SharedLock + ?Sized>(ledger: &S, domain: &str) -> Result<
         holder: ledger.holder(domain),
     }))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A shared ledger's lock as a test sets it: free, or held by `by`.
+    struct Shared(Option<Holder>);
+
+    impl SharedLock for Shared {
+        fn try_lock_domain(&self, _: &str) -> Result<bool, String> {
+            Ok(self.0.is_none())
+        }
+        fn locked_elsewhere(&self, _: &str) -> Result<bool, String> {
+            Ok(self.0.is_some())
+        }
+        fn holder(&self, _: &str) -> Option<Holder> {
+            self.0.clone()
+        }
+    }
+
+    fn me(run_id: &str) -> Holder {
+        Holder {
+            run_id: run_id.into(),
+            pid: 1,
+            host: "h".into(),
+            started_at: "2026-01-01T00:00:00Z".into(),
+        }
+    }
+
+    #[test]
+    fn the_domain_locks_answer_which_lock_is_busy_and_who_holds_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let ks = dir.path().join("ks.lock");
+        let free = Shared(None);
+        let first = DomainLocks::acquire(dir.path(), "web", &free, Some(&ks), Some(&me("one")))
+            .unwrap()
+            .expect("all free");
+
+        // Held by `first`: the state lock is met first, named by its holder line.
+        let busy = DomainLocks::acquire(dir.path(), "web", &free, Some(&ks), Some(&me("two")))
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(busy.which, Which::State);
+        assert_eq!(busy.holder, Some(me("one")));
+        // The dry run's probe finds the same lock and the same holder.
+        let probed = probe_file(&lock_path(dir.path(), "web"), Which::State)
+            .unwrap()
+            .expect("held");
+        assert_eq!(probed.holder, Some(me("one")));
+
+        // Another domain's state lock is free, the shared key store lock is not.
+        let busy = DomainLocks::acquire(dir.path(), "api", &free, Some(&ks), None)
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(busy.which, Which::KeyStore(ks.clone()));
+        drop(first);
+
+        // The shared ledger's lock held by another host: named as the ledger names it,
+        // and what was taken before it is released with the refused set.
+        let elsewhere = Shared(Some(me("remote")));
+        let busy = DomainLocks::acquire(dir.path(), "web", &elsewhere, Some(&ks), None)
+            .unwrap()
+            .unwrap_err();
+        assert_eq!((busy.which, busy.holder), (Which::Shared, Some(me("remote"))));
+        assert_eq!(
+            probe_shared(&elsewhere, "web").unwrap().map(|b| b.which),
+            Some(Which::Shared)
+        );
+        assert!(probe_file(&lock_path(dir.path(), "web"), Which::State)
+            .unwrap()
+            .is_none());
+        assert!(DomainLocks::acquire(dir.path(), "web", &free, Some(&ks), None)
+            .unwrap()
+            .is_ok());
+    }
+}
