@@ -158,3 +158,210 @@ pub fn probe(path: &Path) -> Result<Option<u32>, String> {
     }
     Ok(None)
 }
+
+/// Which of a domain's locks a run met held.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Which {
+    /// The state flock, `<state.dir>/locks/<domain>.lock`.
+    State,
+    /// The shared ledger's lock on the domain (PostgreSQL's session advisory lock).
+    Shared,
+    /// The key store's flock, `<keystore>/<domain>/.lock`.
+    KeyStore(PathBuf),
+}
+
+/// A lock held by someone else: which one, and who holds it as far as it says.
+#[derive(Clone, Debug)]
+pub struct Busy {
+    pub which: Which,
+    pub holder: Option<Holder>,
+}
+
+/// The lock a shared ledger's session takes on a domain, so that hosts with their own
+/// state folders still exclude each other. An embedded ledger grants it at once.
+pub trait SharedLock {
+    /// Takes it for this session, without waiting: `false` when another session has it.
+    fn try_lock_domain(&self, domain: &str) -> Result<bool, String>;
+    /// Whether another session holds it, without taking it (the dry run's probe).
+    fn locked_elsewhere(&self, domain: &str) -> Result<bool, String>;
+    /// Who holds it, as the ledger names the domain's run in flight.
+    fn holder(&self, domain: &str) -> Option<Holder>;
+}
+
+/// A domain's locks as one value, in the one order every caller takes them: the state
+/// flock, then the shared ledger's lock, then the key store's flock. Callers never pair
+/// them by hand: a step either adds its lock to the set or answers [`Busy`]; whatever
+/// was taken is released together when the set is dropped (and by the kernel, or the
+/// server when the session ends, if the process dies).
+#[derive(Debug, Default)]
+pub struct DomainLocks {
+    state: Option<DomainLock>,
+    keystore: Option<DomainLock>,
+    shared: bool,
+}
+
+impl DomainLocks {
+    /// Takes the state flock, naming `me` (a run) in it for whoever is refused next.
+    pub fn take_state(
+        &mut self,
+        lock_dir: &Path,
+        domain: &str,
+        me: Option<&Holder>,
+    ) -> Result<Result<(), Busy>, String> {
+        let path = lock_path(lock_dir, domain);
+        Ok(take_file(&path, me, Which::State)?.map(|l| self.state = Some(l)))
+    }
+
+    /// Takes the shared ledger's lock on `domain`, through the ledger's session.
+    pub fn take_shared<S: SharedLock + ?Sized>(
+        &mut self,
+        ledger: &S,
+        domain: &str,
+    ) -> Result<Result<(), Busy>, String> {
+        if ledger.try_lock_domain(domain)? {
+            self.shared = true;
+            return Ok(Ok(()));
+        }
+        Ok(Err(Busy {
+            which: Which::Shared,
+            holder: ledger.holder(domain),
+        }))
+    }
+
+    /// Takes the key store's flock at `path` (`Keystore::lock_path`).
+    pub fn take_keystore(&mut self, path: &Path, me: Option<&Holder>) -> Result<Result<(), Busy>, String> {
+        Ok(take_file(path, me, Which::KeyStore(path.to_path_buf()))?.map(|l| self.keystore = Some(l)))
+    }
+
+    /// All of them, in order, for a caller with nothing to do between the steps: the held
+    /// set, or which lock was busy and who holds it. `Err` names the lock that failed.
+    pub fn acquire<S: SharedLock + ?Sized>(
+        lock_dir: &Path,
+        domain: &str,
+        ledger: &S,
+        keystore_lock: Option<&Path>,
+        me: Option<&Holder>,
+    ) -> Result<Result<DomainLocks, Busy>, String> {
+        let mut locks = DomainLocks::default();
+        if let Err(b) = locks.take_state(lock_dir, domain, me)? {
+            return Ok(Err(b));
+        }
+        if let Err(b) = locks.take_shared(ledger, domain)? {
+            return Ok(Err(b));
+        }
+        if let Some(path) = keystore_lock {
+            if let Err(b) = locks.take_keystore(path, me)? {
+                return Ok(Err(b));
+            }
+        }
+        Ok(Ok(locks))
+    }
+}
+
+/// One flock taken, with its holder line written; or who has it.
+fn take_file(path: &Path, me: Option<&Holder>, which: Which) -> Result<Result<DomainLock, Busy>, String> {
+    match DomainLock::try_acquire(path)? {
+        Acquire::Busy(holder) => Ok(Err(Busy { which, holder })),
+        Acquire::Acquired(mut l) => {
+            // The holder line only helps the next refused run name us: not fatal.
+            if let Some(Err(e)) = me.map(|me| l.write_holder(me)) {
+                tracing::warn!("{e}");
+            }
+            Ok(Ok(l))
+        }
+    }
+}
+
+/// The dry run's view of one flock, in the words of [`DomainLocks`]: `Ok(None)` when
+/// free, `Ok(Some(busy))` naming the holder as the real run would (by the lock file, or
+/// not at all), `Err` when it cannot be known.
+pub fn probe_file(path: &Path, which: Which) -> Result<Option<Busy>, String> {
+    Ok(probe(path)?.map(|_pid| Busy {
+        which,
+        holder: read_holder(path),
+    }))
+}
+
+/// The dry run's view of the shared ledger's lock.
+pub fn probe_shared<S: SharedLock + ?Sized>(ledger: &S, domain: &str) -> Result<Option<Busy>, String> {
+    Ok(ledger.locked_elsewhere(domain)?.then(|| Busy {
+        which: Which::Shared,
+        holder: ledger.holder(domain),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A shared ledger's lock as a test sets it: free, or held by `by`.
+    struct Shared(Option<Holder>);
+
+    impl SharedLock for Shared {
+        fn try_lock_domain(&self, _: &str) -> Result<bool, String> {
+            Ok(self.0.is_none())
+        }
+        fn locked_elsewhere(&self, _: &str) -> Result<bool, String> {
+            Ok(self.0.is_some())
+        }
+        fn holder(&self, _: &str) -> Option<Holder> {
+            self.0.clone()
+        }
+    }
+
+    fn me(run_id: &str) -> Holder {
+        Holder {
+            run_id: run_id.into(),
+            pid: 1,
+            host: "h".into(),
+            started_at: "2026-01-01T00:00:00Z".into(),
+        }
+    }
+
+    #[test]
+    fn the_domain_locks_answer_which_lock_is_busy_and_who_holds_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let ks = dir.path().join("ks.lock");
+        let free = Shared(None);
+        let first = DomainLocks::acquire(dir.path(), "web", &free, Some(&ks), Some(&me("one")))
+            .unwrap()
+            .expect("all free");
+
+        // Held by `first`: the state lock is met first, named by its holder line.
+        let busy = DomainLocks::acquire(dir.path(), "web", &free, Some(&ks), Some(&me("two")))
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(busy.which, Which::State);
+        assert_eq!(busy.holder, Some(me("one")));
+        // The dry run's probe finds the same lock and the same holder.
+        let probed = probe_file(&lock_path(dir.path(), "web"), Which::State)
+            .unwrap()
+            .expect("held");
+        assert_eq!(probed.holder, Some(me("one")));
+
+        // Another domain's state lock is free, the shared key store lock is not.
+        let busy = DomainLocks::acquire(dir.path(), "api", &free, Some(&ks), None)
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(busy.which, Which::KeyStore(ks.clone()));
+        drop(first);
+
+        // The shared ledger's lock held by another host: named as the ledger names it,
+        // and what was taken before it is released with the refused set.
+        let elsewhere = Shared(Some(me("remote")));
+        let busy = DomainLocks::acquire(dir.path(), "web", &elsewhere, Some(&ks), None)
+            .unwrap()
+            .unwrap_err();
+        assert_eq!((busy.which, busy.holder), (Which::Shared, Some(me("remote"))));
+        assert_eq!(
+            probe_shared(&elsewhere, "web").unwrap().map(|b| b.which),
+            Some(Which::Shared)
+        );
+        assert!(probe_file(&lock_path(dir.path(), "web"), Which::State)
+            .unwrap()
+            .is_none());
+        assert!(DomainLocks::acquire(dir.path(), "web", &free, Some(&ks), None)
+            .unwrap()
+            .is_ok());
+    }
+}

@@ -22,6 +22,7 @@ mod keystore;
 mod keystore_safety;
 mod layering;
 mod ledger_wal;
+mod msrv;
 mod observability;
 mod operator_safety;
 mod pg_dba;

@@ -12,7 +12,7 @@ use crate::config::{Backend, Config, DomainConfig};
 use crate::fsutil;
 use crate::keystore::Keystore;
 use crate::ledger::{Ledger, RunState};
-use crate::lock::{self, Acquire, DomainLock};
+use crate::lock::DomainLocks;
 use crate::outcome::{Failure, Outcome};
 
 pub fn run(cli: &Cli, args: &ResolveArgs) -> Outcome {
@@ -185,29 +185,22 @@ fn announce(
 
 /// The state lock, the shared ledger's lock and the key store's lock, all free and now
 /// held; `None` when any of them is held by a live process.
-fn take_locks(config: &Config, domain: &DomainConfig, ledger: &Ledger) -> Result<Option<Vec<DomainLock>>, Failure> {
+fn take_locks(config: &Config, domain: &DomainConfig, ledger: &Ledger) -> Result<Option<DomainLocks>, Failure> {
     let aborted = |e: String| Failure::new(Outcome::Aborted, e);
     fsutil::ensure_private_dir(&config.state_dir, "state folder").map_err(aborted)?;
     fsutil::ensure_private_dir(&config.lock_dir(), "lock folder").map_err(aborted)?;
-    let mut held = Vec::new();
-    match DomainLock::try_acquire(&lock::lock_path(&config.lock_dir(), &domain.name)).map_err(aborted)? {
-        Acquire::Busy(_) => return Ok(None),
-        Acquire::Acquired(l) => held.push(l),
-    }
-    if !ledger.lock_domain(&domain.name).map_err(|e| aborted(e.into()))? {
-        return Ok(None);
-    }
-    if let Backend::Keystore { keystore, .. } = &domain.backend {
-        let ks = Keystore::new(keystore, &domain.name);
-        // Only an existing key folder is locked: resolving creates no key store.
-        if ks.check_folders().is_ok() && ks.dir().is_dir() {
-            match DomainLock::try_acquire(&ks.lock_path()).map_err(aborted)? {
-                Acquire::Busy(_) => return Ok(None),
-                Acquire::Acquired(l) => held.push(l),
-            }
+    // Only an existing key folder is locked: resolving creates no key store.
+    let keystore_lock = match &domain.backend {
+        Backend::Keystore { keystore, .. } => {
+            let ks = Keystore::new(keystore, &domain.name);
+            (ks.check_folders().is_ok() && ks.dir().is_dir()).then(|| ks.lock_path())
         }
-    }
-    Ok(Some(held))
+        _ => None,
+    };
+    // A review is not a run: it names no holder in the lock files.
+    DomainLocks::acquire(&config.lock_dir(), &domain.name, ledger, keystore_lock.as_deref(), None)
+        .map(Result::ok)
+        .map_err(aborted)
 }
 
 /// After the review, under the locks: adopt a key store whose manifest this ledger

@@ -7,6 +7,9 @@
 //! methods here and writes inside [`Ledger::write`], one transaction per call, through
 //! a [`Writer`]. Queries are written once, with `$N` placeholders, for both engines.
 
+#[cfg(test)]
+mod contract;
+mod migrations;
 mod pgurl;
 mod postgres;
 pub use postgres::validate_url as validate_postgres_url;
@@ -873,6 +876,30 @@ impl Writer<'_, '_> {
             &[run_id.into(), (&now()).into(), phase.into(), detail.into()],
         )
         .map(|_| ())
+    }
+}
+
+/// The shared ledger's lock as one of the domain's locks ([`crate::lock::DomainLocks`]).
+impl crate::lock::SharedLock for Ledger {
+    fn try_lock_domain(&self, domain: &str) -> Result<bool, String> {
+        Ok(self.lock_domain(domain)?)
+    }
+
+    fn locked_elsewhere(&self, domain: &str) -> Result<bool, String> {
+        Ok(self.domain_locked_elsewhere(domain)?)
+    }
+
+    /// The holder of a shared lock is the domain's run in flight, as its row names it.
+    fn holder(&self, domain: &str) -> Option<crate::lock::Holder> {
+        self.domain_record(domain)
+            .ok()
+            .and_then(|r| r.in_flight)
+            .map(|r| crate::lock::Holder {
+                run_id: r.run_id,
+                pid: r.pid as u32,
+                host: r.host,
+                started_at: r.started_at,
+            })
     }
 }
 

@@ -17,6 +17,7 @@ use std::time::Duration;
 use postgres::types::{IsNull, ToSql, Type};
 use postgres::{Client, GenericClient};
 
+use super::migrations::{self, MigrateError, MigrationTx};
 use super::{Cols, Val};
 
 const MIGRATIONS: &[&str] = &[
@@ -200,52 +201,60 @@ pub(super) fn migrate_now(url: &str, busy: Duration) -> Result<(i64, i64), Strin
     })
 }
 
-enum MigrateError {
-    /// The role lacks a privilege the migration needs.
-    Denied(String),
-    Other(String),
-}
-
-/// Brings the schema to this keyrotate's version, in one transaction serialised
-/// between hosts by a transaction-level advisory lock.
+/// Brings the schema to this keyrotate's version through [`migrations::walk`], in one
+/// transaction serialised between hosts by a transaction-level advisory lock.
 fn migrate(client: &mut Client, label: &str) -> Result<(i64, i64), MigrateError> {
-    let fail = |e: postgres::Error| {
-        if e.code() == Some(&postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) {
-            MigrateError::Denied(
-                e.as_db_error()
-                    .map_or_else(|| e.to_string(), |d| d.message().to_string()),
-            )
-        } else {
-            MigrateError::Other(err(label, e))
-        }
-    };
-    let mut tx = client.transaction().map_err(fail)?;
+    let mut tx = client.transaction().map_err(|e| denied_or(label, e))?;
     tx.batch_execute("SELECT pg_advisory_xact_lock(hashtextextended('keyrotate:migrate', 0))")
-        .map_err(fail)?;
+        .map_err(|e| denied_or(label, e))?;
     // Re-read under the lock: another host may have migrated meanwhile. The DDL also
     // makes this session see that host's tables: an advisory lock alone does not refresh
     // the catalog caches that `to_regclass` reads, a lock on the schema does.
     tx.batch_execute("CREATE TABLE IF NOT EXISTS keyrotate_schema (version BIGINT NOT NULL)")
-        .map_err(fail)?;
-    let version = recorded_version(&mut tx, label)
-        .map_err(MigrateError::Other)?
-        .unwrap_or(0);
-    if version as usize > MIGRATIONS.len() {
-        return Err(MigrateError::Other(too_new(label, version)));
-    }
-    if version == 0 {
-        unrecorded_tables(&mut tx, label).map_err(MigrateError::Other)?;
-    }
-    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
-        tx.batch_execute(sql).map_err(fail)?;
-        tx.execute(
-            "INSERT INTO keyrotate_schema (version) VALUES ($1)",
-            &[&((i + 1) as i64)],
+        .map_err(|e| denied_or(label, e))?;
+    migrations::walk(PgMigration { tx, label }, MIGRATIONS, label)
+}
+
+/// A refused privilege is [`MigrateError::Denied`] (the caller names the role that may
+/// migrate); anything else is the error as it reads.
+fn denied_or(label: &str, e: postgres::Error) -> MigrateError {
+    if e.code() == Some(&postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) {
+        MigrateError::Denied(
+            e.as_db_error()
+                .map_or_else(|| e.to_string(), |d| d.message().to_string()),
         )
-        .map_err(fail)?;
+    } else {
+        MigrateError::Other(err(label, e))
     }
-    tx.commit().map_err(fail)?;
-    Ok((version, MIGRATIONS.len() as i64))
+}
+
+/// PostgreSQL's side of [`migrations::walk`]: the version is the highest row of
+/// `keyrotate_schema`, inserted in the same transaction as the migration's tables.
+struct PgMigration<'a> {
+    tx: postgres::Transaction<'a>,
+    label: &'a str,
+}
+
+impl MigrationTx for PgMigration<'_> {
+    fn version(&mut self) -> Result<i64, MigrateError> {
+        Ok(recorded_version(&mut self.tx, self.label)?.unwrap_or(0))
+    }
+
+    fn no_unrecorded_tables(&mut self) -> Result<(), MigrateError> {
+        Ok(unrecorded_tables(&mut self.tx, self.label)?)
+    }
+
+    fn apply(&mut self, sql: &str, version: i64) -> Result<(), MigrateError> {
+        self.tx.batch_execute(sql).map_err(|e| denied_or(self.label, e))?;
+        self.tx
+            .execute("INSERT INTO keyrotate_schema (version) VALUES ($1)", &[&version])
+            .map_err(|e| denied_or(self.label, e))?;
+        Ok(())
+    }
+
+    fn commit(self) -> Result<(), MigrateError> {
+        self.tx.commit().map_err(|e| denied_or(self.label, e))
+    }
 }
 
 /// Refuses a database whose keyrotate tables exist while no schema version is recorded
@@ -313,10 +322,7 @@ fn recorded_version(c: &mut impl GenericClient, label: &str) -> Result<Option<i6
 }
 
 fn too_new(label: &str, version: i64) -> String {
-    format!(
-        "ledger {label}: schema version {version} is newer than this keyrotate knows ({}); upgrade keyrotate",
-        MIGRATIONS.len()
-    )
+    migrations::too_new(label, version, MIGRATIONS.len() as i64)
 }
 
 fn lock_key(domain: &str) -> String {

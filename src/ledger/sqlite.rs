@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags, TransactionBehavior};
 
+use super::migrations::{self, MigrateError, MigrationTx};
 use super::{Cols, Val};
 
 const MIGRATIONS: &[&str] = &[
@@ -274,25 +275,46 @@ impl Sqlite {
         if version as usize == MIGRATIONS.len() {
             return Ok(());
         }
-        let tx = self.begin().map_err(|e| err(label, e))?;
         // Re-read inside the write lock: another process may have migrated meanwhile.
-        let version: i64 = tx
+        let tx = self.begin().map_err(|e| err(label, e))?;
+        migrations::walk(SqliteMigration { tx, label }, MIGRATIONS, label)
+            .map(|_| ())
+            .map_err(|e| match e {
+                MigrateError::Denied(e) | MigrateError::Other(e) => e,
+            })
+    }
+}
+
+/// SQLite's side of [`migrations::walk`]: the version is `PRAGMA user_version`, set in
+/// the same transaction as the migration's tables.
+struct SqliteMigration<'a> {
+    tx: rusqlite::Transaction<'a>,
+    label: &'a str,
+}
+
+impl MigrationTx for SqliteMigration<'_> {
+    fn version(&mut self) -> Result<i64, MigrateError> {
+        Ok(self
+            .tx
             .query_row("PRAGMA user_version", [], |r| r.get(0))
-            .map_err(|e| err(label, e))?;
-        for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
-            tx.execute_batch(sql).map_err(|e| err(label, e))?;
-            tx.pragma_update(None, "user_version", (i + 1) as i64)
-                .map_err(|e| err(label, e))?;
-        }
-        tx.commit().map_err(|e| err(label, e))
+            .map_err(|e| err(self.label, e))?)
+    }
+
+    fn apply(&mut self, sql: &str, version: i64) -> Result<(), MigrateError> {
+        self.tx.execute_batch(sql).map_err(|e| err(self.label, e))?;
+        Ok(self
+            .tx
+            .pragma_update(None, "user_version", version)
+            .map_err(|e| err(self.label, e))?)
+    }
+
+    fn commit(self) -> Result<(), MigrateError> {
+        Ok(self.tx.commit().map_err(|e| err(self.label, e))?)
     }
 }
 
 fn too_new(label: &str, version: i64) -> String {
-    format!(
-        "ledger {label}: schema version {version} is newer than this keyrotate knows ({}); upgrade keyrotate",
-        MIGRATIONS.len()
-    )
+    migrations::too_new(label, version, MIGRATIONS.len() as i64)
 }
 
 /// Copies the database and its WAL into a private temporary folder.

@@ -203,20 +203,6 @@ fn who(holder: Option<Holder>) -> String {
     })
 }
 
-/// Who holds a shared ledger's lock on the domain, as far as its rows tell.
-pub(super) fn ledger_holder(ledger: &Ledger, domain: &str) -> Option<Holder> {
-    ledger
-        .domain_record(domain)
-        .ok()
-        .and_then(|r| r.in_flight)
-        .map(|r| Holder {
-            run_id: r.run_id,
-            pid: r.pid as u32,
-            host: r.host,
-            started_at: r.started_at,
-        })
-}
-
 pub(super) fn audit_message(e: &str) -> String {
     format!("{e}: the audit trail is part of the run; no key was touched")
 }

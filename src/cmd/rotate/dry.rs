@@ -45,12 +45,12 @@ struct Dry {
     ledger: Option<Ledger>,
 }
 
-fn probe(path: &std::path::Path) -> Result<Held, String> {
-    match lock::probe(path)? {
-        // Named as the real run names it: by the lock file, or not at all.
-        Some(_pid) => Ok(Held::Busy(lock::read_holder(path))),
-        None => Ok(Held::Free),
-    }
+/// One flock probed in the words of [`DomainLocks`]: named as the real run names it.
+fn probe(path: &std::path::Path, which: lock::Which) -> Result<Held, String> {
+    Ok(match lock::probe_file(path, which)? {
+        Some(busy) => Held::Busy(busy.holder),
+        None => Held::Free,
+    })
 }
 
 fn held_line(held: &Held) -> String {
@@ -89,7 +89,7 @@ impl Effects for Dry {
         let path = lock::lock_path(&p.config.lock_dir(), &p.domain.name);
         // A lock file the real run cannot open (a planted symlink, a folder) stops it.
         lock::check_openable(&path).inspect_err(|e| self.plan.push(format!("lock: {e}")))?;
-        match probe(&path) {
+        match probe(&path, lock::Which::State) {
             Ok(held) => {
                 self.plan.push(format!("lock: {}", held_line(&held)));
                 Ok(held)
@@ -122,10 +122,10 @@ impl Effects for Dry {
         let Some(l) = &self.ledger else {
             return Ok(Held::Free);
         };
-        if !l.domain_locked_elsewhere(&p.domain.name)? {
+        let Some(busy) = lock::probe_shared(l, &p.domain.name)? else {
             return Ok(Held::Free);
-        }
-        let held = Held::Busy(ledger_holder(l, &p.domain.name));
+        };
+        let held = Held::Busy(busy.holder);
         self.plan
             .push(format!("lock: the shared ledger's lock is {}", held_line(&held)));
         Ok(held)
@@ -143,7 +143,7 @@ impl Effects for Dry {
             self.plan.push(format!("key store: {e}"));
             return Err(e);
         }
-        match probe(&ks.lock_path()) {
+        match probe(&ks.lock_path(), lock::Which::KeyStore(ks.lock_path())) {
             Ok(held @ Held::Busy(_)) => {
                 self.plan.push(format!(
                     "lock: the key store lock {} is {}",

@@ -42,7 +42,7 @@ use crate::fsutil;
 use crate::guard::Guard;
 use crate::keystore::Keystore;
 use crate::ledger::{DomainRecord, Ledger, NewRun, RunRow, RunState};
-use crate::lock::{self, Acquire, DomainLock, Holder};
+use crate::lock::{self, DomainLocks, Holder};
 use crate::outcome::{Failure, Outcome};
 use crate::time::rfc3339 as now_rfc3339;
 use phases::{Effects, Held, Record, Stop};

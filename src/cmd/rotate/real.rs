@@ -61,8 +61,8 @@ pub(super) fn stop(outcome: Outcome, reason: String) -> Concluded {
 #[derive(Default)]
 struct Live {
     guard: Option<Guard>,
-    held: Option<DomainLock>,
-    keystore_lock: Option<DomainLock>,
+    /// The domain's locks, taken one step at a time as the phases reach them.
+    locks: DomainLocks,
     ledger: Option<Ledger>,
 }
 
@@ -75,15 +75,11 @@ fn holder_of(p: &Prepared) -> Holder {
     }
 }
 
-fn acquire(path: &std::path::Path, p: &Prepared) -> Result<(Held, Option<DomainLock>), String> {
-    match DomainLock::try_acquire(path)? {
-        Acquire::Busy(holder) => Ok((Held::Busy(holder), None)),
-        Acquire::Acquired(mut l) => {
-            if let Err(e) = l.write_holder(&holder_of(p)) {
-                tracing::warn!("{e}");
-            }
-            Ok((Held::Free, Some(l)))
-        }
+/// What a step of [`DomainLocks`] found, as the phases read it.
+fn held(step: Result<(), lock::Busy>) -> Held {
+    match step {
+        Ok(()) => Held::Free,
+        Err(busy) => Held::Busy(busy.holder),
     }
 }
 
@@ -99,9 +95,12 @@ impl Effects for Live {
     }
 
     fn state_lock(&mut self, p: &Prepared) -> Result<Held, String> {
-        let (held, lock) = acquire(&lock::lock_path(&p.config.lock_dir(), &p.domain.name), p)?;
-        self.held = lock;
-        Ok(held)
+        let me = holder_of(p);
+        Ok(held(self.locks.take_state(
+            &p.config.lock_dir(),
+            &p.domain.name,
+            Some(&me),
+        )?))
     }
 
     fn open_ledger(&mut self, p: &Prepared) -> Result<(), String> {
@@ -110,12 +109,8 @@ impl Effects for Live {
     }
 
     fn ledger_lock(&mut self, p: &Prepared) -> Result<Held, String> {
-        let ledger = self.ledger.as_mut().expect("opened before");
-        Ok(if ledger.lock_domain(&p.domain.name)? {
-            Held::Free
-        } else {
-            Held::Busy(ledger_holder(ledger, &p.domain.name))
-        })
+        let ledger = self.ledger.as_ref().expect("opened before");
+        Ok(held(self.locks.take_shared(ledger, &p.domain.name)?))
     }
 
     fn keystore_lock(&mut self, p: &Prepared, ks: &Keystore) -> Result<Held, String> {
@@ -124,9 +119,7 @@ impl Effects for Live {
         if ks.prepare().is_err() {
             return Ok(Held::Free);
         }
-        let (held, lock) = acquire(&ks.lock_path(), p)?;
-        self.keystore_lock = lock;
-        Ok(held)
+        Ok(held(self.locks.take_keystore(&ks.lock_path(), Some(&holder_of(p)))?))
     }
 
     fn ledger(&self) -> Option<&Ledger> {
