@@ -481,7 +481,7 @@ fn of_two_concurrent_resolves_exactly_one_succeeds() {
     )) != "2"
     {
         assert!(
-            start.elapsed() < Duration::from_secs(8),
+            start.elapsed() < Duration::from_secs(30),
             "the resolves never both waited"
         );
         std::thread::sleep(Duration::from_millis(20));
