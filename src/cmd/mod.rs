@@ -116,12 +116,13 @@ pub(crate) fn say(line: std::fmt::Arguments) {
 
 /// Loads the config named by `--config`, `$KEYROTATE_CONFIG` or the default path,
 /// refusing (ABORTED) one that someone else could have written (DESIGN section 4.4).
-pub(crate) fn load_config(cli: &Cli) -> Result<Config, Failure> {
+/// With `domain`, only that domain is validated (see [`Config::load_for`]).
+pub(crate) fn load_config(cli: &Cli, domain: Option<&str>) -> Result<Config, Failure> {
     let path = config::locate(cli.config.as_deref());
     if let Some(e) = config_distrust(&path) {
         return Err(Failure::new(Outcome::Aborted, format!("{e}; refusing to use it")));
     }
-    Config::load(&path).map_err(Failure::usage)
+    Config::load_for(&path, domain).map_err(Failure::usage)
 }
 
 /// Rewrites the `[metrics] textfile`, if configured, after a command that changed or
