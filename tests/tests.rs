@@ -32,3 +32,5 @@ mod postgres;
 #[cfg(feature = "failpoints")]
 mod power_loss;
 mod rotate;
+#[cfg(feature = "failpoints")]
+mod staging_at_admission;
