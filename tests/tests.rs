@@ -25,6 +25,7 @@ mod layering;
 mod ledger_wal;
 mod observability;
 mod operator_safety;
+mod output_errors;
 mod pg_dba;
 mod pg_fencing;
 mod pg_hook;
