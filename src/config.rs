@@ -359,7 +359,13 @@ impl Config {
     pub fn all_domains(&self) -> Vec<DomainConfig> {
         let mut all: BTreeMap<String, DomainConfig> = self.domains.clone();
         for (name, value) in &self.unchecked.domains {
-            match checked_domain(name, value.clone(), &self.unchecked.defaults, &self.unchecked.base, &self.path) {
+            match checked_domain(
+                name,
+                value.clone(),
+                &self.unchecked.defaults,
+                &self.unchecked.base,
+                &self.path,
+            ) {
                 Ok(dc) => {
                     all.insert(name.clone(), dc);
                 }

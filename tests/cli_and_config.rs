@@ -119,7 +119,11 @@ fn bad_configs() {
             "domains.rsa.algorithm",
             "rsa",
         ),
-        (good.replace("[state]\ndir = \"state\"", ""), "missing field `state`", "aes"),
+        (
+            good.replace("[state]\ndir = \"state\"", ""),
+            "missing field `state`",
+            "aes",
+        ),
         (
             good.replace("min_interval = \"1h\"", "min_interval = \"often\""),
             "min_interval",
@@ -136,7 +140,11 @@ fn bad_configs() {
             "designated_pool",
             "aes",
         ),
-        (good.replace("[domains.sig]", "[domains.\"../sig\"]"), "domains.../sig", ""),
+        (
+            good.replace("[domains.sig]", "[domains.\"../sig\"]"),
+            "domains.../sig",
+            "",
+        ),
         (garbage, "too large", "aes"),
     ] {
         let env = Env::with_config(&text);

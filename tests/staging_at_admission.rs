@@ -88,7 +88,10 @@ fn a_plan_that_changed_after_admission_is_recorded_again_before_any_file() {
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(staging(&env, "MOVED"), ["v000002.pem", "v000010.pem"]);
     let steps = steps(&log);
-    let recorded = steps.iter().position(|s| s == "ledger.staging").expect("no second record");
+    let recorded = steps
+        .iter()
+        .position(|s| s == "ledger.staging")
+        .expect("no second record");
     let created = steps.iter().position(|s| s == "stage.create").unwrap();
     assert!(recorded < created, "{steps:?}");
     assert_eq!(env.key_files("sig"), ["v000001.pem", "v000010.pem"]);
