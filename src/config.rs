@@ -36,6 +36,18 @@ pub struct Config {
     pub domains: BTreeMap<String, DomainConfig>,
     /// `[metrics] textfile`: where to write the Prometheus metrics (DESIGN section 12).
     pub metrics_textfile: Option<PathBuf>,
+    /// The domains a narrowed load (`load_for` with a domain) parsed but did not
+    /// validate, with what validating them later needs.
+    unchecked: Unchecked,
+}
+
+/// Domains left unvalidated by a narrowed load: validating all 5,000 domains of a
+/// large config to rotate one would make every run pay for the whole file.
+#[derive(Clone, Debug, Default)]
+struct Unchecked {
+    domains: BTreeMap<String, toml::Value>,
+    defaults: RawDomain,
+    base: PathBuf,
 }
 
 #[derive(Clone, Debug)]
@@ -117,7 +129,7 @@ struct RawMetrics {
     textfile: Option<PathBuf>,
 }
 
-#[derive(Deserialize, Default, Clone)]
+#[derive(Deserialize, Default, Clone, Debug)]
 #[serde(deny_unknown_fields)]
 struct RawDomain {
     designated_pool: Option<String>,
@@ -182,9 +194,18 @@ pub fn locate(flag: Option<&Path>) -> PathBuf {
 
 impl Config {
     pub fn load(path: &Path) -> Result<Config, String> {
+        Config::load_for(path, None)
+    }
+
+    /// Like `load`, validating only `domain` when one is named: the file is parsed
+    /// whole (a syntax error anywhere still fails), the top-level sections are
+    /// validated, and every other domain is left unchecked, so that a typo in one
+    /// domain does not stop another from rotating (that domain's own runs and `check`
+    /// report it).
+    pub fn load_for(path: &Path, domain: Option<&str>) -> Result<Config, String> {
         let text = Config::read(path)?;
         let abs = std::path::absolute(path).map_err(|e| format!("config {}: {e}", path.display()))?;
-        Config::parse(&text, &abs)
+        Config::parse_for(&text, &abs, domain).map_err(|errors| first_of(errors, &abs))
     }
 
     fn read(path: &Path) -> Result<String, String> {
@@ -220,6 +241,11 @@ impl Config {
     /// Parses config text, collecting every problem across keys and domains: an operator
     /// fixing a config wants the whole list at once, not one per attempt.
     pub fn parse_all(text: &str, path: &Path) -> Result<Config, Vec<String>> {
+        Config::parse_for(text, path, None)
+    }
+
+    /// `parse_all`, validating only `only`'s domain when one is named (see `load_for`).
+    fn parse_for(text: &str, path: &Path, only: Option<&str>) -> Result<Config, Vec<String>> {
         let shown = path.display();
         let raw: RawConfig = toml::from_str(text).map_err(|e| {
             let line = e
@@ -295,33 +321,17 @@ impl Config {
         };
         let defaults = raw.defaults.unwrap_or_default();
         let mut domains = BTreeMap::new();
+        let mut unchecked = BTreeMap::new();
         for (name, value) in raw.domains {
-            let prefix = format!("domains.{name}");
-            if let Err(w) = validate_domain_name(&name) {
-                errors.push(err(&prefix, w));
+            if only.is_some_and(|o| o != name) {
+                unchecked.insert(name, value);
                 continue;
             }
-            let d = match raw_domain(value) {
-                Ok(d) => d,
-                Err(problems) => {
-                    errors.extend(problems.into_iter().map(|(key, what)| match key {
-                        Some(key) => err(&format!("{prefix}.{key}"), what),
-                        None => err(&prefix, what),
-                    }));
-                    continue;
-                }
-            };
-            let applicable = defaults.for_backend(d.backend.as_deref().or(defaults.backend.as_deref()));
-            let d = d.or(&applicable);
-            match domain(&name, d, base) {
+            match checked_domain(&name, value, &defaults, base, path) {
                 Ok(dc) => {
                     domains.insert(name, dc);
                 }
-                Err(problems) => errors.extend(
-                    problems
-                        .into_iter()
-                        .map(|(key, what)| err(&format!("{prefix}.{key}"), what)),
-                ),
+                Err(problems) => errors.extend(problems),
             }
         }
         if !errors.is_empty() {
@@ -335,14 +345,51 @@ impl Config {
             audit_file,
             domains,
             metrics_textfile,
+            unchecked: Unchecked {
+                domains: unchecked,
+                defaults,
+                base: base.to_path_buf(),
+            },
         })
+    }
+
+    /// Every domain of the file, validating those a narrowed load left unchecked; a
+    /// domain with problems is left out with a warning (its own runs and `check`
+    /// report them). For what must cover every domain, such as the metrics textfile.
+    pub fn all_domains(&self) -> Vec<DomainConfig> {
+        let mut all: BTreeMap<String, DomainConfig> = self.domains.clone();
+        for (name, value) in &self.unchecked.domains {
+            match checked_domain(
+                name,
+                value.clone(),
+                &self.unchecked.defaults,
+                &self.unchecked.base,
+                &self.path,
+            ) {
+                Ok(dc) => {
+                    all.insert(name.clone(), dc);
+                }
+                Err(problems) => tracing::warn!(
+                    "{} (domain {name:?} left out: keyrotate --config {} check lists its problems)",
+                    problems[0],
+                    self.path.display()
+                ),
+            }
+        }
+        all.into_values().collect()
     }
 
     /// The domain named on the command line, or a usage error naming the known ones.
     pub fn domain(&self, name: &str) -> Result<&DomainConfig, String> {
         validate_domain_name(name).map_err(|w| format!("--domain: {w}"))?;
         self.domains.get(name).ok_or_else(|| {
-            let known: Vec<&str> = self.domains.keys().map(String::as_str).collect();
+            let known: std::collections::BTreeSet<&str> = self
+                .domains
+                .keys()
+                .chain(self.unchecked.domains.keys())
+                .map(String::as_str)
+                .collect();
+            let known: Vec<&str> = known.into_iter().collect();
             format!(
                 "--domain {name:?} is not configured in {} (known: {})",
                 self.path.display(),
@@ -358,6 +405,38 @@ impl Config {
     pub fn lock_dir(&self) -> PathBuf {
         self.state_dir.join("locks")
     }
+}
+
+/// One `[domains.NAME]` table validated with `defaults` applied: the domain, or every
+/// problem found, each naming the file and key.
+fn checked_domain(
+    name: &str,
+    value: toml::Value,
+    defaults: &RawDomain,
+    base: &Path,
+    path: &Path,
+) -> Result<DomainConfig, Vec<String>> {
+    let shown = path.display();
+    let err = |key: &str, what: String| format!("config {shown}: {key}: {what}");
+    let prefix = format!("domains.{name}");
+    validate_domain_name(name).map_err(|w| vec![err(&prefix, w)])?;
+    let d = raw_domain(value).map_err(|problems| {
+        problems
+            .into_iter()
+            .map(|(key, what)| match key {
+                Some(key) => err(&format!("{prefix}.{key}"), what),
+                None => err(&prefix, what),
+            })
+            .collect::<Vec<_>>()
+    })?;
+    let applicable = defaults.for_backend(d.backend.as_deref().or(defaults.backend.as_deref()));
+    let d = d.or(&applicable);
+    domain(name, d, base).map_err(|problems| {
+        problems
+            .into_iter()
+            .map(|(key, what)| err(&format!("{prefix}.{key}"), what))
+            .collect()
+    })
 }
 
 /// One `[domains.NAME]` table, checked key by key so that every unknown or mistyped

@@ -147,7 +147,7 @@ fn a_deleted_ledger_does_not_unblock_a_blocked_domain() {
     let out = env
         .rotate("sig")
         .args(["--force", "--run-id", "KILLED"])
-        .env("KEYROTATE_FAILPOINTS", "ledger.staging=kill")
+        .env("KEYROTATE_FAILPOINTS", "stage.create=kill")
         .output();
     assert_eq!(out.code, 137, "{}", out.stderr);
     env.rotate("sig").arg("--force").status(4); // blocked by the stale KILLED

@@ -7,6 +7,7 @@ mod attacks;
 mod cli_and_config;
 mod command_backend;
 mod commands;
+mod config_scope;
 mod consumer_snapshot;
 #[cfg(feature = "failpoints")]
 mod crash;
@@ -25,6 +26,7 @@ mod ledger_wal;
 mod msrv;
 mod observability;
 mod operator_safety;
+mod output_errors;
 mod pg_dba;
 mod pg_fencing;
 mod pg_hook;
@@ -32,3 +34,5 @@ mod postgres;
 #[cfg(feature = "failpoints")]
 mod power_loss;
 mod rotate;
+#[cfg(feature = "failpoints")]
+mod staging_at_admission;

@@ -70,11 +70,26 @@ pub fn refusal(verdict: &Verdict, domain: &str) -> Option<Failure> {
 /// Inspects a domain's key store and judges it against the ledger (`None`: there is no
 /// ledger yet, so it knows no run).
 pub fn examine(ks: &Keystore, ledger: Option<&Ledger>, domain: &str) -> Result<(Inspection, Verdict), ExamineError> {
+    examine_for(ks, ledger, domain, None)
+}
+
+/// `examine` for the run `own_run`, leaving out its own staging record: the names it
+/// recorded at admission are its plan, not numbers some other run took.
+fn examine_for(
+    ks: &Keystore,
+    ledger: Option<&Ledger>,
+    domain: &str,
+    own_run: Option<&str>,
+) -> Result<(Inspection, Verdict), ExamineError> {
     let insp = ks.inspect().map_err(ExamineError::Store)?;
     let prov = match ledger {
-        Some(l) => l
-            .provenance(domain, insp.manifest.committed_by_run.as_deref())
-            .map_err(|e| ExamineError::Ledger(e.into()))?,
+        Some(l) => {
+            let mut prov = l
+                .provenance(domain, insp.manifest.committed_by_run.as_deref())
+                .map_err(|e| ExamineError::Ledger(e.into()))?;
+            prov.runs.retain(|r| Some(r.run_id.as_str()) != own_run);
+            prov
+        }
         None => crate::keystore::Provenance {
             manifest_run_known: insp.manifest.committed_by_run.as_ref().map(|_| false),
             runs: Vec::new(),
@@ -137,6 +152,14 @@ impl PreCommitUndo {
     }
 }
 
+/// The files a plan creates, in its order.
+fn file_names(plan: &Plan) -> Vec<String> {
+    plan.create
+        .iter()
+        .map(|n| manifest::version_file(n.version, n.algorithm))
+        .collect()
+}
+
 impl KeystoreRotation<'_> {
     pub fn run(mut self) -> Result<Rotated, Failure> {
         let guard = self.step.guard.clone();
@@ -144,8 +167,13 @@ impl KeystoreRotation<'_> {
 
         guard.checkpoint("inspect")?;
         ks.prepare().map_err(aborted)?;
-        let (inspection, verdict) =
-            examine(&ks, Some(&*self.step.ledger), &self.step.run.domain).map_err(ExamineError::refusal)?;
+        let (inspection, verdict) = examine_for(
+            &ks,
+            Some(&*self.step.ledger),
+            &self.step.run.domain,
+            Some(&self.step.run.run_id),
+        )
+        .map_err(ExamineError::refusal)?;
         if let Some(refused) = refusal(&verdict, &self.step.run.domain) {
             if !verdict.evidence.is_empty() {
                 // Their numbers are taken: no later key may get one of them.
@@ -243,11 +271,7 @@ impl KeystoreRotation<'_> {
         let run_id = self.step.run.run_id.clone();
         let io = |what: &str, e: std::io::Error| aborted(format!("{what}: {}", crate::fsutil::io_reason(&e)));
 
-        let files: Vec<String> = plan
-            .create
-            .iter()
-            .map(|n| manifest::version_file(n.version, n.algorithm))
-            .collect();
+        let files = file_names(plan);
         guard.checkpoint("stage")?;
         self.step.staging(&files).map_err(aborted)?;
         self.undo.set(Some(Undo {
@@ -427,6 +451,19 @@ impl super::RotationBackend for KeystoreBackend {
 
     fn watchdog_grace(&self) -> std::time::Duration {
         std::time::Duration::ZERO
+    }
+
+    fn planned_files(&self, ledger: &Ledger) -> Option<Vec<String>> {
+        let ks = &self.keystore;
+        let (insp, verdict) = examine(ks, Some(ledger), ks.domain()).ok()?;
+        if !verdict.clean() {
+            // The run will refuse the store: it creates nothing, so records nothing.
+            return None;
+        }
+        let plan = insp
+            .manifest
+            .plan(self.algorithm, self.activation, self.retain, verdict.next_version);
+        Some(file_names(&plan)).filter(|f| !f.is_empty())
     }
 
     fn plan(&self, ledger: Option<&Ledger>, plan: &mut Vec<String>) -> Result<super::Planned, Failure> {

@@ -36,6 +36,13 @@ pub trait RotationBackend {
     /// What this backend can tell about a run that died mid-rotation: did it commit?
     /// `this_host` is the host the diagnosis runs on.
     fn diagnose(&self, dead: &RunRow, last_step: Option<&str>, ledger: Option<&Ledger>, this_host: &str) -> String;
+    /// Before admission, with the key store's lock held: the files the rotation would
+    /// create, for the admission transaction to record as the run's `staging` event
+    /// (one flushed write instead of two). `None`: nothing to record there; the
+    /// backend records what it creates itself ([`Step::staging`]).
+    fn planned_files(&self, _ledger: &Ledger) -> Option<Vec<String>> {
+        None
+    }
     /// What `check` reports: `(config key suffix, problem)`.
     fn check(&self) -> Vec<(&'static str, String)>;
     /// Phase 7: the rotation, reporting through `step`; `undo` is what the deadline
@@ -90,6 +97,8 @@ pub struct Step<'a> {
     pub guard: &'a Guard,
     pub ledger: &'a mut Ledger,
     pub audit: &'a Audit,
+    /// The files the admission transaction recorded as this run's `staging` event.
+    pub staged_at_admission: Option<&'a [String]>,
 }
 
 impl Step<'_> {
@@ -106,7 +115,15 @@ impl Step<'_> {
     /// them if this one never commits (DESIGN 4.4). Flushed, unlike the progress marks:
     /// a staged file that survives a power loss must not outlive its record, or it
     /// would have to go to a human.
+    ///
+    /// When the admission transaction (synchronous=FULL, flushed) recorded exactly
+    /// these names, that record is the proof and no second write is made. Any other
+    /// list (the store changed in between, which the key store lock should prevent)
+    /// is recorded here, flushed, before any file is created: never an unrecorded one.
     pub fn staging(&mut self, files: &[String]) -> Result<(), String> {
+        if self.staged_at_admission == Some(files) {
+            return Ok(());
+        }
         let run_id = self.run.run_id.clone();
         let list = files.join(" ");
         self.ledger

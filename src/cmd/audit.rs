@@ -33,7 +33,7 @@ pub fn verify(cli: &Cli, args: &AuditVerifyArgs) -> Outcome {
 }
 
 fn check(cli: &Cli) -> Result<audit::Verification, Failure> {
-    let config = load_config(cli)?;
+    let config = load_config(cli, None)?;
     let unreadable = |e: String| Failure::new(Outcome::Aborted, e);
     let ledger_unreadable = |e: crate::ledger::LedgerError| unreadable(e.into());
     // Held while the anchors and the files are read: no writer is then between

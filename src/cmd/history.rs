@@ -32,7 +32,7 @@ fn since(when: &str) -> Result<String, Failure> {
 }
 
 fn history(cli: &Cli, args: &HistoryArgs) -> Result<(), Failure> {
-    let config = load_config(cli)?;
+    let config = load_config(cli, args.domain.as_deref())?;
     if let Some(d) = &args.domain {
         config.domain(d).map_err(Failure::usage)?;
     }

@@ -142,7 +142,9 @@ pub(crate) fn write_textfile(config: &Config) {
     if config.metrics_textfile.is_none() {
         return;
     }
-    let domains: Vec<_> = config.domains.values().collect();
+    // A narrowed load validated one domain; the textfile carries every one.
+    let all = config.all_domains();
+    let domains: Vec<_> = all.iter().collect();
     write_from(config, &super::collect(config, &domains));
 }
 

@@ -31,7 +31,7 @@ pub fn run(cli: &Cli, args: &MigrateArgs) -> Outcome {
 }
 
 fn migrate(cli: &Cli) -> Result<(String, i64, i64), Failure> {
-    let config = load_config(cli)?;
+    let config = load_config(cli, None)?;
     if let LedgerLocation::Sqlite(_) = config.ledger {
         fsutil::ensure_private_dir(&config.state_dir, "state folder").map_err(|e| Failure::new(Outcome::Aborted, e))?;
     }

@@ -59,10 +59,10 @@ pub fn main() -> ExitCode {
     init_logging(&cli);
     let outcome = match &cli.command {
         Command::Rotate(args) => rotate::run(&cli, args),
-        Command::Status(args) => status::run(&cli, args),
-        Command::History(args) => history::run(&cli, args),
+        Command::Status(args) => reported(status::run(&cli, args)),
+        Command::History(args) => reported(history::run(&cli, args)),
         Command::Resolve(args) => resolve::run(&cli, args),
-        Command::Check(args) => check::run(&cli, args),
+        Command::Check(args) => reported(check::run(&cli, args)),
         Command::Migrate(args) => migrate::run(&cli, args),
         Command::Audit(crate::cli::AuditCommand::Verify(args)) => audit::verify(&cli, args),
         Command::Completions(args) => shell::completions(args),
@@ -108,20 +108,56 @@ impl Write for LossyStderr {
     }
 }
 
-/// One line on stdout, write errors ignored (used through [`out!`]).
+/// Why a write to stdout failed, if one did (see [`reported`]).
+static STDOUT_FAILED: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+
+/// One line on stdout (used through [`out!`]). A write error never stops the command
+/// (a rotation's outcome must stay true); it is remembered for [`reported`].
 pub(crate) fn say(line: std::fmt::Arguments) {
     let mut o = std::io::stdout().lock();
-    let _ = o.write_fmt(line).and_then(|()| o.write_all(b"\n"));
+    if let Err(e) = o.write_fmt(line).and_then(|()| o.write_all(b"\n")) {
+        note_stdout_error(&e);
+    }
+}
+
+fn note_stdout_error(e: &std::io::Error) {
+    // A reader that closed its pipe on purpose (`| head`) got what it asked for.
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        return;
+    }
+    let mut failed = STDOUT_FAILED.lock().unwrap_or_else(|p| p.into_inner());
+    failed.get_or_insert_with(|| crate::fsutil::io_reason(e));
+}
+
+/// The outcome of a command whose whole purpose is its output (`status`, `history`,
+/// `check`): a success whose output could not be written (a full disk behind a
+/// redirection, a closed stdout) is ABORTED (3), so a job or monitor never takes a
+/// missing report for a good one; a closed pipe is not a failure (see
+/// `note_stdout_error`). `rotate` does not go through here: its outcome is the
+/// rotation's.
+fn reported(outcome: Outcome) -> Outcome {
+    if let Err(e) = std::io::stdout().lock().flush() {
+        note_stdout_error(&e);
+    }
+    let failed = STDOUT_FAILED.lock().unwrap_or_else(|p| p.into_inner()).take();
+    match failed {
+        Some(why) if outcome == Outcome::Rotated => {
+            tracing::error!("stdout: the output could not be written ({why})");
+            Outcome::Aborted
+        }
+        _ => outcome,
+    }
 }
 
 /// Loads the config named by `--config`, `$KEYROTATE_CONFIG` or the default path,
 /// refusing (ABORTED) one that someone else could have written (DESIGN section 4.4).
-pub(crate) fn load_config(cli: &Cli) -> Result<Config, Failure> {
+/// With `domain`, only that domain is validated (see [`Config::load_for`]).
+pub(crate) fn load_config(cli: &Cli, domain: Option<&str>) -> Result<Config, Failure> {
     let path = config::locate(cli.config.as_deref());
     if let Some(e) = config_distrust(&path) {
         return Err(Failure::new(Outcome::Aborted, format!("{e}; refusing to use it")));
     }
-    Config::load(&path).map_err(Failure::usage)
+    Config::load_for(&path, domain).map_err(Failure::usage)
 }
 
 /// Rewrites the `[metrics] textfile`, if configured, after a command that changed or

@@ -26,7 +26,7 @@ pub fn run(cli: &Cli, args: &ResolveArgs) -> Outcome {
 }
 
 fn resolve(cli: &Cli, args: &ResolveArgs) -> Result<String, Failure> {
-    let config = load_config(cli)?;
+    let config = load_config(cli, Some(&args.domain))?;
     let domain = config.domain(&args.domain).map_err(Failure::usage)?;
     let note = clean_text("--note", args.note.trim(), 2000)?;
     if note.is_empty() {

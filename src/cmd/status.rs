@@ -83,7 +83,7 @@ pub fn run(cli: &Cli, args: &StatusArgs) -> Outcome {
 }
 
 fn status(cli: &Cli, args: &StatusArgs) -> Result<Outcome, Failure> {
-    let config = load_config(cli)?;
+    let config = load_config(cli, args.domain.as_deref())?;
     let domains: Vec<&DomainConfig> = match &args.domain {
         Some(d) => vec![config.domain(d).map_err(Failure::usage)?],
         None => config.domains.values().collect(),

@@ -194,7 +194,7 @@ fn print_report(r: &Report, output: OutputFormat) {
 // ---- phase 1: arguments and config -------------------------------------------------
 
 fn prepare(cli: &Cli, args: &RotateArgs) -> Result<Prepared, Failure> {
-    let config = load_config(cli)?;
+    let config = load_config(cli, Some(&args.domain))?;
     let domain = config.domain(&args.domain).map_err(Failure::usage)?.clone();
     let deadline = Deadline::parse(&args.deadline, domain.max_deadline).map_err(Failure::usage)?;
     if let Backend::Command { program, .. } = &domain.backend {

@@ -64,6 +64,8 @@ struct Live {
     /// The domain's locks, taken one step at a time as the phases reach them.
     locks: DomainLocks,
     ledger: Option<Ledger>,
+    /// The files the admission transaction recorded as staging (see `Step::staging`).
+    planned: Option<Vec<String>>,
 }
 
 fn holder_of(p: &Prepared) -> Holder {
@@ -145,7 +147,10 @@ impl Effects for Live {
     ) -> Result<(), Stop> {
         let guard = self.guard.as_ref().expect("installed before");
         let ledger = self.ledger.as_mut().expect("opened before");
-        admit_and_record(p, ledger, guard, judge)?;
+        // The key store lock is held: the plan read now is the plan the backend makes.
+        let planned = p.backend().planned_files(ledger);
+        admit_and_record(p, ledger, guard, judge, planned.as_deref())?;
+        self.planned = planned;
         // Who runs this, so that the next run can tell "still running" from "died".
         if ledger.is_shared() || matches!(p.domain.backend, Backend::Command { .. }) {
             let run_id = p.run.run_id.clone();
@@ -198,6 +203,7 @@ impl Live {
             guard,
             ledger,
             audit: &p.audit,
+            staged_at_admission: self.planned.as_deref(),
         };
         let result = p.backend().run(step, undo);
         guard.stand_down();
@@ -388,6 +394,7 @@ fn admit_and_record(
     ledger: &mut Ledger,
     guard: &Guard,
     judge: &dyn Fn(&DomainRecord, Duration) -> Result<(), Refusal>,
+    staging: Option<&[String]>,
 ) -> Result<(), Stop> {
     let failed = |e: String| Stop::new(before_keys(p), format!("{e}; no key was touched"), Record::AuditOnly);
     let decision = ledger
@@ -409,6 +416,12 @@ fn admit_and_record(
                 Ok(()) => match judge(&rec, guard.deadline().remaining()) {
                     Ok(()) => {
                         w.insert(&p.run, None, None)?;
+                        // The files the rotation will create, recorded before any
+                        // exists (the key-loss rule, DESIGN 4.4), in this flushed
+                        // transaction rather than one of their own.
+                        if let Some(files) = staging {
+                            w.event(&p.run.run_id, "staging", Some(&files.join(" ")))?;
+                        }
                         return Ok(Ok(Ok(())));
                     }
                     Err(r) => r,
