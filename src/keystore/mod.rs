@@ -576,14 +576,7 @@ impl Keystore {
     }
 
     pub fn commit(&self, manifest: &Manifest) -> io::Result<()> {
-        fsutil::write_atomic_with(
-            &self.dir,
-            MANIFEST,
-            &manifest.to_bytes(),
-            "commit",
-            DirSync::Now,
-            self.access().file_perms(),
-        )
+        self.commit_gated(manifest, || Ok(()))
     }
 
     /// [`Keystore::commit`], asking `gate` right before the rename (the commit point)

@@ -47,15 +47,19 @@ pub(super) fn admit(p: &Prepared, rec: &DomainRecord, remaining: Duration) -> Ad
     Admission::Go
 }
 
-/// The refusal for a run found in flight while this one holds the lock.
-fn stale_refusal(domain: &str, dead: RunRow, stale: Option<&StaleFacts>) -> Refusal {
-    let refusal = |outcome, state, reason: String, plan: String| Refusal {
+/// A refusal that marks no other run.
+fn refusal(outcome: Outcome, state: RunState, reason: String, plan: String) -> Refusal {
+    Refusal {
         outcome,
         state,
         reason,
         stale: None,
         plan,
-    };
+    }
+}
+
+/// The refusal for a run found in flight while this one holds the lock.
+fn stale_refusal(domain: &str, dead: RunRow, stale: Option<&StaleFacts>) -> Refusal {
     match stale.and_then(|s| s.alive.clone()) {
         // A live process is never called dead: a run that lost its PostgreSQL
         // lock may still run here, and a dead run's hook may outlive it.
@@ -125,13 +129,6 @@ pub(super) fn judge(
     stale: Option<&StaleFacts>,
 ) -> Result<(), Refusal> {
     let domain = &p.domain.name;
-    let refusal = |outcome, state, reason: String, plan: String| Refusal {
-        outcome,
-        state,
-        reason,
-        stale: None,
-        plan,
-    };
     Err(match admit(p, rec, remaining) {
         Admission::Go => return Ok(()),
         Admission::Stale(dead) => stale_refusal(domain, dead, stale),
