@@ -61,6 +61,20 @@ pub struct DomainConfig {
     /// Who besides the keyrotate user may read the key folder (`group`, `public_jwks`;
     /// key store backend only).
     pub access: crate::fsutil::Access,
+    /// `group` names a group this host does not have: a usage error for `check` and
+    /// for every command that writes the key store (see [`DomainConfig::writable`]).
+    pub unresolved_group: Option<String>,
+}
+
+impl DomainConfig {
+    /// Whether this host can write the domain's key store as configured: `Err` names
+    /// the config key and what is wrong.
+    pub fn writable(&self) -> Result<(), String> {
+        match &self.unresolved_group {
+            Some(e) => Err(format!("domains.{}.group: {e}", self.name)),
+            None => Ok(()),
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -526,18 +540,18 @@ fn domain(name: &str, d: RawDomain, base: &Path) -> Result<DomainConfig, Vec<Key
             None => Ok(DEFAULT_RETAIN),
         },
     );
-    // Checked for every backend (a typo is a typo), used by the key store only.
-    let access = take(
-        &mut errs,
-        match d.group {
-            Some(name) => match crate::fsutil::lookup_group(&name) {
-                Some(gid) => Ok(Some(crate::fsutil::Group { name, gid })),
-                None => Err(("group", format!("no such group {name:?} on this host"))),
-            },
-            None => Ok(None),
-        },
-    )
-    .map(|group| crate::fsutil::Access {
+    // A group missing on this host is a problem only where the key store is written:
+    // a host outside the designated pool must still answer NOT_DESIGNATED (6), so the
+    // lookup's failure is kept for `check` and for the commands that write.
+    let mut unresolved_group = None;
+    let group = d.group.and_then(|name| match crate::fsutil::lookup_group(&name) {
+        Some(gid) => Some(crate::fsutil::Group { name, gid }),
+        None => {
+            unresolved_group = Some(format!("no such group {name:?} on this host"));
+            None
+        }
+    });
+    let access = Some(crate::fsutil::Access {
         group,
         public_jwks: d.public_jwks.unwrap_or(false),
     });
@@ -627,6 +641,7 @@ fn domain(name: &str, d: RawDomain, base: &Path) -> Result<DomainConfig, Vec<Key
                 min_interval,
                 retain,
                 access,
+                unresolved_group,
             })
         }
         _ => Err(errs),

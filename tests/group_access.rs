@@ -281,5 +281,15 @@ fn an_unknown_group_is_a_config_error_naming_the_key() {
             "{args:?}: {line}"
         );
     }
+    // A host outside the designated pool need not have the group: it does nothing and
+    // says so (6), as every other host of a RunOnAllAgentsInGroup job does.
+    let out = env
+        .cmd()
+        .args(["rotate", "--domain", "sig", "--deadline", "1m", "--pool", "elsewhere"])
+        .status(6);
+    assert!(out.stdout.contains("NOT_DESIGNATED"), "{}", out.stdout);
+    env.cmd()
+        .args(["resolve", "--domain", "sig", "--run", "X", "--note", "n"])
+        .status(2);
     env.assert_unchanged(&before, "a config error");
 }

@@ -102,6 +102,9 @@ fn check_domains(config: &Config, domains: &[&DomainConfig], problems: &mut Vec<
             )),
             None => {}
         }
+        if let Err(e) = d.writable() {
+            problems.push(format!("{file}: {e}"));
+        }
         for (what, e) in crate::backend::for_domain(d, &config.state_dir).check() {
             problems.push(format!("{file}: {key}.{what}: {e}"));
         }

@@ -28,6 +28,10 @@ pub fn run(cli: &Cli, args: &ResolveArgs) -> Outcome {
 fn resolve(cli: &Cli, args: &ResolveArgs) -> Result<String, Failure> {
     let config = load_config(cli, Some(&args.domain))?;
     let domain = config.domain(&args.domain).map_err(Failure::usage)?;
+    // resolve may repair the key store: it must be writable as configured.
+    domain
+        .writable()
+        .map_err(|e| Failure::usage(format!("{}: {e}", config.path.display())))?;
     let note = clean_text("--note", args.note.trim(), 2000)?;
     if note.is_empty() {
         return Err(Failure::usage("--note is empty: say what was checked and decided"));

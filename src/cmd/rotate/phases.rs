@@ -85,6 +85,13 @@ pub(super) trait Effects {
 /// Phases 2 to 6, in DESIGN order: `Ok(())` when the backend may run.
 pub(super) fn admission<E: Effects>(p: &Prepared, fx: &mut E) -> Result<(), Stop> {
     designation(p)?;
+    p.domain.writable().map_err(|e| {
+        Stop::new(
+            Outcome::Usage,
+            format!("{}: {e}", p.config.path.display()),
+            Record::Nothing,
+        )
+    })?;
     fx.begin(p)
         .map_err(|e| Stop::new(Outcome::Aborted, e, Record::Nothing))?;
     folders(p, fx)?;
