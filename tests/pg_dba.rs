@@ -7,7 +7,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::common::pg::{admin, server, ADMIN_PASSWORD, ADMIN_USER};
+use crate::common::pg::{admin, server, Database, ADMIN_PASSWORD, ADMIN_USER};
 use crate::common::Env;
 
 macro_rules! need_postgres {
@@ -22,45 +22,6 @@ macro_rules! need_postgres {
 fn unique(prefix: &str) -> String {
     static N: AtomicUsize = AtomicUsize::new(0);
     format!("{prefix}_{}_{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst))
-}
-
-/// A fresh database, dropped when the test ends.
-struct Database(String);
-
-impl Database {
-    fn new() -> Database {
-        let name = unique("kr_dba");
-        admin("postgres", &format!("CREATE DATABASE {name}"));
-        Database(name)
-    }
-    fn url_as(&self, user: &str, password: &str) -> String {
-        format!("postgres://{user}:{}@127.0.0.1/{}", enc(password), self.0)
-    }
-    fn url(&self) -> String {
-        self.url_as(ADMIN_USER, ADMIN_PASSWORD)
-    }
-    fn sql(&self, sql: &str) -> String {
-        admin(&self.0, sql)
-    }
-    /// Every row of both tables, as text.
-    #[cfg(feature = "failpoints")]
-    fn dump(&self) -> String {
-        self.sql(
-            "SELECT coalesce((SELECT string_agg(r::text, E'\\n') FROM rotations r), '') || E'\\n' || \
-             coalesce((SELECT string_agg(e::text, E'\\n') FROM rotation_events e), '')",
-        )
-    }
-}
-
-impl Drop for Database {
-    fn drop(&mut self) {
-        let _ = crate::common::pg::psql_as(
-            "postgres",
-            ADMIN_USER,
-            ADMIN_PASSWORD,
-            &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.0),
-        );
-    }
 }
 
 /// A login role, dropped (with what it owns) when the test ends.
@@ -89,11 +50,6 @@ impl Drop for Role {
             &format!("DROP ROLE IF EXISTS {}", self.0),
         );
     }
-}
-
-/// Percent-encodes everything but letters and digits.
-fn enc(s: &str) -> String {
-    percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
 }
 
 /// One "host" on the ledger at `url`.
@@ -162,9 +118,9 @@ fn a_password_in_any_url_form_never_reaches_an_output() {
     let base = format!("127.0.0.1/{}", db.0);
     let r = &role.0;
     let forms = [
-        format!("postgres://{r}:{}@{base}", enc(password)),
+        format!("postgres://{r}:{}@{base}", crate::common::pg::enc(password)),
         format!("postgres://{r}:{password}@{base}"),
-        format!("postgres://{r}@{base}?password={}", enc(password)),
+        format!("postgres://{r}@{base}?password={}", crate::common::pg::enc(password)),
         format!("postgresql://{r}@{base}?sslmode=disable&password={password}"),
     ];
     let secrets = [password, "Secret9", "Pw%2Fx", "x:y#z"];

@@ -10,10 +10,9 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::common::pg::{admin, psql_as, server, ADMIN_PASSWORD, ADMIN_USER};
+use crate::common::pg::{server, Database};
 use crate::common::Env;
 use crate::hook_safety::assert_no_overlap;
 
@@ -24,48 +23,6 @@ macro_rules! need_postgres {
             return;
         }
     };
-}
-
-/// A fresh database, dropped when the test ends.
-struct Database(String);
-
-impl Database {
-    fn new() -> Database {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let name = format!("kr_fence_{}_{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst));
-        admin("postgres", &format!("CREATE DATABASE {name}"));
-        Database(name)
-    }
-    fn url(&self) -> String {
-        format!("postgres://{ADMIN_USER}:{ADMIN_PASSWORD}@127.0.0.1/{}", self.0)
-    }
-    fn sql(&self, sql: &str) -> String {
-        admin(&self.0, sql)
-    }
-    /// Ends keyrotate's sessions on this database, as a DBA or a server restart would.
-    fn terminate_keyrotate_sessions(&self) {
-        self.sql(&format!(
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = '{}' AND application_name = 'keyrotate'",
-            self.0
-        ));
-    }
-    fn advisory_locks(&self) -> String {
-        self.sql(&format!(
-            "SELECT count(*) FROM pg_locks l JOIN pg_database d ON d.oid = l.database WHERE l.locktype = 'advisory' AND d.datname = '{}'",
-            self.0
-        ))
-    }
-}
-
-impl Drop for Database {
-    fn drop(&mut self) {
-        let _ = psql_as(
-            "postgres",
-            ADMIN_USER,
-            ADMIN_PASSWORD,
-            &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.0),
-        );
-    }
 }
 
 /// Every step logs `begin`/`tick`/`end RUN STEP TIME` to `$HOOK_LOG` (one file shared by

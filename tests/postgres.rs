@@ -8,41 +8,11 @@
 //! database. Only where no PostgreSQL is installed do they say SKIPPED and return.
 
 use std::process::Command;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
-use crate::common::pg::{admin, server, ADMIN_PASSWORD, ADMIN_USER};
+use crate::common::pg::{admin, server, Database, ADMIN_PASSWORD, ADMIN_USER};
 #[cfg(feature = "failpoints")]
 use crate::common::wait_for_step;
 use crate::common::Env;
-
-/// A fresh database, dropped when the test ends.
-struct Database(String);
-
-impl Database {
-    fn new() -> Database {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let name = format!("kr_test_{}_{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst));
-        admin("postgres", &format!("CREATE DATABASE {name}"));
-        Database(name)
-    }
-    fn url(&self) -> String {
-        format!("postgres://{ADMIN_USER}:{ADMIN_PASSWORD}@127.0.0.1/{}", self.0)
-    }
-    fn sql(&self, sql: &str) -> String {
-        admin(&self.0, sql)
-    }
-}
-
-impl Drop for Database {
-    fn drop(&mut self) {
-        let _ = crate::common::pg::psql_as(
-            "postgres",
-            ADMIN_USER,
-            ADMIN_PASSWORD,
-            &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.0),
-        );
-    }
-}
 
 /// One "host": its own state and key folders, the shared ledger.
 fn host(url: &str) -> Env {

@@ -82,3 +82,65 @@ pub fn admin_env() -> [(&'static str, &'static str); 4] {
         ("PGDATABASE", "postgres"),
     ]
 }
+
+/// Percent-encodes everything but letters and digits.
+pub fn enc(s: &str) -> String {
+    percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
+}
+
+/// A fresh database on the test server, dropped (with its sessions) when the test ends.
+/// Named `kr_test_<pid>_<n>`, which `.ci/run` also sweeps after an aborted run.
+pub struct Database(pub String);
+
+impl Database {
+    pub fn new() -> Database {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let name = format!("kr_test_{}_{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst));
+        admin("postgres", &format!("CREATE DATABASE {name}"));
+        Database(name)
+    }
+    /// The URL for `user` (the password percent-encoded, so any character works).
+    pub fn url_as(&self, user: &str, password: &str) -> String {
+        format!("postgres://{user}:{}@127.0.0.1/{}", enc(password), self.0)
+    }
+    /// The admin's URL, its password as written (tests replace it to make it wrong).
+    pub fn url(&self) -> String {
+        format!("postgres://{ADMIN_USER}:{ADMIN_PASSWORD}@127.0.0.1/{}", self.0)
+    }
+    pub fn sql(&self, sql: &str) -> String {
+        admin(&self.0, sql)
+    }
+    /// Ends keyrotate's sessions on this database, as a DBA or a server restart would.
+    pub fn terminate_keyrotate_sessions(&self) {
+        self.sql(&format!(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = '{}' AND application_name = 'keyrotate'",
+            self.0
+        ));
+    }
+    /// How many advisory locks are held on this database.
+    pub fn advisory_locks(&self) -> String {
+        self.sql(&format!(
+            "SELECT count(*) FROM pg_locks l JOIN pg_database d ON d.oid = l.database WHERE l.locktype = 'advisory' AND d.datname = '{}'",
+            self.0
+        ))
+    }
+    /// Every row of both ledger tables, as text.
+    pub fn dump(&self) -> String {
+        self.sql(
+            "SELECT coalesce((SELECT string_agg(r::text, E'\\n') FROM rotations r), '') || E'\\n' || \
+             coalesce((SELECT string_agg(e::text, E'\\n') FROM rotation_events e), '')",
+        )
+    }
+}
+
+impl Drop for Database {
+    fn drop(&mut self) {
+        let _ = psql_as(
+            "postgres",
+            ADMIN_USER,
+            ADMIN_PASSWORD,
+            &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.0),
+        );
+    }
+}
