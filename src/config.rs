@@ -12,7 +12,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::deadline::parse_duration;
-use crate::keystore::Algorithm;
+use crate::keystore::{Algorithm, TokenConfig};
 
 pub const DEFAULT_CONFIG: &str = "/etc/keyrotate/rotate.toml";
 const DEFAULT_MAX_DEADLINE: Duration = Duration::from_secs(3600);
@@ -48,6 +48,7 @@ struct Unchecked {
     domains: BTreeMap<String, toml::Value>,
     defaults: RawDomain,
     base: PathBuf,
+    pkcs11: Option<TokenConfig>,
 }
 
 #[derive(Clone, Debug)]
@@ -83,6 +84,9 @@ pub enum Backend {
         algorithm: Algorithm,
         keystore: PathBuf,
         activation: Activation,
+        /// `custody = "pkcs11"`: the `[pkcs11]` token keys are generated and kept in;
+        /// `None` for `custody = "file"`.
+        custody: Option<TokenConfig>,
     },
     Command {
         program: PathBuf,
@@ -113,6 +117,8 @@ struct RawConfig {
     audit: Option<RawAudit>,
     metrics: Option<RawMetrics>,
     defaults: Option<RawDomain>,
+    /// The PKCS#11 token of the domains with `custody = "pkcs11"` (DESIGN 10).
+    pkcs11: Option<toml::Value>,
     /// Each domain is deserialized on its own (see `parse_all`).
     #[serde(default)]
     domains: BTreeMap<String, toml::Value>,
@@ -157,6 +163,7 @@ struct RawDomain {
     min_interval: Option<String>,
     group: Option<String>,
     public_jwks: Option<bool>,
+    custody: Option<String>,
 }
 
 impl RawDomain {
@@ -170,6 +177,7 @@ impl RawDomain {
                 d.algorithm = None;
                 d.keystore = None;
                 d.activation = None;
+                d.custody = None;
             }
             Some("keystore") => d.command = None,
             _ => {}
@@ -191,6 +199,7 @@ impl RawDomain {
             min_interval: self.min_interval.or_else(|| d.min_interval.clone()),
             group: self.group.or_else(|| d.group.clone()),
             public_jwks: self.public_jwks.or(d.public_jwks),
+            custody: self.custody.or_else(|| d.custody.clone()),
         }
     }
 }
@@ -334,6 +343,14 @@ impl Config {
             Some(f) => Some(resolve(base, &f)),
         };
         let defaults = raw.defaults.unwrap_or_default();
+        let pkcs11 = match raw.pkcs11.map(|v| pkcs11_table(v, base)) {
+            None => None,
+            Some(Ok(t)) => Some(t),
+            Some(Err(problems)) => {
+                errors.extend(problems.into_iter().map(|(k, w)| err(&k, w)));
+                None
+            }
+        };
         let mut domains = BTreeMap::new();
         let mut unchecked = BTreeMap::new();
         for (name, value) in raw.domains {
@@ -341,7 +358,7 @@ impl Config {
                 unchecked.insert(name, value);
                 continue;
             }
-            match checked_domain(&name, value, &defaults, base, path) {
+            match checked_domain(&name, value, &defaults, base, path, pkcs11.as_ref()) {
                 Ok(dc) => {
                     domains.insert(name, dc);
                 }
@@ -363,6 +380,7 @@ impl Config {
                 domains: unchecked,
                 defaults,
                 base: base.to_path_buf(),
+                pkcs11,
             },
         })
     }
@@ -379,6 +397,7 @@ impl Config {
                 &self.unchecked.defaults,
                 &self.unchecked.base,
                 &self.path,
+                self.unchecked.pkcs11.as_ref(),
             ) {
                 Ok(dc) => {
                     all.insert(name.clone(), dc);
@@ -429,6 +448,7 @@ fn checked_domain(
     defaults: &RawDomain,
     base: &Path,
     path: &Path,
+    pkcs11: Option<&TokenConfig>,
 ) -> Result<DomainConfig, Vec<String>> {
     let shown = path.display();
     let err = |key: &str, what: String| format!("config {shown}: {key}: {what}");
@@ -445,12 +465,54 @@ fn checked_domain(
     })?;
     let applicable = defaults.for_backend(d.backend.as_deref().or(defaults.backend.as_deref()));
     let d = d.or(&applicable);
-    domain(name, d, base).map_err(|problems| {
+    let dc = domain(name, d, base, pkcs11).map_err(|problems| {
         problems
             .into_iter()
-            .map(|(key, what)| err(&format!("{prefix}.{key}"), what))
-            .collect()
-    })
+            .map(|(key, what)| match key.strip_prefix('/') {
+                // A problem of the [pkcs11] table this domain uses, under its own key.
+                Some(top) => err(top, what),
+                None => err(&format!("{prefix}.{key}"), what),
+            })
+            .collect::<Vec<_>>()
+    })?;
+    Ok(dc)
+}
+
+/// The `[pkcs11]` table: module and token present, exactly one PIN source, paths
+/// resolved against the config's folder. The PIN file itself is checked by each
+/// domain that uses the token (a config whose domains keep their keys in files
+/// does not depend on it).
+fn pkcs11_table(value: toml::Value, base: &Path) -> Result<TokenConfig, Vec<(String, String)>> {
+    let mut t: TokenConfig = value
+        .try_into()
+        .map_err(|e: toml::de::Error| vec![("pkcs11".to_string(), e.message().replace('\n', " "))])?;
+    let mut problems = Vec::new();
+    if t.module.as_os_str().is_empty() {
+        problems.push(("pkcs11.module".into(), "expected the PKCS#11 module's path, found an empty string".into()));
+    }
+    if t.token.is_empty() {
+        problems.push(("pkcs11.token".into(), "expected the token's label, found an empty string".into()));
+    }
+    match (&t.pin_file, &t.pin_env) {
+        (Some(_), Some(_)) => problems.push(("pkcs11".into(), "set pin_file or pin_env, not both".into())),
+        (None, None) => problems.push((
+            "pkcs11".into(),
+            "missing: pin_file (a 0600 file holding the user PIN) or pin_env (an environment variable)".into(),
+        )),
+        (Some(f), None) if f.as_os_str().is_empty() => {
+            problems.push(("pkcs11.pin_file".into(), "expected a file path, found an empty string".into()))
+        }
+        (None, Some(v)) if v.is_empty() => {
+            problems.push(("pkcs11.pin_env".into(), "expected a variable name, found an empty string".into()))
+        }
+        _ => {}
+    }
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    t.module = resolve(base, &t.module);
+    t.pin_file = t.pin_file.map(|f| resolve(base, &f));
+    Ok(t)
 }
 
 /// One `[domains.NAME]` table, checked key by key so that every unknown or mistyped
@@ -505,7 +567,7 @@ fn take<T>(errs: &mut Vec<KeyError>, r: Result<T, KeyError>) -> Option<T> {
 }
 
 /// Validates one domain (defaults already applied), collecting every key's problem.
-fn domain(name: &str, d: RawDomain, base: &Path) -> Result<DomainConfig, Vec<KeyError>> {
+fn domain(name: &str, d: RawDomain, base: &Path, pkcs11: Option<&TokenConfig>) -> Result<DomainConfig, Vec<KeyError>> {
     let mut errs: Vec<KeyError> = Vec::new();
     let designated_pool = take(
         &mut errs,
@@ -596,11 +658,13 @@ fn domain(name: &str, d: RawDomain, base: &Path) -> Result<DomainConfig, Vec<Key
                     )),
                 },
             );
-            match (algorithm, keystore, activation) {
-                (Some(algorithm), Some(keystore), Some(activation)) => Some(Backend::Keystore {
+            let custody = take(&mut errs, custody(d.custody.as_deref(), pkcs11));
+            match (algorithm, keystore, activation, custody) {
+                (Some(algorithm), Some(keystore), Some(activation), Some(custody)) => Some(Backend::Keystore {
                     algorithm,
                     keystore,
                     activation,
+                    custody,
                 }),
                 _ => None,
             }
@@ -610,6 +674,7 @@ fn domain(name: &str, d: RawDomain, base: &Path) -> Result<DomainConfig, Vec<Key
                 ("algorithm", d.algorithm.is_some()),
                 ("keystore", d.keystore.is_some()),
                 ("activation", d.activation.is_some()),
+                ("custody", d.custody.is_some()),
             ] {
                 if key.1 {
                     take::<()>(&mut errs, Err((key.0, "only for backend = \"keystore\"".into())));
@@ -645,6 +710,29 @@ fn domain(name: &str, d: RawDomain, base: &Path) -> Result<DomainConfig, Vec<Key
             })
         }
         _ => Err(errs),
+    }
+}
+
+/// `custody = "file" | "pkcs11"` of a key store domain: the token, for pkcs11.
+fn custody(custody: Option<&str>, pkcs11: Option<&TokenConfig>) -> Result<Option<TokenConfig>, KeyError> {
+    match custody {
+        None | Some("file") => Ok(None),
+        Some("pkcs11") => {
+            let t = pkcs11.ok_or((
+                "custody",
+                "\"pkcs11\" needs a [pkcs11] table (module, token, and pin_file or pin_env)".to_string(),
+            ))?;
+            if let Some(f) = &t.pin_file {
+                // Reported under the table's own key (the leading `/`), not the domain's.
+                crate::keystore::pkcs11::check_pin_file(f)
+                    .map_err(|e| ("/pkcs11.pin_file", e.trim_start_matches("pkcs11.pin_file ").to_string()))?;
+            }
+            Ok(Some(t.clone()))
+        }
+        Some(other) => Err((
+            "custody",
+            format!("expected \"file\" or \"pkcs11\", found {other:?}"),
+        )),
     }
 }
 

@@ -12,7 +12,7 @@ use chrono::Utc;
 use super::{Rotated, Step};
 use crate::config::Activation;
 use crate::fsutil::DirSync;
-use crate::keystore::manifest::{self, Manifest, Plan};
+use crate::keystore::manifest::{Manifest, Plan};
 use crate::keystore::{judge, Algorithm, Inspection, KeyFile, Keystore, PublicKey, Verdict};
 use crate::ledger::{Ledger, RunRow, RunState};
 use crate::outcome::{Failure, Outcome};
@@ -130,8 +130,11 @@ impl PreCommitUndo {
     /// before this is removed here, and one written after it is named by the run's
     /// staging record, which lets the next run remove it.
     pub fn undo(&self) -> Option<String> {
-        let u = self.0.lock().unwrap_or_else(|e| e.into_inner()).take()?;
+        let mut u = self.0.lock().unwrap_or_else(|e| e.into_inner()).take()?;
         let mut notes = Vec::new();
+        // Token objects are left to the next run (the staging record names them): a
+        // token call may be what hangs, holding the session this thread would need.
+        u.staged.retain(|n| !n.contains('/'));
         match u.ks.unstage(&u.staged) {
             Ok(()) if u.staged.is_empty() => {}
             Ok(()) => notes.push(format!("removed the staged {}", u.staged.join(", "))),
@@ -152,11 +155,12 @@ impl PreCommitUndo {
     }
 }
 
-/// The files a plan creates, in its order.
-fn file_names(plan: &Plan) -> Vec<String> {
+/// The files (and token objects) a plan creates, in its order.
+fn file_names(ks: &Keystore, plan: &Plan) -> Vec<String> {
+    let custody = ks.custody();
     plan.create
         .iter()
-        .map(|n| manifest::version_file(n.version, n.algorithm))
+        .flat_map(|n| custody.staged_names(ks.domain(), n.version, n.algorithm))
         .collect()
 }
 
@@ -167,6 +171,10 @@ impl KeystoreRotation<'_> {
 
         guard.checkpoint("inspect")?;
         ks.prepare().map_err(aborted)?;
+        // A token that cannot be opened (module, token label, PIN) stops the run here,
+        // before anything is judged or changed.
+        ks.open_custody()
+            .map_err(|e| aborted(format!("{e}; no key was touched")))?;
         let (inspection, verdict) = examine_for(
             &ks,
             Some(&*self.step.ledger),
@@ -207,16 +215,19 @@ impl KeystoreRotation<'_> {
             .plan(self.algorithm, self.activation, self.retain, verdict.next_version);
 
         guard.checkpoint("generate")?;
-        let keys: Vec<KeyFile> = plan
+        // Key files are generated here, in memory; a token generates each key when it
+        // is staged, after the staging record (the object is then durable at once).
+        let custody = ks.custody();
+        let keys: Vec<Option<KeyFile>> = plan
             .create
             .iter()
-            .map(|n| n.algorithm.generate())
+            .map(|n| custody.pregenerate(n.algorithm))
             .collect::<Result<_, _>>()
             .map_err(|e| aborted(format!("key generation failed: {e}")))?;
 
         let mut staged = Vec::new();
         let mut committed = None;
-        let result = self.stage_and_commit(&inspection, &plan, &keys, &mut staged, &mut committed);
+        let result = self.stage_and_commit(&inspection, &plan, keys, &mut staged, &mut committed);
         self.undo.set(None);
         match result {
             Ok(rotated) => Ok(rotated),
@@ -262,7 +273,7 @@ impl KeystoreRotation<'_> {
         &mut self,
         inspection: &Inspection,
         plan: &Plan,
-        keys: &[KeyFile],
+        pregenerated: Vec<Option<KeyFile>>,
         staged: &mut Vec<String>,
         committed: &mut Option<(Manifest, BTreeMap<u64, PublicKey>)>,
     ) -> Result<Rotated, Failure> {
@@ -271,7 +282,8 @@ impl KeystoreRotation<'_> {
         let run_id = self.step.run.run_id.clone();
         let io = |what: &str, e: std::io::Error| aborted(format!("{what}: {}", crate::fsutil::io_reason(&e)));
 
-        let files = file_names(plan);
+        let files = file_names(&ks, plan);
+        let custody = ks.custody();
         guard.checkpoint("stage")?;
         self.step.staging(&files).map_err(aborted)?;
         self.undo.set(Some(Undo {
@@ -280,14 +292,19 @@ impl KeystoreRotation<'_> {
             manifest: inspection.manifest.clone(),
             publics: inspection.publics.clone(),
         }));
-        for (file, key) in files.iter().zip(keys) {
+        let mut keys = Vec::new();
+        for (n, pre) in plan.create.iter().zip(pregenerated) {
             guard.checkpoint("stage")?;
-            // Record the name before writing: a failed write may leave a partial file.
-            staged.push(file.clone());
-            self.undo.staging(file);
-            ks.stage(file, key)
-                .map_err(|e| io(&format!("cannot stage {file}"), e))?;
+            // Record the names before creating: a failed write may leave a partial file.
+            for name in custody.staged_names(ks.domain(), n.version, n.algorithm) {
+                self.undo.staging(&name);
+            }
+            let key = custody
+                .generate(&ks, n.version, n.algorithm, pre, staged)
+                .map_err(aborted)?;
+            keys.push(key);
         }
+        let keys = &keys;
 
         let new_versions: Vec<String> = plan.create.iter().map(|n| format!("v{}", n.version)).collect();
         self.step
@@ -299,14 +316,20 @@ impl KeystoreRotation<'_> {
             .map_err(aborted)?;
 
         guard.checkpoint("verify")?;
-        for (file, key) in staged.iter().zip(keys) {
-            ks.verify_staged(file, key.algorithm(), key.fingerprint())
+        for (n, key) in plan.create.iter().zip(keys) {
+            let file = custody.file(n.version, n.algorithm);
+            ks.verify_staged(&file, key.algorithm(), key.fingerprint())
                 .map_err(aborted)?;
         }
 
         let now = Utc::now();
         let fingerprints: Vec<String> = keys.iter().map(|k| k.fingerprint().to_string()).collect();
-        let next = inspection.manifest.rotated(plan, &fingerprints, &run_id, now);
+        let created: Vec<u64> = plan.create.iter().map(|n| n.version).collect();
+        let in_custody = |m: Manifest| match ks.custody_token() {
+            Some(t) => m.in_token(&created, &t),
+            None => m,
+        };
+        let next = in_custody(inspection.manifest.rotated(plan, &fingerprints, &run_id, now));
         let mut publics: BTreeMap<u64, _> = inspection.publics.clone();
         for (n, key) in plan.create.iter().zip(keys) {
             if let Some(p) = key.public() {
@@ -316,7 +339,7 @@ impl KeystoreRotation<'_> {
         guard.checkpoint("publish")?;
         // Verifiers must know every new public key before it can sign anything, and
         // must keep the ones this rotation will destroy until the commit stands.
-        let preview = inspection.manifest.rotated(
+        let preview = in_custody(inspection.manifest.rotated(
             &Plan {
                 destroy: Vec::new(),
                 ..plan.clone()
@@ -324,7 +347,7 @@ impl KeystoreRotation<'_> {
             &fingerprints,
             &run_id,
             now,
-        );
+        ));
         let published = ks
             .publish_jwks(&preview, &publics, DirSync::Now)
             .map_err(|e| io("cannot write jwks.json", e))?;
@@ -463,7 +486,7 @@ impl super::RotationBackend for KeystoreBackend {
         let plan = insp
             .manifest
             .plan(self.algorithm, self.activation, self.retain, verdict.next_version);
-        Some(file_names(&plan)).filter(|f| !f.is_empty())
+        Some(file_names(ks, &plan)).filter(|f| !f.is_empty())
     }
 
     fn plan(&self, ledger: Option<&Ledger>, plan: &mut Vec<String>) -> Result<super::Planned, Failure> {
@@ -471,6 +494,7 @@ impl super::RotationBackend for KeystoreBackend {
         let domain = ks.domain().to_string();
         let judged = ks
             .check_folders()
+            .and_then(|()| ks.open_custody().map_err(|e| format!("{e}; no key was touched")))
             .map_err(aborted)
             .and_then(|()| examine(ks, ledger, &domain).map_err(ExamineError::refusal))
             .and_then(|(insp, verdict)| match refusal(&verdict, &domain) {
@@ -503,17 +527,23 @@ impl super::RotationBackend for KeystoreBackend {
         let rp = insp
             .manifest
             .plan(self.algorithm, self.activation, self.retain, verdict.next_version);
+        let custody = ks.custody();
         for n in &rp.create {
-            plan.push(
-                format!(
-                    "create: v{} ({}, {:?}) as {}",
-                    n.version,
-                    n.algorithm,
-                    n.state,
-                    manifest::version_file(n.version, n.algorithm)
-                )
-                .to_lowercase(),
-            );
+            let kept = match ks.custody_token() {
+                Some(t) => format!(
+                    " in token {:?} as {}, public part",
+                    t.token,
+                    crate::keystore::pkcs11::label(&domain, n.version)
+                ),
+                None => String::new(),
+            };
+            plan.push(format!(
+                "create: v{} ({}, {}){kept} as {}",
+                n.version,
+                n.algorithm,
+                format!("{:?}", n.state).to_lowercase(),
+                custody.file(n.version, n.algorithm)
+            ));
         }
         if let Some(v) = rp.promote {
             plan.push(format!("promote: v{v} pending -> active"));
@@ -585,6 +615,24 @@ impl super::RotationBackend for KeystoreBackend {
             return vec![("keystore", e)];
         }
         let mut problems = Vec::new();
+        if ks.custody_token().is_some() {
+            // The token first: without it the store cannot be inspected either.
+            match ks.token() {
+                Err(e) => return vec![("custody", e)],
+                Ok(token) => match token.missing_mechanisms(self.algorithm) {
+                    Ok(missing) if missing.is_empty() => {}
+                    Ok(missing) => problems.push((
+                        "algorithm",
+                        format!(
+                            "{}: the pkcs11 token lacks {} (custody = \"pkcs11\")",
+                            self.algorithm,
+                            missing.join(", ")
+                        ),
+                    )),
+                    Err(e) => problems.push(("custody", e)),
+                },
+            }
+        }
         if let Err(e) = ks.inspect() {
             problems.push(("keystore", format!("inconsistent key store: {e}")));
         }

@@ -64,8 +64,11 @@ pub fn for_domain(domain: &DomainConfig, state_dir: &Path) -> Box<dyn RotationBa
             algorithm,
             keystore,
             activation,
+            custody,
         } => Box::new(keystore::KeystoreBackend {
-            keystore: crate::keystore::Keystore::new(keystore, &domain.name).with_access(domain.access.clone()),
+            keystore: crate::keystore::Keystore::new(keystore, &domain.name)
+                .with_access(domain.access.clone())
+                .with_token(custody.clone()),
             algorithm: *algorithm,
             activation: *activation,
             retain: domain.retain,

@@ -20,7 +20,7 @@ use serde_json::{json, Map, Value};
 use zeroize::Zeroizing;
 
 const SELF_TEST_MESSAGE: &[u8] = b"keyrotate self-test";
-const SYMMETRIC_FINGERPRINT_LABEL: &[u8] = b"keyrotate-fingerprint-v1";
+pub(crate) const SYMMETRIC_FINGERPRINT_LABEL: &[u8] = b"keyrotate-fingerprint-v1";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Algorithm {
@@ -172,6 +172,10 @@ pub struct KeyFile {
     file_bytes: Zeroizing<Vec<u8>>,
     fingerprint: String,
     public: Option<PublicKey>,
+    /// A key kept in a PKCS#11 token: `secret` is empty and every use goes through
+    /// the token; `file_bytes` is what the disk holds for it (the public key, or for a
+    /// secret key a reference line).
+    token: Option<super::pkcs11::TokenKey>,
 }
 
 /// The public half of an asymmetric key.
@@ -251,7 +255,69 @@ impl KeyFile {
             file_bytes,
             fingerprint,
             public,
+            token: None,
         })
+    }
+
+    /// A key held by a token: its identity and public half, signing through `token`
+    /// (absent for a key only inspected, not used).
+    pub(crate) fn in_token(
+        algorithm: Algorithm,
+        fingerprint: String,
+        public: Option<PublicKey>,
+        token: Option<super::pkcs11::TokenKey>,
+    ) -> KeyFile {
+        let file_bytes = token_file_bytes(fingerprint.as_str(), public.as_ref());
+        KeyFile {
+            algorithm,
+            secret: Zeroizing::new(Vec::new()),
+            file_bytes: Zeroizing::new(file_bytes),
+            fingerprint,
+            public,
+            token,
+        }
+    }
+
+    /// Parses what the disk holds for a token key: `v000008.pub.pem` (SPKI PEM) or a
+    /// secret key's `v000008.ref` line (`pkcs11 <label> <fingerprint>`).
+    pub(crate) fn parse_token_file(algorithm: Algorithm, file_bytes: &[u8]) -> Result<KeyFile, String> {
+        let name = algorithm.name();
+        let key = if algorithm.is_symmetric() {
+            let text = std::str::from_utf8(file_bytes).map_err(|_| format!("{name} reference file is not text"))?;
+            let fingerprint = text
+                .split_whitespace()
+                .last()
+                .filter(|f| f.starts_with("sha256:"))
+                .ok_or_else(|| format!("{name} reference file names no fingerprint"))?;
+            KeyFile::in_token(algorithm, fingerprint.to_string(), None, None)
+        } else {
+            let parsed = pem::parse(file_bytes).map_err(|_| format!("{name} public key file is not PEM"))?;
+            if parsed.tag() != "PUBLIC KEY" {
+                return Err(format!("{name} public key file is PEM {:?}, expected \"PUBLIC KEY\"", parsed.tag()));
+            }
+            let public = public_from_spki(algorithm, parsed.contents())?;
+            KeyFile::in_token(algorithm, spki_fingerprint(&public.spki_der), Some(public), None)
+        };
+        if algorithm.is_symmetric() {
+            // The reference line's label part is not checked here: the caller checks
+            // the fingerprint against the manifest and finds the object by label.
+            return Ok(key);
+        }
+        if key.file_bytes.as_slice() != file_bytes {
+            return Err(format!("{name} public key file is not in keyrotate's canonical encoding"));
+        }
+        Ok(key)
+    }
+
+    /// The same key with its token handle attached (to sign with).
+    pub(crate) fn with_token(mut self, token: super::pkcs11::TokenKey) -> KeyFile {
+        self.token = Some(token);
+        self
+    }
+
+    /// Whether the key is kept in a token (its private half never in this process).
+    pub fn in_a_token(&self) -> bool {
+        self.token.is_some() || (self.secret.is_empty() && !self.file_bytes.is_empty())
     }
 
     pub fn algorithm(&self) -> Algorithm {
@@ -271,8 +337,149 @@ impl KeyFile {
     /// Signs `message` (asymmetric keys and HMAC). The signature is what a verifier of
     /// the JOSE `alg` expects: raw r||s for ECDSA, PKCS#1 v1.5 for RSA.
     pub fn sign(&self, message: &[u8]) -> Result<Vec<u8>, String> {
+        if let Some(t) = &self.token {
+            if self.algorithm == Algorithm::Aes256 {
+                return Err(format!("{} is an encryption key: it does not sign", self.algorithm.name()));
+            }
+            return t.token.sign(self.algorithm, t.handle, message);
+        }
+        if self.secret.is_empty() {
+            return Err(format!(
+                "{} key is kept in a PKCS#11 token that this keyring did not open",
+                self.algorithm.name()
+            ));
+        }
         sign(self.algorithm, &self.secret, message)
     }
+}
+
+fn spki_fingerprint(spki: &[u8]) -> String {
+    format!("sha256:{}", hex(digest::digest(&digest::SHA256, spki).as_ref()))
+}
+
+/// What the disk holds for a token key (see [`KeyFile::parse_token_file`]).
+fn token_file_bytes(fingerprint: &str, public: Option<&PublicKey>) -> Vec<u8> {
+    match public {
+        Some(p) => pem::encode_config(
+            &pem::Pem::new("PUBLIC KEY", p.spki_der.clone()),
+            pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF),
+        )
+        .into_bytes(),
+        None => format!("pkcs11 {fingerprint}\n").into_bytes(),
+    }
+}
+
+/// The modulus size of an RSA algorithm, in bits.
+pub(crate) fn rsa_bits(algorithm: Algorithm) -> Option<usize> {
+    algorithm.rsa_size().map(|s| s.len() * 8)
+}
+
+fn verification(algorithm: Algorithm) -> Option<&'static dyn signature::VerificationAlgorithm> {
+    Some(match algorithm {
+        Algorithm::Ed25519 => &signature::ED25519,
+        Algorithm::EcdsaP256 | Algorithm::EcdsaP384 => algorithm.ecdsa()?.1,
+        Algorithm::Rsa2048 | Algorithm::Rsa3072 | Algorithm::Rsa4096 => &signature::RSA_PKCS1_2048_8192_SHA256,
+        Algorithm::HmacSha256 | Algorithm::Aes256 => return None,
+    })
+}
+
+/// A public key from its raw form (an EC point, an Ed25519 key's 32 bytes), as a
+/// token gives it.
+pub(crate) fn public_from_raw(algorithm: Algorithm, raw: &[u8]) -> Result<PublicKey, String> {
+    let name = algorithm.name();
+    let alg = verification(algorithm).ok_or_else(|| format!("{name} has no public key"))?;
+    let parsed = signature::ParsedPublicKey::new(alg, raw).map_err(|_| format!("{name} public key is invalid"))?;
+    let spki: PublicKeyX509Der = parsed.as_der().map_err(|_| format!("{name} public key encoding failed"))?;
+    public_from_spki(algorithm, spki.as_ref())
+}
+
+/// An RSA public key from its modulus and exponent (big-endian), as a token gives them.
+pub(crate) fn rsa_public_from_components(algorithm: Algorithm, n: &[u8], e: &[u8]) -> Result<PublicKey, String> {
+    // RFC 8017 RSAPublicKey ::= SEQUENCE { modulus INTEGER, publicExponent INTEGER }
+    fn der_len(len: usize, out: &mut Vec<u8>) {
+        if len < 0x80 {
+            out.push(len as u8);
+        } else {
+            let bytes: Vec<u8> = len.to_be_bytes().into_iter().skip_while(|b| *b == 0).collect();
+            out.push(0x80 | bytes.len() as u8);
+            out.extend(bytes);
+        }
+    }
+    fn integer(v: &[u8], out: &mut Vec<u8>) {
+        let v: Vec<u8> = v.iter().copied().skip_while(|b| *b == 0).collect();
+        let pad = v.first().is_some_and(|b| b & 0x80 != 0);
+        out.push(0x02);
+        der_len(v.len() + usize::from(pad), out);
+        if pad {
+            out.push(0);
+        }
+        out.extend(v);
+    }
+    let mut body = Vec::new();
+    integer(n, &mut body);
+    integer(e, &mut body);
+    let mut der = vec![0x30];
+    der_len(body.len(), &mut der);
+    der.extend(body);
+    let key = rsa::PublicKey::from_der(&der).map_err(|_| format!("{} public key is invalid", algorithm.name()))?;
+    let spki: PublicKeyX509Der = key
+        .as_der()
+        .map_err(|_| format!("{} public key encoding failed", algorithm.name()))?;
+    public_from_spki(algorithm, spki.as_ref())
+}
+
+/// A public key from its SubjectPublicKeyInfo DER, checked to be `algorithm`'s.
+pub(crate) fn public_from_spki(algorithm: Algorithm, spki: &[u8]) -> Result<PublicKey, String> {
+    let name = algorithm.name();
+    let bad = || format!("{name} public key does not parse");
+    let alg = verification(algorithm).ok_or_else(|| format!("{name} has no public key"))?;
+    let jwk = match algorithm {
+        Algorithm::Rsa2048 | Algorithm::Rsa3072 | Algorithm::Rsa4096 => {
+            let key = rsa::PublicKey::from_der(spki).map_err(|_| bad())?;
+            let expected = algorithm.rsa_size().expect("rsa").len();
+            if key.modulus_len() != expected {
+                return Err(format!("{name} key has a {}-bit modulus", key.modulus_len() * 8));
+            }
+            let n = URL_SAFE_NO_PAD.encode(key.modulus().big_endian_without_leading_zero());
+            let e = URL_SAFE_NO_PAD.encode(key.exponent().big_endian_without_leading_zero());
+            json!({"kty": "RSA", "n": n, "e": e})
+        }
+        _ => {
+            signature::ParsedPublicKey::new(alg, spki).map_err(|_| bad())?;
+            if algorithm == Algorithm::Ed25519 {
+                let x = spki.get(spki.len().saturating_sub(32)..).ok_or_else(bad)?;
+                json!({"kty": "OKP", "crv": "Ed25519", "x": URL_SAFE_NO_PAD.encode(x)})
+            } else {
+                let (_, _, crv) = algorithm.ecdsa().expect("ecdsa");
+                let half = if algorithm == Algorithm::EcdsaP256 { 32 } else { 48 };
+                let point = spki.get(spki.len().saturating_sub(2 * half)..).ok_or_else(bad)?;
+                let (x, y) = point.split_at(half);
+                json!({"kty": "EC", "crv": crv, "x": URL_SAFE_NO_PAD.encode(x), "y": URL_SAFE_NO_PAD.encode(y)})
+            }
+        }
+    };
+    let Value::Object(mut jwk) = jwk else {
+        unreachable!("jwk literals are objects")
+    };
+    jwk.insert("alg".into(), algorithm.jose_alg().into());
+    jwk.insert("use".into(), "sig".into());
+    Ok(PublicKey {
+        spki_der: spki.to_vec(),
+        jwk,
+    })
+}
+
+/// The sign/verify self-test of a key kept in a token: signs there, verifies here
+/// with the public key it published.
+pub(crate) fn self_test_token(key: &KeyFile) -> Result<(), String> {
+    let failed = || format!("{} self-test failed", key.algorithm.name());
+    let Some(public) = key.public() else {
+        return Ok(());
+    };
+    let sig = key.sign(SELF_TEST_MESSAGE)?;
+    verify(key.algorithm, &public.spki_der, SELF_TEST_MESSAGE, &sig)
+        .then_some(())
+        .ok_or_else(failed)
 }
 
 fn public_key(algorithm: Algorithm, secret: &[u8]) -> Result<Option<PublicKey>, String> {

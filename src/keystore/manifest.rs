@@ -32,6 +32,11 @@ pub struct VersionEntry {
     pub fingerprint: String,
     pub file: String,
     pub created_by_run: String,
+    /// The label of the token object that holds this version's key (custody =
+    /// "pkcs11"); `file` then holds only its public half (or a secret key's
+    /// reference line). Absent for a key kept in its file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub object: Option<String>,
 }
 
 impl VersionEntry {
@@ -40,6 +45,10 @@ impl VersionEntry {
     }
     pub fn is_live(&self) -> bool {
         self.state != VersionState::Destroyed
+    }
+    /// Whether the version's key is kept in a PKCS#11 token.
+    pub fn in_token(&self) -> bool {
+        self.object.is_some()
     }
 }
 
@@ -55,6 +64,10 @@ pub struct Manifest {
     /// in manifests written before it existed, which still parse.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub committed_by_run: Option<String>,
+    /// The token that holds the versions with an `object` (module, token label and
+    /// where the PIN comes from, never the PIN): how the consumer API finds it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pkcs11: Option<super::pkcs11::TokenConfig>,
 }
 
 /// A new version to be created by a rotation.
@@ -80,11 +93,22 @@ pub fn version_file(version: u64, algorithm: Algorithm) -> String {
     format!("v{version:06}.{}", algorithm.extension())
 }
 
-/// The version number in a `vNNNNNN.pem|key` file name.
+/// The file of a version kept in a token: its public key (`v000008.pub.pem`), or for
+/// a secret key a reference line (`v000008.ref`).
+pub fn token_file(version: u64, algorithm: Algorithm) -> String {
+    if algorithm.is_symmetric() {
+        format!("v{version:06}.ref")
+    } else {
+        format!("v{version:06}.pub.pem")
+    }
+}
+
+/// The version number in a `vNNNNNN.pem|key|pub.pem|ref` file name.
 pub fn parse_version_file(name: &str) -> Option<u64> {
     let (stem, ext) = name.split_once('.')?;
     let digits = stem.strip_prefix('v')?;
-    if digits.len() != 6 || !digits.bytes().all(|b| b.is_ascii_digit()) || !matches!(ext, "pem" | "key") {
+    if digits.len() != 6 || !digits.bytes().all(|b| b.is_ascii_digit()) || !matches!(ext, "pem" | "key" | "pub.pem" | "ref")
+    {
         return None;
     }
     digits.parse().ok()
@@ -108,6 +132,7 @@ impl Manifest {
             primary: None,
             versions: Vec::new(),
             committed_by_run: None,
+            pkcs11: None,
         }
     }
 
@@ -131,12 +156,29 @@ impl Manifest {
                 .algorithm
                 .parse()
                 .map_err(|_| format!("keyring.json v{}: unknown algorithm {:?}", v.version, v.algorithm))?;
-            if v.file != version_file(v.version, alg) {
+            let expected = match &v.object {
+                None => version_file(v.version, alg),
+                Some(object) => {
+                    let label = super::pkcs11::label(domain, v.version);
+                    if *object != label {
+                        return Err(format!(
+                            "keyring.json v{}: object {object:?} is not {label:?}",
+                            v.version
+                        ));
+                    }
+                    if m.pkcs11.is_none() {
+                        return Err(format!(
+                            "keyring.json v{} is kept in a token but names no pkcs11 token",
+                            v.version
+                        ));
+                    }
+                    token_file(v.version, alg)
+                }
+            };
+            if v.file != expected {
                 return Err(format!(
-                    "keyring.json v{}: file {:?} is not {:?}",
-                    v.version,
-                    v.file,
-                    version_file(v.version, alg)
+                    "keyring.json v{}: file {:?} is not {expected:?}",
+                    v.version, v.file
                 ));
             }
         }
@@ -303,11 +345,25 @@ impl Manifest {
                 fingerprint: fp.clone(),
                 file: version_file(n.version, n.algorithm),
                 created_by_run: run_id.to_string(),
+                object: None,
             });
         }
         m.primary = m.active().map(|v| v.version);
         m.committed_by_run = Some(run_id.to_string());
         m
+    }
+
+    /// The manifest with the versions `created` kept in `token` (custody =
+    /// "pkcs11"): their entries name the token object and the public file.
+    pub fn in_token(mut self, created: &[u64], token: &super::pkcs11::TokenConfig) -> Manifest {
+        for v in &mut self.versions {
+            if created.contains(&v.version) {
+                v.object = Some(super::pkcs11::label(&self.domain, v.version));
+                v.file = token_file(v.version, v.algorithm());
+            }
+        }
+        self.pkcs11 = Some(token.clone());
+        self
     }
 
     /// The versions `run_id` created (listed only if that run committed).

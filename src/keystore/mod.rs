@@ -6,16 +6,21 @@
 //! tidies, each durably, in the order DESIGN.md section 4.2 gives.
 
 mod algorithm;
+pub mod custody;
 pub mod manifest;
+pub mod pkcs11;
 
 use std::collections::BTreeMap;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use serde_json::{json, Value};
 
 pub use algorithm::{verify, Algorithm, KeyFile, PublicKey};
+pub use custody::{Custody, FileCustody, Pkcs11Custody};
+pub use pkcs11::{Token, TokenConfig};
 use manifest::{parse_version_file, Manifest, VersionEntry, VersionState};
 
 use crate::fsutil::{self, DirSync};
@@ -35,6 +40,11 @@ pub struct Keystore {
     /// Who may read the domain's files (`group`, `public_jwks`), when the caller has the
     /// domain's config; otherwise files are written as readable as their folder.
     access: Option<fsutil::Access>,
+    /// `custody = "pkcs11"`: the configured token new versions are generated in.
+    token_config: Option<TokenConfig>,
+    /// The token session, opened on first use and shared by the clones of this
+    /// store (the deadline watchdog's among them).
+    opened: Arc<Mutex<Option<Arc<Token>>>>,
 }
 
 /// What is on disk, verified: the manifest, each live version's public key, and the
@@ -214,7 +224,78 @@ impl Keystore {
             dir: root.join(domain),
             domain: domain.to_string(),
             access: None,
+            token_config: None,
+            opened: Arc::default(),
         }
+    }
+
+    /// The domain's custody from its config: `Some` keeps new keys in that token.
+    pub fn with_token(mut self, token: Option<TokenConfig>) -> Keystore {
+        self.token_config = token;
+        self
+    }
+
+    /// Where new versions' keys are kept.
+    pub fn custody(&self) -> Box<dyn Custody> {
+        match &self.token_config {
+            Some(config) => Box::new(Pkcs11Custody { config: config.clone() }),
+            None => Box::new(FileCustody),
+        }
+    }
+
+    /// The configured token new versions go to (`custody = "pkcs11"`).
+    pub fn custody_token(&self) -> Option<TokenConfig> {
+        self.token_config.clone()
+    }
+
+    /// The token this store's versions use: the configured one, else the one the
+    /// manifest records (a domain switched back to file custody still has token
+    /// versions to verify and destroy).
+    pub fn token_config(&self) -> Option<TokenConfig> {
+        if let Some(c) = &self.token_config {
+            return Some(c.clone());
+        }
+        let bytes = fsutil::read_nofollow(&self.dir.join(MANIFEST), MANIFEST_LIMIT).ok()?;
+        let doc: Value = serde_json::from_slice(&bytes).ok()?;
+        serde_json::from_value(doc.get("pkcs11")?.clone()).ok()
+    }
+
+    /// The logged-in token session (opened once per store and its clones).
+    pub fn token(&self) -> Result<Arc<Token>, String> {
+        let mut slot = self.opened.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = slot.as_ref() {
+            return Ok(Arc::clone(t));
+        }
+        let config = self
+            .token_config()
+            .ok_or_else(|| format!("key store {}: no pkcs11 token is configured", self.domain))?;
+        let token = Arc::new(Token::open(&config)?);
+        *slot = Some(Arc::clone(&token));
+        Ok(token)
+    }
+
+    /// Opens the token when the domain uses one: a wrong PIN or a missing module is
+    /// then the run's first failure, before anything is judged or changed.
+    pub fn open_custody(&self) -> Result<(), String> {
+        match self.token_config() {
+            Some(_) => self.token().map(|_| ()),
+            None => Ok(()),
+        }
+    }
+
+    /// Removes what `names` name: files of the domain folder, and token objects
+    /// (names with a `/`, `keyrotate/<domain>/v000008`). Each object's destruction is
+    /// a durable step of its own.
+    pub fn remove(&self, names: &[String], step: &str, sync: DirSync) -> io::Result<()> {
+        let (labels, files): (Vec<String>, Vec<String>) = names.iter().cloned().partition(|n| n.contains('/'));
+        if !labels.is_empty() {
+            let token = self.token().map_err(io::Error::other)?;
+            for label in &labels {
+                crate::failpoint::hit(step, "token-destroy")?;
+                token.destroy(label).map_err(io::Error::other)?;
+            }
+        }
+        fsutil::remove_files(&self.dir, &files, step, sync)
     }
 
     /// The configured access: [`Keystore::prepare`] brings the folders and files to it.
@@ -352,6 +433,25 @@ impl Keystore {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(format!("{}: {}", self.dir.display(), fsutil::io_reason(&e))),
         }
+        // The token objects under this domain's prefix: judged like files.
+        let uses_token = self.token_config.is_some() || manifest.versions.iter().any(|v| v.in_token());
+        if uses_token {
+            let token = self.token()?;
+            let objects = token.objects(&pkcs11::label_prefix(&self.domain))?;
+            for o in objects {
+                let n = pkcs11::parse_label(&self.domain, &o.label);
+                if let Some(n) = n {
+                    next_version = next_version.max(n + 1);
+                }
+                match manifest.versions.iter().find(|v| v.object.as_deref() == Some(o.label.as_str())) {
+                    Some(v) if v.is_live() => {}
+                    Some(_) => destroyed_files.push(o.label),
+                    None => unlisted.push(o.label),
+                }
+            }
+            destroyed_files.dedup();
+            unlisted.dedup();
+        }
         // A `kid` published in jwks.json names its number even when a power loss
         // dropped the staged file's directory entry (the file and the jwks rename
         // may reach the disk in either order): never reuse it. Reading the kids costs
@@ -388,8 +488,11 @@ impl Keystore {
                 fsutil::io_reason(&e)
             )
         })?;
-        let key = KeyFile::parse(v.algorithm(), &bytes)
-            .map_err(|e| format!("v{} file {} is damaged: {e}", v.version, v.file))?;
+        let key = match &v.object {
+            None => KeyFile::parse(v.algorithm(), &bytes),
+            Some(_) => KeyFile::parse_token_file(v.algorithm(), &bytes),
+        }
+        .map_err(|e| format!("v{} file {} is damaged: {e}", v.version, v.file))?;
         if key.fingerprint() != v.fingerprint {
             return Err(format!(
                 "v{} file {} has fingerprint {} but keyring.json records {}",
@@ -399,12 +502,23 @@ impl Keystore {
                 v.fingerprint
             ));
         }
-        Ok(key)
+        let Some(label) = &v.object else {
+            return Ok(key);
+        };
+        // The key itself is in the token: it must be there, under its label and the
+        // id of its fingerprint.
+        let token = self
+            .token()
+            .map_err(|e| format!("v{} is kept in token object {label}: {e}", v.version))?;
+        let handle = token
+            .find_key(label, &pkcs11::id_of(&v.fingerprint))
+            .map_err(|e| format!("{} v{}: {e}", state_article(v.state), v.version))?;
+        Ok(key.with_token(pkcs11::TokenKey { token, handle }))
     }
 
-    /// Removes files [`judge`] proved to be garbage.
+    /// Removes files and token objects [`judge`] proved to be garbage.
     pub fn sweep(&self, garbage: &[String]) -> io::Result<()> {
-        fsutil::remove_files(&self.dir, garbage, "sweep", DirSync::Now)
+        self.remove(garbage, "sweep", DirSync::Now)
     }
 
     /// The lock file of the key store itself (DESIGN 4.4): held for a whole run next to
@@ -419,7 +533,14 @@ impl Keystore {
     /// versions' files still present. Empty when the store is whole.
     pub fn repair_needed(&self, insp: &Inspection) -> Vec<String> {
         let mut todo = Vec::new();
-        if let Some(active) = insp.manifest.active() {
+        if let Some(active) = insp.manifest.active().filter(|a| a.in_token()) {
+            // No file holds a token key: `current.*` must not point at anything.
+            for name in ["current.pem", "current.key"] {
+                if fs::symlink_metadata(self.dir.join(name)).is_ok() {
+                    todo.push(format!("remove {name} (v{} is kept in a token)", active.version));
+                }
+            }
+        } else if let Some(active) = insp.manifest.active() {
             let name = format!("current.{}", active.algorithm().extension());
             if !fs::read_link(self.dir.join(&name)).is_ok_and(|t| t == Path::new(&active.file)) {
                 todo.push(format!("point {name} at v{}", active.version));
@@ -443,7 +564,7 @@ impl Keystore {
             return Ok(todo);
         }
         self.point_current(&insp.manifest, DirSync::Deferred)?;
-        fsutil::remove_files(&self.dir, &insp.destroyed_files, "repair", DirSync::Deferred)?;
+        self.remove(&insp.destroyed_files, "repair", DirSync::Deferred)?;
         self.publish_jwks(&insp.manifest, &insp.publics, DirSync::Deferred)?;
         self.sync_folder("repair")?;
         Ok(todo)
@@ -500,7 +621,12 @@ impl Keystore {
     pub fn verify_staged(&self, file: &str, algorithm: Algorithm, fingerprint: &str) -> Result<(), String> {
         let bytes = fsutil::read_nofollow(&self.dir.join(file), KEY_FILE_LIMIT)
             .map_err(|e| format!("staged {file} cannot be read back: {}", fsutil::io_reason(&e)))?;
-        let key = KeyFile::parse(algorithm, &bytes).map_err(|e| format!("staged {file} does not parse: {e}"))?;
+        let key = if file.ends_with(".pub.pem") || file.ends_with(".ref") {
+            KeyFile::parse_token_file(algorithm, &bytes)
+        } else {
+            KeyFile::parse(algorithm, &bytes)
+        }
+        .map_err(|e| format!("staged {file} does not parse: {e}"))?;
         if key.fingerprint() != fingerprint {
             return Err(format!(
                 "staged {file} read back with fingerprint {} instead of {fingerprint}",
@@ -512,7 +638,7 @@ impl Keystore {
 
     /// Removes a staged file after a failure before the commit.
     pub fn unstage(&self, files: &[String]) -> io::Result<()> {
-        fsutil::remove_files(&self.dir, files, "unstage", DirSync::Now)
+        self.remove(files, "unstage", DirSync::Now)
     }
 
     /// Writes `jwks.json` with the public keys of every pending, active and retired
@@ -556,8 +682,9 @@ impl Keystore {
         let ts = manifest::now_rfc3339(chrono::Utc::now());
         let mut lost = Vec::new();
         for v in &mut manifest.versions {
-            let gone =
-                matches!(fs::symlink_metadata(self.dir.join(&v.file)), Err(e) if e.kind() == io::ErrorKind::NotFound);
+            // A token version's key is not a file: a lost public file is not a lost key.
+            let gone = v.object.is_none()
+                && matches!(fs::symlink_metadata(self.dir.join(&v.file)), Err(e) if e.kind() == io::ErrorKind::NotFound);
             if gone && matches!(v.state, VersionState::Retired | VersionState::Pending) {
                 v.state = VersionState::Destroyed;
                 v.destroyed_at = Some(ts.clone());
@@ -598,6 +725,16 @@ impl Keystore {
         let Some(active) = manifest.active() else {
             return Ok(());
         };
+        if active.in_token() {
+            // A symlink named current.pem to a public key would mislead every tool
+            // that expects a private key there: a token domain has none.
+            let stale: Vec<String> = ["current.pem", "current.key"]
+                .into_iter()
+                .filter(|n| fs::symlink_metadata(self.dir.join(n)).is_ok())
+                .map(String::from)
+                .collect();
+            return fsutil::remove_files(&self.dir, &stale, "current", sync);
+        }
         let ext = active.algorithm().extension();
         let name = format!("current.{ext}");
         let other = format!("current.{}", if ext == "pem" { "key" } else { "pem" });
@@ -615,12 +752,12 @@ impl Keystore {
 
     /// Unlinks the files of destroyed versions (marked destroyed by the commit).
     pub fn destroy_files(&self, manifest: &Manifest, versions: &[u64], sync: DirSync) -> io::Result<()> {
-        let files: Vec<String> = versions
+        let names: Vec<String> = versions
             .iter()
             .filter_map(|n| manifest.get(*n))
-            .map(|v| v.file.clone())
+            .flat_map(custody::names_of)
             .collect();
-        fsutil::remove_files(&self.dir, &files, "destroy", sync)
+        self.remove(&names, "destroy", sync)
     }
 }
 

@@ -217,9 +217,11 @@ pub(super) fn before_keys(p: &Prepared) -> Outcome {
 /// The key store of a key store domain, with the domain's access.
 pub(super) fn keystore_of(p: &Prepared) -> Option<Keystore> {
     match &p.domain.backend {
-        Backend::Keystore { keystore, .. } => {
-            Some(Keystore::new(keystore, &p.domain.name).with_access(p.domain.access.clone()))
-        }
+        Backend::Keystore { keystore, custody, .. } => Some(
+            Keystore::new(keystore, &p.domain.name)
+                .with_access(p.domain.access.clone())
+                .with_token(custody.clone()),
+        ),
         Backend::Command { .. } => None,
     }
 }
