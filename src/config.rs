@@ -488,10 +488,16 @@ fn pkcs11_table(value: toml::Value, base: &Path) -> Result<TokenConfig, Vec<(Str
         .map_err(|e: toml::de::Error| vec![("pkcs11".to_string(), e.message().replace('\n', " "))])?;
     let mut problems = Vec::new();
     if t.module.as_os_str().is_empty() {
-        problems.push(("pkcs11.module".into(), "expected the PKCS#11 module's path, found an empty string".into()));
+        problems.push((
+            "pkcs11.module".into(),
+            "expected the PKCS#11 module's path, found an empty string".into(),
+        ));
     }
     if t.token.is_empty() {
-        problems.push(("pkcs11.token".into(), "expected the token's label, found an empty string".into()));
+        problems.push((
+            "pkcs11.token".into(),
+            "expected the token's label, found an empty string".into(),
+        ));
     }
     match (&t.pin_file, &t.pin_env) {
         (Some(_), Some(_)) => problems.push(("pkcs11".into(), "set pin_file or pin_env, not both".into())),
@@ -499,12 +505,14 @@ fn pkcs11_table(value: toml::Value, base: &Path) -> Result<TokenConfig, Vec<(Str
             "pkcs11".into(),
             "missing: pin_file (a 0600 file holding the user PIN) or pin_env (an environment variable)".into(),
         )),
-        (Some(f), None) if f.as_os_str().is_empty() => {
-            problems.push(("pkcs11.pin_file".into(), "expected a file path, found an empty string".into()))
-        }
-        (None, Some(v)) if v.is_empty() => {
-            problems.push(("pkcs11.pin_env".into(), "expected a variable name, found an empty string".into()))
-        }
+        (Some(f), None) if f.as_os_str().is_empty() => problems.push((
+            "pkcs11.pin_file".into(),
+            "expected a file path, found an empty string".into(),
+        )),
+        (None, Some(v)) if v.is_empty() => problems.push((
+            "pkcs11.pin_env".into(),
+            "expected a variable name, found an empty string".into(),
+        )),
         _ => {}
     }
     if !problems.is_empty() {
@@ -729,10 +737,7 @@ fn custody(custody: Option<&str>, pkcs11: Option<&TokenConfig>) -> Result<Option
             }
             Ok(Some(t.clone()))
         }
-        Some(other) => Err((
-            "custody",
-            format!("expected \"file\" or \"pkcs11\", found {other:?}"),
-        )),
+        Some(other) => Err(("custody", format!("expected \"file\" or \"pkcs11\", found {other:?}"))),
     }
 }
 

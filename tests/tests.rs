@@ -30,6 +30,9 @@ mod output_errors;
 mod pg_dba;
 mod pg_fencing;
 mod pg_hook;
+mod pkcs11;
+#[cfg(feature = "failpoints")]
+mod pkcs11_crash;
 mod postgres;
 #[cfg(feature = "failpoints")]
 mod power_loss;

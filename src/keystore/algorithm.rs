@@ -293,7 +293,10 @@ impl KeyFile {
         } else {
             let parsed = pem::parse(file_bytes).map_err(|_| format!("{name} public key file is not PEM"))?;
             if parsed.tag() != "PUBLIC KEY" {
-                return Err(format!("{name} public key file is PEM {:?}, expected \"PUBLIC KEY\"", parsed.tag()));
+                return Err(format!(
+                    "{name} public key file is PEM {:?}, expected \"PUBLIC KEY\"",
+                    parsed.tag()
+                ));
             }
             let public = public_from_spki(algorithm, parsed.contents())?;
             KeyFile::in_token(algorithm, spki_fingerprint(&public.spki_der), Some(public), None)
@@ -304,7 +307,9 @@ impl KeyFile {
             return Ok(key);
         }
         if key.file_bytes.as_slice() != file_bytes {
-            return Err(format!("{name} public key file is not in keyrotate's canonical encoding"));
+            return Err(format!(
+                "{name} public key file is not in keyrotate's canonical encoding"
+            ));
         }
         Ok(key)
     }
@@ -339,7 +344,10 @@ impl KeyFile {
     pub fn sign(&self, message: &[u8]) -> Result<Vec<u8>, String> {
         if let Some(t) = &self.token {
             if self.algorithm == Algorithm::Aes256 {
-                return Err(format!("{} is an encryption key: it does not sign", self.algorithm.name()));
+                return Err(format!(
+                    "{} is an encryption key: it does not sign",
+                    self.algorithm.name()
+                ));
             }
             return t.token.sign(self.algorithm, t.handle, message);
         }
@@ -389,7 +397,9 @@ pub(crate) fn public_from_raw(algorithm: Algorithm, raw: &[u8]) -> Result<Public
     let name = algorithm.name();
     let alg = verification(algorithm).ok_or_else(|| format!("{name} has no public key"))?;
     let parsed = signature::ParsedPublicKey::new(alg, raw).map_err(|_| format!("{name} public key is invalid"))?;
-    let spki: PublicKeyX509Der = parsed.as_der().map_err(|_| format!("{name} public key encoding failed"))?;
+    let spki: PublicKeyX509Der = parsed
+        .as_der()
+        .map_err(|_| format!("{name} public key encoding failed"))?;
     public_from_spki(algorithm, spki.as_ref())
 }
 

@@ -107,7 +107,9 @@ pub fn token_file(version: u64, algorithm: Algorithm) -> String {
 pub fn parse_version_file(name: &str) -> Option<u64> {
     let (stem, ext) = name.split_once('.')?;
     let digits = stem.strip_prefix('v')?;
-    if digits.len() != 6 || !digits.bytes().all(|b| b.is_ascii_digit()) || !matches!(ext, "pem" | "key" | "pub.pem" | "ref")
+    if digits.len() != 6
+        || !digits.bytes().all(|b| b.is_ascii_digit())
+        || !matches!(ext, "pem" | "key" | "pub.pem" | "ref")
     {
         return None;
     }

@@ -20,8 +20,8 @@ use serde_json::{json, Value};
 
 pub use algorithm::{verify, Algorithm, KeyFile, PublicKey};
 pub use custody::{Custody, FileCustody, Pkcs11Custody};
-pub use pkcs11::{Token, TokenConfig};
 use manifest::{parse_version_file, Manifest, VersionEntry, VersionState};
+pub use pkcs11::{Token, TokenConfig};
 
 use crate::fsutil::{self, DirSync};
 
@@ -443,7 +443,11 @@ impl Keystore {
                 if let Some(n) = n {
                     next_version = next_version.max(n + 1);
                 }
-                match manifest.versions.iter().find(|v| v.object.as_deref() == Some(o.label.as_str())) {
+                match manifest
+                    .versions
+                    .iter()
+                    .find(|v| v.object.as_deref() == Some(o.label.as_str()))
+                {
                     Some(v) if v.is_live() => {}
                     Some(_) => destroyed_files.push(o.label),
                     None => unlisted.push(o.label),

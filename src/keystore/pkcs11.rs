@@ -64,7 +64,9 @@ impl TokenConfig {
         if let Some(var) = &self.pin_env {
             return match std::env::var(var) {
                 Ok(p) if !p.is_empty() => Ok(AuthPin::from(p)),
-                _ => Err(format!("pkcs11.pin_env: the environment variable {var} is not set (or empty)")),
+                _ => Err(format!(
+                    "pkcs11.pin_env: the environment variable {var} is not set (or empty)"
+                )),
             };
         }
         let Some(path) = &self.pin_file else {
@@ -73,8 +75,7 @@ impl TokenConfig {
         check_pin_file(path)?;
         let bytes = crate::fsutil::read_nofollow(path, 4096)
             .map_err(|e| format!("pkcs11.pin_file {}: {}", path.display(), crate::fsutil::io_reason(&e)))?;
-        let text = std::str::from_utf8(&bytes)
-            .map_err(|_| format!("pkcs11.pin_file {}: not text", path.display()))?;
+        let text = std::str::from_utf8(&bytes).map_err(|_| format!("pkcs11.pin_file {}: not text", path.display()))?;
         let pin = text.trim_end_matches(['\n', '\r']);
         if pin.is_empty() {
             return Err(format!("pkcs11.pin_file {}: empty", path.display()));
@@ -148,7 +149,9 @@ pub struct Token {
 
 impl std::fmt::Debug for Token {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Token").field("label", &self.label).finish_non_exhaustive()
+        f.debug_struct("Token")
+            .field("label", &self.label)
+            .finish_non_exhaustive()
     }
 }
 
@@ -178,7 +181,9 @@ impl Token {
             .map_err(|e| ck("pkcs11: listing the token slots failed", e))?;
         let mut found = None;
         for slot in slots {
-            let info = ctx.get_token_info(slot).map_err(|e| ck("pkcs11: reading token info failed", e))?;
+            let info = ctx
+                .get_token_info(slot)
+                .map_err(|e| ck("pkcs11: reading token info failed", e))?;
             if info.label().trim_end() == cfg.token {
                 found = Some(slot);
                 break;
@@ -279,7 +284,12 @@ impl Token {
             Attribute::Extractable(false),
             lbl.clone(),
         ];
-        let fail = |e| ck(&format!("pkcs11: generating {algorithm} key {label} in the token failed"), e);
+        let fail = |e| {
+            ck(
+                &format!("pkcs11: generating {algorithm} key {label} in the token failed"),
+                e,
+            )
+        };
         if algorithm.is_symmetric() {
             // Each key may do what its algorithm is for and nothing else (no wrapping
             // other keys out, no deriving): a token's defaults vary.
@@ -416,7 +426,11 @@ impl Token {
         let fail = |e| ck(&format!("pkcs11: {algorithm} signing in the token failed"), e);
         match algorithm {
             Algorithm::Ed25519 => s
-                .sign(&Mechanism::Eddsa(EddsaParams::new(EddsaSignatureScheme::Pure)), handle, message)
+                .sign(
+                    &Mechanism::Eddsa(EddsaParams::new(EddsaSignatureScheme::Pure)),
+                    handle,
+                    message,
+                )
                 .map_err(fail),
             Algorithm::EcdsaP256 | Algorithm::EcdsaP384 => {
                 let alg = if algorithm == Algorithm::EcdsaP256 {
@@ -451,14 +465,56 @@ impl Token {
         })
     }
 
-    /// The raw attribute read a caller might try on a key (for tests and `check`):
-    /// whether the token refuses to reveal its value.
-    pub fn value_is_refused(&self, handle: ObjectHandle) -> bool {
+    /// How well the token protects an object: what an auditor asks (PCI DSS 3.6.1.2)
+    /// and the tests prove. `value_refused`: asking for the key's value
+    /// (`CKA_VALUE`, or an RSA key's `CKA_PRIVATE_EXPONENT`) returned nothing.
+    pub fn protection(&self, handle: ObjectHandle) -> Result<Protection, String> {
         let s = self.session();
-        match s.get_attributes(handle, &[AttributeType::Value]) {
-            Err(_) => true,
-            Ok(attrs) => !attrs.iter().any(|a| matches!(a, Attribute::Value(v) if !v.is_empty())),
+        let attrs = s
+            .get_attributes(
+                handle,
+                &[
+                    AttributeType::Sensitive,
+                    AttributeType::Extractable,
+                    AttributeType::NeverExtractable,
+                    AttributeType::Private,
+                ],
+            )
+            .map_err(|e| ck("pkcs11: reading the object's attributes failed", e))?;
+        let mut p = Protection::default();
+        for a in attrs {
+            match a {
+                Attribute::Sensitive(b) => p.sensitive = b,
+                Attribute::Extractable(b) => p.extractable = b,
+                Attribute::NeverExtractable(b) => p.never_extractable = b,
+                Attribute::Private(b) => p.private = b,
+                _ => {}
+            }
         }
+        p.value_refused = match s.get_attributes(handle, &[AttributeType::Value, AttributeType::PrivateExponent]) {
+            Err(_) => true,
+            Ok(attrs) => !attrs
+                .iter()
+                .any(|a| matches!(a, Attribute::Value(v) | Attribute::PrivateExponent(v) if !v.is_empty())),
+        };
+        Ok(p)
+    }
+}
+
+/// See [`Token::protection`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Protection {
+    pub sensitive: bool,
+    pub extractable: bool,
+    pub never_extractable: bool,
+    pub private: bool,
+    pub value_refused: bool,
+}
+
+impl Protection {
+    /// Sensitive, never extractable, login needed, and its value refused.
+    pub fn holds(&self) -> bool {
+        self.sensitive && !self.extractable && self.never_extractable && self.private && self.value_refused
     }
 }
 
@@ -535,7 +591,9 @@ pub struct TokenKey {
 
 impl std::fmt::Debug for TokenKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TokenKey").field("token", &self.token.label).finish_non_exhaustive()
+        f.debug_struct("TokenKey")
+            .field("token", &self.token.label)
+            .finish_non_exhaustive()
     }
 }
 

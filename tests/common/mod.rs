@@ -414,3 +414,6 @@ pub fn have_openssl() -> bool {
         .output()
         .is_ok_and(|o| o.status.success())
 }
+
+/// A fresh SoftHSM2 token per test (the pkcs11 custody tests).
+pub mod softhsm;
