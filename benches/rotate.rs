@@ -6,6 +6,7 @@
 //!     cargo bench --bench rotate -- --baseline PATH    # the shell peer to compare with
 //!     cargo bench --bench rotate -- --floor PATH       # the C floor program (floor.c)
 //!     cargo bench --bench rotate -- --quick            # fewer runs, smaller ledger
+//!     cargo bench --bench rotate -- --custody          # only pkcs11 vs file custody
 //!
 //! Each figure is the median of interleaved runs (A B A B …), so drift in the
 //! machine's speed hits both sides alike; ratios are computed pair by pair.
@@ -183,6 +184,10 @@ fn main() {
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         if quick { "quick" } else { "full" }
     );
+    if args.iter().any(|a| a == "--custody") {
+        pkcs11_vs_file(dir, runs);
+        return;
+    }
 
     // 1. one ed25519 rotation vs the shell peer, interleaved
     let config = write_config(dir, &["bench".to_string()]);
@@ -419,6 +424,100 @@ fn main() {
 
     // 7. fsyncs per steady-state rotation, by file, as the kernel saw them
     fsyncs_per_rotation(dir);
+
+    // 8. custody: a rotation whose key is generated in a PKCS#11 token vs one kept in a
+    //    file, interleaved
+    pkcs11_vs_file(dir, runs);
+}
+
+/// Where Debian and other distributions put SoftHSM2's module.
+const SOFTHSM_MODULES: &[&str] = &[
+    "/usr/lib/softhsm/libsofthsm2.so",
+    "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
+    "/usr/lib/aarch64-linux-gnu/softhsm/libsofthsm2.so",
+    "/usr/lib64/pkcs11/libsofthsm2.so",
+    "/usr/local/lib/softhsm/libsofthsm2.so",
+];
+
+/// One ed25519 domain kept in a file and one in a fresh SoftHSM2 token (DESIGN 10),
+/// rotated in turn: the price of custody as a ratio (token / file), pair by pair.
+fn pkcs11_vs_file(dir: &Path, runs: usize) {
+    println!(
+        "
+custody: ed25519 rotation, key in a SoftHSM2 token vs in a file ({runs} runs, medians)"
+    );
+    let Some(module) = SOFTHSM_MODULES.iter().map(Path::new).find(|p| p.is_file()) else {
+        println!("  SKIPPED: no SoftHSM2 module (Debian package softhsm2)");
+        return;
+    };
+    let p11 = dir.join("p11");
+    std::fs::create_dir_all(p11.join("tokens")).unwrap();
+    let conf = p11.join("softhsm2.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
+            p11.join("tokens").display()
+        ),
+    )
+    .unwrap();
+    let init = Command::new("softhsm2-util")
+        .args([
+            "--init-token",
+            "--free",
+            "--label",
+            "bench",
+            "--pin",
+            "1234",
+            "--so-pin",
+            "5678",
+        ])
+        .env("SOFTHSM2_CONF", &conf)
+        .output();
+    if !init.is_ok_and(|o| o.status.success()) {
+        println!("  SKIPPED: softhsm2-util could not make a token");
+        return;
+    }
+    let pin = p11.join("pin");
+    std::fs::write(&pin, "1234").unwrap();
+    std::fs::set_permissions(&pin, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let config = p11.join("rotate.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[state]\ndir = \"state\"\n[host]\npool = \"p\"\n[defaults]\ndesignated_pool = \"p\"\nbackend = \"keystore\"\n\
+             keystore = \"keys\"\nalgorithm = \"ed25519\"\nmin_interval = \"0s\"\nretain = 3\n\
+             [pkcs11]\nmodule = \"{}\"\ntoken = \"bench\"\npin_file = \"pin\"\n\
+             [domains.file]\n[domains.token]\ncustody = \"pkcs11\"\n",
+            module.display()
+        ),
+    )
+    .unwrap();
+    let rot = |domain: &str| {
+        let mut c = rotate(&config, domain);
+        c.env("SOFTHSM2_CONF", &conf);
+        c
+    };
+    // Warm-up: folders, ledger, and past `retain` so that every timed run destroys one.
+    for _ in 0..5 {
+        assert_eq!(run(&mut rot("file")).code, 0, "file rotation failed");
+        assert_eq!(run(&mut rot("token")).code, 0, "pkcs11 rotation failed");
+    }
+    let (mut file, mut token, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..runs {
+        let a = run(&mut rot("file"));
+        let b = run(&mut rot("token"));
+        assert_eq!((a.code, b.code), (0, 0), "a rotation failed");
+        file.push(ms(a.wall));
+        token.push(ms(b.wall));
+        ratios.push(ms(b.wall) / ms(a.wall));
+    }
+    println!("  custody = \"file\"        {:8.2} ms wall", median(file));
+    println!("  custody = \"pkcs11\"      {:8.2} ms wall", median(token));
+    println!(
+        "  pkcs11 / file           {:8.2}x  (median of pairwise ratios)",
+        median(ratios)
+    );
 }
 
 type Reader = (&'static str, Vec<String>);

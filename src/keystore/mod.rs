@@ -399,9 +399,33 @@ impl Keystore {
             Err(e) if e.kind() == io::ErrorKind::NotFound => (Manifest::empty(&self.domain), false),
             Err(e) => return Err(format!("{}: {}", manifest_path.display(), fsutil::io_reason(&e))),
         };
+        // The token objects under this domain's prefix, listed once: they prove each
+        // live token version present and are judged like files below.
+        let uses_token = self.token_config.is_some() || manifest.versions.iter().any(|v| v.in_token());
+        let objects = if uses_token {
+            let token = self.token()?;
+            Some(token.objects(&pkcs11::label_prefix(&self.domain))?)
+        } else {
+            None
+        };
         let mut publics = BTreeMap::new();
         for v in manifest.live() {
-            let key = self.load_version(v)?;
+            let key = self.load_file(v)?;
+            if let Some(label) = &v.object {
+                let id = pkcs11::id_of(&v.fingerprint);
+                let found = objects
+                    .iter()
+                    .flatten()
+                    .filter(|o| o.label == *label && o.id == id)
+                    .count();
+                if found != 1 {
+                    return Err(format!(
+                        "{} v{}: {found} token objects labelled {label} with the id of its fingerprint (expected one)",
+                        state_article(v.state),
+                        v.version
+                    ));
+                }
+            }
             if let Some(p) = key.public() {
                 publics.insert(v.version, p.clone());
             }
@@ -433,11 +457,7 @@ impl Keystore {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(format!("{}: {}", self.dir.display(), fsutil::io_reason(&e))),
         }
-        // The token objects under this domain's prefix: judged like files.
-        let uses_token = self.token_config.is_some() || manifest.versions.iter().any(|v| v.in_token());
-        if uses_token {
-            let token = self.token()?;
-            let objects = token.objects(&pkcs11::label_prefix(&self.domain))?;
+        if let Some(objects) = objects {
             for o in objects {
                 let n = pkcs11::parse_label(&self.domain, &o.label);
                 if let Some(n) = n {
@@ -479,8 +499,27 @@ impl Keystore {
         })
     }
 
-    /// Reads one version's file and checks it against its manifest entry.
+    /// Reads one version's file and checks it against its manifest entry; a token
+    /// version's key is found in the token, ready to sign.
     pub fn load_version(&self, v: &VersionEntry) -> Result<KeyFile, String> {
+        let key = self.load_file(v)?;
+        let Some(label) = &v.object else {
+            return Ok(key);
+        };
+        // The key itself is in the token: it must be there, under its label and the
+        // id of its fingerprint.
+        let token = self
+            .token()
+            .map_err(|e| format!("v{} is kept in token object {label}: {e}", v.version))?;
+        let handle = token
+            .find_key(label, &pkcs11::id_of(&v.fingerprint))
+            .map_err(|e| format!("{} v{}: {e}", state_article(v.state), v.version))?;
+        Ok(key.with_token(pkcs11::TokenKey { token, handle }))
+    }
+
+    /// Reads one version's file (a token version's public part) and checks it
+    /// against its manifest entry.
+    fn load_file(&self, v: &VersionEntry) -> Result<KeyFile, String> {
         let path = self.dir.join(&v.file);
         let bytes = fsutil::read_nofollow(&path, KEY_FILE_LIMIT).map_err(|e| {
             format!(
@@ -506,18 +545,7 @@ impl Keystore {
                 v.fingerprint
             ));
         }
-        let Some(label) = &v.object else {
-            return Ok(key);
-        };
-        // The key itself is in the token: it must be there, under its label and the
-        // id of its fingerprint.
-        let token = self
-            .token()
-            .map_err(|e| format!("v{} is kept in token object {label}: {e}", v.version))?;
-        let handle = token
-            .find_key(label, &pkcs11::id_of(&v.fingerprint))
-            .map_err(|e| format!("{} v{}: {e}", state_article(v.state), v.version))?;
-        Ok(key.with_token(pkcs11::TokenKey { token, handle }))
+        Ok(key)
     }
 
     /// Removes files and token objects [`judge`] proved to be garbage.

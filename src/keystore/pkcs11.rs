@@ -179,23 +179,35 @@ impl Token {
         let slots = ctx
             .get_slots_with_initialized_token()
             .map_err(|e| ck("pkcs11: listing the token slots failed", e))?;
-        let mut found = None;
+        let mut found = Vec::new();
         for slot in slots {
             let info = ctx
                 .get_token_info(slot)
                 .map_err(|e| ck("pkcs11: reading token info failed", e))?;
             if info.label().trim_end() == cfg.token {
-                found = Some(slot);
-                break;
+                found.push(slot);
             }
         }
-        let slot = found.ok_or_else(|| {
-            format!(
-                "pkcs11.token: no initialized token labelled {:?} in module {}",
-                cfg.token,
-                cfg.module.display()
-            )
-        })?;
+        // Two tokens with one label: either could be the one the keys are in, and a
+        // key generated in the other would be "missing" from the first.
+        let slot = match found.as_slice() {
+            [one] => *one,
+            [] => {
+                return Err(format!(
+                    "pkcs11.token: no initialized token labelled {:?} in module {}",
+                    cfg.token,
+                    cfg.module.display()
+                ))
+            }
+            many => {
+                return Err(format!(
+                    "pkcs11.token: {} tokens are labelled {:?} in module {}; relabel all but one",
+                    many.len(),
+                    cfg.token,
+                    cfg.module.display()
+                ))
+            }
+        };
         let pin = cfg.pin()?;
         let session = ctx
             .open_rw_session(slot)
