@@ -209,3 +209,49 @@ fn sigkill_at_every_durable_step_of_a_token_rotation_never_loses_a_key() {
     }
     println!("pkcs11 crash points covered with SIGKILL: {}", steps.len());
 }
+
+#[test]
+fn sigterm_at_every_durable_step_of_a_token_rotation_ends_with_0_or_3() {
+    let Some(module) = softhsm::module("pkcs11_crash::sigterm_at_every_durable_step") else {
+        return;
+    };
+    let Some((base, base_hsm)) = base(&module) else {
+        return;
+    };
+    let base_manifest = base.manifest("sig");
+    let base_bytes = std::fs::read(base.key_dir("sig").join("keyring.json")).unwrap();
+    let base_labels = base_hsm.labels();
+    let steps = steps(&base, &module);
+    let commit_at = steps.iter().position(|s| s == "commit.rename").unwrap() + 1;
+    for (i, step) in steps.iter().enumerate() {
+        let k = i + 1;
+        let context = format!("SIGTERM at step {k} ({step})");
+        let (env, hsm) = clone_env(&base, &module);
+        let out = hsm
+            .with(env.rotate("sig"))
+            .args(["--force", "--run-id", "TERMED"])
+            .env("KEYROTATE_FAILPOINTS", format!("{k}=term"))
+            .output();
+        let expected = if k < commit_at { 3 } else { 0 };
+        assert_eq!(out.code, expected, "{context}: {}{}", out.stdout, out.stderr);
+        let row = env.rows().into_iter().find(|r| r["run_id"] == "TERMED").unwrap();
+        assert_eq!(row["exit_code"], expected, "{context}");
+        assert_consistent(&env, &hsm, &base_manifest, &context);
+        if expected == 3 {
+            // Stopped before the commit: the old manifest, and nothing it created left
+            // in the token (the leftover it may have swept is gone for good reason).
+            assert_eq!(
+                std::fs::read(env.key_dir("sig").join("keyring.json")).unwrap(),
+                base_bytes,
+                "{context}"
+            );
+            for l in hsm.labels() {
+                assert!(base_labels.contains(&l), "{context}: {l} left in the token");
+            }
+        } else {
+            no_orphans(&env, &hsm, &context);
+        }
+        hsm.with(env.rotate("sig")).arg("--force").status(0);
+        no_orphans(&env, &hsm, &context);
+    }
+}

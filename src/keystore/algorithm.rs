@@ -322,7 +322,7 @@ impl KeyFile {
 
     /// Whether the key is kept in a token (its private half never in this process).
     pub fn in_a_token(&self) -> bool {
-        self.token.is_some() || (self.secret.is_empty() && !self.file_bytes.is_empty())
+        self.secret.is_empty()
     }
 
     pub fn algorithm(&self) -> Algorithm {

@@ -133,7 +133,7 @@ fn context(module: &Path) -> Result<Pkcs11, String> {
     let ctx = Pkcs11::new(module).map_err(|e| format!("pkcs11.module {shown}: cannot load it: {e}"))?;
     match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
         Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
-        Err(e) => return Err(format!("pkcs11.module {shown}: C_Initialize failed: {e}")),
+        Err(e) => return Err(ck(&format!("pkcs11.module {shown}: C_Initialize failed"), e)),
     }
     map.insert(module.to_path_buf(), ctx.clone());
     Ok(ctx)
@@ -163,6 +163,8 @@ pub struct TokenObject {
     pub id: Vec<u8>,
 }
 
+/// One line for a cryptoki error: the PKCS#11 return value by name (the crate's
+/// Display adds the specification's paragraph about it).
 fn ck(what: &str, e: CkError) -> String {
     match e {
         CkError::Pkcs11(rv, _) => format!("{what}: {rv:?}"),
