@@ -24,6 +24,10 @@
 //! every live key, loaded together by [`Keyring::open`] so that a rotation running
 //! beside it (its commit, its tidy-up unlinking destroyed versions) never makes a read
 //! fail or mix two commits. Re-open the keyring to see a newer rotation.
+//!
+//! A domain with `custody = "pkcs11"` keeps its keys in a PKCS#11 token: the keyring
+//! logs in to the token `keyring.json` names (the PIN from the source the config gave)
+//! and [`KeyFile::sign`] signs or MACs there; the key never enters this process.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
