@@ -8,7 +8,7 @@ use std::io;
 use std::sync::Arc;
 
 use super::manifest::{self, VersionEntry};
-use super::pkcs11::{self, TokenConfig, TokenKey};
+use super::pkcs11::{self, TokenKey, TokenObject};
 use super::{Algorithm, KeyFile, Keystore};
 use crate::fsutil::DirSync;
 
@@ -34,10 +34,17 @@ pub trait Custody: std::fmt::Debug {
         pre: Option<KeyFile>,
         created: &mut Vec<String>,
     ) -> Result<KeyFile, String>;
-    /// The names of what this custody holds for the domain outside the files (the
-    /// token objects under `keyrotate/<domain>/`); the files are listed by
+    /// Publishes a new version's public half in the domain folder (for a key file,
+    /// the file itself), O_EXCL and fsynced; its name becomes durable with the next
+    /// folder sync, before the commit.
+    fn publish_public(&self, ks: &Keystore, file: &str, key: &KeyFile) -> Result<(), String> {
+        ks.stage(file, key)
+            .map_err(|e| format!("cannot stage {file}: {}", crate::fsutil::io_reason(&e)))
+    }
+    /// What this custody holds for the domain outside the folder (the token objects
+    /// under `keyrotate/<domain>/`, with their ids); the files are listed by
     /// [`Keystore::inspect`].
-    fn list_present(&self, ks: &Keystore) -> Result<Vec<String>, String>;
+    fn list_present(&self, ks: &Keystore) -> Result<Vec<TokenObject>, String>;
     /// Destroys a version's private half, keeping its public one (a retired signing
     /// key: nothing may sign with it again, verifiers may still need it).
     fn destroy_private(&self, ks: &Keystore, v: &VersionEntry, sync: DirSync) -> io::Result<()>;
@@ -83,11 +90,10 @@ impl Custody for FileCustody {
         };
         let file = self.file(version, algorithm);
         created.push(file.clone());
-        ks.stage(&file, &key)
-            .map_err(|e| format!("cannot stage {file}: {}", crate::fsutil::io_reason(&e)))?;
+        self.publish_public(ks, &file, &key)?;
         Ok(key)
     }
-    fn list_present(&self, _ks: &Keystore) -> Result<Vec<String>, String> {
+    fn list_present(&self, _ks: &Keystore) -> Result<Vec<TokenObject>, String> {
         Ok(Vec::new())
     }
     fn destroy_private(&self, ks: &Keystore, v: &VersionEntry, sync: DirSync) -> io::Result<()> {
@@ -100,11 +106,10 @@ impl Custody for FileCustody {
     }
 }
 
-/// Keys generated and kept in a PKCS#11 token.
+/// Keys generated and kept in a PKCS#11 token: the store's token ([`Keystore::token`],
+/// from the config, else from the manifest of a domain that changed custody).
 #[derive(Debug)]
-pub struct Pkcs11Custody {
-    pub config: TokenConfig,
-}
+pub struct Pkcs11Custody;
 
 impl Pkcs11Custody {
     fn destroy_object(ks: &Keystore, v: &VersionEntry) -> io::Result<()> {
@@ -164,17 +169,11 @@ impl Custody for Pkcs11Custody {
         super::algorithm::self_test_token(&key)?;
         let file = self.file(version, algorithm);
         created.push(file.clone());
-        ks.stage(&file, &key)
-            .map_err(|e| format!("cannot stage {file}: {}", crate::fsutil::io_reason(&e)))?;
+        self.publish_public(ks, &file, &key)?;
         Ok(key)
     }
-    fn list_present(&self, ks: &Keystore) -> Result<Vec<String>, String> {
-        let token = ks.token()?;
-        Ok(token
-            .objects(&pkcs11::label_prefix(ks.domain()))?
-            .into_iter()
-            .map(|o| o.label)
-            .collect())
+    fn list_present(&self, ks: &Keystore) -> Result<Vec<TokenObject>, String> {
+        ks.token()?.objects(&pkcs11::label_prefix(ks.domain()))
     }
     fn destroy_private(&self, ks: &Keystore, v: &VersionEntry, sync: DirSync) -> io::Result<()> {
         match &v.object {

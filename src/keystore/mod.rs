@@ -238,7 +238,7 @@ impl Keystore {
     /// Where new versions' keys are kept.
     pub fn custody(&self) -> Box<dyn Custody> {
         match &self.token_config {
-            Some(config) => Box::new(Pkcs11Custody { config: config.clone() }),
+            Some(_) => Box::new(Pkcs11Custody),
             None => Box::new(FileCustody),
         }
     }
@@ -403,8 +403,8 @@ impl Keystore {
         // live token version present and are judged like files below.
         let uses_token = self.token_config.is_some() || manifest.versions.iter().any(|v| v.in_token());
         let objects = if uses_token {
-            let token = self.token()?;
-            Some(token.objects(&pkcs11::label_prefix(&self.domain))?)
+            // The token the manifest's versions are in, whatever the config now says.
+            Some(Pkcs11Custody.list_present(self)?)
         } else {
             None
         };
@@ -784,12 +784,15 @@ impl Keystore {
 
     /// Unlinks the files of destroyed versions (marked destroyed by the commit).
     pub fn destroy_files(&self, manifest: &Manifest, versions: &[u64], sync: DirSync) -> io::Result<()> {
-        let names: Vec<String> = versions
-            .iter()
-            .filter_map(|n| manifest.get(*n))
-            .flat_map(custody::names_of)
-            .collect();
-        self.remove(&names, "destroy", sync)
+        for v in versions.iter().filter_map(|n| manifest.get(*n)) {
+            // Each version in its own custody: a domain that changed custody keeps
+            // older versions where they were made.
+            match &v.object {
+                Some(_) => Pkcs11Custody.destroy(self, v, sync)?,
+                None => FileCustody.destroy(self, v, sync)?,
+            }
+        }
+        Ok(())
     }
 }
 
