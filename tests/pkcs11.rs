@@ -436,9 +436,14 @@ fn a_wrong_pin_is_one_line_exit_3_at_run_time_and_2_from_check() {
     let Some((env, hsm)) = setup("pkcs11::wrong_pin", ALL) else {
         return;
     };
-    hsm.with(env.rotate("ed")).status(0);
+    // The PIN is read and used, never shown, even at the most verbose log level.
+    let ok = hsm
+        .with(env.rotate("ed"))
+        .args(["-vv", "--log-format", "json"])
+        .status(0);
     let before = env.snapshot();
     softhsm::write_pin(&env, "not-the-pin-4d2");
+    let verbose = hsm.with(env.rotate("ed")).args(["--force", "-vv"]).status(3);
     let out = hsm
         .with(env.rotate("ed"))
         .args(["--force", "--run-id", "WRONGPIN"])
@@ -458,6 +463,9 @@ fn a_wrong_pin_is_one_line_exit_3_at_run_time_and_2_from_check() {
             .collect::<Vec<_>>()
     };
     assert_eq!(keys(before), keys(env.snapshot()), "keys were touched");
+    // The dry run stops where the real run would, with the same reason.
+    let dry = hsm.with(env.rotate("ed")).args(["--force", "--dry-run"]).status(3);
+    assert!(dry.stdout.contains("CKR_PIN_INCORRECT"), "{}", dry.stdout);
     let out = hsm.with(env.cmd()).arg("check").status(2);
     assert!(
         out.stdout.contains("domains.ed.custody") && out.stdout.contains("PIN"),
@@ -468,7 +476,12 @@ fn a_wrong_pin_is_one_line_exit_3_at_run_time_and_2_from_check() {
     for text in [
         out.stdout.as_bytes(),
         out.stderr.as_bytes(),
+        ok.stdout.as_bytes(),
+        ok.stderr.as_bytes(),
+        verbose.stdout.as_bytes(),
+        verbose.stderr.as_bytes(),
         &ledger_and_audit_bytes(&env),
+        &std::fs::read(env.key_dir("ed").join("keyring.json")).unwrap(),
     ] {
         let text = String::from_utf8_lossy(text);
         assert!(!text.contains(PIN) && !text.contains("not-the-pin-4d2"), "a PIN leaked");
