@@ -714,3 +714,40 @@ fn a_domain_moves_between_file_and_token_custody_without_losing_a_version() {
         ["current.pem", "jwks.json", "keyring.json", "v000003.pem", "v000004.pem"]
     );
 }
+
+#[test]
+fn an_application_without_the_pin_file_brings_its_own_pin() {
+    let Some((env, hsm)) = setup("pkcs11::reader_pin", ALL) else {
+        return;
+    };
+    hsm.with(env.rotate("ed")).status(0);
+    // The application cannot read the rotating user's PIN file (here: it is gone).
+    std::fs::remove_file(env.path("pin")).unwrap();
+    let sign = |pin: Option<&str>| {
+        let mut c = hsm.command(example("sign_with_active"));
+        c.arg(env.path("keys"))
+            .arg("ed")
+            .arg("hello")
+            .env_remove("KEYROTATE_PKCS11_PIN");
+        if let Some(p) = pin {
+            c.env("KEYROTATE_PKCS11_PIN", p);
+        }
+        c.output().unwrap()
+    };
+    let out = sign(None);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("pkcs11.pin_file"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = sign(Some(PIN));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // A wrong one is refused by the token, and the message never holds it.
+    let out = sign(Some("wrong-pin-93"));
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && said.contains("CKR_PIN_INCORRECT") && !said.contains("wrong-pin-93"),
+        "{said}"
+    );
+}

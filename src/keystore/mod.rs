@@ -27,6 +27,9 @@ use crate::fsutil::{self, DirSync};
 
 pub const MANIFEST: &str = "keyring.json";
 pub const JWKS: &str = "jwks.json";
+/// Where a reader of a pkcs11 domain (the consumer API, `status`) may give the token's
+/// user PIN instead of the source `keyring.json` records; `rotate` uses its config's.
+pub const READER_PIN_ENV: &str = "KEYROTATE_PKCS11_PIN";
 /// Key files are small; anything bigger is not ours.
 const KEY_FILE_LIMIT: u64 = 64 * 1024;
 const MANIFEST_LIMIT: u64 = 16 * 1024 * 1024;
@@ -266,9 +269,15 @@ impl Keystore {
         if let Some(t) = slot.as_ref() {
             return Ok(Arc::clone(t));
         }
-        let config = self
+        let mut config = self
             .token_config()
             .ok_or_else(|| format!("key store {}: no pkcs11 token is configured", self.domain))?;
+        if self.token_config.is_none() && std::env::var_os(READER_PIN_ENV).is_some_and(|v| !v.is_empty()) {
+            // A reader of the store (an application using the consumer API as another
+            // user) that cannot read the rotating user's PIN file brings its own PIN.
+            config.pin_file = None;
+            config.pin_env = Some(READER_PIN_ENV.to_string());
+        }
         let token = Arc::new(Token::open(&config)?);
         *slot = Some(Arc::clone(&token));
         Ok(token)

@@ -217,11 +217,14 @@ impl Token {
         match session.login(UserType::User, Some(&pin)) {
             Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
             Err(CkError::Pkcs11(RvError::PinIncorrect, _)) => {
+                let source = match &cfg.pin_env {
+                    Some(var) => format!("pkcs11.pin_env (the variable {var})"),
+                    None => "pkcs11.pin_file".to_string(),
+                };
                 return Err(format!(
-                    "pkcs11: token {:?} refused the PIN (CKR_PIN_INCORRECT): check pkcs11.{}",
-                    cfg.token,
-                    if cfg.pin_env.is_some() { "pin_env" } else { "pin_file" }
-                ))
+                    "pkcs11: token {:?} refused the PIN (CKR_PIN_INCORRECT): check {source}",
+                    cfg.token
+                ));
             }
             Err(CkError::Pkcs11(RvError::PinLocked, _)) => {
                 return Err(format!(
