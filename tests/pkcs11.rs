@@ -751,3 +751,38 @@ fn an_application_without_the_pin_file_brings_its_own_pin() {
         "{said}"
     );
 }
+
+#[test]
+fn a_retired_object_deleted_from_the_token_is_written_off_only_by_a_review() {
+    let Some((env, hsm)) = setup("pkcs11::lost_object", ALL) else {
+        return;
+    };
+    hsm.with(env.rotate("ed")).status(0);
+    hsm.with(env.rotate("ed")).arg("--force").status(0);
+    // Someone deletes the retired v1 from the token (no backup of the token).
+    let out = hsm.tool(&[
+        "--delete-object",
+        "--type",
+        "privkey",
+        "--label",
+        "keyrotate/ed/v000001",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = hsm
+        .with(env.rotate("ed"))
+        .args(["--force", "--run-id", "FOUND"])
+        .status(4);
+    assert!(out.stdout.contains("keyrotate/ed/v000001"), "{}", out.stdout);
+    assert_eq!(
+        env.manifest("ed")["versions"][0]["state"],
+        "retired",
+        "nothing written off without a review"
+    );
+    let out = hsm
+        .with(env.resolve("ed", "FOUND", "v1 deleted from the token by mistake"))
+        .status(0);
+    assert!(out.stdout.contains("v1 recorded as destroyed"), "{}", out.stdout);
+    assert_eq!(env.manifest("ed")["versions"][0]["state"], "destroyed");
+    hsm.with(env.rotate("ed")).arg("--force").status(0);
+    assert_eq!(hsm.labels(), ["keyrotate/ed/v000002", "keyrotate/ed/v000003"]);
+}

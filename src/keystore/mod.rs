@@ -722,10 +722,24 @@ impl Keystore {
         let mut manifest = Manifest::parse(&bytes, &self.domain)?;
         let ts = manifest::now_rfc3339(chrono::Utc::now());
         let mut lost = Vec::new();
+        // A token version's key is its object, not its file: it is lost when the token
+        // no longer holds an object with its label and id (a lost public file is not a
+        // lost key).
+        let objects = if manifest.versions.iter().any(|v| v.in_token() && v.is_live()) {
+            Pkcs11Custody.list_present(self)?
+        } else {
+            Vec::new()
+        };
         for v in &mut manifest.versions {
-            // A token version's key is not a file: a lost public file is not a lost key.
-            let gone = v.object.is_none()
-                && matches!(fs::symlink_metadata(self.dir.join(&v.file)), Err(e) if e.kind() == io::ErrorKind::NotFound);
+            let gone = match &v.object {
+                Some(label) => {
+                    let id = pkcs11::id_of(&v.fingerprint);
+                    !objects.iter().any(|o| o.label == *label && o.id == id)
+                }
+                None => {
+                    matches!(fs::symlink_metadata(self.dir.join(&v.file)), Err(e) if e.kind() == io::ErrorKind::NotFound)
+                }
+            };
             if gone && matches!(v.state, VersionState::Retired | VersionState::Pending) {
                 v.state = VersionState::Destroyed;
                 v.destroyed_at = Some(ts.clone());
