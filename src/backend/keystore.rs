@@ -306,25 +306,35 @@ impl KeystoreRotation<'_> {
 
         let now = Utc::now();
         let fingerprints: Vec<String> = keys.iter().map(|k| k.fingerprint().to_string()).collect();
-        let next = inspection.manifest.rotated(plan, &fingerprints, &run_id, now);
         let mut publics: BTreeMap<u64, _> = inspection.publics.clone();
         for (n, key) in plan.create.iter().zip(keys) {
             if let Some(p) = key.public() {
                 publics.insert(n.version, p.clone());
             }
         }
+        // Every public half is recorded in the manifest, so that a signature key's
+        // private half can go at its retirement (see `private_half_allowed`).
+        let next = inspection
+            .manifest
+            .rotated(plan, &fingerprints, &run_id, now)
+            .with_public_keys(&publics);
         guard.checkpoint("publish")?;
         // Verifiers must know every new public key before it can sign anything, and
         // must keep the ones this rotation will destroy until the commit stands.
-        let preview = inspection.manifest.rotated(
-            &Plan {
-                destroy: Vec::new(),
-                ..plan.clone()
-            },
-            &fingerprints,
-            &run_id,
-            now,
-        );
+        // A compromised key leaves jwks.json already here: verifiers stop trusting it
+        // as early as possible (an abort before the commit puts it back).
+        let preview = inspection
+            .manifest
+            .rotated(
+                &Plan {
+                    destroy: Vec::new(),
+                    ..plan.clone()
+                },
+                &fingerprints,
+                &run_id,
+                now,
+            )
+            .with_public_keys(&publics);
         let published = ks
             .publish_jwks(&preview, &publics, DirSync::Now)
             .map_err(|e| io("cannot write jwks.json", e))?;
@@ -403,7 +413,7 @@ impl KeystoreRotation<'_> {
         if let Err(e) = ks.point_current(&next, DirSync::Deferred) {
             rotated.warnings.push(warn("cannot update the current symlink", e));
         }
-        if let Err(e) = ks.destroy_files(&next, &plan.destroy, DirSync::Deferred) {
+        if let Err(e) = ks.destroy_files(&next, DirSync::Deferred) {
             rotated.warnings.push(warn("cannot unlink destroyed versions", e));
         }
         if let Err(e) = ks.publish_jwks(&next, &publics, DirSync::Deferred) {

@@ -200,6 +200,7 @@ fn key_store_part(s: &mut DomainStatus, ks: &Keystore) {
                     ("active", count(VersionState::Active)),
                     ("retired", count(VersionState::Retired)),
                     ("destroyed", count(VersionState::Destroyed)),
+                    ("compromised", count(VersionState::Compromised)),
                 ]);
             }
             Err(e) => s.problems.push(format!("key store: {e}")),
