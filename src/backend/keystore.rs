@@ -17,11 +17,20 @@ use crate::keystore::{judge, Algorithm, Inspection, KeyFile, Keystore, PublicKey
 use crate::ledger::{Ledger, RunRow, RunState};
 use crate::outcome::{Failure, Outcome};
 
+/// What `keyrotate revoke` asks of the key store: this version is compromised.
+#[derive(Clone, Debug)]
+pub struct Revocation {
+    pub version: u64,
+    pub reason: String,
+}
+
 pub struct KeystoreRotation<'a> {
     pub keystore: Keystore,
     pub algorithm: Algorithm,
     pub activation: Activation,
     pub retain: u32,
+    /// A revocation instead of a scheduled rotation.
+    pub revoke: Option<Revocation>,
     pub step: Step<'a>,
     /// What the deadline watchdog undoes if it abandons this run before the commit.
     pub undo: PreCommitUndo,
@@ -202,9 +211,12 @@ impl KeystoreRotation<'_> {
                 tracing::warn!("{e}");
             }
         }
-        let plan = inspection
-            .manifest
-            .plan(self.algorithm, self.activation, self.retain, verdict.next_version);
+        let plan = plan_for(
+            &inspection.manifest,
+            (self.algorithm, self.activation, self.retain),
+            self.revoke.as_ref(),
+            verdict.next_version,
+        )?;
 
         guard.checkpoint("generate")?;
         let keys: Vec<KeyFile> = plan
@@ -273,7 +285,9 @@ impl KeystoreRotation<'_> {
 
         let files = file_names(plan);
         guard.checkpoint("stage")?;
-        self.step.staging(&files).map_err(aborted)?;
+        if !files.is_empty() {
+            self.step.staging(&files).map_err(aborted)?;
+        }
         self.undo.set(Some(Undo {
             ks: ks.clone(),
             staged: Vec::new(),
@@ -403,6 +417,9 @@ impl KeystoreRotation<'_> {
             summary: summary(plan, &next),
         };
         let recorded = self.step.committed(&rotated);
+        if let Some((n, reason)) = &plan.compromise {
+            self.compromised(&inspection.manifest, *n, reason, &rotated);
+        }
         let warn =
             |what: &str, e: std::io::Error| format!("{what}: {} (the next run retries)", crate::fsutil::io_reason(&e));
         // The tidy-up: three independent atomic changes, left for the kernel to make
@@ -424,9 +441,52 @@ impl KeystoreRotation<'_> {
     }
 }
 
+impl KeystoreRotation<'_> {
+    /// The audit trail's record of a revocation (DESIGN 11): `key.compromised`, naming
+    /// the version, its fingerprint and the operator's reason, and the version that is
+    /// active now.
+    fn compromised(&mut self, before: &Manifest, version: u64, reason: &str, r: &Rotated) {
+        let audited = self.step.audit.emit(crate::audit::Event {
+            reason: Some(format!("v{version} compromised: {reason}")),
+            from_version: Some(version),
+            from_fingerprint: before.get(version).map(|v| v.fingerprint.clone()),
+            to_version: r.to_version,
+            to_fingerprint: r.to_fingerprint.clone(),
+            ..crate::audit::Event::of("key.compromised", self.step.run)
+        });
+        if let Err(e) = audited {
+            tracing::warn!("{e}");
+        }
+    }
+}
+
+/// What this run does to `manifest`: a rotation's plan, or a revocation's. A version
+/// that cannot be revoked (unknown, destroyed, already compromised) is a usage error.
+fn plan_for(
+    manifest: &Manifest,
+    (algorithm, activation, retain): (Algorithm, Activation, u32),
+    revoke: Option<&Revocation>,
+    next: u64,
+) -> Result<Plan, Failure> {
+    let Some(r) = revoke else {
+        return Ok(manifest.plan(algorithm, activation, retain, next));
+    };
+    manifest
+        .revocable(r.version)
+        .map_err(|e| Failure::new(Outcome::Usage, format!("{e}; nothing was changed")))?;
+    Ok(manifest.revoke_plan(r.version, &r.reason, algorithm, activation, next))
+}
+
 fn summary(plan: &Plan, next: &Manifest) -> String {
     let v = |n: Option<u64>| n.map_or("none".to_string(), |n| format!("v{n}"));
-    let mut s = format!("active {} -> {}", v(plan.from_version), v(Some(plan.to_version)));
+    let mut s = match &plan.compromise {
+        Some((n, _)) => format!(
+            "revoked v{n} (compromised: private half destroyed, unpublished); active {} -> {}",
+            v(plan.from_version),
+            v(Some(plan.to_version))
+        ),
+        None => format!("active {} -> {}", v(plan.from_version), v(Some(plan.to_version))),
+    };
     if let Some(p) = next.pending() {
         s.push_str(&format!(", pending v{}", p.version));
     }
@@ -446,6 +506,19 @@ pub struct KeystoreBackend {
     pub algorithm: Algorithm,
     pub activation: Activation,
     pub retain: u32,
+    /// Set for `keyrotate revoke`.
+    pub revoke: Option<Revocation>,
+}
+
+impl KeystoreBackend {
+    fn plan_for(&self, manifest: &Manifest, next: u64) -> Result<Plan, Failure> {
+        plan_for(
+            manifest,
+            (self.algorithm, self.activation, self.retain),
+            self.revoke.as_ref(),
+            next,
+        )
+    }
 }
 
 impl super::RotationBackend for KeystoreBackend {
@@ -470,9 +543,7 @@ impl super::RotationBackend for KeystoreBackend {
             // The run will refuse the store: it creates nothing, so records nothing.
             return None;
         }
-        let plan = insp
-            .manifest
-            .plan(self.algorithm, self.activation, self.retain, verdict.next_version);
+        let plan = self.plan_for(&insp.manifest, verdict.next_version).ok()?;
         Some(file_names(&plan)).filter(|f| !f.is_empty())
     }
 
@@ -510,9 +581,14 @@ impl super::RotationBackend for KeystoreBackend {
                 verdict.garbage.join(", ")
             ));
         }
-        let rp = insp
-            .manifest
-            .plan(self.algorithm, self.activation, self.retain, verdict.next_version);
+        let rp = self
+            .plan_for(&insp.manifest, verdict.next_version)
+            .inspect_err(|f| plan.push(format!("revoke: {}", f.message)))?;
+        if let Some((n, reason)) = &rp.compromise {
+            plan.push(format!(
+                "compromise: v{n} ({reason}): marked compromised, its key file destroyed, removed from jwks.json"
+            ));
+        }
         for n in &rp.create {
             plan.push(
                 format!(
@@ -541,12 +617,12 @@ impl super::RotationBackend for KeystoreBackend {
             "commit: replace keyring.json atomically; update the current.pem symlink and jwks.json".into()
         });
         let v = |n: Option<u64>| n.map_or("none".into(), |n| format!("v{n}"));
+        let what = match &rp.compromise {
+            Some((n, _)) => format!("would revoke v{n}"),
+            None => "would rotate".into(),
+        };
         Ok(super::Planned {
-            summary: format!(
-                "would rotate: active {} -> {}",
-                v(rp.from_version),
-                v(Some(rp.to_version))
-            ),
+            summary: format!("{what}: active {} -> {}", v(rp.from_version), v(Some(rp.to_version))),
             versions: (rp.from_version, Some(rp.to_version)),
         })
     }
@@ -611,6 +687,7 @@ impl super::RotationBackend for KeystoreBackend {
             algorithm: self.algorithm,
             activation: self.activation,
             retain: self.retain,
+            revoke: self.revoke.clone(),
             step,
             undo,
         }

@@ -143,7 +143,7 @@ impl Effects for Live {
     fn admit(
         &mut self,
         p: &Prepared,
-        judge: &dyn Fn(&DomainRecord, Duration) -> Result<(), Refusal>,
+        judge: &dyn Fn(&DomainRecord, Duration) -> Result<Admitted, Refusal>,
     ) -> Result<(), Stop> {
         let guard = self.guard.as_ref().expect("installed before");
         let ledger = self.ledger.as_mut().expect("opened before");
@@ -393,7 +393,7 @@ fn admit_and_record(
     p: &Prepared,
     ledger: &mut Ledger,
     guard: &Guard,
-    judge: &dyn Fn(&DomainRecord, Duration) -> Result<(), Refusal>,
+    judge: &dyn Fn(&DomainRecord, Duration) -> Result<Admitted, Refusal>,
     staging: Option<&[String]>,
 ) -> Result<(), Stop> {
     let failed = |e: String| Stop::new(before_keys(p), format!("{e}; no key was touched"), Record::AuditOnly);
@@ -414,7 +414,13 @@ fn admit_and_record(
                     plan: String::new(),
                 },
                 Ok(()) => match judge(&rec, guard.deadline().remaining()) {
-                    Ok(()) => {
+                    Ok(past) => {
+                        if let Some((dead, mark)) = &past {
+                            w.mark_stale(dead, mark)?;
+                        }
+                        if let (Some(_), Some(row)) = (&p.revoke, &rec.blocking) {
+                            tracing::warn!("{}", revoke_past_review(row));
+                        }
                         w.insert(&p.run, None, None)?;
                         // The files the rotation will create, recorded before any
                         // exists (the key-loss rule, DESIGN 4.4), in this flushed
@@ -422,7 +428,7 @@ fn admit_and_record(
                         if let Some(files) = staging {
                             w.event(&p.run.run_id, "staging", Some(&files.join(" ")))?;
                         }
-                        return Ok(Ok(Ok(())));
+                        return Ok(Ok(Ok(past)));
                     }
                     Err(r) => r,
                 },
@@ -434,21 +440,32 @@ fn admit_and_record(
             Ok(Ok(Err(refusal)))
         })
         .map_err(failed)??;
-    let Err(refusal): Result<(), Refusal> = decision else {
-        return Ok(());
+    let refusal = match decision {
+        Ok(past) => {
+            if let Some((dead_id, mark)) = past {
+                mark_audited(p, dead_id, mark);
+            }
+            return Ok(());
+        }
+        Err(refusal) => refusal,
     };
     if let Some((dead_id, mark)) = refusal.stale {
-        let _ = p.audit.emit(Event {
-            exit_code: None,
-            reason: Some(mark),
-            ..Event {
-                run_id: dead_id,
-                ..Event::of("rotation.needs_review", &p.run)
-            }
-        });
+        mark_audited(p, dead_id, mark);
     }
     let _ = p.audit.emit(refused_event(p, refusal.outcome, &refusal.reason));
     Err(Stop::new(refusal.outcome, refusal.reason, Record::Done))
+}
+
+/// The audit line of a dead run's row marked `needs_review` by this run.
+fn mark_audited(p: &Prepared, dead_id: String, mark: String) {
+    let _ = p.audit.emit(Event {
+        exit_code: None,
+        reason: Some(mark),
+        ..Event {
+            run_id: dead_id,
+            ..Event::of("rotation.needs_review", &p.run)
+        }
+    });
 }
 
 /// At the deadline, if the run is still before its commit point, the watchdog records
