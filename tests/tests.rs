@@ -22,6 +22,7 @@ mod keystore;
 #[cfg(feature = "failpoints")]
 mod keystore_safety;
 mod layering;
+mod lifecycle;
 mod ledger_wal;
 mod msrv;
 mod observability;
