@@ -33,6 +33,8 @@ mod pg_fencing;
 mod pg_hook;
 mod postgres;
 #[cfg(feature = "failpoints")]
+mod revoke;
+#[cfg(feature = "failpoints")]
 mod power_loss;
 mod rotate;
 #[cfg(feature = "failpoints")]
