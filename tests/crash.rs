@@ -34,7 +34,7 @@ fn base() -> Env {
     env
 }
 
-fn copy_tree(from: &Path, to: &Path) {
+pub(crate) fn copy_tree(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
     for e in std::fs::read_dir(from).unwrap() {
         let e = e.unwrap();
@@ -51,7 +51,7 @@ fn copy_tree(from: &Path, to: &Path) {
     }
 }
 
-fn clone_env(base: &Env) -> Env {
+pub(crate) fn clone_env(base: &Env) -> Env {
     let env = Env::new();
     copy_tree(base.dir.path(), env.dir.path());
     env

@@ -389,3 +389,70 @@ fn revoke_on_the_postgresql_ledger() {
     assert!(!kids(&env, "sig").contains(&"v000002".to_string()));
     env.cmd().args(["history", "--domain", "sig"]).status(0);
 }
+
+// ---- crash consistency: SIGKILL at every durable step of a revocation ---------------
+
+/// After a revocation killed at any step, the store verifies and is in the old state
+/// (v2 active) or the new one (v2 compromised, v3 active); once the manifest says
+/// compromised, jwks.json never lists v2 again. Then the next run flags the killed
+/// run, its repair finishes the tidy-up (v2's file goes), a review unblocks, and the
+/// revocation (if it had not committed) succeeds.
+#[test]
+fn sigkill_at_every_durable_step_of_a_revocation_leaves_the_old_or_the_new_state() {
+    let base = Env::new();
+    base.rotate("sig").status(0);
+    base.rotate("sig").arg("--force").status(0);
+    let env = crate::crash::clone_env(&base);
+    let log = env.path("steps.log");
+    revoke(&env, "sig", 2)
+        .env("KEYROTATE_FAILPOINT_LOG", &log)
+        .status(0);
+    let all = steps(&log);
+    for kind in ["stage.fsync", "jwks.rename", "commit.rename", "destroy.unlink", "ledger.committed"] {
+        assert!(all.iter().any(|s| s == kind), "no {kind} step in {all:?}");
+    }
+    for (i, step) in all.iter().enumerate() {
+        let k = i + 1;
+        let context = format!("SIGKILL at step {k} ({step})");
+        let env = crate::crash::clone_env(&base);
+        let out = revoke(&env, "sig", 2)
+            .args(["--run-id", "KILLED"])
+            .env("KEYROTATE_FAILPOINTS", format!("{k}=kill"))
+            .output();
+        assert_eq!(out.code, 137, "{context}: {}", out.stderr);
+        let insp = keyrotate::keystore::Keystore::new(&env.path("keys"), "sig")
+            .inspect()
+            .unwrap_or_else(|e| panic!("{context}: the key store does not verify: {e}"));
+        let committed = match version(&env, "sig", 2)["state"].as_str().unwrap() {
+            "active" => false,
+            "compromised" => {
+                assert_eq!(insp.manifest.primary, Some(3), "{context}");
+                assert!(!kids(&env, "sig").contains(&"v000002".into()), "{context}: v2 published");
+                true
+            }
+            other => panic!("{context}: v2 is {other}"),
+        };
+        let killed_in_flight = env
+            .rows()
+            .into_iter()
+            .any(|r| r["run_id"] == "KILLED" && r["exit_code"].is_null());
+        if killed_in_flight {
+            env.rotate("sig").arg("--force").status(4);
+            env.resolve("sig", "KILLED", "crash test").status(0);
+        }
+        if committed {
+            // The repair (or the tidy-up) took v2's file and kept it unpublished.
+            env.cmd().args(["status", "--domain", "sig"]).status(0);
+            assert!(!env.key_dir("sig").join("v000002.pem").exists(), "{context}");
+        } else {
+            revoke(&env, "sig", 2).status(0);
+        }
+        assert_eq!(version(&env, "sig", 2)["state"], "compromised", "{context}");
+        assert!(!kids(&env, "sig").contains(&"v000002".into()), "{context}");
+        assert_eq!(env.key_files("sig"), env.live_files("sig"), "{context}: orphans");
+        env.rotate("sig").arg("--force").status(0);
+        assert_eq!(env.key_files("sig"), env.live_files("sig"), "{context}: orphans");
+        assert!(!kids(&env, "sig").contains(&"v000002".into()), "{context}");
+    }
+    eprintln!("revocation crash points covered with SIGKILL: {}", all.len());
+}
