@@ -177,7 +177,8 @@ fn a_retired_private_half_left_by_a_crash_is_garbage_not_evidence() {
     assert!(next.stdout.contains("KILLED"), "{}", next.stdout);
     assert!(!next.stdout.contains("does not list"), "{}", next.stdout);
     assert_eq!(env.key_files("sig"), ["v000002.pem"]);
-    env.resolve("sig", "KILLED", "crash after the retirement commit").status(0);
+    env.resolve("sig", "KILLED", "crash after the retirement commit")
+        .status(0);
     env.rotate("sig").arg("--force").status(0);
     assert_eq!(env.key_files("sig"), ["v000003.pem"]);
 }

@@ -65,7 +65,10 @@ fn the_dry_run_changes_nothing_and_predicts_the_real_run() {
     let dry = revoke(&env, "sig", 2).args(["--dry-run", "--output", "json"]).status(0);
     env.assert_unchanged(&before, "revoke --dry-run");
     let d = dry.json();
-    assert_eq!((d["dry_run"].as_bool(), d["to_version"].as_u64()), (Some(true), Some(3)));
+    assert_eq!(
+        (d["dry_run"].as_bool(), d["to_version"].as_u64()),
+        (Some(true), Some(3))
+    );
     let plan = d["plan"].to_string();
     assert!(plan.contains("compromise: v2") && plan.contains("create: v3"), "{plan}");
     // A dry run of a revocation that cannot be done says so with the real code.
@@ -105,7 +108,10 @@ fn revoking_the_active_key_activates_a_fresh_one_in_the_same_commit() {
     assert_eq!(row["run_id"], "REVOKE-1");
     assert_eq!(row["trigger"], "revoke");
     assert_eq!(row["state"], "succeeded");
-    assert_eq!((row["from_version"].as_i64(), row["to_version"].as_i64()), (Some(2), Some(3)));
+    assert_eq!(
+        (row["from_version"].as_i64(), row["to_version"].as_i64()),
+        (Some(2), Some(3))
+    );
     assert_eq!(row["forced"], 1);
     assert_eq!(row["requested_reason"], "private key pasted in a public ticket");
     let audit = env.audit();
@@ -160,7 +166,10 @@ fn revoking_a_retired_key_only_unpublishes_and_destroys_it() {
     revoke(&env, "sig", 1).status(0);
     assert_eq!(env.versions("sig"), [(1, "compromised".into()), (2, "active".into())]);
     assert_eq!(kids(&env, "sig"), ["v000002"]);
-    assert_eq!(std::fs::read(env.key_dir("sig").join("v000002.pem")).unwrap(), active_before);
+    assert_eq!(
+        std::fs::read(env.key_dir("sig").join("v000002.pem")).unwrap(),
+        active_before
+    );
     assert_eq!(env.last_row()["to_version"], 2);
     // A retired MAC key still has its material: the revocation destroys it.
     assert_eq!(env.key_files("mac"), ["v000001.key", "v000002.key"]);
@@ -194,7 +203,8 @@ fn a_compromised_version_never_comes_back() {
     std::fs::remove_dir_all(env.path("state")).unwrap();
     let out = env.rotate("sig").args(["--force", "--run-id", "NEW-LEDGER"]).status(4);
     assert!(out.stdout.contains("does not know"), "{}", out.stdout);
-    env.resolve("sig", "NEW-LEDGER", "moved to a new state folder").status(0);
+    env.resolve("sig", "NEW-LEDGER", "moved to a new state folder")
+        .status(0);
     env.rotate("sig").arg("--force").status(0);
 
     assert_eq!(version(&env, "sig", 1), compromised, "v1 changed");
@@ -233,7 +243,17 @@ fn what_cannot_be_revoked_is_a_usage_error_that_touches_nothing() {
     }
     let out = env
         .cmd()
-        .args(["revoke", "--domain", "sig", "--version", "4", "--reason", " ", "--deadline", "1m"])
+        .args([
+            "revoke",
+            "--domain",
+            "sig",
+            "--version",
+            "4",
+            "--reason",
+            " ",
+            "--deadline",
+            "1m",
+        ])
         .status(2);
     assert!(out.stdout.contains("--reason"), "{}", out.stdout);
     env.cmd()
@@ -314,8 +334,10 @@ fn a_version_2_sqlite_ledger_with_rows_upgrades() {
     let db = env.path("state/ledger.sqlite3");
     {
         let c = rusqlite::Connection::open(&db).unwrap();
-        c.execute_batch(include_str!("../src/ledger/migrations/sqlite/001_init.sql")).unwrap();
-        c.execute_batch(include_str!("../src/ledger/migrations/sqlite/002_audit_anchor.sql")).unwrap();
+        c.execute_batch(include_str!("../src/ledger/migrations/sqlite/001_init.sql"))
+            .unwrap();
+        c.execute_batch(include_str!("../src/ledger/migrations/sqlite/002_audit_anchor.sql"))
+            .unwrap();
         c.pragma_update(None, "user_version", 2).unwrap();
         c.execute_batch(
             "INSERT INTO rotations (id, run_id, domain, state, exit_code, trigger, host, pid, started_at, deadline_at, ended_at, to_version) \
@@ -347,15 +369,24 @@ fn a_version_2_sqlite_ledger_with_rows_upgrades() {
     let version: i64 = c.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
     assert!(version >= 3, "schema version {version}");
     let rows = env.rows();
-    assert_eq!((rows[0]["id"].as_i64(), rows[0]["run_id"].as_str()), (Some(7), Some("OLD-OK")));
-    assert_eq!((rows[1]["id"].as_i64(), rows[1]["reason"].as_str()), (Some(9), Some("a test block")));
+    assert_eq!(
+        (rows[0]["id"].as_i64(), rows[0]["run_id"].as_str()),
+        (Some(7), Some("OLD-OK"))
+    );
+    assert_eq!(
+        (rows[1]["id"].as_i64(), rows[1]["reason"].as_str()),
+        (Some(9), Some("a test block"))
+    );
     assert_eq!(rows.last().unwrap()["trigger"], "revoke");
     // ...and every index is back, with the same definition.
     assert_eq!(index_sql(&c), indexes_before);
     let in_flight = "INSERT INTO rotations (run_id, domain, state, trigger, host, pid, started_at, deadline_at) \
                      VALUES (?1, 'x', 'started', 'revoke', 'h', 1, 'a', 'b')";
     c.execute(in_flight, ["A"]).unwrap();
-    assert!(c.execute(in_flight, ["B"]).is_err(), "two runs in flight for one domain");
+    assert!(
+        c.execute(in_flight, ["B"]).is_err(),
+        "two runs in flight for one domain"
+    );
     assert!(c
         .execute(
             "INSERT INTO rotations (run_id, domain, state, trigger, host, pid, started_at, deadline_at) \
@@ -404,11 +435,15 @@ fn sigkill_at_every_durable_step_of_a_revocation_leaves_the_old_or_the_new_state
     base.rotate("sig").arg("--force").status(0);
     let env = crate::crash::clone_env(&base);
     let log = env.path("steps.log");
-    revoke(&env, "sig", 2)
-        .env("KEYROTATE_FAILPOINT_LOG", &log)
-        .status(0);
+    revoke(&env, "sig", 2).env("KEYROTATE_FAILPOINT_LOG", &log).status(0);
     let all = steps(&log);
-    for kind in ["stage.fsync", "jwks.rename", "commit.rename", "destroy.unlink", "ledger.committed"] {
+    for kind in [
+        "stage.fsync",
+        "jwks.rename",
+        "commit.rename",
+        "destroy.unlink",
+        "ledger.committed",
+    ] {
         assert!(all.iter().any(|s| s == kind), "no {kind} step in {all:?}");
     }
     for (i, step) in all.iter().enumerate() {
@@ -427,7 +462,10 @@ fn sigkill_at_every_durable_step_of_a_revocation_leaves_the_old_or_the_new_state
             "active" => false,
             "compromised" => {
                 assert_eq!(insp.manifest.primary, Some(3), "{context}");
-                assert!(!kids(&env, "sig").contains(&"v000002".into()), "{context}: v2 published");
+                assert!(
+                    !kids(&env, "sig").contains(&"v000002".into()),
+                    "{context}: v2 published"
+                );
                 true
             }
             other => panic!("{context}: v2 is {other}"),

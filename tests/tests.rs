@@ -22,8 +22,8 @@ mod keystore;
 #[cfg(feature = "failpoints")]
 mod keystore_safety;
 mod layering;
-mod lifecycle;
 mod ledger_wal;
+mod lifecycle;
 mod msrv;
 mod observability;
 mod operator_safety;
@@ -33,9 +33,9 @@ mod pg_fencing;
 mod pg_hook;
 mod postgres;
 #[cfg(feature = "failpoints")]
-mod revoke;
-#[cfg(feature = "failpoints")]
 mod power_loss;
+#[cfg(feature = "failpoints")]
+mod revoke;
 mod rotate;
 #[cfg(feature = "failpoints")]
 mod staging_at_admission;

@@ -341,7 +341,9 @@ impl PublicKey {
                 };
                 // The key is the tail of its SPKI (the BIT STRING's contents): proven
                 // by parsing that raw key and re-encoding it to the same SPKI.
-                let raw = spki.get(spki.len().checked_sub(raw_len).ok_or_else(bad)?..).ok_or_else(bad)?;
+                let raw = spki
+                    .get(spki.len().checked_sub(raw_len).ok_or_else(bad)?..)
+                    .ok_or_else(bad)?;
                 let parsed = signature::ParsedPublicKey::new(alg, raw).map_err(|_| bad())?;
                 let der: PublicKeyX509Der = parsed.as_der().map_err(|_| bad())?;
                 if der.as_ref() != spki {
@@ -375,7 +377,10 @@ impl PublicKey {
 
     /// The SHA-256 fingerprint of this key, as the manifest records it.
     pub fn fingerprint(&self) -> String {
-        format!("sha256:{}", hex(digest::digest(&digest::SHA256, &self.spki_der).as_ref()))
+        format!(
+            "sha256:{}",
+            hex(digest::digest(&digest::SHA256, &self.spki_der).as_ref())
+        )
     }
 }
 
