@@ -124,7 +124,21 @@ fn revoking_the_active_key_activates_a_fresh_one_in_the_same_commit() {
     assert_eq!(c["from_fingerprint"], v2["fingerprint"]);
     assert_eq!(c["operator"], "oncall");
     assert!(c["reason"].as_str().unwrap().contains("public ticket"));
-    env.cmd().args(["status", "--domain", "sig"]).status(0);
+    let st = env
+        .cmd()
+        .args(["status", "--domain", "sig", "--output", "json"])
+        .status(0)
+        .json();
+    assert_eq!(st["domains"][0]["compromised"], serde_json::json!([2]));
+    let prom = env
+        .cmd()
+        .args(["status", "--domain", "sig", "--output", "prometheus"])
+        .status(0);
+    assert!(
+        prom.stdout.contains("keyrotate_versions{domain=\"sig\",state=\"compromised\"} 1"),
+        "{}",
+        prom.stdout
+    );
     env.cmd().args(["audit", "verify"]).status(0);
     // min_interval does not hold a revocation back: it is an emergency rotation.
     revoke(&env, "sig", 3).status(0);
@@ -493,4 +507,45 @@ fn sigkill_at_every_durable_step_of_a_revocation_leaves_the_old_or_the_new_state
         assert!(!kids(&env, "sig").contains(&"v000002".into()), "{context}");
     }
     eprintln!("revocation crash points covered with SIGKILL: {}", all.len());
+}
+
+/// The PostgreSQL upgrade from schema version 2 with rows: the CHECK on `trigger` is
+/// replaced in the migration's transaction, the rows stay, and a revocation's row goes in.
+#[test]
+fn a_version_2_postgresql_ledger_with_rows_upgrades() {
+    if !crate::common::pg::server() {
+        eprintln!("SKIPPED: no PostgreSQL server for this test");
+        return;
+    }
+    let db = crate::common::pg::Database::new();
+    db.sql(include_str!("../src/ledger/migrations/postgres/001_init.sql"));
+    db.sql(include_str!("../src/ledger/migrations/postgres/002_audit_anchor.sql"));
+    db.sql(
+        "CREATE TABLE keyrotate_schema (version BIGINT NOT NULL); INSERT INTO keyrotate_schema (version) VALUES (1), (2); \
+         INSERT INTO rotations (run_id, domain, state, exit_code, trigger, host, pid, started_at, deadline_at, ended_at) \
+         VALUES ('OLD-OK', 'mac', 'succeeded', 0, 'manual', 'h', 1, '2020-01-01T00:00:00Z', '2020-01-01T00:01:00Z', '2020-01-01T00:00:01Z')",
+    );
+    let env = Env::with_config(&crate::common::DEFAULT_CONFIG.replace(
+        "dir = \"state\"",
+        &format!("dir = \"state\"\nledger = \"{}\"", db.url()),
+    ));
+    let out = env.cmd().arg("migrate").status(0);
+    assert!(out.stdout.contains("2 -> "), "{}", out.stdout);
+    env.rotate("sig").status(0);
+    revoke(&env, "sig", 1).args(["--run-id", "PG-UP"]).status(0);
+    assert_eq!(
+        db.sql("SELECT string_agg(run_id || ':' || trigger, ' ' ORDER BY id) FROM rotations"),
+        format!(
+            "OLD-OK:manual {}:scheduled PG-UP:revoke",
+            db.sql("SELECT run_id FROM rotations WHERE id = 2")
+        )
+    );
+    let bad = crate::common::pg::psql_as(
+        &db.0,
+        crate::common::pg::ADMIN_USER,
+        crate::common::pg::ADMIN_PASSWORD,
+        "INSERT INTO rotations (run_id, domain, state, trigger, host, pid, started_at, deadline_at) \
+         VALUES ('X', 'x', 'aborted', 'cron', 'h', 1, 'a', 'b')",
+    );
+    assert!(bad.unwrap_err().contains("rotations_trigger_check"));
 }
