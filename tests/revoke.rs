@@ -135,7 +135,8 @@ fn revoking_the_active_key_activates_a_fresh_one_in_the_same_commit() {
         .args(["status", "--domain", "sig", "--output", "prometheus"])
         .status(0);
     assert!(
-        prom.stdout.contains("keyrotate_versions{domain=\"sig\",state=\"compromised\"} 1"),
+        prom.stdout
+            .contains("keyrotate_versions{domain=\"sig\",state=\"compromised\"} 1"),
         "{}",
         prom.stdout
     );
@@ -444,12 +445,28 @@ fn revoke_on_the_postgresql_ledger() {
 /// revocation (if it had not committed) succeeds.
 #[test]
 fn sigkill_at_every_durable_step_of_a_revocation_leaves_the_old_or_the_new_state() {
+    // An immediate domain (v2 active, v1 retired: a fresh v3 takes over) and a
+    // prepublish one (v1 active, v2 pending: v2 takes over, a fresh v3 is pending).
+    let mut covered = 0;
+    for (domain, rotations, victim, successor) in [("sig", 2, 2, 3), ("pre", 1, 1, 2)] {
+        covered += revocation_crash_points(domain, rotations, victim, successor);
+    }
+    eprintln!("revocation crash points covered with SIGKILL: {covered}");
+}
+
+fn revocation_crash_points(domain: &str, rotations: usize, victim: u64, successor: u64) -> usize {
     let base = Env::new();
-    base.rotate("sig").status(0);
-    base.rotate("sig").arg("--force").status(0);
+    base.rotate(domain).status(0);
+    for _ in 1..rotations {
+        base.rotate(domain).arg("--force").status(0);
+    }
+    let kid = format!("v{victim:06}");
+    let file = format!("v{victim:06}.pem");
     let env = crate::crash::clone_env(&base);
     let log = env.path("steps.log");
-    revoke(&env, "sig", 2).env("KEYROTATE_FAILPOINT_LOG", &log).status(0);
+    revoke(&env, domain, victim)
+        .env("KEYROTATE_FAILPOINT_LOG", &log)
+        .status(0);
     let all = steps(&log);
     for kind in [
         "stage.fsync",
@@ -458,55 +475,55 @@ fn sigkill_at_every_durable_step_of_a_revocation_leaves_the_old_or_the_new_state
         "destroy.unlink",
         "ledger.committed",
     ] {
-        assert!(all.iter().any(|s| s == kind), "no {kind} step in {all:?}");
+        assert!(all.iter().any(|s| s == kind), "{domain}: no {kind} step in {all:?}");
     }
     for (i, step) in all.iter().enumerate() {
         let k = i + 1;
-        let context = format!("SIGKILL at step {k} ({step})");
+        let context = format!("{domain}: SIGKILL at step {k} ({step})");
         let env = crate::crash::clone_env(&base);
-        let out = revoke(&env, "sig", 2)
+        let out = revoke(&env, domain, victim)
             .args(["--run-id", "KILLED"])
             .env("KEYROTATE_FAILPOINTS", format!("{k}=kill"))
             .output();
         assert_eq!(out.code, 137, "{context}: {}", out.stderr);
-        let insp = keyrotate::keystore::Keystore::new(&env.path("keys"), "sig")
+        let insp = keyrotate::keystore::Keystore::new(&env.path("keys"), domain)
             .inspect()
             .unwrap_or_else(|e| panic!("{context}: the key store does not verify: {e}"));
-        let committed = match version(&env, "sig", 2)["state"].as_str().unwrap() {
+        let committed = match version(&env, domain, victim)["state"].as_str().unwrap() {
             "active" => false,
             "compromised" => {
-                assert_eq!(insp.manifest.primary, Some(3), "{context}");
+                assert_eq!(insp.manifest.primary, Some(successor), "{context}");
                 assert!(
-                    !kids(&env, "sig").contains(&"v000002".into()),
-                    "{context}: v2 published"
+                    !kids(&env, domain).contains(&kid),
+                    "{context}: the compromised key is published"
                 );
                 true
             }
-            other => panic!("{context}: v2 is {other}"),
+            other => panic!("{context}: v{victim} is {other}"),
         };
         let killed_in_flight = env
             .rows()
             .into_iter()
             .any(|r| r["run_id"] == "KILLED" && r["exit_code"].is_null());
         if killed_in_flight {
-            env.rotate("sig").arg("--force").status(4);
-            env.resolve("sig", "KILLED", "crash test").status(0);
+            env.rotate(domain).arg("--force").status(4);
+            env.resolve(domain, "KILLED", "crash test").status(0);
         }
         if committed {
-            // The repair (or the tidy-up) took v2's file and kept it unpublished.
-            env.cmd().args(["status", "--domain", "sig"]).status(0);
-            assert!(!env.key_dir("sig").join("v000002.pem").exists(), "{context}");
+            // The repair (or the tidy-up) took its file and kept it unpublished.
+            env.cmd().args(["status", "--domain", domain]).status(0);
+            assert!(!env.key_dir(domain).join(&file).exists(), "{context}");
         } else {
-            revoke(&env, "sig", 2).status(0);
+            revoke(&env, domain, victim).status(0);
         }
-        assert_eq!(version(&env, "sig", 2)["state"], "compromised", "{context}");
-        assert!(!kids(&env, "sig").contains(&"v000002".into()), "{context}");
-        assert_eq!(env.key_files("sig"), env.live_files("sig"), "{context}: orphans");
-        env.rotate("sig").arg("--force").status(0);
-        assert_eq!(env.key_files("sig"), env.live_files("sig"), "{context}: orphans");
-        assert!(!kids(&env, "sig").contains(&"v000002".into()), "{context}");
+        assert_eq!(version(&env, domain, victim)["state"], "compromised", "{context}");
+        assert!(!kids(&env, domain).contains(&kid), "{context}");
+        assert_eq!(env.key_files(domain), env.live_files(domain), "{context}: orphans");
+        env.rotate(domain).arg("--force").status(0);
+        assert_eq!(env.key_files(domain), env.live_files(domain), "{context}: orphans");
+        assert!(!kids(&env, domain).contains(&kid), "{context}");
     }
-    eprintln!("revocation crash points covered with SIGKILL: {}", all.len());
+    all.len()
 }
 
 /// The PostgreSQL upgrade from schema version 2 with rows: the CHECK on `trigger` is
