@@ -499,6 +499,47 @@ mod tests {
     }
 
     #[test]
+    fn a_compromised_version_never_changes_state_again() {
+        use VersionState::*;
+        let (_, m) = rotate(&Manifest::empty("d"), Activation::Prepublish, 1);
+        let m = revoked(&m, 1, Activation::Prepublish);
+        assert_eq!(m.get(1).unwrap().state, Compromised);
+        assert_eq!((m.active().unwrap().version, m.pending().unwrap().version), (2, 3));
+        let before = m.get(1).unwrap().clone();
+        let mut m = revoked(&m, 3, Activation::Prepublish);
+        assert_eq!(m.pending().unwrap().version, 4);
+        // Rotations of both kinds and retention down to nothing never touch them.
+        for i in 0..8 {
+            let act = if i % 3 == 0 {
+                Activation::Immediate
+            } else {
+                Activation::Prepublish
+            };
+            m = rotate(&m, act, 0).1;
+            assert_eq!(m.get(1).unwrap(), &before);
+            assert_eq!(m.get(3).unwrap().state, Compromised);
+        }
+        assert!(m.revocable(1).unwrap_err().contains("already compromised"));
+        assert!(m.revocable(2).unwrap_err().contains("destroyed"));
+        assert!(m.revocable(99).unwrap_err().contains("no such version"));
+        // A compromise time on a version that is not compromised does not parse (a
+        // manifest edited to bring a compromised version back).
+        let text = String::from_utf8(m.to_bytes()).unwrap();
+        let bent = text.replacen("\"state\": \"compromised\"", "\"state\": \"retired\"", 1);
+        assert_ne!(bent, text);
+        let e = Manifest::parse(bent.as_bytes(), "d").unwrap_err();
+        assert!(e.contains("compromised_at"), "{e}");
+    }
+
+    fn revoked(m: &Manifest, n: u64, act: Activation) -> Manifest {
+        m.revocable(n).unwrap();
+        let plan = m.revoke_plan(n, "leaked", Algorithm::Ed25519, act, m.max_version() + 1);
+        let fps: Vec<String> = plan.create.iter().map(|n| format!("sha256:{}", n.version)).collect();
+        let next = m.rotated(&plan, &fps, "revoke", Utc::now());
+        Manifest::parse(&next.to_bytes(), "d").expect("revoked manifests are valid")
+    }
+
+    #[test]
     fn strict_parsing() {
         let (_, m) = rotate(&Manifest::empty("d"), Activation::Immediate, 3);
         let good = String::from_utf8(m.to_bytes()).unwrap();
