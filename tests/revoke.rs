@@ -298,6 +298,11 @@ fn a_leaked_key_is_revocable_on_a_domain_blocked_for_review() {
     // The revocation passes the dead run (marking it for review) and commits.
     let out = revoke(&env, "sig", 1).args(["--run-id", "R1"]).status(0);
     assert!(out.stdout.contains("revoked v1"), "{}", out.stdout);
+    assert!(
+        out.stdout.contains("blocked by run DIED") && out.stdout.contains("the block stays"),
+        "{}",
+        out.stdout
+    );
     let died = env.rows().into_iter().find(|r| r["run_id"] == "DIED").unwrap();
     assert_eq!(died["state"], "needs_review");
     assert_eq!(version(&env, "sig", 1)["state"], "compromised");

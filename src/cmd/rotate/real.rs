@@ -66,6 +66,9 @@ struct Live {
     ledger: Option<Ledger>,
     /// The files the admission transaction recorded as staging (see `Step::staging`).
     planned: Option<Vec<String>>,
+    /// A revocation admitted on a domain blocked for review: what its outcome says
+    /// about the block, which stays.
+    still_blocked: Option<String>,
 }
 
 fn holder_of(p: &Prepared) -> Holder {
@@ -151,6 +154,14 @@ impl Effects for Live {
         let planned = p.backend().planned_files(ledger);
         admit_and_record(p, ledger, guard, judge, planned.as_deref())?;
         self.planned = planned;
+        if p.revoke.is_some() {
+            // Read after the admission, which may have marked a dead run for review.
+            if let Some(row) = ledger.domain_record(&p.domain.name).ok().and_then(|r| r.blocking) {
+                let note = revoke_past_review(&row);
+                tracing::warn!("{note}");
+                self.still_blocked = Some(note);
+            }
+        }
         // Who runs this, so that the next run can tell "still running" from "died".
         if ledger.is_shared() || matches!(p.domain.backend, Backend::Command { .. }) {
             let run_id = p.run.run_id.clone();
@@ -215,6 +226,10 @@ impl Live {
                 Some(r),
             ),
             Err(f) => (f.outcome, f.message, None),
+        };
+        let reason = match &self.still_blocked {
+            Some(note) => format!("{reason}; {note}"),
+            None => reason,
         };
         let (outcome, reason) = conclude(ledger, p, outcome, &reason, rotated.as_ref());
         Concluded {
@@ -417,9 +432,6 @@ fn admit_and_record(
                     Ok(past) => {
                         if let Some((dead, mark)) = &past {
                             w.mark_stale(dead, mark)?;
-                        }
-                        if let (Some(_), Some(row)) = (&p.revoke, &rec.blocking) {
-                            tracing::warn!("{}", revoke_past_review(row));
                         }
                         w.insert(&p.run, None, None)?;
                         // The files the rotation will create, recorded before any
