@@ -605,7 +605,11 @@ impl super::RotationBackend for KeystoreBackend {
             plan.push(format!("promote: v{v} pending -> active"));
         }
         for v in &rp.retire {
-            plan.push(format!("retire: v{v}"));
+            plan.push(if self.algorithm.is_symmetric() {
+                format!("retire: v{v} (its key stays, to open old data)")
+            } else {
+                format!("retire: v{v} (its private half destroyed; its public key stays in jwks.json)")
+            });
         }
         for v in &rp.destroy {
             plan.push(format!("destroy: v{v} (beyond retain = {})", self.retain));
