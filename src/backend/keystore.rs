@@ -605,7 +605,9 @@ impl super::RotationBackend for KeystoreBackend {
             plan.push(format!("promote: v{v} pending -> active"));
         }
         for v in &rp.retire {
-            plan.push(if self.algorithm.is_symmetric() {
+            // The version's own algorithm (the config's may have changed since).
+            let symmetric = insp.manifest.get(*v).is_some_and(|e| e.algorithm().is_symmetric());
+            plan.push(if symmetric {
                 format!("retire: v{v} (its key stays, to open old data)")
             } else {
                 format!("retire: v{v} (its private half destroyed; its public key stays in jwks.json)")
