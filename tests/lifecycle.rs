@@ -157,6 +157,7 @@ fn a_manifest_from_before_the_lifecycle_states_still_reads_and_upgrades() {
 /// A crash between leaves a private file that the garbage rule recognises by the
 /// manifest's word (retired signature key), so the next invocation's repair removes it
 /// before deciding anything; it is never taken for evidence.
+#[cfg(feature = "failpoints")]
 #[test]
 fn a_retired_private_half_left_by_a_crash_is_garbage_not_evidence() {
     let env = Env::new();
