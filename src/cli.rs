@@ -50,6 +50,9 @@ pub enum OutputFormat {
 pub enum Command {
     /// Rotate one domain's keys (the scheduled job)
     Rotate(RotateArgs),
+    /// Revoke a leaked key: mark a version compromised, destroy and unpublish it, and
+    /// keep the domain usable (an emergency rotation when it was the active key)
+    Revoke(RevokeArgs),
     /// Show each domain's versions, last run, block and next due time
     Status(StatusArgs),
     /// Show ledger rows, newest first
@@ -146,6 +149,44 @@ pub struct RotateArgs {
     /// Why this rotation runs (recorded in the ledger and audit)
     #[arg(long, value_name = "TEXT")]
     pub reason: Option<String>,
+
+    #[arg(long, value_enum, default_value_t)]
+    pub output: OutputFormat,
+}
+
+#[derive(Args, Debug)]
+pub struct RevokeArgs {
+    /// The key domain
+    #[arg(long, value_name = "NAME")]
+    pub domain: String,
+
+    /// The version to revoke (as keyring.json and status number it)
+    #[arg(long, value_name = "N")]
+    pub version: u64,
+
+    /// Why it is revoked (recorded on the version, in the ledger and in the audit trail)
+    #[arg(long, value_name = "TEXT")]
+    pub reason: String,
+
+    /// When the run must be finished: a duration (90s, 10m, 1h30m) or an RFC 3339 instant
+    #[arg(long, value_name = "WHEN", allow_hyphen_values = true)]
+    pub deadline: String,
+
+    /// Print the plan and the exit code the real run would return; change nothing
+    #[arg(long)]
+    pub dry_run: bool,
+
+    /// This host's pool [default: $KEYROTATE_POOL, else the config's host.pool]
+    #[arg(long, value_name = "NAME")]
+    pub pool: Option<String>,
+
+    /// External correlation id, unique in the ledger (e.g. %%ORDERID-%%RUNCOUNT)
+    #[arg(long, value_name = "ID")]
+    pub run_id: Option<String>,
+
+    /// Who runs it [default: $SUDO_USER, else $USER, else the uid]
+    #[arg(long, value_name = "NAME")]
+    pub operator: Option<String>,
 
     #[arg(long, value_enum, default_value_t)]
     pub output: OutputFormat,

@@ -37,7 +37,7 @@ use base64::Engine;
 use serde_json::{Map, Value};
 
 use crate::keystore::manifest::{Manifest, VersionEntry, VersionState};
-use crate::keystore::{Algorithm, KeyFile, Keystore};
+use crate::keystore::{Algorithm, Half, KeyFile, Keystore};
 
 /// Why a keyring or key could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -57,9 +57,10 @@ pub struct Keyring {
     store: Keystore,
     manifest: Manifest,
     domain: String,
-    /// Each live version's key, or why it could not be loaded (with the manifest
-    /// unchanged around the attempt: damage, not a rotation in progress).
-    keys: BTreeMap<u64, Result<KeyFile, String>>,
+    /// Each live version's key (or, for a retired signature key, its public half),
+    /// or why it could not be loaded (with the manifest unchanged around the attempt:
+    /// damage, not a rotation in progress).
+    keys: BTreeMap<u64, Result<Half, String>>,
 }
 
 /// How many times [`Keyring::open`] re-reads when rotations keep committing under it.
@@ -110,8 +111,8 @@ impl Keyring {
                 dir: store.dir().to_path_buf(),
                 reason,
             })?;
-            let keys: BTreeMap<u64, Result<KeyFile, String>> =
-                manifest.live().map(|v| (v.version, store.load_version(v))).collect();
+            let keys: BTreeMap<u64, Result<Half, String>> =
+                manifest.live().map(|v| (v.version, store.load_half(v))).collect();
             let after = read_manifest(&store, domain)?;
             let ring = Keyring {
                 store: store.clone(),
@@ -154,7 +155,9 @@ impl Keyring {
         self.manifest.pending().map(|e| self.load(e)).transpose()
     }
 
-    /// Any live version by number (to verify or decrypt with an older key).
+    /// Any live version by number (to verify or decrypt with an older key). A retired
+    /// signature key has no private half any more (NIST SP 800-57: nothing may sign
+    /// with it): verify with [`Keyring::verification_keys`] instead.
     pub fn version(&self, version: u64) -> Result<Version, KeyringError> {
         let entry = self
             .manifest
@@ -170,14 +173,14 @@ impl Keyring {
         let mut out = Vec::new();
         for state in [VersionState::Pending, VersionState::Active, VersionState::Retired] {
             for entry in self.manifest.versions.iter().rev().filter(|v| v.state == state) {
-                let v = self.load(entry)?;
-                if let Some(public) = v.key.public() {
+                if let Some(public) = self.half(entry)?.public() {
+                    let kid = crate::keystore::kid(entry);
                     let mut jwk = public.jwk.clone();
-                    jwk.insert("kid".into(), v.kid.clone().into());
+                    jwk.insert("kid".into(), kid.clone().into());
                     out.push(VerificationKey {
-                        version: v.version,
+                        version: entry.version,
                         state,
-                        kid: v.kid,
+                        kid,
                         jwk,
                     });
                 }
@@ -186,16 +189,26 @@ impl Keyring {
         Ok(out)
     }
 
+    fn half(&self, entry: &VersionEntry) -> Result<&Half, KeyringError> {
+        match self.keys.get(&entry.version) {
+            Some(Ok(half)) => Ok(half),
+            Some(Err(reason)) => Err(KeyringError::Invalid {
+                dir: self.store.dir().to_path_buf(),
+                reason: reason.clone(),
+            }),
+            None => Err(self.missing(&format!("live v{}", entry.version))),
+        }
+    }
+
     fn load(&self, entry: &VersionEntry) -> Result<Version, KeyringError> {
-        let key = match self.keys.get(&entry.version) {
-            Some(Ok(key)) => key.clone(),
-            Some(Err(reason)) => {
-                return Err(KeyringError::Invalid {
-                    dir: self.store.dir().to_path_buf(),
-                    reason: reason.clone(),
-                })
+        let key = match self.half(entry)? {
+            Half::Private(key) => key.clone(),
+            Half::Public(_) => {
+                return Err(self.missing(&format!(
+                    "private v{} (a retired signature key keeps only its public half; verify with verification_keys)",
+                    entry.version
+                )))
             }
-            None => return Err(self.missing(&format!("live v{}", entry.version))),
         };
         Ok(Version {
             version: entry.version,
@@ -229,9 +242,9 @@ fn read_manifest(store: &Keystore, domain: &str) -> Result<zeroize::Zeroizing<Ve
     })
 }
 
-/// Parses the manifest strictly, except that top-level members this version does not
-/// know (added by a newer keyrotate, e.g. the last committing run) are ignored: an
-/// application built against an older release keeps reading a newer store.
+/// Parses the manifest strictly, except that members this version does not know
+/// (added by a newer keyrotate, at the top level or on a version) are ignored: an
+/// application built against this release keeps reading a newer store.
 fn parse_manifest(bytes: &[u8], domain: &str) -> Result<Manifest, String> {
     match Manifest::parse(bytes, domain) {
         Ok(m) => Ok(m),
@@ -240,9 +253,32 @@ fn parse_manifest(bytes: &[u8], domain: &str) -> Result<Manifest, String> {
                 return Err(strict);
             };
             let known = ["domain", "primary", "versions"];
-            let before = doc.len();
+            let known_version = [
+                "version",
+                "state",
+                "algorithm",
+                "created_at",
+                "activated_at",
+                "retired_at",
+                "destroyed_at",
+                "compromised_at",
+                "compromise_reason",
+                "fingerprint",
+                "file",
+                "created_by_run",
+                "public_key",
+            ];
+            let mut dropped = doc.len();
             doc.retain(|k, _| known.contains(&k.as_str()));
-            if doc.len() == before {
+            dropped -= doc.len();
+            if let Some(Value::Array(versions)) = doc.get_mut("versions") {
+                for v in versions.iter_mut().filter_map(Value::as_object_mut) {
+                    let before = v.len();
+                    v.retain(|k, _| known_version.contains(&k.as_str()));
+                    dropped += before - v.len();
+                }
+            }
+            if dropped == 0 {
                 return Err(strict);
             }
             Manifest::parse(&serde_json::to_vec(&doc).expect("json"), domain)

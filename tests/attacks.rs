@@ -165,7 +165,8 @@ fn deleting_one_file_of_the_store_is_either_rebuilt_or_reported() {
         // rows, so deleting it loses them and the ledger no longer knows the last commit.
         ("state/ledger.sqlite3-wal", 4),
         ("keys/sig/v000004.pem", 4), // active
-        ("keys/sig/v000003.pem", 4), // retired
+        // (A retired signature key has no file to delete: its private half is
+        // destroyed at retirement and keyring.json keeps its public half, DESIGN 11.)
         ("keys/sig/keyring.json", 4),
         ("state/ledger.sqlite3", 4),
     ];
@@ -189,11 +190,13 @@ fn deleting_one_file_of_the_store_is_either_rebuilt_or_reported() {
         let manifest_now = std::fs::read(env.key_dir("sig").join("keyring.json"))
             .map(|b| serde_json::from_slice::<serde_json::Value>(&b).unwrap())
             .unwrap_or_default();
+        // Files the manifest no longer allows: destroyed versions, and retired
+        // signature keys' private halves (DESIGN 11).
         let destroyed_now: Vec<String> = manifest_now["versions"]
             .as_array()
             .map(|a| {
                 a.iter()
-                    .filter(|v| v["state"] == "destroyed")
+                    .filter(|v| v["state"] != "active" && v["state"] != "pending")
                     .map(|v| v["file"].as_str().unwrap().to_string())
                     .collect()
             })
@@ -205,7 +208,13 @@ fn deleting_one_file_of_the_store_is_either_rebuilt_or_reported() {
         }
         if *code == 0 {
             env.cmd().args(["status", "--domain", "sig"]).status(0);
-            let live = env.live_files("sig");
+            let mut live: Vec<String> = env
+                .versions("sig")
+                .into_iter()
+                .filter(|(_, state)| ["pending", "active", "retired"].contains(&state.as_str()))
+                .map(|(n, _)| format!("v{n:06}.pem"))
+                .collect();
+            live.sort();
             let mut published: Vec<String> = kids(&env, "sig")
                 .iter()
                 .map(|k| format!("{}.pem", k.split('-').next().unwrap()))
@@ -767,29 +776,30 @@ fn status_exits_3_when_what_consumers_read_does_not_match_the_manifest() {
 /// its file … no such file"), and `resolve` recorded the review but changed nothing.
 /// The review now records the loss: the version becomes `destroyed` (it is), resolve
 /// says so, and rotations go on. A lost *active* key is never written off this way.
+///
+/// A symmetric domain: a retired signature key has no file to lose (its private half
+/// is destroyed at retirement, DESIGN 11), a retired MAC key keeps its own.
 #[test]
 fn a_reviewed_loss_of_a_retired_key_file_unblocks_the_domain() {
     let env = Env::new();
-    env.rotate("sig").status(0);
-    env.rotate("sig").arg("--force").status(0);
-    std::fs::remove_file(env.key_dir("sig").join("v000001.pem")).unwrap();
-    env.rotate("sig").args(["--force", "--run-id", "LOST"]).status(4);
+    env.rotate("mac").status(0);
+    env.rotate("mac").arg("--force").status(0);
+    std::fs::remove_file(env.key_dir("mac").join("v000001.key")).unwrap();
+    env.rotate("mac").args(["--force", "--run-id", "LOST"]).status(4);
     env.resolve(
-        "sig",
+        "mac",
         "LOST",
         "v1 was deleted by mistake; no backup; tokens it signed have expired",
     )
     .status(0);
-    env.rotate("sig").arg("--force").status(0);
-    assert_eq!(env.versions("sig")[0], (1, "destroyed".to_string()));
-    let jwks = std::fs::read_to_string(env.key_dir("sig").join("jwks.json")).unwrap();
-    assert!(!jwks.contains("\"v000001-"), "a lost version stays published: {jwks}");
+    env.rotate("mac").arg("--force").status(0);
+    assert_eq!(env.versions("mac")[0], (1, "destroyed".to_string()));
 
     // The active key's file is never written off: the domain stays blocked.
-    let active = env.manifest("sig")["primary"].as_u64().unwrap();
-    std::fs::remove_file(env.key_dir("sig").join(format!("v{active:06}.pem"))).unwrap();
-    env.rotate("sig").args(["--force", "--run-id", "LOST-ACTIVE"]).status(4);
-    env.resolve("sig", "LOST-ACTIVE", "active key deleted").status(0);
-    env.rotate("sig").arg("--force").status(4);
-    assert_eq!(env.manifest("sig")["primary"].as_u64().unwrap(), active);
+    let active = env.manifest("mac")["primary"].as_u64().unwrap();
+    std::fs::remove_file(env.key_dir("mac").join(format!("v{active:06}.key"))).unwrap();
+    env.rotate("mac").args(["--force", "--run-id", "LOST-ACTIVE"]).status(4);
+    env.resolve("mac", "LOST-ACTIVE", "active key deleted").status(0);
+    env.rotate("mac").arg("--force").status(4);
+    assert_eq!(env.manifest("mac")["primary"].as_u64().unwrap(), active);
 }

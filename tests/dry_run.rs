@@ -51,7 +51,7 @@ fn after_a_success_it_predicts_not_due_and_with_force_the_plan() {
     let plan = r["plan"].to_string();
     for needle in [
         "create: v4",
-        "retire: v3",
+        "retire: v3 (its private half destroyed",
         "destroy: v1 (beyond retain = 2)",
         "due: forced",
     ] {

@@ -312,7 +312,8 @@ mod injected {
         assert_eq!(env.audit().pop().unwrap()["event"], "rotation.timed_out");
         // Not blocked: the next run sweeps the abandoned staged file and rotates.
         env.rotate("sig").arg("--force").status(0);
-        assert_eq!(env.key_files("sig"), ["v000001.pem", "v000003.pem"]);
+        // (v1, retired, keeps no private half: DESIGN 11.)
+        assert_eq!(env.key_files("sig"), ["v000003.pem"]);
     }
 
     #[test]

@@ -373,20 +373,14 @@ fn retention_destroys_token_objects() {
         hsm.with(env.rotate("ed")).arg("--force").status(0);
         hsm.with(env.rotate("mac")).arg("--force").status(0);
     }
-    // retain = 1: v4 active, v3 retired, v1 and v2 destroyed (object and file).
+    // retain = 1: v4 active, v3 retired, v1 and v2 destroyed (object and file). The
+    // retired signature key's private half went at its retirement (its public half
+    // is in keyring.json); the retired HMAC key keeps its object.
     assert_eq!(
         hsm.labels(),
-        [
-            "keyrotate/ed/v000003",
-            "keyrotate/ed/v000004",
-            "keyrotate/mac/v000003",
-            "keyrotate/mac/v000004"
-        ]
+        ["keyrotate/ed/v000004", "keyrotate/mac/v000003", "keyrotate/mac/v000004"]
     );
-    assert_eq!(
-        files(&env, "ed"),
-        ["jwks.json", "keyring.json", "v000003.pub.pem", "v000004.pub.pem"]
-    );
+    assert_eq!(files(&env, "ed"), ["jwks.json", "keyring.json", "v000004.pub.pem"]);
     assert_eq!(files(&env, "mac"), ["keyring.json", "v000003.ref", "v000004.ref"]);
     let states: Vec<String> = env.manifest("ed")["versions"]
         .as_array()
@@ -691,27 +685,29 @@ fn a_domain_moves_between_file_and_token_custody_without_losing_a_version() {
     };
     hsm.with(env.rotate("ed")).status(0);
     assert!(env.key_dir("ed").join("current.pem").exists());
-    // file -> pkcs11: v2 in the token, v1 (retired) still a file and still published.
+    // file -> pkcs11: v2 in the token; v1 retired (its private file gone at
+    // retirement, its public half in keyring.json) and still published.
     std::fs::write(env.config_path(), &token_config).unwrap();
     hsm.with(env.rotate("ed")).status(0);
-    assert_eq!(
-        files(&env, "ed"),
-        ["jwks.json", "keyring.json", "v000001.pem", "v000002.pub.pem"]
-    );
+    assert_eq!(files(&env, "ed"), ["jwks.json", "keyring.json", "v000002.pub.pem"]);
     assert_eq!(hsm.labels(), ["keyrotate/ed/v000002"]);
     assert_eq!(env.jwks("ed")["keys"].as_array().unwrap().len(), 2);
     assert!(sign().contains("v000002"));
-    // pkcs11 -> file: v3 a file; the token's v2 is verified through the token the
-    // manifest names, then destroyed there by retention.
+    // pkcs11 -> file: v3 a file; the token's v2, retired, loses its object there
+    // (through the token the manifest names) and stays published from keyring.json.
     std::fs::write(env.config_path(), &file_config).unwrap();
     hsm.with(env.rotate("ed")).status(0);
     assert!(sign().contains("v000003"));
-    assert_eq!(hsm.labels(), ["keyrotate/ed/v000002"]);
+    assert_eq!(
+        hsm.labels(),
+        Vec::<String>::new(),
+        "the retired v2 kept its private half"
+    );
+    assert_eq!(env.jwks("ed")["keys"].as_array().unwrap().len(), 2);
     hsm.with(env.rotate("ed")).status(0);
-    assert_eq!(hsm.labels(), Vec::<String>::new(), "retention left v2 in the token");
     assert_eq!(
         files(&env, "ed"),
-        ["current.pem", "jwks.json", "keyring.json", "v000003.pem", "v000004.pem"]
+        ["current.pem", "jwks.json", "keyring.json", "v000004.pem"]
     );
 }
 
@@ -757,32 +753,32 @@ fn a_retired_object_deleted_from_the_token_is_written_off_only_by_a_review() {
     let Some((env, hsm)) = setup("pkcs11::lost_object", ALL) else {
         return;
     };
-    hsm.with(env.rotate("ed")).status(0);
-    hsm.with(env.rotate("ed")).arg("--force").status(0);
-    // Someone deletes the retired v1 from the token (no backup of the token).
+    hsm.with(env.rotate("mac")).status(0);
+    hsm.with(env.rotate("mac")).arg("--force").status(0);
+    // Someone deletes the retired v1 (a secret key keeps its object when retired) (no backup of the token).
     let out = hsm.tool(&[
         "--delete-object",
         "--type",
-        "privkey",
+        "secrkey",
         "--label",
-        "keyrotate/ed/v000001",
+        "keyrotate/mac/v000001",
     ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let out = hsm
-        .with(env.rotate("ed"))
+        .with(env.rotate("mac"))
         .args(["--force", "--run-id", "FOUND"])
         .status(4);
-    assert!(out.stdout.contains("keyrotate/ed/v000001"), "{}", out.stdout);
+    assert!(out.stdout.contains("keyrotate/mac/v000001"), "{}", out.stdout);
     assert_eq!(
-        env.manifest("ed")["versions"][0]["state"],
+        env.manifest("mac")["versions"][0]["state"],
         "retired",
         "nothing written off without a review"
     );
     let out = hsm
-        .with(env.resolve("ed", "FOUND", "v1 deleted from the token by mistake"))
+        .with(env.resolve("mac", "FOUND", "v1 deleted from the token by mistake"))
         .status(0);
     assert!(out.stdout.contains("v1 recorded as destroyed"), "{}", out.stdout);
-    assert_eq!(env.manifest("ed")["versions"][0]["state"], "destroyed");
-    hsm.with(env.rotate("ed")).arg("--force").status(0);
-    assert_eq!(hsm.labels(), ["keyrotate/ed/v000002", "keyrotate/ed/v000003"]);
+    assert_eq!(env.manifest("mac")["versions"][0]["state"], "destroyed");
+    hsm.with(env.rotate("mac")).arg("--force").status(0);
+    assert_eq!(hsm.labels(), ["keyrotate/mac/v000002", "keyrotate/mac/v000003"]);
 }

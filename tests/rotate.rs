@@ -187,7 +187,9 @@ fn retention_destroys_the_oldest_retired_versions_only() {
     .map(|(n, s)| (*n, s.to_string()))
     .collect();
     assert_eq!(states, want);
-    assert_eq!(env.key_files("sig"), ["v000003.pem", "v000004.pem", "v000005.pem"]);
+    // Retired signature keys keep no private half (DESIGN 11); jwks.json still
+    // publishes v3 and v4 from the public halves keyring.json records.
+    assert_eq!(env.key_files("sig"), ["v000005.pem"]);
     let kids: Vec<String> = env.jwks("sig")["keys"]
         .as_array()
         .unwrap()
@@ -380,7 +382,7 @@ fn temporaries_are_swept_but_an_unrecorded_key_file_is_evidence_and_its_number_i
     std::fs::rename(dir.join("v000002.pem"), env.path("v000002.pem.reviewed")).unwrap();
     env.resolve("sig", "SEES-V2", "v2 was a stray copy of v1").status(0);
     env.rotate("sig").arg("--force").status(0);
-    assert_eq!(env.key_files("sig"), ["v000001.pem", "v000003.pem"]);
+    assert_eq!(env.key_files("sig"), ["v000003.pem"]);
     assert!(!dir.join(".keyring.json.tmp").exists());
     assert_eq!(env.manifest("sig")["primary"], 3);
 }

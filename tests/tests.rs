@@ -23,6 +23,7 @@ mod keystore;
 mod keystore_safety;
 mod layering;
 mod ledger_wal;
+mod lifecycle;
 mod msrv;
 mod observability;
 mod operator_safety;
@@ -36,6 +37,8 @@ mod pkcs11_crash;
 mod postgres;
 #[cfg(feature = "failpoints")]
 mod power_loss;
+#[cfg(feature = "failpoints")]
+mod revoke;
 mod rotate;
 #[cfg(feature = "failpoints")]
 mod staging_at_admission;

@@ -17,11 +17,20 @@ use crate::keystore::{judge, Algorithm, Inspection, KeyFile, Keystore, PublicKey
 use crate::ledger::{Ledger, RunRow, RunState};
 use crate::outcome::{Failure, Outcome};
 
+/// What `keyrotate revoke` asks of the key store: this version is compromised.
+#[derive(Clone, Debug)]
+pub struct Revocation {
+    pub version: u64,
+    pub reason: String,
+}
+
 pub struct KeystoreRotation<'a> {
     pub keystore: Keystore,
     pub algorithm: Algorithm,
     pub activation: Activation,
     pub retain: u32,
+    /// A revocation instead of a scheduled rotation.
+    pub revoke: Option<Revocation>,
     pub step: Step<'a>,
     /// What the deadline watchdog undoes if it abandons this run before the commit.
     pub undo: PreCommitUndo,
@@ -210,9 +219,12 @@ impl KeystoreRotation<'_> {
                 tracing::warn!("{e}");
             }
         }
-        let plan = inspection
-            .manifest
-            .plan(self.algorithm, self.activation, self.retain, verdict.next_version);
+        let plan = plan_for(
+            &inspection.manifest,
+            (self.algorithm, self.activation, self.retain),
+            self.revoke.as_ref(),
+            verdict.next_version,
+        )?;
 
         guard.checkpoint("generate")?;
         // Key files are generated here, in memory; a token generates each key when it
@@ -285,7 +297,9 @@ impl KeystoreRotation<'_> {
         let files = file_names(&ks, plan);
         let custody = ks.custody();
         guard.checkpoint("stage")?;
-        self.step.staging(&files).map_err(aborted)?;
+        if !files.is_empty() {
+            self.step.staging(&files).map_err(aborted)?;
+        }
         self.undo.set(Some(Undo {
             ks: ks.clone(),
             staged: Vec::new(),
@@ -329,16 +343,21 @@ impl KeystoreRotation<'_> {
             Some(t) => m.in_token(&created, &t),
             None => m,
         };
-        let next = in_custody(inspection.manifest.rotated(plan, &fingerprints, &run_id, now));
         let mut publics: BTreeMap<u64, _> = inspection.publics.clone();
         for (n, key) in plan.create.iter().zip(keys) {
             if let Some(p) = key.public() {
                 publics.insert(n.version, p.clone());
             }
         }
+        // Every public half is recorded in the manifest, so that a signature key's
+        // private half can go at its retirement (see `private_half_allowed`).
+        let next =
+            in_custody(inspection.manifest.rotated(plan, &fingerprints, &run_id, now)).with_public_keys(&publics);
         guard.checkpoint("publish")?;
         // Verifiers must know every new public key before it can sign anything, and
         // must keep the ones this rotation will destroy until the commit stands.
+        // A compromised key leaves jwks.json already here: verifiers stop trusting it
+        // as early as possible (an abort before the commit puts it back).
         let preview = in_custody(inspection.manifest.rotated(
             &Plan {
                 destroy: Vec::new(),
@@ -347,7 +366,8 @@ impl KeystoreRotation<'_> {
             &fingerprints,
             &run_id,
             now,
-        ));
+        ))
+        .with_public_keys(&publics);
         let published = ks
             .publish_jwks(&preview, &publics, DirSync::Now)
             .map_err(|e| io("cannot write jwks.json", e))?;
@@ -416,6 +436,9 @@ impl KeystoreRotation<'_> {
             summary: summary(plan, &next),
         };
         let recorded = self.step.committed(&rotated);
+        if let Some((n, reason)) = &plan.compromise {
+            self.compromised(&inspection.manifest, *n, reason, &rotated);
+        }
         let warn =
             |what: &str, e: std::io::Error| format!("{what}: {} (the next run retries)", crate::fsutil::io_reason(&e));
         // The tidy-up: three independent atomic changes, left for the kernel to make
@@ -426,7 +449,7 @@ impl KeystoreRotation<'_> {
         if let Err(e) = ks.point_current(&next, DirSync::Deferred) {
             rotated.warnings.push(warn("cannot update the current symlink", e));
         }
-        if let Err(e) = ks.destroy_files(&next, &plan.destroy, DirSync::Deferred) {
+        if let Err(e) = ks.destroy_files(&next, DirSync::Deferred) {
             rotated.warnings.push(warn("cannot unlink destroyed versions", e));
         }
         if let Err(e) = ks.publish_jwks(&next, &publics, DirSync::Deferred) {
@@ -437,9 +460,52 @@ impl KeystoreRotation<'_> {
     }
 }
 
+impl KeystoreRotation<'_> {
+    /// The audit trail's record of a revocation (DESIGN 11): `key.compromised`, naming
+    /// the version, its fingerprint and the operator's reason, and the version that is
+    /// active now.
+    fn compromised(&mut self, before: &Manifest, version: u64, reason: &str, r: &Rotated) {
+        let audited = self.step.audit.emit(crate::audit::Event {
+            reason: Some(format!("v{version} compromised: {reason}")),
+            from_version: Some(version),
+            from_fingerprint: before.get(version).map(|v| v.fingerprint.clone()),
+            to_version: r.to_version,
+            to_fingerprint: r.to_fingerprint.clone(),
+            ..crate::audit::Event::of("key.compromised", self.step.run)
+        });
+        if let Err(e) = audited {
+            tracing::warn!("{e}");
+        }
+    }
+}
+
+/// What this run does to `manifest`: a rotation's plan, or a revocation's. A version
+/// that cannot be revoked (unknown, destroyed, already compromised) is a usage error.
+fn plan_for(
+    manifest: &Manifest,
+    (algorithm, activation, retain): (Algorithm, Activation, u32),
+    revoke: Option<&Revocation>,
+    next: u64,
+) -> Result<Plan, Failure> {
+    let Some(r) = revoke else {
+        return Ok(manifest.plan(algorithm, activation, retain, next));
+    };
+    manifest
+        .revocable(r.version)
+        .map_err(|e| Failure::new(Outcome::Usage, format!("{e}; nothing was changed")))?;
+    Ok(manifest.revoke_plan(r.version, &r.reason, algorithm, activation, next))
+}
+
 fn summary(plan: &Plan, next: &Manifest) -> String {
     let v = |n: Option<u64>| n.map_or("none".to_string(), |n| format!("v{n}"));
-    let mut s = format!("active {} -> {}", v(plan.from_version), v(Some(plan.to_version)));
+    let mut s = match &plan.compromise {
+        Some((n, _)) => format!(
+            "revoked v{n} (compromised: private half destroyed, unpublished); active {} -> {}",
+            v(plan.from_version),
+            v(Some(plan.to_version))
+        ),
+        None => format!("active {} -> {}", v(plan.from_version), v(Some(plan.to_version))),
+    };
     if let Some(p) = next.pending() {
         s.push_str(&format!(", pending v{}", p.version));
     }
@@ -459,6 +525,19 @@ pub struct KeystoreBackend {
     pub algorithm: Algorithm,
     pub activation: Activation,
     pub retain: u32,
+    /// Set for `keyrotate revoke`.
+    pub revoke: Option<Revocation>,
+}
+
+impl KeystoreBackend {
+    fn plan_for(&self, manifest: &Manifest, next: u64) -> Result<Plan, Failure> {
+        plan_for(
+            manifest,
+            (self.algorithm, self.activation, self.retain),
+            self.revoke.as_ref(),
+            next,
+        )
+    }
 }
 
 impl super::RotationBackend for KeystoreBackend {
@@ -483,9 +562,7 @@ impl super::RotationBackend for KeystoreBackend {
             // The run will refuse the store: it creates nothing, so records nothing.
             return None;
         }
-        let plan = insp
-            .manifest
-            .plan(self.algorithm, self.activation, self.retain, verdict.next_version);
+        let plan = self.plan_for(&insp.manifest, verdict.next_version).ok()?;
         Some(file_names(ks, &plan)).filter(|f| !f.is_empty())
     }
 
@@ -524,9 +601,14 @@ impl super::RotationBackend for KeystoreBackend {
                 verdict.garbage.join(", ")
             ));
         }
-        let rp = insp
-            .manifest
-            .plan(self.algorithm, self.activation, self.retain, verdict.next_version);
+        let rp = self
+            .plan_for(&insp.manifest, verdict.next_version)
+            .inspect_err(|f| plan.push(format!("revoke: {}", f.message)))?;
+        if let Some((n, reason)) = &rp.compromise {
+            plan.push(format!(
+                "compromise: v{n} ({reason}): marked compromised, its key file destroyed, removed from jwks.json"
+            ));
+        }
         let custody = ks.custody();
         for n in &rp.create {
             let kept = match ks.custody_token() {
@@ -549,7 +631,13 @@ impl super::RotationBackend for KeystoreBackend {
             plan.push(format!("promote: v{v} pending -> active"));
         }
         for v in &rp.retire {
-            plan.push(format!("retire: v{v}"));
+            // The version's own algorithm (the config's may have changed since).
+            let symmetric = insp.manifest.get(*v).is_some_and(|e| e.algorithm().is_symmetric());
+            plan.push(if symmetric {
+                format!("retire: v{v} (its key stays, to open old data)")
+            } else {
+                format!("retire: v{v} (its private half destroyed; its public key stays in jwks.json)")
+            });
         }
         for v in &rp.destroy {
             plan.push(format!("destroy: v{v} (beyond retain = {})", self.retain));
@@ -561,12 +649,12 @@ impl super::RotationBackend for KeystoreBackend {
             "commit: replace keyring.json atomically; update the current.pem symlink and jwks.json".into()
         });
         let v = |n: Option<u64>| n.map_or("none".into(), |n| format!("v{n}"));
+        let what = match &rp.compromise {
+            Some((n, _)) => format!("would revoke v{n}"),
+            None => "would rotate".into(),
+        };
         Ok(super::Planned {
-            summary: format!(
-                "would rotate: active {} -> {}",
-                v(rp.from_version),
-                v(Some(rp.to_version))
-            ),
+            summary: format!("{what}: active {} -> {}", v(rp.from_version), v(Some(rp.to_version))),
             versions: (rp.from_version, Some(rp.to_version)),
         })
     }
@@ -649,6 +737,7 @@ impl super::RotationBackend for KeystoreBackend {
             algorithm: self.algorithm,
             activation: self.activation,
             retain: self.retain,
+            revoke: self.revoke.clone(),
             step,
             undo,
         }

@@ -72,12 +72,43 @@ pub fn for_domain(domain: &DomainConfig, state_dir: &Path) -> Box<dyn RotationBa
             algorithm: *algorithm,
             activation: *activation,
             retain: domain.retain,
+            revoke: None,
         }),
         Backend::Command { program, args } => Box::new(command::CommandBackend {
             program: program.clone(),
             args: args.clone(),
             state_dir: state_dir.to_path_buf(),
         }),
+    }
+}
+
+/// The backend of a `keyrotate revoke` of `revocation` (DESIGN 11): the key store's,
+/// whose rotation becomes the revocation's commit. `Err`: why the domain's backend
+/// cannot revoke (a usage error).
+pub fn for_revocation(
+    domain: &DomainConfig,
+    revocation: &keystore::Revocation,
+) -> Result<Box<dyn RotationBackend>, String> {
+    match &domain.backend {
+        Backend::Keystore {
+            algorithm,
+            keystore,
+            activation,
+            custody,
+        } => Ok(Box::new(keystore::KeystoreBackend {
+            keystore: crate::keystore::Keystore::new(keystore, &domain.name)
+                .with_access(domain.access.clone())
+                .with_token(custody.clone()),
+            algorithm: *algorithm,
+            activation: *activation,
+            retain: domain.retain,
+            revoke: Some(revocation.clone()),
+        })),
+        Backend::Command { .. } => Err(format!(
+            "domain {} uses the command backend: keyrotate holds none of its secrets, so it cannot revoke one; \
+             rotate it (rotate --force) and revoke the old secret where the hook installed it",
+            domain.name
+        )),
     }
 }
 

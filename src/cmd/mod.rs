@@ -59,6 +59,7 @@ pub fn main() -> ExitCode {
     init_logging(&cli);
     let outcome = match &cli.command {
         Command::Rotate(args) => rotate::run(&cli, args),
+        Command::Revoke(args) => rotate::revoke(&cli, args),
         Command::Status(args) => reported(status::run(&cli, args)),
         Command::History(args) => reported(history::run(&cli, args)),
         Command::Resolve(args) => resolve::run(&cli, args),

@@ -30,6 +30,9 @@ struct DomainStatus {
     primary_activated_at: Option<String>,
     pending: Option<u64>,
     retired: Vec<u64>,
+    /// Versions revoked with `keyrotate revoke` (DESIGN 11); omitted when none.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    compromised: Vec<u64>,
     last_run: Option<LastRun>,
     next_due: Option<String>,
     blocked_by: Option<String>,
@@ -164,6 +167,7 @@ fn domain_status(config: &Config, d: &DomainConfig, ledger: Option<&Ledger>) -> 
         primary_activated_at: None,
         pending: None,
         retired: Vec::new(),
+        compromised: Vec::new(),
         last_run: None,
         next_due: None,
         blocked_by: None,
@@ -194,12 +198,19 @@ fn key_store_part(s: &mut DomainStatus, ks: &Keystore) {
                     .filter(|v| v.state == VersionState::Retired)
                     .map(|v| v.version)
                     .collect();
+                s.compromised = m
+                    .versions
+                    .iter()
+                    .filter(|v| v.state == VersionState::Compromised)
+                    .map(|v| v.version)
+                    .collect();
                 let count = |state: VersionState| m.versions.iter().filter(|v| v.state == state).count() as u64;
                 s.metrics.versions = Some(vec![
                     ("pending", count(VersionState::Pending)),
                     ("active", count(VersionState::Active)),
                     ("retired", count(VersionState::Retired)),
                     ("destroyed", count(VersionState::Destroyed)),
+                    ("compromised", count(VersionState::Compromised)),
                 ]);
             }
             Err(e) => s.problems.push(format!("key store: {e}")),

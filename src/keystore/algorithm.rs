@@ -532,13 +532,84 @@ fn public_key(algorithm: Algorithm, secret: &[u8]) -> Result<Option<PublicKey>, 
             (spki.as_ref().to_vec(), json!({"kty": "RSA", "n": n, "e": e}))
         }
     };
+    Ok(Some(PublicKey {
+        spki_der: spki,
+        jwk: jwk_members(algorithm, jwk),
+    }))
+}
+
+impl PublicKey {
+    /// The public half of an `algorithm` key from its SubjectPublicKeyInfo DER, as the
+    /// manifest keeps it for versions whose private half is gone (retired signature
+    /// keys). The DER is parsed by aws-lc-rs and must re-encode to exactly these bytes;
+    /// the caller checks it against the version's fingerprint (the SHA-256 of it).
+    pub fn from_spki(algorithm: Algorithm, spki: &[u8]) -> Result<PublicKey, String> {
+        let name = algorithm.name();
+        let bad = || format!("{name} public key is not a valid SubjectPublicKeyInfo");
+        let jwk = match algorithm {
+            Algorithm::HmacSha256 | Algorithm::Aes256 => {
+                return Err(format!("{name} is a symmetric algorithm: it has no public key"))
+            }
+            Algorithm::Ed25519 | Algorithm::EcdsaP256 | Algorithm::EcdsaP384 => {
+                let (alg, raw_len): (&'static dyn signature::VerificationAlgorithm, usize) = match algorithm {
+                    Algorithm::Ed25519 => (&signature::ED25519, 32),
+                    Algorithm::EcdsaP256 => (&signature::ECDSA_P256_SHA256_FIXED, 65),
+                    _ => (&signature::ECDSA_P384_SHA384_FIXED, 97),
+                };
+                // The key is the tail of its SPKI (the BIT STRING's contents): proven
+                // by parsing that raw key and re-encoding it to the same SPKI.
+                let raw = spki
+                    .get(spki.len().checked_sub(raw_len).ok_or_else(bad)?..)
+                    .ok_or_else(bad)?;
+                let parsed = signature::ParsedPublicKey::new(alg, raw).map_err(|_| bad())?;
+                let der: PublicKeyX509Der = parsed.as_der().map_err(|_| bad())?;
+                if der.as_ref() != spki {
+                    return Err(bad());
+                }
+                if algorithm == Algorithm::Ed25519 {
+                    json!({"kty": "OKP", "crv": "Ed25519", "x": URL_SAFE_NO_PAD.encode(raw)})
+                } else {
+                    let (_, _, crv) = algorithm.ecdsa().expect("ecdsa");
+                    let half = (raw.len() - 1) / 2;
+                    let (x, y) = (&raw[1..1 + half], &raw[1 + half..]);
+                    json!({"kty": "EC", "crv": crv, "x": URL_SAFE_NO_PAD.encode(x), "y": URL_SAFE_NO_PAD.encode(y)})
+                }
+            }
+            Algorithm::Rsa2048 | Algorithm::Rsa3072 | Algorithm::Rsa4096 => {
+                let public = rsa::PublicKey::from_der(spki).map_err(|_| bad())?;
+                let der: PublicKeyX509Der = public.as_der().map_err(|_| bad())?;
+                if der.as_ref() != spki || public.modulus_len() != algorithm.rsa_size().expect("rsa").len() {
+                    return Err(bad());
+                }
+                let n = URL_SAFE_NO_PAD.encode(public.modulus().big_endian_without_leading_zero());
+                let e = URL_SAFE_NO_PAD.encode(public.exponent().big_endian_without_leading_zero());
+                json!({"kty": "RSA", "n": n, "e": e})
+            }
+        };
+        Ok(PublicKey {
+            spki_der: spki.to_vec(),
+            jwk: jwk_members(algorithm, jwk),
+        })
+    }
+
+    /// The SHA-256 fingerprint of this key, as the manifest records it.
+    pub fn fingerprint(&self) -> String {
+        format!(
+            "sha256:{}",
+            hex(digest::digest(&digest::SHA256, &self.spki_der).as_ref())
+        )
+    }
+}
+
+/// The RFC 7517 members of a public key: its key members, `alg` and `use`.
+fn jwk_members(algorithm: Algorithm, jwk: Value) -> Map<String, Value> {
     let mut jwk = match jwk {
         Value::Object(m) => m,
         _ => unreachable!("jwk literals are objects"),
     };
     jwk.insert("alg".into(), algorithm.jose_alg().into());
     jwk.insert("use".into(), "sig".into());
-    Ok(Some(PublicKey { spki_der: spki, jwk }))
+    jwk
 }
 
 fn sign(algorithm: Algorithm, secret: &[u8], message: &[u8]) -> Result<Vec<u8>, String> {
@@ -639,6 +710,25 @@ mod tests {
             let dbg = format!("{key:?}");
             assert!(!dbg.contains(std::str::from_utf8(&key.file_bytes()[30..40]).unwrap()));
         }
+    }
+
+    #[test]
+    fn a_public_key_is_rebuilt_from_its_spki_alone() {
+        for alg in Algorithm::ALL
+            .into_iter()
+            .filter(|a| !a.is_symmetric() && *a != Algorithm::Rsa4096 && *a != Algorithm::Rsa3072)
+        {
+            let key = alg.generate().unwrap();
+            let public = key.public().unwrap();
+            let again = PublicKey::from_spki(alg, &public.spki_der).unwrap();
+            assert_eq!(again.jwk, public.jwk, "{alg}");
+            assert_eq!(again.fingerprint(), key.fingerprint(), "{alg}");
+            let mut bent = public.spki_der.clone();
+            bent.push(0);
+            assert!(PublicKey::from_spki(alg, &bent).is_err(), "{alg}");
+        }
+        let ed = Algorithm::Ed25519.generate().unwrap();
+        assert!(PublicKey::from_spki(Algorithm::EcdsaP256, &ed.public().unwrap().spki_der).is_err());
     }
 
     #[test]

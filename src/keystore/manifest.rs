@@ -17,6 +17,10 @@ pub enum VersionState {
     Active,
     Retired,
     Destroyed,
+    /// Revoked on purpose (`keyrotate revoke`, NIST SP 800-57 "compromised"): its
+    /// material is destroyed and it is published nowhere. Final: no rotation,
+    /// retention, `resolve` or adoption ever gives it another state.
+    Compromised,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -29,6 +33,12 @@ pub struct VersionEntry {
     pub activated_at: Option<String>,
     pub retired_at: Option<String>,
     pub destroyed_at: Option<String>,
+    /// When and why `keyrotate revoke` marked it compromised. Absent in manifests
+    /// written before the state existed (and on every other version).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compromised_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compromise_reason: Option<String>,
     pub fingerprint: String,
     pub file: String,
     pub created_by_run: String,
@@ -37,14 +47,24 @@ pub struct VersionEntry {
     /// reference line). Absent for a key kept in its file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub object: Option<String>,
+    /// The public half (SubjectPublicKeyInfo DER, base64) of an asymmetric version:
+    /// what verifies it once its private half is destroyed at retirement. Its SHA-256
+    /// is the fingerprint, so it cannot be swapped unnoticed. Absent in manifests
+    /// written before it existed: the next commit records it from the key file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_key: Option<String>,
 }
 
 impl VersionEntry {
     pub fn algorithm(&self) -> Algorithm {
         self.algorithm.parse().expect("validated when the manifest was parsed")
     }
+    /// Pending, active or retired: published in `jwks.json`, usable to verify.
     pub fn is_live(&self) -> bool {
-        self.state != VersionState::Destroyed
+        matches!(
+            self.state,
+            VersionState::Pending | VersionState::Active | VersionState::Retired
+        )
     }
     /// Whether the version's key is kept in a PKCS#11 token.
     pub fn in_token(&self) -> bool {
@@ -87,6 +107,8 @@ pub struct Plan {
     pub promote: Option<u64>,
     pub retire: Vec<u64>,
     pub destroy: Vec<u64>,
+    /// The version `keyrotate revoke` marks compromised, and why.
+    pub compromise: Option<(u64, String)>,
 }
 
 pub fn version_file(version: u64, algorithm: Algorithm) -> String {
@@ -154,6 +176,12 @@ impl Manifest {
                 ));
             }
             last = v.version;
+            if (v.state == VersionState::Compromised) != v.compromised_at.is_some() {
+                return Err(format!(
+                    "keyring.json v{}: compromised_at must be set exactly on compromised versions",
+                    v.version
+                ));
+            }
             let alg: Algorithm = v
                 .algorithm
                 .parse()
@@ -313,7 +341,110 @@ impl Manifest {
             promote,
             retire,
             destroy,
+            compromise: None,
         }
+    }
+
+    /// Why `version` cannot be revoked (a usage error), if it cannot: it must be a
+    /// version of this manifest that is neither destroyed nor already compromised.
+    pub fn revocable(&self, version: u64) -> Result<&VersionEntry, String> {
+        let v = self.get(version).ok_or_else(|| {
+            format!(
+                "--version {version}: domain {} has no such version (its versions are {})",
+                self.domain,
+                if self.versions.is_empty() {
+                    "none yet".to_string()
+                } else {
+                    format!("v{}..v{}", self.versions[0].version, self.max_version())
+                }
+            )
+        })?;
+        match v.state {
+            VersionState::Destroyed => Err(format!(
+                "--version {version}: v{version} of {} was destroyed at {}: nothing is left to revoke",
+                self.domain,
+                v.destroyed_at.as_deref().unwrap_or("an unrecorded time")
+            )),
+            VersionState::Compromised => Err(format!(
+                "--version {version}: v{version} of {} is already compromised (revoked at {})",
+                self.domain,
+                v.compromised_at.as_deref().unwrap_or("an unrecorded time")
+            )),
+            _ => Ok(v),
+        }
+    }
+
+    /// What `keyrotate revoke` does (DESIGN 11), given the next free version number:
+    /// `version` becomes compromised; if it was active the pending version (already
+    /// published) takes over, else a fresh key does (an emergency rotation); a
+    /// prepublish domain left without a pending version gets a fresh one. Revoking a
+    /// retired or pending version changes no other version (beyond that fresh pending
+    /// one). `version` must be [`Manifest::revocable`].
+    pub fn revoke_plan(
+        &self,
+        version: u64,
+        reason: &str,
+        algorithm: Algorithm,
+        activation: Activation,
+        next: u64,
+    ) -> Plan {
+        let active = self.active().map(|v| v.version);
+        let pending = self.pending().map(|v| v.version);
+        let mut create = Vec::new();
+        let mut retire = Vec::new();
+        let mut promote = None;
+        let mut to_version = active;
+        let new = |version: u64, state: VersionState| NewVersion {
+            version,
+            state,
+            algorithm,
+        };
+        if active == Some(version) {
+            match (activation, pending) {
+                (Activation::Prepublish, Some(p)) => {
+                    promote = Some(p);
+                    to_version = Some(p);
+                }
+                _ => {
+                    create.push(new(next, VersionState::Active));
+                    to_version = Some(next);
+                    // A pending version left by a switch from prepublish cannot stay
+                    // pending behind a newer active one: it is kept for verification.
+                    retire.extend(pending);
+                }
+            }
+        }
+        let left_pending = match pending {
+            Some(p) if p == version || promote == Some(p) || retire.contains(&p) => None,
+            other => other,
+        };
+        if activation == Activation::Prepublish && left_pending.is_none() {
+            let n = create.last().map_or(next, |c| c.version + 1);
+            create.push(new(n, VersionState::Pending));
+        }
+        Plan {
+            from_version: active,
+            to_version: to_version.unwrap_or(next),
+            create,
+            promote,
+            retire,
+            destroy: Vec::new(),
+            compromise: Some((version, reason.to_string())),
+        }
+    }
+
+    /// Records the public half of every live asymmetric version that does not carry it
+    /// yet (manifests written before it was kept, and new versions), from `publics`.
+    pub fn with_public_keys(mut self, publics: &std::collections::BTreeMap<u64, super::PublicKey>) -> Manifest {
+        use base64::Engine;
+        for v in &mut self.versions {
+            if v.public_key.is_none() && v.is_live() {
+                if let Some(p) = publics.get(&v.version) {
+                    v.public_key = Some(base64::engine::general_purpose::STANDARD.encode(&p.spki_der));
+                }
+            }
+        }
+        self
     }
 
     /// The manifest after `plan`, with `created` giving each new version's
@@ -334,6 +465,13 @@ impl Manifest {
                 v.state = VersionState::Destroyed;
                 v.destroyed_at = Some(ts.clone());
             }
+            if let Some((n, reason)) = &plan.compromise {
+                if *n == v.version {
+                    v.state = VersionState::Compromised;
+                    v.compromised_at = Some(ts.clone());
+                    v.compromise_reason = Some(reason.clone());
+                }
+            }
         }
         for (n, fp) in plan.create.iter().zip(fingerprints) {
             m.versions.push(VersionEntry {
@@ -344,10 +482,13 @@ impl Manifest {
                 activated_at: (n.state == VersionState::Active).then(|| ts.clone()),
                 retired_at: None,
                 destroyed_at: None,
+                compromised_at: None,
+                compromise_reason: None,
                 fingerprint: fp.clone(),
                 file: version_file(n.version, n.algorithm),
                 created_by_run: run_id.to_string(),
                 object: None,
+                public_key: None,
             });
         }
         m.primary = m.active().map(|v| v.version);
@@ -413,6 +554,47 @@ mod tests {
         let (p, m) = rotate(&m, Activation::Prepublish, 3);
         assert_eq!((p.promote, p.to_version), (None, 4));
         assert_eq!(m.pending().unwrap().version, 5);
+    }
+
+    #[test]
+    fn a_compromised_version_never_changes_state_again() {
+        use VersionState::*;
+        let (_, m) = rotate(&Manifest::empty("d"), Activation::Prepublish, 1);
+        let m = revoked(&m, 1, Activation::Prepublish);
+        assert_eq!(m.get(1).unwrap().state, Compromised);
+        assert_eq!((m.active().unwrap().version, m.pending().unwrap().version), (2, 3));
+        let before = m.get(1).unwrap().clone();
+        let mut m = revoked(&m, 3, Activation::Prepublish);
+        assert_eq!(m.pending().unwrap().version, 4);
+        // Rotations of both kinds and retention down to nothing never touch them.
+        for i in 0..8 {
+            let act = if i % 3 == 0 {
+                Activation::Immediate
+            } else {
+                Activation::Prepublish
+            };
+            m = rotate(&m, act, 0).1;
+            assert_eq!(m.get(1).unwrap(), &before);
+            assert_eq!(m.get(3).unwrap().state, Compromised);
+        }
+        assert!(m.revocable(1).unwrap_err().contains("already compromised"));
+        assert!(m.revocable(2).unwrap_err().contains("destroyed"));
+        assert!(m.revocable(99).unwrap_err().contains("no such version"));
+        // A compromise time on a version that is not compromised does not parse (a
+        // manifest edited to bring a compromised version back).
+        let text = String::from_utf8(m.to_bytes()).unwrap();
+        let bent = text.replacen("\"state\": \"compromised\"", "\"state\": \"retired\"", 1);
+        assert_ne!(bent, text);
+        let e = Manifest::parse(bent.as_bytes(), "d").unwrap_err();
+        assert!(e.contains("compromised_at"), "{e}");
+    }
+
+    fn revoked(m: &Manifest, n: u64, act: Activation) -> Manifest {
+        m.revocable(n).unwrap();
+        let plan = m.revoke_plan(n, "leaked", Algorithm::Ed25519, act, m.max_version() + 1);
+        let fps: Vec<String> = plan.create.iter().map(|n| format!("sha256:{}", n.version)).collect();
+        let next = m.rotated(&plan, &fps, "revoke", Utc::now());
+        Manifest::parse(&next.to_bytes(), "d").expect("revoked manifests are valid")
     }
 
     #[test]

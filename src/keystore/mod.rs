@@ -50,14 +50,51 @@ pub struct Keystore {
     opened: Arc<Mutex<Option<Arc<Token>>>>,
 }
 
+/// Whether a version's private (or secret) half may exist: the one rule for what key
+/// material a version keeps (NIST SP 800-57 states, DESIGN 11). Pending and active
+/// versions keep it. A retired signature key does not (nothing may sign with it
+/// again): its public half in the manifest verifies it until retention destroys it;
+/// retired symmetric and encryption keys keep theirs (old data must still open). A
+/// retired signature key whose manifest entry predates the recorded public half keeps
+/// its file until a commit records the public half from it. Destroyed and compromised
+/// versions keep nothing.
+///
+/// A file this rule disallows is garbage by the manifest's word (see [`judge`]): the
+/// commit says so first, then the tidy-up (or the next run's repair) removes it.
+pub fn private_half_allowed(v: &VersionEntry) -> bool {
+    match v.state {
+        VersionState::Pending | VersionState::Active => true,
+        VersionState::Retired => v.algorithm().is_symmetric() || v.public_key.is_none(),
+        VersionState::Destroyed | VersionState::Compromised => false,
+    }
+}
+
+/// What a live version holds: its key, or (a retired signature key) only its public
+/// half, verified against the fingerprint.
+#[derive(Clone, Debug)]
+pub enum Half {
+    Private(KeyFile),
+    Public(PublicKey),
+}
+
+impl Half {
+    pub fn public(&self) -> Option<&PublicKey> {
+        match self {
+            Half::Private(k) => k.public(),
+            Half::Public(p) => Some(p),
+        }
+    }
+}
+
 /// What is on disk, verified: the manifest, each live version's public key, and the
 /// files the manifest does not (or no longer) account for.
 #[derive(Debug)]
 pub struct Inspection {
     pub manifest: Manifest,
     pub publics: BTreeMap<u64, PublicKey>,
-    /// Files of versions the manifest marks `destroyed`: garbage by the manifest's word
-    /// (a tidy-up that did not finish).
+    /// Key files the manifest no longer allows ([`private_half_allowed`]: destroyed or
+    /// compromised versions, private halves of retired signature keys): garbage by the
+    /// manifest's word (a tidy-up that did not finish).
     pub destroyed_files: Vec<String>,
     /// Temporaries of interrupted atomic writes (`.NAME.tmp`): never key material that
     /// anything refers to.
@@ -419,13 +456,15 @@ impl Keystore {
         };
         let mut publics = BTreeMap::new();
         for v in manifest.live() {
-            let key = self.load_file(v)?;
-            if let Some(label) = &v.object {
+            // A token version whose key may exist must have exactly one object (its
+            // label and the id of its fingerprint) among those listed once above.
+            let half = if v.in_token() && private_half_allowed(v) {
+                let label = v.object.as_deref().unwrap_or_default();
                 let id = pkcs11::id_of(&v.fingerprint);
                 let found = objects
                     .iter()
                     .flatten()
-                    .filter(|o| o.label == *label && o.id == id)
+                    .filter(|o| o.label == label && o.id == id)
                     .count();
                 if found != 1 {
                     return Err(format!(
@@ -434,8 +473,11 @@ impl Keystore {
                         v.version
                     ));
                 }
-            }
-            if let Some(p) = key.public() {
+                Half::Private(self.load_file(v)?)
+            } else {
+                self.load_half(v)?
+            };
+            if let Some(p) = half.public() {
                 publics.insert(v.version, p.clone());
             }
         }
@@ -453,7 +495,7 @@ impl Keystore {
                     if let Some(n) = parse_version_file(&name) {
                         next_version = next_version.max(n + 1);
                         match manifest.versions.iter().find(|v| v.file == name) {
-                            Some(v) if v.is_live() => {}
+                            Some(v) if private_half_allowed(v) => {}
                             Some(_) => destroyed_files.push(name),
                             None => unlisted.push(name),
                         }
@@ -477,7 +519,7 @@ impl Keystore {
                     .iter()
                     .find(|v| v.object.as_deref() == Some(o.label.as_str()))
                 {
-                    Some(v) if v.is_live() => {}
+                    Some(v) if private_half_allowed(v) => {}
                     Some(_) => destroyed_files.push(o.label),
                     None => unlisted.push(o.label),
                 }
@@ -506,6 +548,28 @@ impl Keystore {
             next_version,
             exists,
         })
+    }
+
+    /// A live version as [`private_half_allowed`] says it exists: its key file, or
+    /// its public half from the manifest (checked against the fingerprint).
+    pub fn load_half(&self, v: &VersionEntry) -> Result<Half, String> {
+        if private_half_allowed(v) {
+            return self.load_version(v).map(Half::Private);
+        }
+        use base64::Engine;
+        let bad = |why: &str| format!("keyring.json v{}: public_key {why}", v.version);
+        let der = base64::engine::general_purpose::STANDARD
+            .decode(v.public_key.as_deref().unwrap_or_default())
+            .map_err(|_| bad("is not base64"))?;
+        let public = PublicKey::from_spki(v.algorithm(), &der).map_err(|e| bad(&e))?;
+        if public.fingerprint() != v.fingerprint {
+            return Err(bad(&format!(
+                "has fingerprint {} but the version records {}",
+                public.fingerprint(),
+                v.fingerprint
+            )));
+        }
+        Ok(Half::Public(public))
     }
 
     /// Reads one version's file and checks it against its manifest entry; a token
@@ -591,7 +655,10 @@ impl Keystore {
             todo.push("rewrite jwks.json from keyring.json".into());
         }
         if !insp.destroyed_files.is_empty() {
-            todo.push(format!("unlink destroyed {}", insp.destroyed_files.join(", ")));
+            todo.push(format!(
+                "unlink {} (key material keyring.json no longer allows)",
+                insp.destroyed_files.join(", ")
+            ));
         }
         todo
     }
@@ -740,7 +807,9 @@ impl Keystore {
                     matches!(fs::symlink_metadata(self.dir.join(&v.file)), Err(e) if e.kind() == io::ErrorKind::NotFound)
                 }
             };
-            if gone && matches!(v.state, VersionState::Retired | VersionState::Pending) {
+            // A retired signature key has no file (nor object) by design: only a key
+            // the version should have can be lost.
+            if gone && private_half_allowed(v) && matches!(v.state, VersionState::Retired | VersionState::Pending) {
                 v.state = VersionState::Destroyed;
                 v.destroyed_at = Some(ts.clone());
                 lost.push(v.version);
@@ -805,17 +874,33 @@ impl Keystore {
         Ok(())
     }
 
-    /// Unlinks the files of destroyed versions (marked destroyed by the commit).
-    pub fn destroy_files(&self, manifest: &Manifest, versions: &[u64], sync: DirSync) -> io::Result<()> {
-        for v in versions.iter().filter_map(|n| manifest.get(*n)) {
-            // Each version in its own custody: a domain that changed custody keeps
-            // older versions where they were made.
-            match &v.object {
-                Some(_) => Pkcs11Custody.destroy(self, v, sync)?,
-                None => FileCustody.destroy(self, v, sync)?,
+    /// Removes the key material the committed `manifest` no longer allows (see
+    /// [`private_half_allowed`]): destroyed and compromised versions, and the private
+    /// halves of retired signature keys. Files are unlinked; a token version's object
+    /// is destroyed through its custody ([`Custody::destroy_private`]).
+    pub fn destroy_files(&self, manifest: &Manifest, sync: DirSync) -> io::Result<()> {
+        let files: Vec<String> = manifest
+            .versions
+            .iter()
+            .filter(|v| !private_half_allowed(v))
+            .filter(|v| fs::symlink_metadata(self.dir.join(&v.file)).is_ok())
+            .map(|v| v.file.clone())
+            .collect();
+        // Token objects: only those still present (old destroyed versions are long gone).
+        let disallowed: Vec<&VersionEntry> = manifest
+            .versions
+            .iter()
+            .filter(|v| v.in_token() && !private_half_allowed(v))
+            .collect();
+        if !disallowed.is_empty() {
+            let present = Pkcs11Custody.list_present(self).map_err(io::Error::other)?;
+            for v in disallowed {
+                if present.iter().any(|o| Some(o.label.as_str()) == v.object.as_deref()) {
+                    Pkcs11Custody.destroy_private(self, v, sync)?;
+                }
             }
         }
-        Ok(())
+        fsutil::remove_files(&self.dir, &files, "destroy", sync)
     }
 }
 
@@ -825,6 +910,7 @@ fn state_article(s: VersionState) -> &'static str {
         VersionState::Active => "the active",
         VersionState::Retired => "a retired",
         VersionState::Destroyed => "a destroyed",
+        VersionState::Compromised => "a compromised",
     }
 }
 

@@ -243,13 +243,19 @@ impl Env {
             .args(["resolve", "--domain", domain, "--run", run, "--note", note])
     }
 
-    /// The files of the versions the manifest lists as not destroyed, sorted.
+    /// The key files the manifest says exist, sorted: pending and active versions,
+    /// and retired ones except signature keys (whose private half is destroyed at
+    /// retirement, DESIGN 11).
     pub fn live_files(&self, domain: &str) -> Vec<String> {
         let mut v: Vec<String> = self.manifest(domain)["versions"]
             .as_array()
             .unwrap()
             .iter()
-            .filter(|v| v["state"] != "destroyed")
+            .filter(|v| match v["state"].as_str().unwrap() {
+                "pending" | "active" => true,
+                "retired" => v["file"].as_str().unwrap().ends_with(".key"),
+                _ => false,
+            })
             .map(|v| v["file"].as_str().unwrap().to_string())
             .collect();
         v.sort();

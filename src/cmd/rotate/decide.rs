@@ -20,17 +20,26 @@ pub(super) enum Admission {
         need: Duration,
     },
     Go,
+    /// A revocation goes ahead past a run found in flight without its lock, which it
+    /// marks for review (see [`judge`]).
+    GoPast(RunRow),
 }
 
 pub(super) fn admit(p: &Prepared, rec: &DomainRecord, remaining: Duration) -> Admission {
+    // A revocation is not held back by an earlier run's review: see `judge`.
+    let revoking = p.revoke.is_some();
     if let Some(dead) = &rec.in_flight {
         if crate::cmd::run_process_alive(dead) {
             return Admission::Alive(dead.clone());
         }
-        return Admission::Stale(dead.clone());
+        if !revoking {
+            return Admission::Stale(dead.clone());
+        }
     }
     if let Some(blocking) = &rec.blocking {
-        return Admission::Blocked(blocking.clone());
+        if !revoking {
+            return Admission::Blocked(blocking.clone());
+        }
     }
     if let Some(next_due) = crate::due::next_due(rec.last_success.as_ref(), p.domain.min_interval) {
         if !p.run.forced && next_due > chrono::Utc::now() {
@@ -44,7 +53,10 @@ pub(super) fn admit(p: &Prepared, rec: &DomainRecord, remaining: Duration) -> Ad
     if remaining < need {
         return Admission::OverBudget { left: remaining, need };
     }
-    Admission::Go
+    match &rec.in_flight {
+        Some(dead) => Admission::GoPast(dead.clone()),
+        None => Admission::Go,
+    }
 }
 
 /// A refusal that marks no other run.
@@ -120,17 +132,36 @@ pub(super) struct Refusal {
     pub plan: String,
 }
 
+/// A run admitted: with, for a revocation that found a dead run in flight, that run
+/// and the mark its row gets (needs review), written in the admission transaction.
+pub(super) type Admitted = Option<(String, String)>;
+
 /// Phases 4 to 6: the decision the admission makes over the domain's record.
-/// `Ok(())`: the run is admitted.
+/// `Ok(_)`: the run is admitted.
+///
+/// A revocation goes ahead on a domain blocked for review, and past a run that died
+/// in flight (whose row it marks for review, as a rotation would): an operator who
+/// learns that a key leaked must be able to unpublish it now, not after a review of
+/// an unrelated failure. That is safe because the revocation commits only from a key
+/// store that verifies (the backend refuses an inconsistent one with NEEDS_REVIEW, as
+/// for any rotation), and the block stays: the review still has to happen. A run still
+/// alive is never passed (BUSY).
 pub(super) fn judge(
     p: &Prepared,
     rec: &DomainRecord,
     remaining: Duration,
     stale: Option<&StaleFacts>,
-) -> Result<(), Refusal> {
+) -> Result<Admitted, Refusal> {
     let domain = &p.domain.name;
     Err(match admit(p, rec, remaining) {
-        Admission::Go => return Ok(()),
+        Admission::Go => return Ok(None),
+        Admission::GoPast(dead) => {
+            let r = stale_refusal(domain, dead, stale);
+            match r.stale {
+                Some(mark) if r.outcome == Outcome::NeedsReview => return Ok(Some(mark)),
+                _ => r,
+            }
+        }
         Admission::Stale(dead) => stale_refusal(domain, dead, stale),
         Admission::Alive(row) => refusal(
             Outcome::Busy,
@@ -286,5 +317,18 @@ pub(super) fn alive_message(row: &RunRow, shared: bool) -> String {
     format!(
         "another rotation is running: run {} lost its lock, still running (pid {} on {}, since {}): {cause}; nothing was changed",
         row.run_id, row.pid, row.host, row.started_at
+    )
+}
+
+/// What a revocation on a domain blocked by `row` says (the plan line, the log line):
+/// it goes ahead, the block stays.
+pub(super) fn revoke_past_review(row: &RunRow) -> String {
+    format!(
+        "review: the domain is blocked by run {} ({}); a revocation goes ahead, the block stays until \
+         keyrotate resolve --domain {} --run {} --note \"...\"",
+        row.run_id,
+        row.reason.as_deref().unwrap_or("needs review"),
+        row.domain,
+        row.run_id
     )
 }

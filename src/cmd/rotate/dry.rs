@@ -194,7 +194,7 @@ impl Effects for Dry {
     fn admit(
         &mut self,
         p: &Prepared,
-        judge: &dyn Fn(&DomainRecord, Duration) -> Result<(), Refusal>,
+        judge: &dyn Fn(&DomainRecord, Duration) -> Result<Admitted, Refusal>,
     ) -> Result<(), Stop> {
         let mut rec = DomainRecord::default();
         if let Some(l) = &self.ledger {
@@ -208,8 +208,18 @@ impl Effects for Dry {
             rec = l.domain_record(&p.domain.name).map_err(failed)?;
         }
         match judge(&rec, p.deadline.remaining()) {
-            Ok(()) => {
-                self.plan.push(if p.run.forced && rec.last_success.is_some() {
+            Ok(past) => {
+                if let Some((dead, _)) = past {
+                    self.plan.push(format!(
+                        "ledger: run {dead} is in flight but holds no lock: marked needs_review; the revocation goes ahead"
+                    ));
+                }
+                if let (Some(_), Some(row)) = (&p.revoke, &rec.blocking) {
+                    self.plan.push(revoke_past_review(row));
+                }
+                self.plan.push(if p.revoke.is_some() {
+                    "due: a revocation is always due".into()
+                } else if p.run.forced && rec.last_success.is_some() {
                     "due: forced".into()
                 } else {
                     "due: yes".into()

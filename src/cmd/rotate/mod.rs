@@ -34,8 +34,9 @@ use serde::Serialize;
 use super::{clean_text, hostname, load_config, operator, print_json};
 use crate::audit::{Audit, Event};
 use crate::backend::command;
+use crate::backend::keystore::Revocation;
 use crate::backend::{PreCommitUndo, Rotated, RotationBackend, Step};
-use crate::cli::{Cli, OutputFormat, RotateArgs};
+use crate::cli::{Cli, OutputFormat, RevokeArgs, RotateArgs};
 use crate::config::{Backend, Config, DomainConfig};
 use crate::deadline::Deadline;
 use crate::fsutil;
@@ -127,12 +128,17 @@ struct Prepared {
     audit: Audit,
     output: OutputFormat,
     dry_run: bool,
+    /// `keyrotate revoke`: the same phases, with a revocation as the backend's work.
+    revoke: Option<Revocation>,
 }
 
 impl Prepared {
-    /// The domain's backend.
+    /// The domain's backend (for a revocation, checked in phase 1 to exist).
     fn backend(&self) -> Box<dyn RotationBackend> {
-        crate::backend::for_domain(&self.domain, &self.config.state_dir)
+        match &self.revoke {
+            None => crate::backend::for_domain(&self.domain, &self.config.state_dir),
+            Some(r) => crate::backend::for_revocation(&self.domain, r).expect("checked when prepared"),
+        }
     }
 }
 
@@ -141,7 +147,69 @@ use dry::dry_run;
 use real::real_run;
 
 pub fn run(cli: &Cli, args: &RotateArgs) -> Outcome {
-    let p = match prepare(cli, args) {
+    execute(prepare(cli, args), args)
+}
+
+/// `keyrotate revoke` (DESIGN 11): the phases of a rotation (admission, lock,
+/// decision, commit, tidy-up), in both drivers, with a revocation as the backend's
+/// work. It is an emergency rotation: `min_interval` does not apply (the row says
+/// `forced`), its trigger is `revoke`, and the operator's reason is the run's.
+pub fn revoke(cli: &Cli, args: &RevokeArgs) -> Outcome {
+    let as_rotate = RotateArgs {
+        domain: args.domain.clone(),
+        deadline: args.deadline.clone(),
+        dry_run: args.dry_run,
+        force: true,
+        pool: args.pool.clone(),
+        run_id: args.run_id.clone(),
+        operator: args.operator.clone(),
+        reason: Some(args.reason.clone()),
+        output: args.output,
+    };
+    let prepared = prepare(cli, &as_rotate).and_then(|mut p| {
+        let reason = clean_text("--reason", &args.reason, 1000)?;
+        if reason.trim().is_empty() {
+            return Err(Failure::usage("--reason must say why the key is revoked"));
+        }
+        let revocation = Revocation {
+            version: args.version,
+            reason,
+        };
+        crate::backend::for_revocation(&p.domain, &revocation)
+            .map_err(|e| Failure::usage(format!("{}: {e}", p.config.path.display())))?;
+        revocable_now(&p, args.version)?;
+        p.run.trigger = "revoke";
+        p.revoke = Some(revocation);
+        Ok(p)
+    });
+    execute(prepared, &as_rotate)
+}
+
+/// Phase 1 of a revocation: a version the key store does not hold (unknown, destroyed,
+/// already compromised) is a usage error before anything is touched. Only where this
+/// host rotates the domain (another pool's host answers NOT_DESIGNATED, whatever its
+/// copy holds) and only on a manifest that reads; a store that does not verify is the
+/// backend's to refuse, under the locks. The backend checks again under the locks.
+fn revocable_now(p: &Prepared, version: u64) -> Result<(), Failure> {
+    let Some(ks) = keystore_of(p) else {
+        return Ok(());
+    };
+    if p.pool != p.domain.designated_pool {
+        return Ok(());
+    }
+    match ks.inspect() {
+        Ok(i) if !i.exists => Err(Failure::usage(format!(
+            "--version {version}: domain {} has no keyring yet in {}: nothing to revoke",
+            p.domain.name,
+            ks.dir().display()
+        ))),
+        Ok(i) => i.manifest.revocable(version).map(|_| ()).map_err(Failure::usage),
+        Err(_) => Ok(()),
+    }
+}
+
+fn execute(prepared: Result<Prepared, Failure>, args: &RotateArgs) -> Outcome {
+    let p = match prepared {
         Ok(p) => p,
         Err(f) => {
             tracing::error!("{}", f.message);
@@ -251,6 +319,7 @@ fn prepare(cli: &Cli, args: &RotateArgs) -> Result<Prepared, Failure> {
         run,
         output: args.output,
         dry_run: args.dry_run,
+        revoke: None,
     })
 }
 

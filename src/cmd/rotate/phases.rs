@@ -76,7 +76,7 @@ pub(super) trait Effects {
     fn admit(
         &mut self,
         p: &Prepared,
-        judge: &dyn Fn(&DomainRecord, Duration) -> Result<(), Refusal>,
+        judge: &dyn Fn(&DomainRecord, Duration) -> Result<Admitted, Refusal>,
     ) -> Result<(), Stop>;
     /// The audit trail can take the run's lines.
     fn audit(&mut self, p: &Prepared) -> Result<(), String>;

@@ -66,6 +66,9 @@ struct Live {
     ledger: Option<Ledger>,
     /// The files the admission transaction recorded as staging (see `Step::staging`).
     planned: Option<Vec<String>>,
+    /// A revocation admitted on a domain blocked for review: what its outcome says
+    /// about the block, which stays.
+    still_blocked: Option<String>,
 }
 
 fn holder_of(p: &Prepared) -> Holder {
@@ -143,7 +146,7 @@ impl Effects for Live {
     fn admit(
         &mut self,
         p: &Prepared,
-        judge: &dyn Fn(&DomainRecord, Duration) -> Result<(), Refusal>,
+        judge: &dyn Fn(&DomainRecord, Duration) -> Result<Admitted, Refusal>,
     ) -> Result<(), Stop> {
         let guard = self.guard.as_ref().expect("installed before");
         let ledger = self.ledger.as_mut().expect("opened before");
@@ -151,6 +154,14 @@ impl Effects for Live {
         let planned = p.backend().planned_files(ledger);
         admit_and_record(p, ledger, guard, judge, planned.as_deref())?;
         self.planned = planned;
+        if p.revoke.is_some() {
+            // Read after the admission, which may have marked a dead run for review.
+            if let Some(row) = ledger.domain_record(&p.domain.name).ok().and_then(|r| r.blocking) {
+                let note = revoke_past_review(&row);
+                tracing::warn!("{note}");
+                self.still_blocked = Some(note);
+            }
+        }
         // Who runs this, so that the next run can tell "still running" from "died".
         if ledger.is_shared() || matches!(p.domain.backend, Backend::Command { .. }) {
             let run_id = p.run.run_id.clone();
@@ -215,6 +226,10 @@ impl Live {
                 Some(r),
             ),
             Err(f) => (f.outcome, f.message, None),
+        };
+        let reason = match &self.still_blocked {
+            Some(note) => format!("{reason}; {note}"),
+            None => reason,
         };
         let (outcome, reason) = conclude(ledger, p, outcome, &reason, rotated.as_ref());
         Concluded {
@@ -393,7 +408,7 @@ fn admit_and_record(
     p: &Prepared,
     ledger: &mut Ledger,
     guard: &Guard,
-    judge: &dyn Fn(&DomainRecord, Duration) -> Result<(), Refusal>,
+    judge: &dyn Fn(&DomainRecord, Duration) -> Result<Admitted, Refusal>,
     staging: Option<&[String]>,
 ) -> Result<(), Stop> {
     let failed = |e: String| Stop::new(before_keys(p), format!("{e}; no key was touched"), Record::AuditOnly);
@@ -414,7 +429,10 @@ fn admit_and_record(
                     plan: String::new(),
                 },
                 Ok(()) => match judge(&rec, guard.deadline().remaining()) {
-                    Ok(()) => {
+                    Ok(past) => {
+                        if let Some((dead, mark)) = &past {
+                            w.mark_stale(dead, mark)?;
+                        }
                         w.insert(&p.run, None, None)?;
                         // The files the rotation will create, recorded before any
                         // exists (the key-loss rule, DESIGN 4.4), in this flushed
@@ -422,7 +440,7 @@ fn admit_and_record(
                         if let Some(files) = staging {
                             w.event(&p.run.run_id, "staging", Some(&files.join(" ")))?;
                         }
-                        return Ok(Ok(Ok(())));
+                        return Ok(Ok(Ok(past)));
                     }
                     Err(r) => r,
                 },
@@ -434,21 +452,32 @@ fn admit_and_record(
             Ok(Ok(Err(refusal)))
         })
         .map_err(failed)??;
-    let Err(refusal): Result<(), Refusal> = decision else {
-        return Ok(());
+    let refusal = match decision {
+        Ok(past) => {
+            if let Some((dead_id, mark)) = past {
+                mark_audited(p, dead_id, mark);
+            }
+            return Ok(());
+        }
+        Err(refusal) => refusal,
     };
     if let Some((dead_id, mark)) = refusal.stale {
-        let _ = p.audit.emit(Event {
-            exit_code: None,
-            reason: Some(mark),
-            ..Event {
-                run_id: dead_id,
-                ..Event::of("rotation.needs_review", &p.run)
-            }
-        });
+        mark_audited(p, dead_id, mark);
     }
     let _ = p.audit.emit(refused_event(p, refusal.outcome, &refusal.reason));
     Err(Stop::new(refusal.outcome, refusal.reason, Record::Done))
+}
+
+/// The audit line of a dead run's row marked `needs_review` by this run.
+fn mark_audited(p: &Prepared, dead_id: String, mark: String) {
+    let _ = p.audit.emit(Event {
+        exit_code: None,
+        reason: Some(mark),
+        ..Event {
+            run_id: dead_id,
+            ..Event::of("rotation.needs_review", &p.run)
+        }
+    });
 }
 
 /// At the deadline, if the run is still before its commit point, the watchdog records
