@@ -782,3 +782,58 @@ fn a_retired_object_deleted_from_the_token_is_written_off_only_by_a_review() {
     hsm.with(env.rotate("mac")).arg("--force").status(0);
     assert_eq!(hsm.labels(), ["keyrotate/mac/v000002", "keyrotate/mac/v000003"]);
 }
+
+#[test]
+fn revoking_a_token_key_destroys_its_object_and_activates_a_fresh_one_in_the_token() {
+    let Some((env, hsm)) = setup("pkcs11::revoke", ALL) else {
+        return;
+    };
+    hsm.with(env.rotate("mac")).status(0);
+    hsm.with(env.rotate("mac")).arg("--force").status(0);
+    hsm.with(env.rotate("ed")).status(0);
+    let revoke = |domain: &str, version: &str| {
+        hsm.with(env.cmd()).args([
+            "revoke",
+            "--domain",
+            domain,
+            "--version",
+            version,
+            "--reason",
+            "token PIN seen in a screen share",
+            "--deadline",
+            "1m",
+        ])
+    };
+    // The active signature key: a fresh one is generated in the token and activated
+    // in the same commit; the compromised object is gone, and so is its public key.
+    revoke("ed", "1").status(0);
+    let m = env.manifest("ed");
+    assert_eq!(m["versions"][0]["state"], "compromised");
+    assert_eq!(m["versions"][1]["state"], "active");
+    assert_eq!(m["versions"][1]["object"], "keyrotate/ed/v000002");
+    let kids: Vec<String> = env.jwks("ed")["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["kid"].as_str().unwrap().to_string())
+        .collect();
+    assert!(kids.len() == 1 && kids[0].starts_with("v000002"), "{kids:?}");
+    // A retired secret key (it kept its object): only destroyed.
+    revoke("mac", "1").status(0);
+    assert_eq!(env.manifest("mac")["versions"][0]["state"], "compromised");
+    assert_eq!(env.manifest("mac")["primary"], 2);
+    assert_eq!(
+        hsm.labels(),
+        ["keyrotate/ed/v000002", "keyrotate/mac/v000002"],
+        "a compromised key is still in the token"
+    );
+    // The fresh key signs through the token.
+    let out = hsm
+        .command(example("sign_with_active"))
+        .arg(env.path("keys"))
+        .arg("ed")
+        .arg("after the revocation")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
