@@ -7,7 +7,8 @@
 //! - [`cli`] and `cmd`: the command line and one file per subcommand;
 //! - [`config`]: `rotate.toml`; [`deadline`]: `--deadline` and its clock;
 //! - [`lock`]: the per-domain OS lock; [`ledger`]: the rotation ledger (SQLite or PostgreSQL);
-//! - [`keystore`]: the built-in key store (files, manifest, algorithms);
+//! - [`keystore`]: the built-in key store (files, manifest, algorithms); [`kek`]: the
+//!   shared store's key-encryption key and sealing;
 //! - [`keyring`]: the read-only API applications use to load the keys (see its docs);
 //! - [`backend`]: what one rotation does, per backend; [`guard`]: signals and deadline;
 //! - [`audit`]: the JSON audit trail; [`fsutil`]: durable, symlink-safe file writes;
@@ -32,6 +33,7 @@ pub mod fsutil;
 #[cfg(test)]
 mod fuzz;
 pub mod guard;
+pub mod kek;
 pub mod keyring;
 pub mod keystore;
 pub mod ledger;
