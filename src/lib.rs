@@ -11,6 +11,7 @@
 //!   shared store's key-encryption key and sealing;
 //! - [`keyring`]: the read-only API applications use to load the keys (see its docs);
 //! - [`backend`]: what one rotation does, per backend; [`guard`]: signals and deadline;
+//! - [`shared`]: the shared key store on PostgreSQL, `sync` and the convergence gate;
 //! - [`audit`]: the JSON audit trail; [`fsutil`]: durable, symlink-safe file writes;
 //! - shared at the bottom: [`run`] (a run's identity), [`time`] (time formatting),
 //!   [`due`] (the due-date rule), [`table`] (text tables).
@@ -41,6 +42,7 @@ pub mod lock;
 pub mod outcome;
 pub mod process;
 pub mod run;
+pub mod shared;
 pub mod table;
 pub mod time;
 

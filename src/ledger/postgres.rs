@@ -23,6 +23,7 @@ use super::{Cols, Val};
 const MIGRATIONS: &[&str] = &[
     include_str!("migrations/postgres/001_init.sql"),
     include_str!("migrations/postgres/002_audit_anchor.sql"),
+    include_str!("migrations/postgres/004_shared_store.sql"),
 ];
 
 /// The URL as messages show it: without its password (see `pgurl.rs`).
