@@ -52,8 +52,16 @@ struct Unchecked {
     domains: BTreeMap<String, toml::Value>,
     defaults: RawDomain,
     base: PathBuf,
+    ctx: DomainCtx,
+}
+
+/// What validating a domain needs from the rest of the file.
+#[derive(Clone, Debug, Default)]
+struct DomainCtx {
     /// Whether the ledger is PostgreSQL (what `store = "shared"` needs).
     shared_ledger: bool,
+    /// `[host] name` (or the system host name).
+    host_name: String,
 }
 
 #[derive(Clone, Debug)]
@@ -96,6 +104,8 @@ pub struct SharedStore {
     /// Hosts whose last acknowledgement is older than this are stale: named, never
     /// counted as converged, never holding a promotion back.
     pub sync_ttl: Duration,
+    /// This host's name (`[host] name`), as its acknowledgements record it.
+    pub host: String,
 }
 
 /// `kek = "file:/path"` (the only form supported so far).
@@ -370,7 +380,10 @@ impl Config {
                 .unwrap_or_default(),
             None => crate::process::hostname(),
         };
-        let shared_ledger = matches!(ledger, LedgerLocation::Postgres(_));
+        let ctx = DomainCtx {
+            shared_ledger: matches!(ledger, LedgerLocation::Postgres(_)),
+            host_name: host_name.clone(),
+        };
         let audit_file = match raw.audit.and_then(|a| a.file) {
             Some(f) if f.as_os_str().is_empty() => {
                 errors.push(err("audit.file", "expected a file path, found an empty string".into()));
@@ -410,7 +423,7 @@ impl Config {
                 unchecked.insert(name, value);
                 continue;
             }
-            match checked_domain(&name, value, &defaults, base, path, shared_ledger) {
+            match checked_domain(&name, value, &defaults, base, path, &ctx) {
                 Ok(dc) => {
                     domains.insert(name, dc);
                 }
@@ -433,7 +446,7 @@ impl Config {
                 domains: unchecked,
                 defaults,
                 base: base.to_path_buf(),
-                shared_ledger,
+                ctx,
             },
         })
     }
@@ -450,7 +463,7 @@ impl Config {
                 &self.unchecked.defaults,
                 &self.unchecked.base,
                 &self.path,
-                self.unchecked.shared_ledger,
+                &self.unchecked.ctx,
             ) {
                 Ok(dc) => {
                     all.insert(name.clone(), dc);
@@ -501,7 +514,7 @@ fn checked_domain(
     defaults: &RawDomain,
     base: &Path,
     path: &Path,
-    shared_ledger: bool,
+    ctx: &DomainCtx,
 ) -> Result<DomainConfig, Vec<String>> {
     let shown = path.display();
     let err = |key: &str, what: String| format!("config {shown}: {key}: {what}");
@@ -518,7 +531,7 @@ fn checked_domain(
     })?;
     let applicable = defaults.for_backend(d.backend.as_deref().or(defaults.backend.as_deref()));
     let d = d.or(&applicable);
-    domain(name, d, base, shared_ledger).map_err(|problems| {
+    domain(name, d, base, ctx).map_err(|problems| {
         problems
             .into_iter()
             .map(|(key, what)| err(&format!("{prefix}.{key}"), what))
@@ -578,9 +591,9 @@ fn take<T>(errs: &mut Vec<KeyError>, r: Result<T, KeyError>) -> Option<T> {
 }
 
 /// Validates one domain (defaults already applied), collecting every key's problem.
-fn domain(name: &str, d: RawDomain, base: &Path, shared_ledger: bool) -> Result<DomainConfig, Vec<KeyError>> {
+fn domain(name: &str, d: RawDomain, base: &Path, ctx: &DomainCtx) -> Result<DomainConfig, Vec<KeyError>> {
     let mut errs: Vec<KeyError> = Vec::new();
-    let store = take(&mut errs, store(&d, base, shared_ledger));
+    let store = take(&mut errs, store(&d, base, ctx));
     let designated_pool = take(
         &mut errs,
         d.designated_pool
@@ -738,7 +751,7 @@ fn domain(name: &str, d: RawDomain, base: &Path, shared_ledger: bool) -> Result<
 /// `store`, `kek`, `require_pools` and `sync_ttl` of one domain (DESIGN 9). The shared
 /// store lives in the ledger's PostgreSQL database and is a key store: any other
 /// combination is refused here, so that no command starts on a config that cannot work.
-fn store(d: &RawDomain, base: &Path, shared_ledger: bool) -> Result<Store, KeyError> {
+fn store(d: &RawDomain, base: &Path, ctx: &DomainCtx) -> Result<Store, KeyError> {
     let only_shared = |key: &'static str| (key, "only for store = \"shared\"".to_string());
     match d.store.as_deref() {
         None | Some("local") => {
@@ -757,7 +770,7 @@ fn store(d: &RawDomain, base: &Path, shared_ledger: bool) -> Result<Store, KeyEr
             if d.backend.as_deref() != Some("keystore") {
                 return Err(("store", "\"shared\" needs backend = \"keystore\"".into()));
             }
-            if !shared_ledger {
+            if !ctx.shared_ledger {
                 return Err((
                     "store",
                     "\"shared\" needs the PostgreSQL ledger: set [state] ledger = \"postgres://…\"".into(),
@@ -776,6 +789,7 @@ fn store(d: &RawDomain, base: &Path, shared_ledger: bool) -> Result<Store, KeyEr
                 kek,
                 require_pools,
                 sync_ttl,
+                host: ctx.host_name.clone(),
             }))
         }
         Some(other) => Err(("store", format!("expected \"local\" or \"shared\", found {other:?}"))),

@@ -132,7 +132,7 @@ impl Kek {
             .open_in_place(
                 nonce,
                 Aad::from(associated_data(domain, version, fingerprint)),
-                &mut *buf,
+                &mut buf,
             )
             .map_err(|_| {
                 format!(

@@ -34,5 +34,6 @@ mod postgres;
 #[cfg(feature = "failpoints")]
 mod power_loss;
 mod rotate;
+mod shared_store;
 #[cfg(feature = "failpoints")]
 mod staging_at_admission;

@@ -21,6 +21,7 @@ mod resolve;
 mod rotate;
 mod shell;
 mod status;
+mod sync;
 
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
@@ -63,6 +64,7 @@ pub fn main() -> ExitCode {
         Command::History(args) => reported(history::run(&cli, args)),
         Command::Resolve(args) => resolve::run(&cli, args),
         Command::Check(args) => reported(check::run(&cli, args)),
+        Command::Sync(args) => sync::run(&cli, args),
         Command::Migrate(args) => migrate::run(&cli, args),
         Command::Audit(crate::cli::AuditCommand::Verify(args)) => audit::verify(&cli, args),
         Command::Completions(args) => shell::completions(args),

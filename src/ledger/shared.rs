@@ -4,7 +4,7 @@
 //! ledger row), and the hosts' acknowledgements.
 //!
 //! Rows are returned as they are stored; what they mean (the manifest, the sealed
-//! keys, the convergence gate) is decided above, in `crate::shared`. Every round trip
+//! keys, the convergence gate) is decided above, in the `shared` module. Every round trip
 //! outside a write passes a failpoint (`ledger.shared_*`), and each statement of the
 //! commit one of its own (`shared.*`), for the crash suite.
 
@@ -91,9 +91,18 @@ pub struct SharedCommit {
     pub at: String,
     /// New versions (their `epoch` is set to the committed one).
     pub inserts: Vec<SharedVersion>,
-    /// Existing versions whose state changed: `(version, state, activated_at,
-    /// retired_at, destroyed_at)`. A destroyed one loses its sealed material.
-    pub updates: Vec<(u64, VersionState, Option<String>, Option<String>, Option<String>)>,
+    /// Existing versions whose state changed. A destroyed one loses its sealed material.
+    pub updates: Vec<VersionUpdate>,
+}
+
+/// An existing version's new state and transition times.
+#[derive(Clone, Debug)]
+pub struct VersionUpdate {
+    pub version: u64,
+    pub state: VersionState,
+    pub activated_at: Option<String>,
+    pub retired_at: Option<String>,
+    pub destroyed_at: Option<String>,
 }
 
 /// The commit was refused: another run committed since this one read the keyring.
@@ -312,19 +321,19 @@ impl Writer<'_, '_> {
                 ],
             )?;
         }
-        for (version, state, activated_at, retired_at, destroyed_at) in &c.updates {
+        for u in &c.updates {
             step("update")?;
-            let version = *version as i64;
+            let version = u.version as i64;
             let changed = self.pg_exec(
                 "UPDATE shared_key_versions SET state = $3, activated_at = $4, retired_at = $5, destroyed_at = $6, \
                  sealed = CASE WHEN $3 = 'destroyed' THEN NULL ELSE sealed END WHERE domain = $1 AND version = $2",
                 &[
                     &c.domain,
                     &version,
-                    &state_str(*state),
-                    activated_at,
-                    retired_at,
-                    destroyed_at,
+                    &state_str(u.state),
+                    &u.activated_at,
+                    &u.retired_at,
+                    &u.destroyed_at,
                 ],
             )?;
             if changed != 1 {

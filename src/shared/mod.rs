@@ -5,8 +5,8 @@
 //!
 //! How the pieces fit:
 //!
-//! - the tables and their SQL are `crate::ledger` (`ledger/shared.rs`, migration 004);
-//! - a rotation on the designated host is `crate::backend::shared`: it reads the
+//! - the tables and their SQL are the ledger's (`ledger/shared.rs`, migration 004);
+//! - a rotation on the designated host is the `shared` backend (`backend/shared.rs`): it reads the
 //!   keyring, plans with the same [`Manifest::plan`] as the local store, seals the new
 //!   keys and commits keyring, epoch and ledger row in one transaction (the epoch it
 //!   started from is the fencing token), then syncs its own copy;

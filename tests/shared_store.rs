@@ -1,0 +1,405 @@
+//! The shared key store (DESIGN 9, issue 13) through the real binary: three simulated
+//! hosts (three configs with their own `[host] name`, pool, state and key folders) on
+//! one PostgreSQL database. The designated host rotates; `sync` copies the keyring to
+//! every host; a `prepublish` promotion waits until every host holds the pending key;
+//! the epoch fences a run that lost its lock; a wrong KEK never touches a local copy;
+//! the database never holds a key in the clear.
+//!
+//! Needs PostgreSQL (see `common::pg`); says SKIPPED where none is installed.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::Command;
+
+use crate::common::pg::{server, Database};
+use crate::common::{have_openssl, Env};
+
+macro_rules! need_postgres {
+    () => {
+        if !server() {
+            eprintln!("SKIPPED {}: PostgreSQL is not installed", module_path!());
+            return;
+        }
+    };
+}
+
+/// The KEK every host shares (32 bytes; tests only).
+pub const KEK: [u8; 32] = *b"0123456789abcdef0123456789abcdef";
+
+/// One simulated host: `name` in `pool`, its own folders, the shared database, the
+/// domains `sess` (ed25519, prepublish, every pool required) and `mac` (hmac-sha256,
+/// immediate), both shared, designated to pool-a.
+pub fn host(db: &Database, name: &str, pool: &str) -> Env {
+    let env = Env::with_config(&format!(
+        r#"
+[state]
+dir = "state"
+ledger = "{url}"
+[host]
+name = "{name}"
+pool = "{pool}"
+[defaults]
+designated_pool = "pool-a"
+backend = "keystore"
+keystore = "keys"
+store = "shared"
+kek = "file:kek"
+min_interval = "0s"
+retain = 1
+[domains.sess]
+algorithm = "ed25519"
+activation = "prepublish"
+require_pools = ["pool-a", "pool-b", "pool-c"]
+sync_ttl = "1h"
+[domains.mac]
+algorithm = "hmac-sha256"
+"#,
+        url = db.url()
+    ));
+    write_kek(&env, &KEK);
+    env
+}
+
+pub fn write_kek(env: &Env, bytes: &[u8]) {
+    let p = env.path("kek");
+    let _ = std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600));
+    std::fs::write(&p, bytes).unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
+/// `sync --deadline 1m` (all shared domains, or `domain`).
+pub fn sync<'a>(env: &'a Env, domain: Option<&str>) -> crate::common::Run<'a> {
+    let run = env.cmd().args(["sync", "--deadline", "1m"]);
+    match domain {
+        Some(d) => run.args(["--domain", d]),
+        None => run,
+    }
+}
+
+/// Every file of a host's copy of `domain`, with its bytes (symlinks as targets).
+fn copy_of(env: &Env, domain: &str) -> Vec<(String, Vec<u8>)> {
+    let dir = env.key_dir(domain);
+    let mut files: Vec<(String, Vec<u8>)> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap())
+        .filter(|e| e.file_name() != ".lock")
+        .map(|e| {
+            let name = e.file_name().into_string().unwrap();
+            let p = e.path();
+            let bytes = match std::fs::read_link(&p) {
+                Ok(t) => t.into_os_string().into_encoded_bytes(),
+                Err(_) => std::fs::read(&p).unwrap(),
+            };
+            (name, bytes)
+        })
+        .collect();
+    files.sort();
+    files
+}
+
+fn epoch(db: &Database, domain: &str) -> String {
+    db.sql(&format!(
+        "SELECT coalesce((SELECT epoch FROM shared_keyrings WHERE domain = '{domain}'), 0)"
+    ))
+}
+
+/// `openssl pkey -pubout` of a private key file: it parses, and its public half.
+fn openssl_public(path: &Path) -> String {
+    let out = Command::new("openssl")
+        .args(["pkey", "-in"])
+        .arg(path)
+        .arg("-pubout")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "openssl rejects {}: {}",
+        path.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn three_hosts_rotate_sync_and_the_promotion_waits_for_the_lagging_host() {
+    need_postgres!();
+    let db = Database::new();
+    let a = host(&db, "host-a", "pool-a");
+    let b = host(&db, "host-b", "pool-b");
+    let c = host(&db, "host-c", "pool-c");
+    // Before anything is committed a sync only registers the host (epoch 0).
+    for h in [&b, &c] {
+        let out = sync(h, Some("sess")).status(0);
+        assert!(out.stdout.contains("CURRENT sess"), "{}", out.stdout);
+    }
+    // Hosts outside the designated pool never rotate.
+    b.rotate("sess").status(6);
+
+    // v1 active, v2 pending; the designated host's own copy follows its rotation.
+    let out = a.rotate("sess").status(0);
+    assert!(out.stdout.contains("epoch 1"), "{}", out.stdout);
+    assert_eq!(epoch(&db, "sess"), "1");
+    for h in [&b, &c] {
+        let out = sync(h, None).status(0);
+        assert!(out.stdout.contains("SYNCED sess: epoch 1"), "{}", out.stdout);
+        // Idempotent: nothing is written the second time.
+        let before = copy_of(h, "sess");
+        let again = sync(h, None).status(0);
+        assert!(again.stdout.contains("CURRENT sess: epoch 1"), "{}", again.stdout);
+        assert_eq!(copy_of(h, "sess"), before);
+    }
+    // Every host has the same keyring, and the keys are what openssl reads.
+    let copy = copy_of(&a, "sess");
+    assert_eq!(copy, copy_of(&b, "sess"));
+    assert_eq!(copy, copy_of(&c, "sess"));
+    assert!(copy.iter().any(|(n, _)| n == "v000002.pem"), "{copy:?}");
+    if have_openssl() {
+        for v in [1, 2] {
+            let public = openssl_public(&c.key_dir("sess").join(format!("v{v:06}.pem")));
+            let stored = db.sql(&format!(
+                "SELECT public_pem FROM shared_key_versions WHERE domain = 'sess' AND version = {v}"
+            ));
+            assert_eq!(public.trim(), stored.trim(), "v{v}");
+        }
+    } else {
+        eprintln!("SKIPPED openssl part: openssl is not installed");
+    }
+
+    // Every host holds v2 (epoch 1): it is promoted; v3 becomes pending (epoch 2).
+    a.rotate("sess").status(0);
+    assert_eq!(a.manifest("sess")["primary"], 2);
+    sync(&b, None).status(0);
+    // host-c still has epoch 1, which lacks v3: the promotion waits, naming it.
+    let versions_before = db.sql("SELECT string_agg(version || ' ' || state, ',' ORDER BY version) FROM shared_key_versions WHERE domain = 'sess'");
+    let dry = a.rotate("sess").arg("--dry-run").status(3);
+    let out = a.rotate("sess").args(["--run-id", "GATED-1"]).status(3);
+    assert!(
+        out.stdout.contains("host-c") && out.stdout.contains("pool-c") && out.stdout.contains("convergence gate"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        !out.stdout.contains("host-b (pool"),
+        "host-b is current: {}",
+        out.stdout
+    );
+    assert!(dry.stdout.contains("host-c"), "{}", dry.stdout);
+    assert_eq!(epoch(&db, "sess"), "2", "nothing was committed");
+    assert_eq!(
+        db.sql("SELECT string_agg(version || ' ' || state, ',' ORDER BY version) FROM shared_key_versions WHERE domain = 'sess'"),
+        versions_before
+    );
+    assert_eq!(
+        db.sql("SELECT state || ' ' || exit_code FROM rotations WHERE run_id = 'GATED-1'"),
+        "aborted 3"
+    );
+    // Once it syncs, the promotion goes through.
+    sync(&c, None).status(0);
+    a.rotate("sess").status(0);
+    assert_eq!(a.manifest("sess")["primary"], 3);
+    assert_eq!(epoch(&db, "sess"), "3");
+}
+
+#[test]
+fn a_wrong_kek_fails_the_sync_and_keeps_the_local_copy() {
+    need_postgres!();
+    let db = Database::new();
+    let a = host(&db, "host-a", "pool-a");
+    let b = host(&db, "host-b", "pool-b");
+    a.rotate("mac").status(0);
+    sync(&b, Some("mac")).status(0);
+    a.rotate("mac").status(0);
+    let before = b.snapshot();
+    write_kek(&b, b"ffffffffffffffffffffffffffffffff");
+    let before = {
+        // The KEK file itself is the one change the test made.
+        let mut s = before;
+        s.insert("kek".into(), std::fs::read(b.path("kek")).unwrap());
+        s
+    };
+    let out = sync(&b, Some("mac")).status(3);
+    assert!(out.stdout.contains("does not open"), "{}", out.stdout);
+    assert!(out.stdout.contains("left as it was"), "{}", out.stdout);
+    let mut after = b.snapshot();
+    // Only the audit trail and the lock file may change.
+    after.retain(|p, _| !p.starts_with("state") && !p.ends_with(".lock"));
+    let mut expected = before;
+    expected.retain(|p, _| !p.starts_with("state") && !p.ends_with(".lock"));
+    assert_eq!(after, expected, "the local copy changed");
+    // The kept copy still verifies (check reads it) and is one epoch behind.
+    b.cmd().args(["check", "--domain", "mac"]).status(0);
+    assert_eq!(b.manifest("mac")["versions"].as_array().unwrap().len(), 1);
+    assert_eq!(
+        db.sql("SELECT epoch FROM shared_sync_acks WHERE domain = 'mac' AND host = 'host-b'"),
+        "1"
+    );
+    // With the right KEK back, it catches up.
+    write_kek(&b, &KEK);
+    sync(&b, Some("mac")).status(0);
+    assert_eq!(copy_of(&a, "mac"), copy_of(&b, "mac"));
+}
+
+#[test]
+fn check_refuses_a_bad_kek_file_and_a_shared_store_without_postgres() {
+    need_postgres!();
+    let db = Database::new();
+    let a = host(&db, "host-a", "pool-a");
+    a.cmd().arg("check").status(0);
+    let kek = a.path("kek");
+    for (what, bytes, mode, needle) in [
+        ("short", &KEK[..31], 0o600, "31 bytes"),
+        ("group-readable", &KEK[..], 0o640, "mode 0640"),
+    ] {
+        std::fs::set_permissions(&kek, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::fs::write(&kek, bytes).unwrap();
+        std::fs::set_permissions(&kek, std::fs::Permissions::from_mode(mode)).unwrap();
+        let out = a.cmd().arg("check").status(2);
+        assert!(
+            out.stdout.contains(needle) && out.stdout.contains(".kek"),
+            "{what}: {}",
+            out.stdout
+        );
+        // A rotation refuses it too, before anything is written.
+        a.rotate("mac").status(3);
+    }
+    std::fs::remove_file(&kek).unwrap();
+    std::os::unix::fs::symlink(a.path("rotate.toml"), &kek).unwrap();
+    let out = a.cmd().arg("check").status(2);
+    assert!(out.stdout.contains("symlink"), "{}", out.stdout);
+    assert_eq!(epoch(&db, "mac"), "0");
+
+    // Config: the shared store needs PostgreSQL and the key store backend; a PKCS#11
+    // KEK is recognised but not supported yet.
+    let text = std::fs::read_to_string(a.config_path()).unwrap();
+    for (edit, needle) in [
+        (
+            text.replace(&format!("ledger = \"{}\"", db.url()), ""),
+            "needs the PostgreSQL ledger",
+        ),
+        (
+            text.replace("kek = \"file:kek\"", "kek = \"pkcs11:object=kek\""),
+            "not supported",
+        ),
+        (
+            text.replace("kek = \"file:kek\"", "kek = \"kek\""),
+            "expected \"file:/path\"",
+        ),
+        (text.replace("sync_ttl = \"1h\"", "sync_ttl = \"soon\""), "sync_ttl"),
+    ] {
+        let e = Env::with_config(&edit);
+        let out = e.cmd().arg("check").status(2);
+        assert!(out.stdout.contains(needle), "{needle}: {}", out.stdout);
+        e.rotate("sess").status(2);
+    }
+}
+
+/// Every fragment of 12 or more bytes of `secret`, hex encoded (as a bytea prints).
+fn hex_windows(secret: &[u8]) -> Vec<String> {
+    secret
+        .windows(12.min(secret.len()))
+        .map(|w| w.iter().map(|b| format!("{b:02x}")).collect())
+        .collect()
+}
+
+#[test]
+fn no_key_material_in_the_database_the_ledger_or_the_audit_trail() {
+    need_postgres!();
+    let db = Database::new();
+    let a = host(&db, "host-a", "pool-a");
+    let b = host(&db, "host-b", "pool-b");
+    let c = host(&db, "host-c", "pool-c");
+    let mut stderr = String::new();
+    for _ in 0..3 {
+        stderr.push_str(&a.rotate("sess").status(0).stderr);
+        stderr.push_str(&a.rotate("mac").status(0).stderr);
+        stderr.push_str(&sync(&b, None).status(0).stderr);
+        stderr.push_str(&sync(&c, None).status(0).stderr);
+    }
+    let dump = {
+        let out = Command::new("pg_dump")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-U",
+                crate::common::pg::ADMIN_USER,
+                "-d",
+                &db.0,
+                "--data-only",
+            ])
+            .env("PGPASSWORD", crate::common::pg::ADMIN_PASSWORD)
+            .output();
+        match out {
+            Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).into_owned(),
+            _ => db.sql(
+                "SELECT string_agg(t::text, E'\\n') FROM (SELECT v::text AS t FROM shared_key_versions v \
+                 UNION ALL SELECT k::text FROM shared_keyrings k UNION ALL SELECT r::text FROM rotations r \
+                 UNION ALL SELECT e::text FROM rotation_events e UNION ALL SELECT s::text FROM shared_syncs s) x",
+            ),
+        }
+    };
+    assert!(
+        dump.contains("shared_key_versions") || dump.contains("sealed") || dump.contains("\\x"),
+        "{dump}"
+    );
+    let audit = std::fs::read_to_string(a.path("state/audit.jsonl")).unwrap()
+        + &std::fs::read_to_string(b.path("state/audit.jsonl")).unwrap();
+    let mut secrets = 0;
+    for env in [&a, &b] {
+        for domain in ["sess", "mac"] {
+            for (name, bytes) in copy_of(env, domain) {
+                let secret: Vec<u8> = if name.ends_with(".pem") && name.starts_with('v') {
+                    let text = String::from_utf8(bytes.clone()).unwrap();
+                    for line in text.lines().filter(|l| !l.starts_with("-----")) {
+                        for hay in [&dump, &audit, &stderr] {
+                            assert!(!hay.contains(line), "a line of {name}'s PEM leaked");
+                        }
+                    }
+                    let b64: String = text.lines().filter(|l| !l.starts_with("-----")).collect();
+                    base64_decode(&b64)
+                } else if name.ends_with(".key") && name.starts_with('v') {
+                    let line = String::from_utf8(bytes.clone()).unwrap();
+                    for hay in [&dump, &audit, &stderr] {
+                        assert!(!hay.contains(line.trim()), "{name} leaked");
+                    }
+                    base64_decode(line.trim())
+                } else {
+                    continue;
+                };
+                // The PKCS#8 DER ends with the private key; a symmetric key is all secret.
+                let tail = &secret[secret.len().saturating_sub(32)..];
+                for w in hex_windows(tail) {
+                    for hay in [&dump, &audit, &stderr] {
+                        assert!(!hay.contains(&w), "a fragment of {name} leaked");
+                    }
+                }
+                secrets += 1;
+            }
+        }
+    }
+    assert!(secrets >= 4, "the test found only {secrets} key files");
+}
+
+/// Standard base64 (the tests avoid a dependency for it).
+fn base64_decode(s: &str) -> Vec<u8> {
+    let val = |c: u8| -> Option<u32> {
+        Some(match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return None,
+        } as u32)
+    };
+    let mut out = Vec::new();
+    let (mut acc, mut bits) = (0u32, 0);
+    for c in s.bytes().filter_map(val) {
+        acc = (acc << 6) | c;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+        }
+    }
+    out
+}
