@@ -403,3 +403,78 @@ fn base64_decode(s: &str) -> Vec<u8> {
     }
     out
 }
+
+/// Waits until `log` (a failpoint log) shows `step`, or panics after 20 s.
+#[cfg(feature = "failpoints")]
+fn wait_for(log: &Path, step: &str) {
+    crate::common::wait_for_step(log, step);
+}
+
+#[cfg(feature = "failpoints")]
+#[test]
+fn a_run_that_lost_its_lock_never_commits_over_another_run() {
+    need_postgres!();
+    let db = Database::new();
+    let a = host(&db, "host-a", "pool-a");
+    // A second host of the designated pool.
+    let a2 = host(&db, "host-a2", "pool-a");
+    a.rotate("mac").status(0);
+    assert_eq!(epoch(&db, "mac"), "1");
+
+    // A reads epoch 1, then stalls before its commit; its session is killed (the
+    // server releases its advisory lock). A2 takes the lock but is refused while A
+    // lives (a live run is never called dead); A wakes, finds its lock gone and stops
+    // without committing; then A2 commits epoch 2.
+    let log = a.path("steps.log");
+    let child = a
+        .rotate("mac")
+        .args(["--run-id", "LOST-A"])
+        .env("KEYROTATE_FAILPOINT_LOG", &log)
+        .env("KEYROTATE_FAILPOINTS", "ledger.confirm=sleep(3000)")
+        .spawn();
+    wait_for(&log, "ledger.confirm");
+    db.terminate_keyrotate_sessions();
+    a2.rotate("mac").args(["--run-id", "BUSY-A2"]).status(5);
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(3), "{stdout}");
+    assert!(stdout.contains("lost its lock"), "{stdout}");
+    assert_eq!(epoch(&db, "mac"), "1", "the run without its lock committed");
+    a2.rotate("mac").args(["--run-id", "WIN-A2"]).status(0);
+    assert_eq!(epoch(&db, "mac"), "2");
+    assert_eq!(
+        db.sql("SELECT count(*) FROM shared_key_versions WHERE created_by_run = 'LOST-A'"),
+        "0"
+    );
+    assert_eq!(
+        db.sql("SELECT state || ' ' || exit_code FROM rotations WHERE run_id = 'LOST-A'"),
+        "aborted 3"
+    );
+
+    // The fence itself: B reads epoch 2 and stalls inside its commit transaction, just
+    // before the conditional epoch update; meanwhile another writer commits epoch 3
+    // (as a run whose lock was lost behind a connection pooler would). B's update
+    // finds the epoch moved: nothing of B is committed.
+    let log = a.path("steps2.log");
+    let child = a
+        .rotate("mac")
+        .args(["--run-id", "FENCED-B"])
+        .env("KEYROTATE_FAILPOINT_LOG", &log)
+        .env("KEYROTATE_FAILPOINTS", "shared.epoch=sleep(2000)")
+        .spawn();
+    wait_for(&log, "shared.epoch");
+    db.sql("UPDATE shared_keyrings SET epoch = epoch + 1, committed_run = 'OTHER' WHERE domain = 'mac'");
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(3), "{stdout}");
+    assert!(stdout.contains("epoch fence") && stdout.contains("OTHER"), "{stdout}");
+    assert_eq!(epoch(&db, "mac"), "3");
+    assert_eq!(
+        db.sql("SELECT count(*) FROM shared_key_versions WHERE created_by_run = 'FENCED-B'"),
+        "0"
+    );
+    assert_eq!(
+        db.sql("SELECT state || ' ' || exit_code FROM rotations WHERE run_id = 'FENCED-B'"),
+        "aborted 3"
+    );
+}
