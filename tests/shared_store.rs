@@ -478,3 +478,72 @@ fn a_run_that_lost_its_lock_never_commits_over_another_run() {
         "aborted 3"
     );
 }
+
+#[test]
+fn status_shows_each_hosts_acknowledgement_and_a_stale_host_is_never_converged() {
+    need_postgres!();
+    let db = Database::new();
+    let a = host(&db, "host-a", "pool-a");
+    let b = host(&db, "host-b", "pool-b");
+    let c = host(&db, "host-c", "pool-c");
+    a.rotate("mac").status(0);
+    sync(&b, Some("mac")).status(0);
+    let s = a
+        .cmd()
+        .args(["status", "--domain", "mac", "--output", "json"])
+        .status(0)
+        .json();
+    let sync_json = &s["domains"][0]["sync"];
+    assert_eq!(sync_json["epoch"], 1, "{s}");
+    let hosts = sync_json["hosts"].as_array().unwrap();
+    assert_eq!(hosts.len(), 2, "{s}");
+    assert_eq!(hosts[1]["host"], "host-b");
+    assert_eq!(hosts[1]["pool"], "pool-b");
+    assert_eq!(hosts[1]["epoch"], 1);
+    assert_eq!(hosts[1]["stale"], false);
+    assert!(hosts[1]["synced_at"].as_str().unwrap().ends_with('Z'), "{s}");
+    let text = a.cmd().args(["status", "--domain", "mac"]).status(0).stdout;
+    assert!(
+        text.contains("sync mac: epoch 1") && text.contains("host-b (pool pool-b) epoch 1"),
+        "{text}"
+    );
+    let prom = a.cmd().args(["status", "--output", "prometheus"]).status(0).stdout;
+    assert!(
+        prom.contains(r#"keyrotate_sync_epoch{domain="mac",host="host-b",pool="pool-b"} 1"#),
+        "{prom}"
+    );
+
+    // host-b falls behind past sync_ttl (the default 7 days): status exits 3 naming it.
+    a.rotate("mac").status(0);
+    db.sql("UPDATE shared_keyrings SET committed_at = '2020-01-01T00:00:00.000Z' WHERE domain = 'mac'");
+    db.sql("UPDATE shared_sync_acks SET synced_at = '2020-01-01T00:00:00.000Z' WHERE host = 'host-b'");
+    let out = a
+        .cmd()
+        .args(["status", "--domain", "mac", "--output", "json"])
+        .status(3);
+    let s = out.json();
+    let hosts = s["domains"][0]["sync"]["hosts"].as_array().unwrap().clone();
+    assert_eq!(hosts[1]["stale"], true, "{s}");
+    assert!(
+        out.stderr.contains("host-b (pool pool-b, epoch 1, stale)"),
+        "{}",
+        out.stderr
+    );
+
+    // A promotion: host-c's acknowledgement is stale, so pool-c has no converged host
+    // (sess requires it): the gate names it stale and does not promote.
+    a.rotate("sess").status(0);
+    sync(&b, Some("sess")).status(0);
+    sync(&c, Some("sess")).status(0);
+    db.sql(
+        "UPDATE shared_sync_acks SET synced_at = '2020-01-01T00:00:00.000Z' WHERE host = 'host-c' AND domain = 'sess'",
+    );
+    let out = a.rotate("sess").status(3);
+    assert!(
+        out.stdout.contains("stale hosts") && out.stdout.contains("host-c") && out.stdout.contains("pool-c"),
+        "{}",
+        out.stdout
+    );
+    sync(&c, Some("sess")).status(0);
+    a.rotate("sess").status(0);
+}
