@@ -547,3 +547,52 @@ fn status_shows_each_hosts_acknowledgement_and_a_stale_host_is_never_converged()
     sync(&c, Some("sess")).status(0);
     a.rotate("sess").status(0);
 }
+
+#[cfg(feature = "failpoints")]
+#[test]
+fn a_rotation_killed_before_or_after_its_commit_is_diagnosed_from_the_shared_keyring() {
+    need_postgres!();
+    let db = Database::new();
+    let a = host(&db, "host-a", "pool-a");
+    let b = host(&db, "host-b", "pool-b");
+    a.rotate("mac").status(0);
+    // Killed inside the commit transaction: the server rolls it back.
+    let out = a
+        .rotate("mac")
+        .args(["--run-id", "KILLED-BEFORE"])
+        .env("KEYROTATE_FAILPOINTS", "shared.insert=kill")
+        .status(137);
+    assert!(out.stdout.is_empty(), "{}", out.stdout);
+    assert_eq!(epoch(&db, "mac"), "1");
+    let out = a.rotate("mac").status(4);
+    assert!(
+        out.stdout.contains("it did not commit") && out.stdout.contains("nothing to sweep"),
+        "{}",
+        out.stdout
+    );
+    a.resolve("mac", "KILLED-BEFORE", "checked: epoch 1 stands").status(0);
+    a.rotate("mac").status(0);
+    assert_eq!(epoch(&db, "mac"), "2");
+
+    // Killed right after the commit, before its own copy was synced.
+    a.rotate("mac")
+        .args(["--run-id", "KILLED-AFTER"])
+        .env("KEYROTATE_FAILPOINTS", "install.rename=kill")
+        .status(137);
+    assert_eq!(epoch(&db, "mac"), "3");
+    let out = a.rotate("mac").status(4);
+    assert!(out.stdout.contains("it did commit"), "{}", out.stdout);
+    let resolved = a.resolve("mac", "KILLED-AFTER", "committed epoch 3; syncing").status(0);
+    assert!(
+        resolved.stdout.contains("keyrotate sync") || resolved.stderr.contains("keyrotate sync"),
+        "{}",
+        resolved.stdout
+    );
+    // Every host's sync gives the whole committed keyring.
+    for h in [&a, &b] {
+        sync(h, Some("mac")).status(0);
+        h.cmd().args(["check", "--domain", "mac"]).status(0);
+    }
+    assert_eq!(copy_of(&a, "mac"), copy_of(&b, "mac"));
+    a.rotate("mac").status(0);
+}
