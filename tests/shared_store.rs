@@ -596,3 +596,66 @@ fn a_rotation_killed_before_or_after_its_commit_is_diagnosed_from_the_shared_key
     assert_eq!(copy_of(&a, "mac"), copy_of(&b, "mac"));
     a.rotate("mac").status(0);
 }
+
+#[cfg(feature = "failpoints")]
+#[test]
+fn sync_exit_codes_busy_timed_out_unreachable_and_usage() {
+    need_postgres!();
+    let db = Database::new();
+    let a = host(&db, "host-a", "pool-a");
+    let b = host(&db, "host-b", "pool-b");
+    a.rotate("mac").status(0);
+    sync(&b, None).status(0);
+    a.rotate("mac").status(0);
+    let before = copy_of(&b, "mac");
+
+    // 5: another sync of the domain holds this host's copy.
+    let log = b.path("steps.log");
+    let first = sync(&b, Some("mac"))
+        .env("KEYROTATE_FAILPOINT_LOG", &log)
+        .env("KEYROTATE_FAILPOINTS", "ledger.shared_read=sleep(2000)")
+        .spawn();
+    crate::common::wait_for_step(&log, "ledger.shared_read");
+    let out = sync(&b, Some("mac")).status(5);
+    assert!(
+        out.stdout.contains("BUSY mac") && out.stdout.contains("sync-host-b-"),
+        "{}",
+        out.stdout
+    );
+    assert!(first.wait_with_output().unwrap().status.success());
+    assert_ne!(copy_of(&b, "mac"), before, "the first sync did its work");
+
+    // 8: the deadline comes while the keyring is read; nothing is written.
+    a.rotate("mac").status(0);
+    let before = copy_of(&b, "mac");
+    let out = b
+        .cmd()
+        .args(["sync", "--domain", "mac", "--deadline", "1s"])
+        .env("KEYROTATE_FAILPOINTS", "ledger.shared_read=sleep(1500)")
+        .status(8);
+    assert!(out.stdout.contains("TIMED_OUT mac"), "{}", out.stdout);
+    assert_eq!(copy_of(&b, "mac"), before);
+
+    // 3: the database cannot be reached; the copy stays as it was and verifies.
+    let text = std::fs::read_to_string(b.config_path()).unwrap();
+    std::fs::write(b.config_path(), text.replace("@127.0.0.1/", "@127.0.0.1:1/")).unwrap();
+    let out = b.cmd().args(["sync", "--deadline", "10s"]).status(3);
+    assert!(out.stdout.contains("left as they were"), "{}", out.stdout);
+    assert_eq!(copy_of(&b, "mac"), before);
+    std::fs::write(b.config_path(), &text).unwrap();
+    b.cmd().args(["check", "--domain", "mac"]).status(0);
+
+    // 2: a domain that is not shared, or no deadline.
+    let out = b.cmd().args(["sync", "--domain", "nope", "--deadline", "1m"]).status(2);
+    assert!(out.stderr.contains("nope"), "{}", out.stderr);
+    b.cmd().args(["sync"]).status(2);
+    // And the audit trail has every attempt.
+    let audit = std::fs::read_to_string(b.path("state/audit.jsonl")).unwrap();
+    assert!(
+        audit.contains("\"sync.completed\"") && audit.contains("\"sync.failed\""),
+        "{audit}"
+    );
+    assert!(db
+        .sql("SELECT string_agg(DISTINCT outcome, ',' ORDER BY outcome) FROM shared_syncs WHERE host = 'host-b'")
+        .contains("BUSY"),);
+}
