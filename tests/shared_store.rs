@@ -657,5 +657,25 @@ fn sync_exit_codes_busy_timed_out_unreachable_and_usage() {
     );
     assert!(db
         .sql("SELECT string_agg(DISTINCT outcome, ',' ORDER BY outcome) FROM shared_syncs WHERE host = 'host-b'")
-        .contains("BUSY"),);
+        .contains("BUSY"));
+    // history shows the syncs beside the rotations.
+    let h = b
+        .cmd()
+        .args(["history", "--domain", "mac", "--output", "json"])
+        .status(0)
+        .json();
+    let syncs = h["syncs"].as_array().unwrap();
+    assert!(
+        syncs
+            .iter()
+            .any(|s| s["host"] == "host-b" && s["outcome"] == "BUSY" && s["exit_code"] == 5),
+        "{h}"
+    );
+    assert!(syncs.iter().any(|s| s["outcome"] == "SYNCED"), "{h}");
+    assert!(!h["runs"].as_array().unwrap().is_empty(), "{h}");
+    let text = b.cmd().args(["history", "--domain", "mac"]).status(0).stdout;
+    assert!(
+        text.contains("syncs (keyrotate sync") && text.contains("TIMED_OUT (8)"),
+        "{text}"
+    );
 }
