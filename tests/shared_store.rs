@@ -198,6 +198,20 @@ fn three_hosts_rotate_sync_and_the_promotion_waits_for_the_lagging_host() {
     a.rotate("sess").status(0);
     assert_eq!(a.manifest("sess")["primary"], 3);
     assert_eq!(epoch(&db, "sess"), "3");
+    // retain = 1: v1 is destroyed, its sealed key erased, its file gone everywhere.
+    assert_eq!(
+        db.sql(
+            "SELECT state || ' ' || (sealed IS NULL) FROM shared_key_versions WHERE domain = 'sess' AND version = 1"
+        ),
+        "destroyed true"
+    );
+    for h in [&b, &c] {
+        sync(h, Some("sess")).status(0);
+    }
+    let copy = copy_of(&a, "sess");
+    assert!(!copy.iter().any(|(n, _)| n == "v000001.pem"), "{copy:?}");
+    assert_eq!(copy, copy_of(&b, "sess"));
+    assert_eq!(copy, copy_of(&c, "sess"));
 }
 
 #[test]
