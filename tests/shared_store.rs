@@ -782,3 +782,17 @@ fn a_role_with_the_documented_grants_runs_the_shared_store() {
     }
     a.rotate("sess").arg("--dry-run").status(0);
 }
+
+#[test]
+fn the_audit_chain_with_sync_lines_verifies() {
+    need_postgres!();
+    let db = Database::new();
+    let a = host(&db, "host-a", "pool-a");
+    a.rotate("mac").status(0);
+    sync(&a, None).status(0);
+    a.rotate("mac").status(0);
+    sync(&a, None).status(0);
+    let audit = std::fs::read_to_string(a.path("state/audit.jsonl")).unwrap();
+    assert!(audit.contains("\"sync.completed\""), "{audit}");
+    a.cmd().args(["audit", "verify"]).status(0);
+}
