@@ -530,6 +530,7 @@ fn status_shows_each_hosts_acknowledgement_and_a_stale_host_is_never_converged()
         prom.contains(r#"keyrotate_sync_epoch{domain="mac",host="host-b",pool="pool-b"} 1"#),
         "{prom}"
     );
+    crate::observability::promtool_check(&prom);
 
     // host-b falls behind past sync_ttl (the default 7 days): status exits 3 naming it.
     a.rotate("mac").status(0);
