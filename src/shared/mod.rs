@@ -150,9 +150,10 @@ pub enum Local {
 
 /// Makes the local copy of `ks` the keyring `opened`, in the section 4.1 layout, with
 /// the key store's durable writers: version files (atomic, 0600), one folder sync,
-/// `jwks.json`, then `keyring.json` (the commit: atomic and durable), then
-/// `current.*` and the removal of destroyed versions' files (as a rotation's tidy-up:
-/// the next sync redoes what a crash left). A local copy that holds a version the
+/// `jwks.json` (the new keys and every key the old copy lists), then `keyring.json`
+/// (the commit: atomic and durable), then `current.*`, the removal of destroyed
+/// versions' files and the final `jwks.json` (as a rotation's tidy-up: the next sync
+/// redoes what a crash left). A local copy that holds a version the
 /// keyring does not (same number, another key, or a number it never had) is refused:
 /// the database may have been restored from an older backup, and the local keys are
 /// evidence, not garbage.
@@ -207,9 +208,23 @@ pub fn write_local(ks: &Keystore, opened: &Opened) -> Result<Local, String> {
     }
     ks.sync_folder("install")
         .map_err(|e| io("cannot sync the key folder", e))?;
-    let publics = opened.publics();
+    // Before the local commit, jwks.json carries the new keys *and* every key the old
+    // copy still lists (as a rotation publishes its preview): verifiers learn a key
+    // before anything signs with it and lose one only once keyring.json drops it.
+    let mut publics = opened.publics();
+    let mut preview = opened.manifest.clone();
+    if let Some(old) = &old {
+        for v in preview.versions.iter_mut().filter(|v| !v.is_live()) {
+            if let (Some(was), Some(p)) = (old.manifest.get(v.version), old.publics.get(&v.version)) {
+                if was.is_live() {
+                    v.state = VersionState::Retired;
+                    publics.insert(v.version, p.clone());
+                }
+            }
+        }
+    }
     if ks
-        .publish_jwks(&opened.manifest, &publics, DirSync::Now)
+        .publish_jwks(&preview, &publics, DirSync::Now)
         .map_err(|e| io("cannot write jwks.json", e))?
     {
         written.push(crate::keystore::JWKS.to_string());
@@ -236,6 +251,9 @@ pub fn write_local(ks: &Keystore, opened: &Opened) -> Result<Local, String> {
     }
     if let Err(e) = ks.destroy_files(&opened.manifest, &destroyed, DirSync::Deferred) {
         tracing::warn!("cannot unlink destroyed versions: {}", crate::fsutil::io_reason(&e));
+    }
+    if let Err(e) = ks.publish_jwks(&opened.manifest, &opened.publics(), DirSync::Deferred) {
+        tracing::warn!("cannot rewrite jwks.json: {}", crate::fsutil::io_reason(&e));
     }
     Ok(Local::Written(written))
 }
