@@ -251,9 +251,23 @@ fn a_wrong_kek_fails_the_sync_and_keeps_the_local_copy() {
         db.sql("SELECT epoch FROM shared_sync_acks WHERE domain = 'mac' AND host = 'host-b'"),
         "1"
     );
+    let j = sync(&b, Some("mac")).args(["--output", "json"]).status(3).json();
+    assert_eq!(j["host"], "host-b");
+    assert_eq!(j["exit_code"], 3);
+    assert_eq!(j["domains"][0]["outcome"], "ABORTED", "{j}");
     // With the right KEK back, it catches up.
     write_kek(&b, &KEK);
-    sync(&b, Some("mac")).status(0);
+    let j = sync(&b, Some("mac")).args(["--output", "json"]).status(0).json();
+    assert_eq!(j["domains"][0]["outcome"], "SYNCED", "{j}");
+    assert_eq!(j["domains"][0]["epoch"], 2, "{j}");
+    assert!(
+        j["domains"][0]["written"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f == "keyring.json"),
+        "{j}"
+    );
     assert_eq!(copy_of(&a, "mac"), copy_of(&b, "mac"));
 }
 
