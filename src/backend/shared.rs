@@ -31,9 +31,9 @@
 
 use chrono::Utc;
 
+use super::keystore::Revocation;
 use super::{Rotated, Step};
 use crate::audit::Event;
-use super::keystore::Revocation;
 use crate::config::{Activation, KekSource, SharedStore};
 use crate::kek::Kek;
 use crate::keystore::manifest::{now_rfc3339, Manifest, Plan};

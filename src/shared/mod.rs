@@ -50,7 +50,12 @@ pub fn manifest(domain: &str, ring: &SharedKeyring) -> Result<Manifest, String> 
                 let der = ::pem::parse(text)
                     .ok()
                     .filter(|p| p.tag() == "PUBLIC KEY")
-                    .ok_or_else(|| format!("shared keyring of {domain}: v{} public_pem is not a PUBLIC KEY PEM", v.version))?;
+                    .ok_or_else(|| {
+                        format!(
+                            "shared keyring of {domain}: v{} public_pem is not a PUBLIC KEY PEM",
+                            v.version
+                        )
+                    })?;
                 Some(base64::engine::general_purpose::STANDARD.encode(der.contents()))
             }
             _ => None,
