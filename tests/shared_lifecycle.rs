@@ -318,12 +318,21 @@ fn revoking_a_retired_or_unknown_shared_version() {
     let a = host(&db, "host-a", "pool-a");
     let b = host(&db, "host-b", "pool-b");
     let c = host(&db, "host-c", "pool-c");
+    // Nothing committed yet: nothing to revoke (asked of the database, not of this
+    // host's copy, which may lag).
+    a.cmd().arg("migrate").status(0);
+    let out = revoke(&a, "sess", 1).status(2);
+    assert!(out.stdout.contains("no committed keyring yet"), "{}", out.stdout);
     two_rotations(&a, &[&b, &c]);
-    // An unknown version is a usage error, nothing committed.
-    let before = db_state(&db);
+    // An unknown version is a usage error: nothing committed, no ledger row.
+    let rows = || db.sql("SELECT count(*) FROM rotations");
+    let (before, before_rows) = (db_state(&db), rows());
     let out = revoke(&a, "sess", 9).status(2);
     assert!(out.stdout.contains("no such version"), "{}", out.stdout);
+    let out = revoke(&a, "sess", 9).arg("--dry-run").status(2);
+    assert!(out.stdout.contains("no such version"), "{}", out.stdout);
     assert_eq!(db_state(&db), before);
+    assert_eq!(rows(), before_rows);
     // A retired version: compromised, unpublished; the active one stays.
     revoke(&a, "sess", 1).status(0);
     assert_eq!(
