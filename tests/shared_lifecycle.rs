@@ -351,3 +351,36 @@ fn revoking_a_retired_or_unknown_shared_version() {
     sync(&b, Some("mac")).status(0);
     assert_eq!(b.key_files("mac"), ["v000002.key"]);
 }
+
+#[test]
+fn a_revocation_killed_in_its_commit_transaction_commits_nothing_and_can_be_run_again() {
+    need_postgres!();
+    let db = Database::new();
+    let a = host(&db, "host-a", "pool-a");
+    let b = host(&db, "host-b", "pool-b");
+    let c = host(&db, "host-c", "pool-c");
+    two_rotations(&a, &[&b, &c]);
+    let before = db_state(&db);
+    let before_a = a.snapshot();
+    for step in ["shared.epoch", "shared.insert", "shared.update"] {
+        revoke(&a, "sess", 2)
+            .env("KEYROTATE_FAILPOINTS", format!("{step}=kill"))
+            .status(137);
+        // The server rolled the transaction back: the keyring and this host's copy
+        // are as they were (the run's ledger row and lock file aside).
+        assert_eq!(db_state(&db), before, "{step}");
+        let mut now = a.snapshot();
+        now.retain(|p, _| !p.starts_with("state") && !p.ends_with(".lock"));
+        let mut was = before_a.clone();
+        was.retain(|p, _| !p.starts_with("state") && !p.ends_with(".lock"));
+        assert_eq!(now, was, "{step}");
+    }
+    // The dead runs do not hold the revocation back: it goes ahead and commits once.
+    let out = revoke(&a, "sess", 2).status(0);
+    assert!(out.stdout.contains("revoked v2"), "{}", out.stdout);
+    assert_eq!(
+        db_versions(&db, "sess"),
+        "1 retired true,2 compromised true,3 active false,4 pending false"
+    );
+    assert_eq!(jwks_versions(&a, "sess"), [1, 3, 4]);
+}
