@@ -41,4 +41,7 @@ mod power_loss;
 mod revoke;
 mod rotate;
 #[cfg(feature = "failpoints")]
+mod shared_lifecycle;
+mod shared_store;
+#[cfg(feature = "failpoints")]
 mod staging_at_admission;

@@ -5,6 +5,7 @@
 
 pub mod command;
 pub mod keystore;
+pub mod shared;
 pub mod watcher;
 
 use std::path::Path;
@@ -64,6 +65,19 @@ pub fn for_domain(domain: &DomainConfig, state_dir: &Path) -> Box<dyn RotationBa
             algorithm,
             keystore,
             activation,
+            custody: _,
+        } if domain.shared().is_some() => Box::new(shared::SharedBackend {
+            keystore: crate::keystore::Keystore::new(keystore, &domain.name).with_access(domain.access.clone()),
+            algorithm: *algorithm,
+            activation: *activation,
+            retain: domain.retain,
+            store: domain.shared().cloned().expect("matched as shared"),
+            revoke: None,
+        }),
+        Backend::Keystore {
+            algorithm,
+            keystore,
+            activation,
             custody,
         } => Box::new(keystore::KeystoreBackend {
             keystore: crate::keystore::Keystore::new(keystore, &domain.name)
@@ -90,6 +104,19 @@ pub fn for_revocation(
     revocation: &keystore::Revocation,
 ) -> Result<Box<dyn RotationBackend>, String> {
     match &domain.backend {
+        Backend::Keystore {
+            algorithm,
+            keystore,
+            activation,
+            custody: _,
+        } if domain.shared().is_some() => Ok(Box::new(shared::SharedBackend {
+            keystore: crate::keystore::Keystore::new(keystore, &domain.name).with_access(domain.access.clone()),
+            algorithm: *algorithm,
+            activation: *activation,
+            retain: domain.retain,
+            store: domain.shared().cloned().expect("matched as shared"),
+            revoke: Some(revocation.clone()),
+        })),
         Backend::Keystore {
             algorithm,
             keystore,

@@ -556,6 +556,12 @@ impl Keystore {
         if private_half_allowed(v) {
             return self.load_version(v).map(Half::Private);
         }
+        Keystore::public_half(v).map(Half::Public)
+    }
+
+    /// The public half a version's manifest entry records, checked against its
+    /// fingerprint.
+    pub fn public_half(v: &VersionEntry) -> Result<PublicKey, String> {
         use base64::Engine;
         let bad = |why: &str| format!("keyring.json v{}: public_key {why}", v.version);
         let der = base64::engine::general_purpose::STANDARD
@@ -569,7 +575,7 @@ impl Keystore {
                 v.fingerprint
             )));
         }
-        Ok(Half::Public(public))
+        Ok(public)
     }
 
     /// Reads one version's file and checks it against its manifest entry; a token
@@ -717,6 +723,25 @@ impl Keystore {
             DirSync::Deferred,
             self.access().file_perms(),
         )
+    }
+
+    /// Installs a version's file as `sync` copies it from the shared store: left alone
+    /// when it already holds exactly these bytes, else replaced atomically (temporary,
+    /// fsync, rename; the folder sync is the caller's, before the manifest names it).
+    /// Returns whether it wrote.
+    pub fn install(&self, file: &str, key: &KeyFile) -> io::Result<bool> {
+        if fsutil::read_nofollow(&self.dir.join(file), KEY_FILE_LIMIT).is_ok_and(|b| b.as_slice() == key.file_bytes()) {
+            return Ok(false);
+        }
+        fsutil::write_atomic_with(
+            &self.dir,
+            file,
+            key.file_bytes(),
+            "install",
+            DirSync::Deferred,
+            self.access().file_perms(),
+        )?;
+        Ok(true)
     }
 
     /// Makes every entry change in the domain folder so far durable.
