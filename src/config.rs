@@ -110,10 +110,12 @@ pub struct SharedStore {
     pub host: String,
 }
 
-/// `kek = "file:/path"` (the only form supported so far).
+/// `kek = "file:/path"`, or `kek = "pkcs11:object=<label>"`: an AES key in the
+/// `[pkcs11]` token (DESIGN 10).
 #[derive(Clone, Debug, PartialEq)]
 pub enum KekSource {
     File(PathBuf),
+    Pkcs11 { token: TokenConfig, object: String },
 }
 
 impl DomainConfig {
@@ -883,7 +885,7 @@ fn store(d: &RawDomain, base: &Path, ctx: &DomainCtx) -> Result<Store, KeyError>
                     "\"shared\" needs the PostgreSQL ledger: set [state] ledger = \"postgres://…\"".into(),
                 ));
             }
-            let kek = kek_source(d.kek.as_deref(), base)?;
+            let kek = kek_source(d.kek.as_deref(), base, ctx.pkcs11.as_ref())?;
             let mut require_pools = Vec::new();
             for p in d.require_pools.iter().flatten() {
                 require_pools.push(validate_pool(p).map_err(|w| ("require_pools", w))?);
@@ -903,9 +905,10 @@ fn store(d: &RawDomain, base: &Path, ctx: &DomainCtx) -> Result<Store, KeyError>
     }
 }
 
-/// `kek = "file:/path"`; `pkcs11:object=<label>` is recognised (DESIGN 10) but not
-/// supported by this keyrotate yet.
-fn kek_source(kek: Option<&str>, base: &Path) -> Result<KekSource, KeyError> {
+/// `kek = "file:/path"` or `kek = "pkcs11:object=<label>"` (the `[pkcs11]` table names
+/// the token; whether the object is there and fit is for `check` and the run: a token
+/// can be unreachable now and fine later, the config text cannot).
+fn kek_source(kek: Option<&str>, base: &Path, pkcs11: Option<&TokenConfig>) -> Result<KekSource, KeyError> {
     let kek = kek.ok_or((
         "kek",
         "missing: store = \"shared\" needs the key-encryption key, e.g. kek = \"file:/etc/keyrotate/kek\"".to_string(),
@@ -916,16 +919,33 @@ fn kek_source(kek: Option<&str>, base: &Path) -> Result<KekSource, KeyError> {
         }
         return Ok(KekSource::File(resolve(base, Path::new(path))));
     }
-    if kek.starts_with("pkcs11:") {
-        return Err((
+    if let Some(attrs) = kek.strip_prefix("pkcs11:") {
+        let object = attrs.strip_prefix("object=").ok_or((
             "kek",
-            "a PKCS#11 KEK (pkcs11:object=<label>) is not supported by this keyrotate yet; use kek = \"file:/path\""
-                .into(),
-        ));
+            format!(
+                "expected \"pkcs11:object=<label>\" (the label of the AES key in the [pkcs11] token), found {kek:?}"
+            ),
+        ))?;
+        if object.is_empty() || object.len() > 128 || object.chars().any(|c| c.is_control() || c == ';') {
+            return Err((
+                "kek",
+                format!(
+                    "pkcs11:object= needs the key's label: 1-128 printable characters without ';', found {object:?}"
+                ),
+            ));
+        }
+        let token = pkcs11.ok_or((
+            "kek",
+            "a PKCS#11 KEK needs a [pkcs11] table (module, token, and pin_file or pin_env)".to_string(),
+        ))?;
+        return Ok(KekSource::Pkcs11 {
+            token: token.clone(),
+            object: object.to_string(),
+        });
     }
     Err((
         "kek",
-        format!("expected \"file:/path\" (or, later, \"pkcs11:object=<label>\"), found {kek:?}"),
+        format!("expected \"file:/path\" or \"pkcs11:object=<label>\", found {kek:?}"),
     ))
 }
 
@@ -1113,7 +1133,15 @@ keystore = "keys"
                 "needs the PostgreSQL ledger",
             ),
             (shared.replace("kek = \"file:kek\"", ""), "domains.sig.kek: missing"),
-            (shared.replace("file:kek", "pkcs11:object=k"), "not supported"),
+            (
+                shared.replace("file:kek", "pkcs11:object=k"),
+                "domains.sig.kek: a PKCS#11 KEK needs a [pkcs11] table",
+            ),
+            (
+                shared.replace("file:kek", "pkcs11:token=k"),
+                "expected \"pkcs11:object=<label>\"",
+            ),
+            (shared.replace("file:kek", "pkcs11:object="), "needs the key's label"),
             (
                 pg.replace("keystore = \"keys\"", "keystore = \"keys\"\nsync_ttl = \"1d\""),
                 "only for store",

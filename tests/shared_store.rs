@@ -81,7 +81,7 @@ pub fn sync<'a>(env: &'a Env, domain: Option<&str>) -> crate::common::Run<'a> {
 }
 
 /// Every file of a host's copy of `domain`, with its bytes (symlinks as targets).
-fn copy_of(env: &Env, domain: &str) -> Vec<(String, Vec<u8>)> {
+pub fn copy_of(env: &Env, domain: &str) -> Vec<(String, Vec<u8>)> {
     let dir = env.key_dir(domain);
     let mut files: Vec<(String, Vec<u8>)> = std::fs::read_dir(&dir)
         .unwrap()
@@ -101,7 +101,7 @@ fn copy_of(env: &Env, domain: &str) -> Vec<(String, Vec<u8>)> {
     files
 }
 
-fn epoch(db: &Database, domain: &str) -> String {
+pub fn epoch(db: &Database, domain: &str) -> String {
     db.sql(&format!(
         "SELECT coalesce((SELECT epoch FROM shared_keyrings WHERE domain = '{domain}'), 0)"
     ))
@@ -301,7 +301,7 @@ fn check_refuses_a_bad_kek_file_and_a_shared_store_without_postgres() {
     assert_eq!(epoch(&db, "mac"), "0");
 
     // Config: the shared store needs PostgreSQL and the key store backend; a PKCS#11
-    // KEK is recognised but not supported yet.
+    // KEK needs the [pkcs11] table.
     let text = std::fs::read_to_string(a.config_path()).unwrap();
     for (edit, needle) in [
         (
@@ -310,7 +310,7 @@ fn check_refuses_a_bad_kek_file_and_a_shared_store_without_postgres() {
         ),
         (
             text.replace("kek = \"file:kek\"", "kek = \"pkcs11:object=kek\""),
-            "not supported",
+            "a PKCS#11 KEK needs a [pkcs11] table",
         ),
         (
             text.replace("kek = \"file:kek\"", "kek = \"kek\""),
@@ -326,7 +326,7 @@ fn check_refuses_a_bad_kek_file_and_a_shared_store_without_postgres() {
 }
 
 /// Every fragment of 12 or more bytes of `secret`, hex encoded (as a bytea prints).
-fn hex_windows(secret: &[u8]) -> Vec<String> {
+pub fn hex_windows(secret: &[u8]) -> Vec<String> {
     secret
         .windows(12.min(secret.len()))
         .map(|w| w.iter().map(|b| format!("{b:02x}")).collect())
@@ -412,7 +412,7 @@ fn no_key_material_in_the_database_the_ledger_or_the_audit_trail() {
 }
 
 /// Standard base64 (the tests avoid a dependency for it).
-fn base64_decode(s: &str) -> Vec<u8> {
+pub fn base64_decode(s: &str) -> Vec<u8> {
     let val = |c: u8| -> Option<u32> {
         Some(match c {
             b'A'..=b'Z' => c - b'A',

@@ -42,6 +42,7 @@ mod revoke;
 mod rotate;
 #[cfg(feature = "failpoints")]
 mod shared_lifecycle;
+mod shared_pkcs11_kek;
 mod shared_store;
 #[cfg(feature = "failpoints")]
 mod staging_at_admission;

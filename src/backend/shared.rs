@@ -34,7 +34,7 @@ use chrono::Utc;
 use super::keystore::Revocation;
 use super::{Rotated, Step};
 use crate::audit::Event;
-use crate::config::{Activation, KekSource, SharedStore};
+use crate::config::{Activation, SharedStore};
 use crate::kek::Kek;
 use crate::keystore::manifest::{now_rfc3339, Manifest, Plan};
 use crate::keystore::{Algorithm, KeyFile, Keystore};
@@ -75,11 +75,7 @@ impl SharedBackend {
     }
 
     fn kek(&self) -> Result<Kek, Failure> {
-        match &self.store.kek {
-            KekSource::File(path) => {
-                Kek::load(path).map_err(|e| aborted(format!("this host's KEK: {e}; nothing was changed")))
-            }
-        }
+        Kek::from_source(&self.store.kek).map_err(|e| aborted(format!("this host's KEK: {e}; nothing was changed")))
     }
 
     /// Step 1, for the real run and the dry run alike: the same refusal, word for word.
@@ -490,13 +486,7 @@ impl super::RotationBackend for SharedBackend {
 
     fn check(&self) -> Vec<(&'static str, String)> {
         let mut problems = Vec::new();
-        match &self.store.kek {
-            KekSource::File(path) => {
-                if let Err(e) = crate::kek::check_file(path) {
-                    problems.push(("kek", e));
-                }
-            }
-        }
+        problems.extend(crate::kek::check(&self.store.kek).into_iter().map(|e| ("kek", e)));
         if let Err(e) = self.keystore.check_folders() {
             problems.push(("keystore", e));
         } else if let Err(e) = self.keystore.inspect() {

@@ -20,7 +20,7 @@ use serde::Serialize;
 use super::{load_config, print_json, report_failure};
 use crate::audit::{Audit, Event};
 use crate::cli::{Cli, OutputFormat, SyncArgs};
-use crate::config::{Backend, Config, DomainConfig, KekSource};
+use crate::config::{Backend, Config, DomainConfig};
 use crate::deadline::Deadline;
 use crate::guard::Guard;
 use crate::kek::Kek;
@@ -213,9 +213,7 @@ fn sync_one(ctx: &Ctx, ledger: &mut Ledger, d: &DomainConfig) -> DomainSync {
         }
         Ok(Ok(())) => {}
     }
-    let kek = match &store.kek {
-        KekSource::File(path) => Kek::load(path).map_err(|e| aborted(format!("this host's KEK: {e}"))),
-    };
+    let kek = Kek::from_source(&store.kek).map_err(|e| aborted(format!("this host's KEK: {e}")));
     let synced = kek.and_then(|kek| shared::sync_domain(ledger, &ks, &kek, &d.name, &|s| ctx.guard.checkpoint(s)));
     match synced {
         Err(f) => failed(d, f),

@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use aws_lc_rs::digest;
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::error::{Error as CkError, RvError};
+use cryptoki::mechanism::aead::GcmParams;
 use cryptoki::mechanism::eddsa::{EddsaParams, EddsaSignatureScheme};
 use cryptoki::mechanism::{Mechanism, MechanismType};
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
@@ -620,4 +621,117 @@ pub fn id_of(fingerprint: &str) -> Vec<u8> {
     (0..hex.len() / 2)
         .filter_map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok())
         .collect()
+}
+
+/// The shared store's KEK kept in the token (DESIGN 9, 10): an AES-256 secret key that
+/// seals and opens key material with `CKM_AES_GCM` inside the token, so the KEK itself
+/// is never on any host's disk or in its memory.
+impl Token {
+    /// The one secret key labelled `label`. Missing, or two of them (either could be
+    /// the one the store was sealed with), is an error naming the label and token.
+    pub fn find_secret(&self, label: &str) -> Result<ObjectHandle, String> {
+        let s = self.session();
+        let handles = s
+            .find_objects(&[
+                Attribute::Token(true),
+                Attribute::Class(ObjectClass::SECRET_KEY),
+                Attribute::Label(label.as_bytes().to_vec()),
+            ])
+            .map_err(|e| ck(&format!("pkcs11: finding {label:?} failed"), e))?;
+        match handles.as_slice() {
+            [one] => Ok(*one),
+            [] => Err(format!(
+                "pkcs11: token {:?} holds no secret key labelled {label:?}",
+                self.label
+            )),
+            many => Err(format!(
+                "pkcs11: token {:?} holds {} secret keys labelled {label:?}; keep exactly one",
+                self.label,
+                many.len()
+            )),
+        }
+    }
+
+    /// What disqualifies `handle` as a KEK, one line each (empty: fit): it must be an
+    /// AES-256 key allowed to encrypt and decrypt, sensitive and not extractable, and
+    /// the token must do `CKM_AES_GCM`.
+    pub fn kek_problems(&self, handle: ObjectHandle, label: &str) -> Result<Vec<String>, String> {
+        let have = self
+            .ctx
+            .get_mechanism_list(self.slot)
+            .map_err(|e| ck("pkcs11: listing the token's mechanisms failed", e))?;
+        let s = self.session();
+        let attrs = s
+            .get_attributes(
+                handle,
+                &[
+                    AttributeType::KeyType,
+                    AttributeType::ValueLen,
+                    AttributeType::Encrypt,
+                    AttributeType::Decrypt,
+                    AttributeType::Sensitive,
+                    AttributeType::Extractable,
+                ],
+            )
+            .map_err(|e| ck(&format!("pkcs11: reading the attributes of {label:?} failed"), e))?;
+        let (mut aes, mut len, mut enc, mut dec, mut sensitive, mut extractable) =
+            (false, 0u64, false, false, false, true);
+        for a in attrs {
+            match a {
+                Attribute::KeyType(k) => aes = k == KeyType::AES,
+                Attribute::ValueLen(l) => len = l.into(),
+                Attribute::Encrypt(b) => enc = b,
+                Attribute::Decrypt(b) => dec = b,
+                Attribute::Sensitive(b) => sensitive = b,
+                Attribute::Extractable(b) => extractable = b,
+                _ => {}
+            }
+        }
+        let mut problems = Vec::new();
+        let what = format!("the KEK object {label:?} in token {:?}", self.label);
+        if !aes || len != 32 {
+            problems.push(format!("{what} is not an AES-256 key (CKK_AES, 32 bytes)"));
+        }
+        if !(enc && dec) {
+            problems.push(format!("{what} does not allow CKA_ENCRYPT and CKA_DECRYPT"));
+        }
+        if !sensitive {
+            problems.push(format!("{what} is not CKA_SENSITIVE: its value could be read out"));
+        }
+        if extractable {
+            problems.push(format!(
+                "{what} is CKA_EXTRACTABLE: it could be wrapped out of the token"
+            ));
+        }
+        if !have.contains(&MechanismType::AES_GCM) {
+            problems.push(format!("token {:?} does not offer CKM_AES_GCM", self.label));
+        }
+        Ok(problems)
+    }
+
+    /// AES-GCM (128-bit tag) of `data` under `handle` in the token: `ciphertext || tag`.
+    pub fn aes_gcm_encrypt(&self, handle: ObjectHandle, iv: &[u8], aad: &[u8], data: &[u8]) -> Result<Vec<u8>, String> {
+        let mut iv = iv.to_vec();
+        let params = GcmParams::new(&mut iv, aad, 128.into()).map_err(|e| ck("pkcs11: AES-GCM parameters", e))?;
+        self.session()
+            .encrypt(&Mechanism::AesGcm(params), handle, data)
+            .map_err(|e| ck("pkcs11: sealing with the token KEK (CKM_AES_GCM) failed", e))
+    }
+
+    /// Opens what [`Token::aes_gcm_encrypt`] produced; fails on a wrong key, a damaged
+    /// ciphertext or other associated data. The plaintext is zeroized on drop.
+    pub fn aes_gcm_decrypt(
+        &self,
+        handle: ObjectHandle,
+        iv: &[u8],
+        aad: &[u8],
+        data: &[u8],
+    ) -> Result<zeroize::Zeroizing<Vec<u8>>, String> {
+        let mut iv = iv.to_vec();
+        let params = GcmParams::new(&mut iv, aad, 128.into()).map_err(|e| ck("pkcs11: AES-GCM parameters", e))?;
+        self.session()
+            .decrypt(&Mechanism::AesGcm(params), handle, data)
+            .map(zeroize::Zeroizing::new)
+            .map_err(|e| ck("CKM_AES_GCM", e))
+    }
 }
