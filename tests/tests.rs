@@ -40,5 +40,6 @@ mod power_loss;
 #[cfg(feature = "failpoints")]
 mod revoke;
 mod rotate;
+mod shared_store;
 #[cfg(feature = "failpoints")]
 mod staging_at_admission;
