@@ -785,10 +785,14 @@ fn a_role_with_the_documented_grants_runs_the_shared_store() {
             sync(h, None).status(0);
         }
     }
-    // retain = 1 destroyed v1 through an UPDATE: no DELETE needed.
+    // retain = 1 destroyed v1, and retiring v2 (a signature key) erased its sealed
+    // private half, both through an UPDATE: no DELETE needed.
     assert_eq!(
-        db.sql("SELECT count(*) FROM shared_key_versions WHERE domain = 'sess' AND sealed IS NULL"),
-        "1"
+        db.sql(
+            "SELECT string_agg(version || ' ' || state || ' ' || (sealed IS NULL), ',' ORDER BY version) \
+             FROM shared_key_versions WHERE domain = 'sess'"
+        ),
+        "1 destroyed true,2 retired true,3 active false,4 pending false"
     );
     for h in [&a, &b, &c] {
         h.cmd().arg("status").status(0);

@@ -40,6 +40,8 @@ mod power_loss;
 #[cfg(feature = "failpoints")]
 mod revoke;
 mod rotate;
+#[cfg(feature = "failpoints")]
+mod shared_lifecycle;
 mod shared_store;
 #[cfg(feature = "failpoints")]
 mod staging_at_admission;

@@ -72,6 +72,7 @@ pub fn for_domain(domain: &DomainConfig, state_dir: &Path) -> Box<dyn RotationBa
             activation: *activation,
             retain: domain.retain,
             store: domain.shared().cloned().expect("matched as shared"),
+            revoke: None,
         }),
         Backend::Keystore {
             algorithm,
@@ -103,6 +104,19 @@ pub fn for_revocation(
     revocation: &keystore::Revocation,
 ) -> Result<Box<dyn RotationBackend>, String> {
     match &domain.backend {
+        Backend::Keystore {
+            algorithm,
+            keystore,
+            activation,
+            ..
+        } if domain.shared().is_some() => Ok(Box::new(shared::SharedBackend {
+            keystore: crate::keystore::Keystore::new(keystore, &domain.name).with_access(domain.access.clone()),
+            algorithm: *algorithm,
+            activation: *activation,
+            retain: domain.retain,
+            store: domain.shared().cloned().expect("matched as shared"),
+            revoke: Some(revocation.clone()),
+        })),
         Backend::Keystore {
             algorithm,
             keystore,

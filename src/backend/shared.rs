@@ -15,9 +15,23 @@
 //!    `committed`. Nothing is visible, and nothing is written anywhere, before it: a
 //!    crash before the commit leaves nothing to sweep;
 //! 4. sync this host's own copy (a failure is a warning: `keyrotate sync` repairs it).
+//!
+//! `keyrotate revoke` on a shared domain (DESIGN 11) is the same run with
+//! [`Manifest::revoke_plan`] as the plan: in the one commit transaction the version
+//! becomes `compromised` (time, reason) and loses its sealed material, and its
+//! replacement (the pending version promoted, or a fresh key) is inserted sealed. Every
+//! other host's next `sync` drops it from `jwks.json` and unlinks its private file.
+//!
+//! The convergence gate does not hold a revocation back. A leaked active key keeps
+//! signing until the revocation commits, on every host that trusts it: refusing would
+//! trade a verification outage on a lagging host (which recovers with its next `sync`)
+//! for the attacker's continued use of the key everywhere. The gate is still judged,
+//! and the lagging hosts and pools (and the stale ones) are named in the outcome and
+//! in the dry run, so the operator knows which hosts to sync at once.
 
 use chrono::Utc;
 
+use super::keystore::Revocation;
 use super::{Rotated, Step};
 use crate::audit::Event;
 use crate::config::{Activation, KekSource, SharedStore};
@@ -37,6 +51,8 @@ pub struct SharedBackend {
     pub activation: Activation,
     pub retain: u32,
     pub store: SharedStore,
+    /// Set for `keyrotate revoke`.
+    pub revoke: Option<Revocation>,
 }
 
 fn aborted(what: String) -> Failure {
@@ -84,7 +100,18 @@ impl SharedBackend {
             ))
         })?;
         let next = opened.manifest.max_version() + 1;
-        let plan = opened.manifest.plan(self.algorithm, self.activation, self.retain, next);
+        let plan = match &self.revoke {
+            None => opened.manifest.plan(self.algorithm, self.activation, self.retain, next),
+            Some(r) => {
+                opened
+                    .manifest
+                    .revocable(r.version)
+                    .map_err(|e| Failure::new(Outcome::Usage, format!("{e}; nothing was changed")))?;
+                opened
+                    .manifest
+                    .revoke_plan(r.version, &r.reason, self.algorithm, self.activation, next)
+            }
+        };
         let gate = match (plan.promote, ledger) {
             (Some(p), Some(l)) => {
                 let needed = ring.versions.iter().find(|v| v.version == p).map_or(0, |v| v.epoch);
@@ -98,7 +125,8 @@ impl SharedBackend {
                     self.store.sync_ttl,
                     Utc::now(),
                 );
-                if !c.ok() {
+                // A revocation is not held back (see the module header): it names them.
+                if !c.ok() && self.revoke.is_none() {
                     return Err(aborted(c.refusal(p, needed)));
                 }
                 Some(c)
@@ -140,6 +168,8 @@ impl SharedBackend {
                 activated_at: entry.activated_at.clone(),
                 retired_at: None,
                 destroyed_at: None,
+                compromised_at: None,
+                compromise_reason: None,
                 created_by_run: run_id.to_string(),
                 epoch: 0,
             });
@@ -154,6 +184,8 @@ impl SharedBackend {
                 activated_at: v.activated_at.clone(),
                 retired_at: v.retired_at.clone(),
                 destroyed_at: v.destroyed_at.clone(),
+                compromised_at: v.compromised_at.clone(),
+                compromise_reason: v.compromise_reason.clone(),
             })
             .collect();
         let commit = SharedCommit {
@@ -265,9 +297,62 @@ impl SharedBackend {
     }
 }
 
+/// What a revocation that promoted `version` past a gate that did not pass says: the
+/// lagging hosts and the required pools without a host that holds it (they cannot
+/// verify the new active key until their next `sync`). `None` when the gate passed.
+fn gate_note(c: &gate::Convergence, version: u64) -> Option<String> {
+    if c.ok() {
+        return None;
+    }
+    let mut parts = Vec::new();
+    if !c.lagging.is_empty() {
+        let hosts: Vec<String> = c
+            .lagging
+            .iter()
+            .map(|a| format!("{} (pool {}, epoch {})", a.host, a.pool, a.epoch))
+            .collect();
+        parts.push(format!("lagging hosts: {}", hosts.join(", ")));
+    }
+    if !c.missing_pools.is_empty() {
+        parts.push(format!(
+            "required pools without a host that holds it: {}",
+            c.missing_pools.join(", ")
+        ));
+    }
+    Some(format!(
+        "convergence gate not passed, waived for the revocation (a leaked key must stop signing now): v{version} is \
+         not on every host yet; {}; run keyrotate sync there at once",
+        parts.join("; ")
+    ))
+}
+
+impl SharedBackend {
+    /// The audit trail's record of a revocation (DESIGN 11), as the local store's.
+    fn audit_compromise(&self, step: &Step<'_>, before: &Manifest, version: u64, reason: &str, r: &Rotated) {
+        let audited = step.audit.emit(Event {
+            reason: Some(format!("v{version} compromised: {reason}")),
+            from_version: Some(version),
+            from_fingerprint: before.get(version).map(|v| v.fingerprint.clone()),
+            to_version: r.to_version,
+            to_fingerprint: r.to_fingerprint.clone(),
+            ..Event::of("key.compromised", step.run)
+        });
+        if let Err(e) = audited {
+            tracing::warn!("{e}");
+        }
+    }
+}
+
 fn summary(plan: &Plan, next: &Manifest, epoch: Option<i64>) -> String {
     let v = |n: Option<u64>| n.map_or("none".to_string(), |n| format!("v{n}"));
-    let mut s = format!("active {} -> {}", v(plan.from_version), v(Some(plan.to_version)));
+    let mut s = match &plan.compromise {
+        Some((n, _)) => format!(
+            "revoked v{n} (compromised: sealed key erased, unpublished at every host's next sync); active {} -> {}",
+            v(plan.from_version),
+            v(Some(plan.to_version))
+        ),
+        None => format!("active {} -> {}", v(plan.from_version), v(Some(plan.to_version))),
+    };
     if let Some(p) = next.pending() {
         s.push_str(&format!(", pending v{}", p.version));
     }
@@ -324,11 +409,20 @@ impl super::RotationBackend for SharedBackend {
         if let Some(v) = pf.plan.promote {
             plan.push(format!("promote: v{v} pending -> active"));
         }
-        if let Some(c) = &pf.gate {
+        if let Some((n, reason)) = &pf.plan.compromise {
             plan.push(format!(
-                "convergence gate: passed ({} host(s) hold it)",
-                c.converged.len()
+                "compromise: v{n} -> compromised ({reason}); its sealed key is erased in the commit, every host's \
+                 next sync unpublishes it and unlinks its file"
             ));
+        }
+        if let Some(c) = &pf.gate {
+            match gate_note(c, pf.plan.promote.unwrap_or_default()) {
+                Some(note) => plan.push(note),
+                None => plan.push(format!(
+                    "convergence gate: passed ({} host(s) hold it)",
+                    c.converged.len()
+                )),
+            }
             if let Some(note) = c.stale_note() {
                 plan.push(note);
             }
@@ -350,9 +444,13 @@ impl super::RotationBackend for SharedBackend {
             self.keystore.dir().display()
         ));
         let v = |n: Option<u64>| n.map_or("none".into(), |n| format!("v{n}"));
+        let verb = match &pf.plan.compromise {
+            Some((n, _)) => format!("would revoke v{n}"),
+            None => "would rotate".into(),
+        };
         Ok(super::Planned {
             summary: format!(
-                "would rotate: active {} -> {}",
+                "{verb}: active {} -> {}",
                 v(pf.plan.from_version),
                 v(Some(pf.plan.to_version))
             ),
@@ -440,8 +538,18 @@ impl super::RotationBackend for SharedBackend {
         guard.enter_commit()?;
         let epoch = self.commit(&mut step, &commit, &rotated)?;
         rotated.summary = summary(&pf.plan, &next, Some(epoch));
+        if let Some(note) = pf
+            .gate
+            .as_ref()
+            .and_then(|c| gate_note(c, pf.plan.promote.unwrap_or_default()))
+        {
+            rotated.summary.push_str(&format!("; {note}"));
+        }
         if let Some(note) = pf.gate.as_ref().and_then(gate::Convergence::stale_note) {
             rotated.summary.push_str(&format!("; {note}"));
+        }
+        if let Some((n, reason)) = &pf.plan.compromise {
+            self.audit_compromise(&step, &pf.manifest, *n, reason, &rotated);
         }
         if let Err(e) = step.audit.emit(Event {
             reason: Some(rotated.summary.clone()),

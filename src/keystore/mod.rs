@@ -556,6 +556,12 @@ impl Keystore {
         if private_half_allowed(v) {
             return self.load_version(v).map(Half::Private);
         }
+        Keystore::public_half(v).map(Half::Public)
+    }
+
+    /// The public half a version's manifest entry records, checked against its
+    /// fingerprint.
+    pub fn public_half(v: &VersionEntry) -> Result<PublicKey, String> {
         use base64::Engine;
         let bad = |why: &str| format!("keyring.json v{}: public_key {why}", v.version);
         let der = base64::engine::general_purpose::STANDARD
@@ -569,7 +575,7 @@ impl Keystore {
                 v.fingerprint
             )));
         }
-        Ok(Half::Public(public))
+        Ok(public)
     }
 
     /// Reads one version's file and checks it against its manifest entry; a token

@@ -23,12 +23,15 @@ pub struct SharedVersion {
     pub fingerprint: String,
     /// SubjectPublicKeyInfo PEM; `None` for symmetric keys.
     pub public_pem: Option<String>,
-    /// `nonce || ciphertext || tag` under the KEK; `None` once destroyed.
+    /// `nonce || ciphertext || tag` under the KEK; `None` once the version keeps no
+    /// private half (destroyed, compromised, a retired signature version).
     pub sealed: Option<Vec<u8>>,
     pub created_at: String,
     pub activated_at: Option<String>,
     pub retired_at: Option<String>,
     pub destroyed_at: Option<String>,
+    pub compromised_at: Option<String>,
+    pub compromise_reason: Option<String>,
     pub created_by_run: String,
     /// The epoch that first contained this version.
     pub epoch: i64,
@@ -105,7 +108,8 @@ pub struct SharedCommit {
     pub at: String,
     /// New versions (their `epoch` is set to the committed one).
     pub inserts: Vec<SharedVersion>,
-    /// Existing versions whose state changed. A destroyed one loses its sealed material.
+    /// Existing versions whose state changed. One that keeps no private half any more
+    /// (destroyed, compromised, a retired signature version) loses its sealed material.
     pub updates: Vec<VersionUpdate>,
 }
 
@@ -117,6 +121,8 @@ pub struct VersionUpdate {
     pub activated_at: Option<String>,
     pub retired_at: Option<String>,
     pub destroyed_at: Option<String>,
+    pub compromised_at: Option<String>,
+    pub compromise_reason: Option<String>,
 }
 
 /// The commit was refused: another run committed since this one read the keyring.
@@ -148,7 +154,7 @@ fn parse_state(s: &str) -> Result<VersionState, String> {
 }
 
 const VERSION_COLUMNS: &str = "version, state, algorithm, fingerprint, public_pem, sealed, created_at, activated_at, \
-    retired_at, destroyed_at, created_by_run, epoch";
+    retired_at, destroyed_at, created_by_run, epoch, compromised_at, compromise_reason";
 
 fn version_row(r: &postgres::Row) -> Result<SharedVersion, String> {
     let get = |e: postgres::Error| e.to_string();
@@ -165,6 +171,8 @@ fn version_row(r: &postgres::Row) -> Result<SharedVersion, String> {
         destroyed_at: r.try_get(9).map_err(get)?,
         created_by_run: r.try_get(10).map_err(get)?,
         epoch: r.try_get(11).map_err(get)?,
+        compromised_at: r.try_get(12).map_err(get)?,
+        compromise_reason: r.try_get(13).map_err(get)?,
     })
 }
 
@@ -354,8 +362,8 @@ impl Writer<'_, '_> {
             let version = v.version as i64;
             self.pg_exec(
                 "INSERT INTO shared_key_versions (domain, version, state, algorithm, fingerprint, public_pem, sealed, \
-                 created_at, activated_at, retired_at, destroyed_at, created_by_run, epoch) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+                 created_at, activated_at, retired_at, destroyed_at, created_by_run, epoch, compromised_at, \
+                 compromise_reason) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
                 &[
                     &c.domain,
                     &version,
@@ -370,15 +378,23 @@ impl Writer<'_, '_> {
                     &v.destroyed_at,
                     &v.created_by_run,
                     &epoch,
+                    &v.compromised_at,
+                    &v.compromise_reason,
                 ],
             )?;
         }
         for u in &c.updates {
             step("update")?;
             let version = u.version as i64;
+            // The sealed material goes in the same statement as the state that no longer
+            // allows it (the table's CHECK holds the two together): the same rule as
+            // `keystore::private_half_allowed`, a retired asymmetric (signature) version
+            // keeping only its public half.
             let changed = self.pg_exec(
                 "UPDATE shared_key_versions SET state = $3, activated_at = $4, retired_at = $5, destroyed_at = $6, \
-                 sealed = CASE WHEN $3 = 'destroyed' THEN NULL ELSE sealed END WHERE domain = $1 AND version = $2",
+                 compromised_at = $7, compromise_reason = $8, \
+                 sealed = CASE WHEN $3 IN ('destroyed', 'compromised') OR ($3 = 'retired' AND public_pem IS NOT NULL) \
+                 THEN NULL ELSE sealed END WHERE domain = $1 AND version = $2",
                 &[
                     &c.domain,
                     &version,
@@ -386,6 +402,8 @@ impl Writer<'_, '_> {
                     &u.activated_at,
                     &u.retired_at,
                     &u.destroyed_at,
+                    &u.compromised_at,
+                    &u.compromise_reason,
                 ],
             )?;
             if changed != 1 {

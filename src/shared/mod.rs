@@ -26,13 +26,17 @@ use std::collections::BTreeMap;
 use crate::fsutil::DirSync;
 use crate::kek::Kek;
 use crate::keystore::manifest::{version_file, Manifest, VersionEntry, VersionState};
-use crate::keystore::{Algorithm, Inspection, KeyFile, Keystore, PublicKey};
+use crate::keystore::{private_half_allowed, Algorithm, Inspection, KeyFile, Keystore, PublicKey};
 use crate::ledger::{Ledger, SharedKeyring};
 use crate::outcome::{Failure, Outcome};
 
 /// The keyring as the `keyring.json` of a host's copy, validated as strictly as a
-/// manifest read from disk.
+/// manifest read from disk. Every live asymmetric version carries its public half
+/// (`public_key`, base64 SPKI DER, from the stored PEM), so that
+/// [`private_half_allowed`] answers alike on every host and a retired signature version
+/// verifies from it alone.
 pub fn manifest(domain: &str, ring: &SharedKeyring) -> Result<Manifest, String> {
+    use base64::Engine;
     let mut versions = Vec::new();
     for v in &ring.versions {
         let alg: Algorithm = v.algorithm.parse().map_err(|_| {
@@ -41,6 +45,21 @@ pub fn manifest(domain: &str, ring: &SharedKeyring) -> Result<Manifest, String> 
                 v.version, v.algorithm
             )
         })?;
+        let public_key = match (&v.public_pem, v.state) {
+            (Some(text), VersionState::Pending | VersionState::Active | VersionState::Retired) => {
+                let der = ::pem::parse(text)
+                    .ok()
+                    .filter(|p| p.tag() == "PUBLIC KEY")
+                    .ok_or_else(|| {
+                        format!(
+                            "shared keyring of {domain}: v{} public_pem is not a PUBLIC KEY PEM",
+                            v.version
+                        )
+                    })?;
+                Some(base64::engine::general_purpose::STANDARD.encode(der.contents()))
+            }
+            _ => None,
+        };
         versions.push(VersionEntry {
             version: v.version,
             state: v.state,
@@ -49,12 +68,12 @@ pub fn manifest(domain: &str, ring: &SharedKeyring) -> Result<Manifest, String> 
             activated_at: v.activated_at.clone(),
             retired_at: v.retired_at.clone(),
             destroyed_at: v.destroyed_at.clone(),
-            compromised_at: None,
-            compromise_reason: None,
+            compromised_at: v.compromised_at.clone(),
+            compromise_reason: v.compromise_reason.clone(),
             fingerprint: v.fingerprint.clone(),
             file: version_file(v.version, alg),
             created_by_run: v.created_by_run.clone(),
-            public_key: None,
+            public_key,
             object: None,
         });
     }
@@ -77,26 +96,41 @@ pub fn manifest(domain: &str, ring: &SharedKeyring) -> Result<Manifest, String> 
 pub struct Opened {
     pub epoch: i64,
     pub manifest: Manifest,
-    /// The key of every live version.
+    /// The key of every live version that keeps its private half
+    /// ([`private_half_allowed`]).
     pub keys: BTreeMap<u64, KeyFile>,
+    /// The public half of every live asymmetric version (retired signature versions
+    /// included, which have no entry in `keys`).
+    pub publics: BTreeMap<u64, PublicKey>,
 }
 
 impl Opened {
     pub fn publics(&self) -> BTreeMap<u64, PublicKey> {
-        self.keys
-            .iter()
-            .filter_map(|(n, k)| k.public().map(|p| (*n, p.clone())))
-            .collect()
+        self.publics.clone()
     }
 }
 
 /// Opens every live version of `ring` with `kek` and verifies it: the key parses, has
 /// the recorded fingerprint and public key, and passes the self-test (sign/verify, MAC
-/// or seal/open). Any failure names the version and why, never key bytes.
+/// or seal/open); a retired signature version, which keeps only its public half, has
+/// that public key checked against its fingerprint. Any failure names the version and
+/// why, never key bytes.
 pub fn open_keyring(domain: &str, ring: &SharedKeyring, kek: &Kek) -> Result<Opened, String> {
     let manifest = manifest(domain, ring)?;
     let mut keys = BTreeMap::new();
-    for v in ring.versions.iter().filter(|v| v.state != VersionState::Destroyed) {
+    let mut publics = BTreeMap::new();
+    for entry in manifest.live() {
+        let v = ring
+            .versions
+            .iter()
+            .find(|v| v.version == entry.version)
+            .expect("the manifest is made of the ring's versions");
+        if !private_half_allowed(entry) {
+            // Only the public half: it must be the key the fingerprint names.
+            let public = Keystore::public_half(entry).map_err(|e| format!("v{} does not verify: {e}", v.version))?;
+            publics.insert(v.version, public);
+            continue;
+        }
         let alg: Algorithm = v
             .algorithm
             .parse()
@@ -126,12 +160,16 @@ pub fn open_keyring(domain: &str, ring: &SharedKeyring, kek: &Kek) -> Result<Ope
         }
         key.self_test()
             .map_err(|e| format!("v{} does not verify: {e}", v.version))?;
+        if let Some(p) = key.public() {
+            publics.insert(v.version, p.clone());
+        }
         keys.insert(v.version, key);
     }
     Ok(Opened {
         epoch: ring.epoch,
         manifest,
         keys,
+        publics,
     })
 }
 
@@ -203,7 +241,7 @@ pub fn write_local(ks: &Keystore, opened: &Opened) -> Result<Local, String> {
         }
     }
     let mut written = Vec::new();
-    for v in opened.manifest.live() {
+    for v in opened.manifest.live().filter(|v| private_half_allowed(v)) {
         let key = &opened.keys[&v.version];
         if ks
             .install(&v.file, key)
@@ -220,7 +258,12 @@ pub fn write_local(ks: &Keystore, opened: &Opened) -> Result<Local, String> {
     let mut publics = opened.publics();
     let mut preview = opened.manifest.clone();
     if let Some(old) = &old {
-        for v in preview.versions.iter_mut().filter(|v| !v.is_live()) {
+        // A compromised version is not carried over: it leaves jwks.json at once.
+        for v in preview
+            .versions
+            .iter_mut()
+            .filter(|v| !v.is_live() && v.state != VersionState::Compromised)
+        {
             if let (Some(was), Some(p)) = (old.manifest.get(v.version), old.publics.get(&v.version)) {
                 if was.is_live() {
                     v.state = VersionState::Retired;

@@ -191,12 +191,29 @@ pub fn revoke(cli: &Cli, args: &RevokeArgs) -> Outcome {
 /// copy holds) and only on a manifest that reads; a store that does not verify is the
 /// backend's to refuse, under the locks. The backend checks again under the locks.
 fn revocable_now(p: &Prepared, version: u64) -> Result<(), Failure> {
-    let Some(ks) = keystore_of(p) else {
-        return Ok(());
-    };
     if p.pool != p.domain.designated_pool {
         return Ok(());
     }
+    // A shared domain's local copy is a replica that may lag: the keyring in the
+    // database is the one to ask. A database that cannot be read here is the
+    // backend's to refuse, under the locks (it asks again there in any case).
+    if p.domain.shared().is_some() {
+        let ring = match Ledger::open_read_only(&p.config.ledger) {
+            Ok(Some(l)) => l.shared_keyring(&p.domain.name).ok(),
+            _ => None,
+        };
+        return match ring.map(|r| (r.epoch, crate::shared::manifest(&p.domain.name, &r))) {
+            Some((0, _)) => Err(Failure::usage(format!(
+                "--version {version}: shared domain {} has no committed keyring yet: nothing to revoke",
+                p.domain.name
+            ))),
+            Some((_, Ok(m))) => m.revocable(version).map(|_| ()).map_err(Failure::usage),
+            _ => Ok(()),
+        };
+    }
+    let Some(ks) = keystore_of(p) else {
+        return Ok(());
+    };
     match ks.inspect() {
         Ok(i) if !i.exists => Err(Failure::usage(format!(
             "--version {version}: domain {} has no keyring yet in {}: nothing to revoke",

@@ -15,9 +15,12 @@ CREATE TABLE shared_keyrings (
 );
 
 -- Every version of every shared domain, destroyed ones included (numbers are never
--- reused). `sealed` is NULL exactly when the version is destroyed. `epoch` is the
--- epoch that first contained the version: a host that acknowledged that epoch or a
--- later one holds it (the convergence gate).
+-- reused). The lifecycle is the local store's (DESIGN 11): `sealed` is NULL exactly
+-- when the version keeps no private or secret half, i.e. destroyed and compromised
+-- versions and retired signature versions (an asymmetric version: it has a
+-- `public_pem`, which keeps verifying it); present otherwise. `epoch` is the epoch
+-- that first contained the version: a host that acknowledged that epoch or a later
+-- one holds it (the convergence gate).
 CREATE TABLE shared_key_versions (
   domain TEXT NOT NULL REFERENCES shared_keyrings(domain),
   version BIGINT NOT NULL,
@@ -30,11 +33,30 @@ CREATE TABLE shared_key_versions (
   activated_at TEXT,
   retired_at TEXT,
   destroyed_at TEXT,
+  compromised_at TEXT,        -- set exactly on compromised versions (keyrotate revoke)
+  compromise_reason TEXT,
   created_by_run TEXT NOT NULL,
   epoch BIGINT NOT NULL,
   PRIMARY KEY (domain, version),
-  CHECK ((state = 'destroyed') = (sealed IS NULL))
+  CHECK ((sealed IS NULL) = (state IN ('destroyed','compromised') OR (state = 'retired' AND public_pem IS NOT NULL))),
+  CHECK ((state = 'compromised') = (compromised_at IS NOT NULL))
 );
+
+-- A compromised version never returns to any other state (DESIGN 11), whatever
+-- writes the row: the CHECKs above keep its key material from coming back, this keeps
+-- its state, time and reason.
+CREATE FUNCTION shared_compromised_is_final() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  IF OLD.state = 'compromised' AND (NEW.state IS DISTINCT FROM 'compromised'
+      OR NEW.compromised_at IS DISTINCT FROM OLD.compromised_at
+      OR NEW.compromise_reason IS DISTINCT FROM OLD.compromise_reason) THEN
+    RAISE EXCEPTION 'shared_key_versions: v% of % is compromised: it never changes state again', OLD.version, OLD.domain;
+  END IF;
+  RETURN NEW;
+END
+$$;
+CREATE TRIGGER shared_compromised_is_final BEFORE UPDATE ON shared_key_versions
+  FOR EACH ROW EXECUTE FUNCTION shared_compromised_is_final();
 
 -- The newest acknowledgement of each host: the epoch its local copy holds.
 CREATE TABLE shared_sync_acks (
