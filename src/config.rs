@@ -62,7 +62,7 @@ struct DomainCtx {
     shared_ledger: bool,
     /// `[host] name` (or the system host name).
     host_name: String,
-    /// The `[pkcs11]` table, if any (what `custody = "pkcs11"` needs).
+    /// The `[pkcs11]` token, for the domains with `custody = "pkcs11"`.
     pkcs11: Option<TokenConfig>,
 }
 
@@ -392,6 +392,11 @@ impl Config {
                 .unwrap_or_default(),
             None => crate::process::hostname(),
         };
+        let ctx = DomainCtx {
+            shared_ledger: matches!(ledger, LedgerLocation::Postgres(_)),
+            host_name: host_name.clone(),
+            pkcs11: None,
+        };
         let audit_file = match raw.audit.and_then(|a| a.file) {
             Some(f) if f.as_os_str().is_empty() => {
                 errors.push(err("audit.file", "expected a file path, found an empty string".into()));
@@ -432,11 +437,7 @@ impl Config {
                 None
             }
         };
-        let ctx = DomainCtx {
-            shared_ledger: matches!(ledger, LedgerLocation::Postgres(_)),
-            host_name: host_name.clone(),
-            pkcs11,
-        };
+        let ctx = DomainCtx { pkcs11, ..ctx };
         let mut domains = BTreeMap::new();
         let mut unchecked = BTreeMap::new();
         for (name, value) in raw.domains {
@@ -761,14 +762,18 @@ fn domain(name: &str, d: RawDomain, base: &Path, ctx: &DomainCtx) -> Result<Doma
                     )),
                 },
             );
-            let custody = take(&mut errs, custody(d.custody.as_deref(), ctx.pkcs11.as_ref()));
-            // A shared domain's keys live sealed in the database and on every host: a
-            // token holds them on one host only, which no other pool could sync.
-            if d.store.as_deref() == Some("shared") && matches!(custody, Some(Some(_))) {
-                errs.push((
-                    "custody",
-                    "\"pkcs11\" cannot be combined with store = \"shared\" (every pool must hold the keys); keep the shared store's KEK in the token instead: kek = \"pkcs11:object=<label>\"".into(),
-                ));
+            let mut custody = take(&mut errs, custody(d.custody.as_deref(), ctx.pkcs11.as_ref()));
+            if matches!(store, Some(Store::Shared(_))) && matches!(custody, Some(Some(_))) {
+                // The shared store keeps sealed key material in the database for every
+                // host of the pool; a token on one host cannot be that.
+                custody = take(
+                    &mut errs,
+                    Err((
+                        "custody",
+                        "\"pkcs11\" is not for store = \"shared\" (the shared store seals its keys under its kek)"
+                            .into(),
+                    )),
+                );
             }
             match (algorithm, keystore, activation, custody) {
                 (Some(algorithm), Some(keystore), Some(activation), Some(custody)) => Some(Backend::Keystore {

@@ -837,3 +837,29 @@ fn revoking_a_token_key_destroys_its_object_and_activates_a_fresh_one_in_the_tok
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+#[test]
+fn token_custody_is_refused_for_a_shared_store_domain() {
+    let Some(module) = softhsm::module("pkcs11::shared_store") else {
+        return;
+    };
+    let config = softhsm::config(
+        &module,
+        "[domains.s]\nalgorithm = \"ed25519\"\nstore = \"shared\"\nkek = \"file:kek\"\ncustody = \"pkcs11\"\n",
+    )
+    .replace(
+        "dir = \"state\"",
+        "dir = \"state\"\nledger = \"postgres://keyrotate@127.0.0.1/kr\"",
+    );
+    let env = Env::with_config(&config);
+    softhsm::write_pin(&env, PIN);
+    std::fs::write(env.path("kek"), [7u8; 32]).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(env.path("kek"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    let out = env.cmd().arg("check").status(2);
+    assert!(
+        out.stdout.contains("domains.s.custody") && out.stdout.contains("store = \"shared\""),
+        "{}",
+        out.stdout
+    );
+}

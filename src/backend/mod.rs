@@ -65,7 +65,7 @@ pub fn for_domain(domain: &DomainConfig, state_dir: &Path) -> Box<dyn RotationBa
             algorithm,
             keystore,
             activation,
-            custody: _,
+            ..
         } if domain.shared().is_some() => Box::new(shared::SharedBackend {
             keystore: crate::keystore::Keystore::new(keystore, &domain.name).with_access(domain.access.clone()),
             algorithm: *algorithm,
@@ -108,7 +108,7 @@ pub fn for_revocation(
             algorithm,
             keystore,
             activation,
-            custody: _,
+            ..
         } if domain.shared().is_some() => Ok(Box::new(shared::SharedBackend {
             keystore: crate::keystore::Keystore::new(keystore, &domain.name).with_access(domain.access.clone()),
             algorithm: *algorithm,

@@ -74,7 +74,6 @@ pub fn manifest(domain: &str, ring: &SharedKeyring) -> Result<Manifest, String> 
             file: version_file(v.version, alg),
             created_by_run: v.created_by_run.clone(),
             public_key,
-            // Shared keys are sealed in the database, never held by a token.
             object: None,
         });
     }
