@@ -303,6 +303,21 @@ mod tests {
     }
 
     #[test]
+    fn a_file_kek_names_a_key_sealed_by_a_token_instead_of_trying_it() {
+        let d = tempfile::tempdir().unwrap();
+        let a = Kek::load(&kek_file(d.path(), "a", &[7u8; 32], 0o600)).unwrap();
+        let mut sealed = TOKEN_FORMAT.to_vec();
+        sealed.extend_from_slice(&[0u8; NONCE_LEN + TAG_LEN + 8]);
+        let e = a.open("dom", 3, "sha256:ab", &sealed).unwrap_err();
+        assert!(e.contains("sealed by a PKCS#11 token KEK"), "{e}");
+        // The two contexts never give the same associated data.
+        assert_ne!(
+            associated_data("dom", 3, "sha256:ab"),
+            token_associated_data("dom", 3, "sha256:ab")
+        );
+    }
+
+    #[test]
     fn the_kek_file_must_be_private_and_exactly_32_bytes() {
         let d = tempfile::tempdir().unwrap();
         let e = Kek::load(&kek_file(d.path(), "short", &[1u8; 31], 0o600)).unwrap_err();
