@@ -770,7 +770,8 @@ fn domain(name: &str, d: RawDomain, base: &Path, ctx: &DomainCtx) -> Result<Doma
                     &mut errs,
                     Err((
                         "custody",
-                        "\"pkcs11\" is not for store = \"shared\" (the shared store seals its keys under its kek)"
+                        "\"pkcs11\" is not for store = \"shared\" (the shared store seals its keys under its kek); to keep \
+                         that KEK in the token instead: kek = \"pkcs11:object=<label>\""
                             .into(),
                     )),
                 );

@@ -315,8 +315,14 @@ fn check_names_each_kek_problem_and_a_rotation_without_the_kek_aborts() {
             text.replace(&format!("pkcs11:object={LABEL}"), "pkcs11:id=01"),
             "expected \"pkcs11:object=<label>\"",
         ),
+        // Token custody of a shared domain points at the token KEK instead.
+        (
+            text.replace("[domains.mac]\n", "[domains.mac]\ncustody = \"pkcs11\"\n"),
+            "instead: kek = \"pkcs11:object=<label>\"",
+        ),
     ] {
         let e = Env::with_config(&edit);
+        write_pin(&e, PIN);
         let out = e.cmd().arg("check").status(2);
         assert!(out.stdout.contains(needle), "{needle}: {}", out.stdout);
     }
