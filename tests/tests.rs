@@ -36,4 +36,6 @@ mod power_loss;
 mod rotate;
 mod shared_store;
 #[cfg(feature = "failpoints")]
+mod shared_storm;
+#[cfg(feature = "failpoints")]
 mod staging_at_admission;
