@@ -529,7 +529,14 @@ fn checked_domain(
             })
             .collect::<Vec<_>>()
     })?;
-    let applicable = defaults.for_backend(d.backend.as_deref().or(defaults.backend.as_deref()));
+    let mut applicable = defaults.for_backend(d.backend.as_deref().or(defaults.backend.as_deref()));
+    // Shared-store defaults apply to shared domains only: a `[defaults] sync_ttl` must
+    // not break a local one (the same key set on a local domain is still an error).
+    if d.store.as_deref().or(applicable.store.as_deref()) != Some("shared") {
+        applicable.kek = None;
+        applicable.require_pools = None;
+        applicable.sync_ttl = None;
+    }
     let d = d.or(&applicable);
     domain(name, d, base, ctx).map_err(|problems| {
         problems
@@ -983,6 +990,45 @@ keystore = "keys"
         ] {
             assert!(validate_domain_name(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn shared_store_keys() {
+        let pg = GOOD.replace("dir = \"state\"", "dir = \"state\"\nledger = \"postgres://u@h/db\"");
+        let shared = pg.replace(
+            "keystore = \"keys\"",
+            "keystore = \"keys\"\nstore = \"shared\"\nkek = \"file:kek\"\nrequire_pools = [\"a\", \"b\"]",
+        );
+        let c = parse(&format!("{shared}\n[host]\nname = \"app-1\"\n")).unwrap();
+        let s = c.domains["sig"].shared().expect("shared");
+        assert_eq!(s.kek, KekSource::File("/etc/kr/kek".into()));
+        assert_eq!(s.require_pools, ["a", "b"]);
+        assert_eq!(s.sync_ttl, DEFAULT_SYNC_TTL);
+        assert_eq!(s.host, "app-1");
+        assert_eq!(c.host_name, "app-1");
+        // The embedded ledger, a missing or PKCS#11 KEK, a shared key on a local domain.
+        for (text, needle) in [
+            (
+                shared.replace("ledger = \"postgres://u@h/db\"", ""),
+                "needs the PostgreSQL ledger",
+            ),
+            (shared.replace("kek = \"file:kek\"", ""), "domains.sig.kek: missing"),
+            (shared.replace("file:kek", "pkcs11:object=k"), "not supported"),
+            (
+                pg.replace("keystore = \"keys\"", "keystore = \"keys\"\nsync_ttl = \"1d\""),
+                "only for store",
+            ),
+            (
+                shared.replace("store = \"shared\"", "store = \"remote\""),
+                "domains.sig.store",
+            ),
+        ] {
+            let e = parse(&text).unwrap_err();
+            assert!(e.contains(needle), "{needle}: {e}");
+        }
+        // Shared defaults do not break a local domain.
+        let defaults = pg.replace("min_interval = \"1h\"", "min_interval = \"1h\"\nsync_ttl = \"1d\"");
+        assert!(parse(&defaults).unwrap().domains["sig"].shared().is_none());
     }
 
     #[test]

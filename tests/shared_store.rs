@@ -198,6 +198,20 @@ fn three_hosts_rotate_sync_and_the_promotion_waits_for_the_lagging_host() {
     a.rotate("sess").status(0);
     assert_eq!(a.manifest("sess")["primary"], 3);
     assert_eq!(epoch(&db, "sess"), "3");
+    // retain = 1: v1 is destroyed, its sealed key erased, its file gone everywhere.
+    assert_eq!(
+        db.sql(
+            "SELECT state || ' ' || (sealed IS NULL) FROM shared_key_versions WHERE domain = 'sess' AND version = 1"
+        ),
+        "destroyed true"
+    );
+    for h in [&b, &c] {
+        sync(h, Some("sess")).status(0);
+    }
+    let copy = copy_of(&a, "sess");
+    assert!(!copy.iter().any(|(n, _)| n == "v000001.pem"), "{copy:?}");
+    assert_eq!(copy, copy_of(&b, "sess"));
+    assert_eq!(copy, copy_of(&c, "sess"));
 }
 
 #[test]
@@ -402,4 +416,280 @@ fn base64_decode(s: &str) -> Vec<u8> {
         }
     }
     out
+}
+
+/// Waits until `log` (a failpoint log) shows `step`, or panics after 20 s.
+#[cfg(feature = "failpoints")]
+fn wait_for(log: &Path, step: &str) {
+    crate::common::wait_for_step(log, step);
+}
+
+#[cfg(feature = "failpoints")]
+#[test]
+fn a_run_that_lost_its_lock_never_commits_over_another_run() {
+    need_postgres!();
+    let db = Database::new();
+    let a = host(&db, "host-a", "pool-a");
+    // A second host of the designated pool.
+    let a2 = host(&db, "host-a2", "pool-a");
+    a.rotate("mac").status(0);
+    assert_eq!(epoch(&db, "mac"), "1");
+
+    // A reads epoch 1, then stalls before its commit; its session is killed (the
+    // server releases its advisory lock). A2 takes the lock but is refused while A
+    // lives (a live run is never called dead); A wakes, finds its lock gone and stops
+    // without committing; then A2 commits epoch 2.
+    let log = a.path("steps.log");
+    let child = a
+        .rotate("mac")
+        .args(["--run-id", "LOST-A"])
+        .env("KEYROTATE_FAILPOINT_LOG", &log)
+        .env("KEYROTATE_FAILPOINTS", "ledger.confirm=sleep(3000)")
+        .spawn();
+    wait_for(&log, "ledger.confirm");
+    db.terminate_keyrotate_sessions();
+    a2.rotate("mac").args(["--run-id", "BUSY-A2"]).status(5);
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(3), "{stdout}");
+    assert!(stdout.contains("lost its lock"), "{stdout}");
+    assert_eq!(epoch(&db, "mac"), "1", "the run without its lock committed");
+    a2.rotate("mac").args(["--run-id", "WIN-A2"]).status(0);
+    assert_eq!(epoch(&db, "mac"), "2");
+    assert_eq!(
+        db.sql("SELECT count(*) FROM shared_key_versions WHERE created_by_run = 'LOST-A'"),
+        "0"
+    );
+    assert_eq!(
+        db.sql("SELECT state || ' ' || exit_code FROM rotations WHERE run_id = 'LOST-A'"),
+        "aborted 3"
+    );
+
+    // The fence itself: B reads epoch 2 and stalls inside its commit transaction, just
+    // before the conditional epoch update; meanwhile another writer commits epoch 3
+    // (as a run whose lock was lost behind a connection pooler would). B's update
+    // finds the epoch moved: nothing of B is committed.
+    let log = a.path("steps2.log");
+    let child = a
+        .rotate("mac")
+        .args(["--run-id", "FENCED-B"])
+        .env("KEYROTATE_FAILPOINT_LOG", &log)
+        .env("KEYROTATE_FAILPOINTS", "shared.epoch=sleep(2000)")
+        .spawn();
+    wait_for(&log, "shared.epoch");
+    db.sql("UPDATE shared_keyrings SET epoch = epoch + 1, committed_run = 'OTHER' WHERE domain = 'mac'");
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(3), "{stdout}");
+    assert!(stdout.contains("epoch fence") && stdout.contains("OTHER"), "{stdout}");
+    assert_eq!(epoch(&db, "mac"), "3");
+    assert_eq!(
+        db.sql("SELECT count(*) FROM shared_key_versions WHERE created_by_run = 'FENCED-B'"),
+        "0"
+    );
+    assert_eq!(
+        db.sql("SELECT state || ' ' || exit_code FROM rotations WHERE run_id = 'FENCED-B'"),
+        "aborted 3"
+    );
+}
+
+#[test]
+fn status_shows_each_hosts_acknowledgement_and_a_stale_host_is_never_converged() {
+    need_postgres!();
+    let db = Database::new();
+    let a = host(&db, "host-a", "pool-a");
+    let b = host(&db, "host-b", "pool-b");
+    let c = host(&db, "host-c", "pool-c");
+    a.rotate("mac").status(0);
+    sync(&b, Some("mac")).status(0);
+    let s = a
+        .cmd()
+        .args(["status", "--domain", "mac", "--output", "json"])
+        .status(0)
+        .json();
+    let sync_json = &s["domains"][0]["sync"];
+    assert_eq!(sync_json["epoch"], 1, "{s}");
+    let hosts = sync_json["hosts"].as_array().unwrap();
+    assert_eq!(hosts.len(), 2, "{s}");
+    assert_eq!(hosts[1]["host"], "host-b");
+    assert_eq!(hosts[1]["pool"], "pool-b");
+    assert_eq!(hosts[1]["epoch"], 1);
+    assert_eq!(hosts[1]["stale"], false);
+    assert!(hosts[1]["synced_at"].as_str().unwrap().ends_with('Z'), "{s}");
+    let text = a.cmd().args(["status", "--domain", "mac"]).status(0).stdout;
+    assert!(
+        text.contains("sync mac: epoch 1") && text.contains("host-b (pool pool-b) epoch 1"),
+        "{text}"
+    );
+    let prom = a.cmd().args(["status", "--output", "prometheus"]).status(0).stdout;
+    assert!(
+        prom.contains(r#"keyrotate_sync_epoch{domain="mac",host="host-b",pool="pool-b"} 1"#),
+        "{prom}"
+    );
+
+    // host-b falls behind past sync_ttl (the default 7 days): status exits 3 naming it.
+    a.rotate("mac").status(0);
+    db.sql("UPDATE shared_keyrings SET committed_at = '2020-01-01T00:00:00.000Z' WHERE domain = 'mac'");
+    db.sql("UPDATE shared_sync_acks SET synced_at = '2020-01-01T00:00:00.000Z' WHERE host = 'host-b'");
+    let out = a
+        .cmd()
+        .args(["status", "--domain", "mac", "--output", "json"])
+        .status(3);
+    let s = out.json();
+    let hosts = s["domains"][0]["sync"]["hosts"].as_array().unwrap().clone();
+    assert_eq!(hosts[1]["stale"], true, "{s}");
+    assert!(
+        out.stderr.contains("host-b (pool pool-b, epoch 1, stale)"),
+        "{}",
+        out.stderr
+    );
+
+    // A promotion: host-c's acknowledgement is stale, so pool-c has no converged host
+    // (sess requires it): the gate names it stale and does not promote.
+    a.rotate("sess").status(0);
+    sync(&b, Some("sess")).status(0);
+    sync(&c, Some("sess")).status(0);
+    db.sql(
+        "UPDATE shared_sync_acks SET synced_at = '2020-01-01T00:00:00.000Z' WHERE host = 'host-c' AND domain = 'sess'",
+    );
+    let out = a.rotate("sess").status(3);
+    assert!(
+        out.stdout.contains("stale hosts") && out.stdout.contains("host-c") && out.stdout.contains("pool-c"),
+        "{}",
+        out.stdout
+    );
+    sync(&c, Some("sess")).status(0);
+    a.rotate("sess").status(0);
+}
+
+#[cfg(feature = "failpoints")]
+#[test]
+fn a_rotation_killed_before_or_after_its_commit_is_diagnosed_from_the_shared_keyring() {
+    need_postgres!();
+    let db = Database::new();
+    let a = host(&db, "host-a", "pool-a");
+    let b = host(&db, "host-b", "pool-b");
+    a.rotate("mac").status(0);
+    // Killed inside the commit transaction: the server rolls it back.
+    let out = a
+        .rotate("mac")
+        .args(["--run-id", "KILLED-BEFORE"])
+        .env("KEYROTATE_FAILPOINTS", "shared.insert=kill")
+        .status(137);
+    assert!(out.stdout.is_empty(), "{}", out.stdout);
+    assert_eq!(epoch(&db, "mac"), "1");
+    let out = a.rotate("mac").status(4);
+    assert!(
+        out.stdout.contains("it did not commit") && out.stdout.contains("nothing to sweep"),
+        "{}",
+        out.stdout
+    );
+    a.resolve("mac", "KILLED-BEFORE", "checked: epoch 1 stands").status(0);
+    a.rotate("mac").status(0);
+    assert_eq!(epoch(&db, "mac"), "2");
+
+    // Killed right after the commit, before its own copy was synced.
+    a.rotate("mac")
+        .args(["--run-id", "KILLED-AFTER"])
+        .env("KEYROTATE_FAILPOINTS", "install.rename=kill")
+        .status(137);
+    assert_eq!(epoch(&db, "mac"), "3");
+    let out = a.rotate("mac").status(4);
+    assert!(out.stdout.contains("it did commit"), "{}", out.stdout);
+    let resolved = a.resolve("mac", "KILLED-AFTER", "committed epoch 3; syncing").status(0);
+    assert!(
+        resolved.stdout.contains("keyrotate sync") || resolved.stderr.contains("keyrotate sync"),
+        "{}",
+        resolved.stdout
+    );
+    // Every host's sync gives the whole committed keyring.
+    for h in [&a, &b] {
+        sync(h, Some("mac")).status(0);
+        h.cmd().args(["check", "--domain", "mac"]).status(0);
+    }
+    assert_eq!(copy_of(&a, "mac"), copy_of(&b, "mac"));
+    a.rotate("mac").status(0);
+}
+
+#[cfg(feature = "failpoints")]
+#[test]
+fn sync_exit_codes_busy_timed_out_unreachable_and_usage() {
+    need_postgres!();
+    let db = Database::new();
+    let a = host(&db, "host-a", "pool-a");
+    let b = host(&db, "host-b", "pool-b");
+    a.rotate("mac").status(0);
+    sync(&b, None).status(0);
+    a.rotate("mac").status(0);
+    let before = copy_of(&b, "mac");
+
+    // 5: another sync of the domain holds this host's copy.
+    let log = b.path("steps.log");
+    let first = sync(&b, Some("mac"))
+        .env("KEYROTATE_FAILPOINT_LOG", &log)
+        .env("KEYROTATE_FAILPOINTS", "ledger.shared_read=sleep(2000)")
+        .spawn();
+    crate::common::wait_for_step(&log, "ledger.shared_read");
+    let out = sync(&b, Some("mac")).status(5);
+    assert!(
+        out.stdout.contains("BUSY mac") && out.stdout.contains("sync-host-b-"),
+        "{}",
+        out.stdout
+    );
+    assert!(first.wait_with_output().unwrap().status.success());
+    assert_ne!(copy_of(&b, "mac"), before, "the first sync did its work");
+
+    // 8: the deadline comes while the keyring is read; nothing is written.
+    a.rotate("mac").status(0);
+    let before = copy_of(&b, "mac");
+    let out = b
+        .cmd()
+        .args(["sync", "--domain", "mac", "--deadline", "1s"])
+        .env("KEYROTATE_FAILPOINTS", "ledger.shared_read=sleep(1500)")
+        .status(8);
+    assert!(out.stdout.contains("TIMED_OUT mac"), "{}", out.stdout);
+    assert_eq!(copy_of(&b, "mac"), before);
+
+    // 3: the database cannot be reached; the copy stays as it was and verifies.
+    let text = std::fs::read_to_string(b.config_path()).unwrap();
+    std::fs::write(b.config_path(), text.replace("@127.0.0.1/", "@127.0.0.1:1/")).unwrap();
+    let out = b.cmd().args(["sync", "--deadline", "10s"]).status(3);
+    assert!(out.stdout.contains("left as they were"), "{}", out.stdout);
+    assert_eq!(copy_of(&b, "mac"), before);
+    std::fs::write(b.config_path(), &text).unwrap();
+    b.cmd().args(["check", "--domain", "mac"]).status(0);
+
+    // 2: a domain that is not shared, or no deadline.
+    let out = b.cmd().args(["sync", "--domain", "nope", "--deadline", "1m"]).status(2);
+    assert!(out.stderr.contains("nope"), "{}", out.stderr);
+    b.cmd().args(["sync"]).status(2);
+    // And the audit trail has every attempt.
+    let audit = std::fs::read_to_string(b.path("state/audit.jsonl")).unwrap();
+    assert!(
+        audit.contains("\"sync.completed\"") && audit.contains("\"sync.failed\""),
+        "{audit}"
+    );
+    assert!(db
+        .sql("SELECT string_agg(DISTINCT outcome, ',' ORDER BY outcome) FROM shared_syncs WHERE host = 'host-b'")
+        .contains("BUSY"));
+    // history shows the syncs beside the rotations.
+    let h = b
+        .cmd()
+        .args(["history", "--domain", "mac", "--output", "json"])
+        .status(0)
+        .json();
+    let syncs = h["syncs"].as_array().unwrap();
+    assert!(
+        syncs
+            .iter()
+            .any(|s| s["host"] == "host-b" && s["outcome"] == "BUSY" && s["exit_code"] == 5),
+        "{h}"
+    );
+    assert!(syncs.iter().any(|s| s["outcome"] == "SYNCED"), "{h}");
+    assert!(!h["runs"].as_array().unwrap().is_empty(), "{h}");
+    let text = b.cmd().args(["history", "--domain", "mac"]).status(0).stdout;
+    assert!(
+        text.contains("syncs (keyrotate sync") && text.contains("TIMED_OUT (8)"),
+        "{text}"
+    );
 }

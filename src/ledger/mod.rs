@@ -14,7 +14,7 @@ mod pgurl;
 mod postgres;
 pub use postgres::validate_url as validate_postgres_url;
 mod shared;
-pub use shared::{Fenced, SharedCommit, SharedKeyring, SharedVersion, SyncAck, SyncRecord, VersionUpdate};
+pub use shared::{Fenced, SharedCommit, SharedKeyring, SharedVersion, SyncAck, SyncRecord, SyncRow, VersionUpdate};
 mod sqlite;
 mod tls;
 

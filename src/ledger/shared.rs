@@ -80,6 +80,20 @@ pub struct SyncRecord {
     pub detail: String,
 }
 
+/// One row of `shared_syncs`, as `history` shows it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct SyncRow {
+    pub id: i64,
+    pub domain: String,
+    pub host: String,
+    pub pool: Option<String>,
+    pub at: String,
+    pub epoch: Option<i64>,
+    pub outcome: String,
+    pub exit_code: i64,
+    pub detail: Option<String>,
+}
+
 /// What one rotation commits to a domain's shared keyring.
 #[derive(Clone, Debug)]
 pub struct SharedCommit {
@@ -232,6 +246,42 @@ impl Ledger {
                 pool: r.get(2),
                 epoch: r.get(3),
                 synced_at: r.get(4),
+            })
+            .collect())
+    }
+
+    /// The recorded syncs, newest first, optionally of one domain and since an instant;
+    /// empty on the embedded ledger (which has no shared store).
+    pub fn shared_syncs(
+        &self,
+        domain: Option<&str>,
+        since: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<SyncRow>, LedgerError> {
+        let Conn::Postgres(c) = &self.conn else {
+            return Ok(Vec::new());
+        };
+        self.round_trip("shared_syncs").map_err(LedgerError::Query)?;
+        let rows = c
+            .borrow_mut()
+            .query(
+                "SELECT id, domain, host, pool, at, epoch, outcome, exit_code, detail FROM shared_syncs \
+                 WHERE ($1::text IS NULL OR domain = $1) AND ($2::text IS NULL OR at >= $2) ORDER BY id DESC LIMIT $3",
+                &[&domain, &since, &i64::from(limit)],
+            )
+            .map_err(|e| LedgerError::Query(pg::err(&self.label, e)))?;
+        Ok(rows
+            .iter()
+            .map(|r| SyncRow {
+                id: r.get(0),
+                domain: r.get(1),
+                host: r.get(2),
+                pool: r.get(3),
+                at: r.get(4),
+                epoch: r.get(5),
+                outcome: r.get(6),
+                exit_code: r.get(7),
+                detail: r.get(8),
             })
             .collect())
     }

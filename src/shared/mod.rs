@@ -158,7 +158,19 @@ pub enum Local {
 /// evidence, not garbage.
 pub fn write_local(ks: &Keystore, opened: &Opened) -> Result<Local, String> {
     ks.prepare()?;
-    let old = ks.inspect().ok().filter(|i| i.exists);
+    let inspected = ks.inspect().ok();
+    // Temporaries of an interrupted write (a killed sync) are never referenced, and
+    // may hold key bytes: removed before anything else.
+    if let Some(tmp) = inspected.as_ref().map(|i| &i.temporaries).filter(|t| !t.is_empty()) {
+        ks.sweep(tmp).map_err(|e| {
+            format!(
+                "cannot remove the temporaries {}: {}",
+                tmp.join(", "),
+                crate::fsutil::io_reason(&e)
+            )
+        })?;
+    }
+    let old = inspected.filter(|i| i.exists);
     if let Some(old) = &old {
         refuse_foreign(ks, old, &opened.manifest)?;
         if old.manifest == opened.manifest && ks.repair_needed(old).is_empty() {
