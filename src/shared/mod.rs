@@ -191,8 +191,15 @@ pub fn write_local(ks: &Keystore, opened: &Opened) -> Result<Local, String> {
     ks.sync_folder("install")
         .map_err(|e| io("cannot sync the key folder", e))?;
     let publics = opened.publics();
+    // Before the commit, as a local rotation does: verifiers get the new public keys
+    // and keep those the old copy still lists (versions this keyring destroys), so a
+    // crash before `keyring.json` is replaced leaves a `jwks.json` that covers it.
+    let (preview, preview_publics) = match &old {
+        Some(old) => jwks_preview(&opened.manifest, &publics, old),
+        None => (opened.manifest.clone(), publics.clone()),
+    };
     if ks
-        .publish_jwks(&opened.manifest, &publics, DirSync::Now)
+        .publish_jwks(&preview, &preview_publics, DirSync::Now)
         .map_err(|e| io("cannot write jwks.json", e))?
     {
         written.push(crate::keystore::JWKS.to_string());
@@ -220,7 +227,30 @@ pub fn write_local(ks: &Keystore, opened: &Opened) -> Result<Local, String> {
     if let Err(e) = ks.destroy_files(&opened.manifest, &destroyed, DirSync::Deferred) {
         tracing::warn!("cannot unlink destroyed versions: {}", crate::fsutil::io_reason(&e));
     }
+    if let Err(e) = ks.publish_jwks(&opened.manifest, &publics, DirSync::Deferred) {
+        tracing::warn!("cannot rewrite jwks.json: {}", crate::fsutil::io_reason(&e));
+    }
     Ok(Local::Written(written))
+}
+
+/// The keyring `jwks.json` publishes until the new `keyring.json` stands: `target`,
+/// with each version it destroys that the old copy still lists as live kept as the old
+/// copy has it.
+fn jwks_preview(
+    target: &Manifest,
+    publics: &BTreeMap<u64, PublicKey>,
+    old: &Inspection,
+) -> (Manifest, BTreeMap<u64, PublicKey>) {
+    let (mut m, mut p) = (target.clone(), publics.clone());
+    for v in m.versions.iter_mut().filter(|v| !v.is_live()) {
+        if let Some(was) = old.manifest.get(v.version).filter(|w| w.is_live()) {
+            *v = was.clone();
+            if let Some(k) = old.publics.get(&v.version) {
+                p.insert(v.version, k.clone());
+            }
+        }
+    }
+    (m, p)
 }
 
 /// Refuses a local copy that holds a version the shared keyring does not have, or has
