@@ -17,7 +17,7 @@
 use std::time::Duration;
 
 use crate::common::pg::{server, Database};
-use crate::common::shared::{db_ring, epoch, host, local_ring, sync, verify_copy};
+use crate::common::shared::{db_ring, epoch, host, local_ring, sync, verify_copy, verify_interrupted_copy};
 use crate::common::{Env, Out};
 
 macro_rules! need_postgres {
@@ -64,7 +64,7 @@ fn killed(out: &Out, context: &str) {
 /// `rings`, and the host's acknowledgement claims no newer epoch than the copy holds.
 #[track_caller]
 fn copy_is_one_of(db: &Database, env: &Env, name: &str, rings: &[(i64, String)], context: &str) {
-    let copy = verify_copy(env, "sess", context);
+    let copy = verify_interrupted_copy(env, "sess", context);
     let held = rings
         .iter()
         .find(|(_, r)| *r == copy)
@@ -76,7 +76,10 @@ fn copy_is_one_of(db: &Database, env: &Env, name: &str, rings: &[(i64, String)],
         ))
         .parse()
         .unwrap();
-    assert!(acked <= held, "{context}: {name} acknowledged epoch {acked} but holds {held}");
+    assert!(
+        acked <= held,
+        "{context}: {name} acknowledged epoch {acked} but holds {held}"
+    );
 }
 
 #[cfg(feature = "failpoints")]
@@ -179,7 +182,10 @@ fn sigkill_at_every_step_of_a_shared_rotation_never_leaves_a_copy_mixing_epochs(
         "0",
         "a row was left open"
     );
-    assert!(committed > 0 && reviewed > committed, "{committed} committed, {reviewed} reviewed");
+    assert!(
+        committed > 0 && reviewed > committed,
+        "{committed} committed, {reviewed} reviewed"
+    );
     eprintln!(
         "shared rotation crash points: {} steps, {committed} kills after the commit, {reviewed} needed review",
         steps.len()
@@ -199,9 +205,7 @@ fn sigkill_at_every_step_of_a_sync_leaves_the_old_copy_or_the_new_one() {
     }
     a.rotate("sess").status(0);
     let log = b.path("steps.log");
-    sync(&b, Some("sess"))
-        .env("KEYROTATE_FAILPOINT_LOG", &log)
-        .status(0);
+    sync(&b, Some("sess")).env("KEYROTATE_FAILPOINT_LOG", &log).status(0);
     let steps = steps_of(&log);
     for needed in [
         "ledger.connect",
@@ -239,7 +243,10 @@ fn sigkill_at_every_step_of_a_sync_leaves_the_old_copy_or_the_new_one() {
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .filter(|n| n.starts_with('v') && !b.live_files("sess").contains(n))
             .collect();
-        assert!(stray.is_empty(), "{context}: files of destroyed versions left: {stray:?}");
+        assert!(
+            stray.is_empty(),
+            "{context}: files of destroyed versions left: {stray:?}"
+        );
     }
     eprintln!("sync crash points: {} steps", steps.len());
 }

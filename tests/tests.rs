@@ -34,6 +34,7 @@ mod postgres;
 #[cfg(feature = "failpoints")]
 mod power_loss;
 mod rotate;
+mod shared_faults;
 mod shared_store;
 #[cfg(feature = "failpoints")]
 mod shared_storm;
