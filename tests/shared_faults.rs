@@ -396,3 +396,188 @@ fn a_run_that_loses_its_connection_before_the_commit_never_commits_beside_anothe
     );
     eprintln!("connection drops: {total} round trips, X still paused at Z's commit in {raced}");
 }
+
+/// The private scalar of a PKCS#8 key, or the whole of a symmetric key file's key: the
+/// bytes that must never leave the key files. Ed25519 (`04 22 04 20` + 32-byte seed)
+/// and P-256 (`02 01 01 04 20` + 32-byte scalar, the SEC1 key inside PKCS#8).
+fn secret_of(name: &str, bytes: &[u8]) -> Vec<u8> {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let text = String::from_utf8(bytes.to_vec()).unwrap();
+    if name.ends_with(".key") {
+        return b64.decode(text.trim()).unwrap();
+    }
+    let body: String = text.lines().filter(|l| !l.starts_with("-----")).collect();
+    let der = b64.decode(body).unwrap();
+    for prefix in [&[0x04, 0x22, 0x04, 0x20][..], &[0x02, 0x01, 0x01, 0x04, 0x20][..]] {
+        if let Some(i) = der.windows(prefix.len()).position(|w| w == prefix) {
+            let start = i + prefix.len();
+            return der[start..start + 32].to_vec();
+        }
+    }
+    panic!("{name}: no private key found in its PKCS#8");
+}
+
+/// Every way a fragment of `secret` could be written down: each 8-byte window raw and
+/// in hex (both cases), and each 12-character group of its standard and URL-safe
+/// base64 at every byte alignment (9 secret bytes each).
+fn fragments(secret: &[u8]) -> (Vec<Vec<u8>>, Vec<String>) {
+    use base64::Engine;
+    let raw: Vec<Vec<u8>> = secret.windows(8).map(<[u8]>::to_vec).collect();
+    let mut text = Vec::new();
+    for w in &raw {
+        let hex: String = w.iter().map(|b| format!("{b:02x}")).collect();
+        text.push(hex.to_uppercase());
+        text.push(hex);
+    }
+    for engine in [
+        base64::engine::general_purpose::STANDARD_NO_PAD,
+        base64::engine::general_purpose::URL_SAFE_NO_PAD,
+    ] {
+        for skip in 0..3 {
+            let s = engine.encode(&secret[skip..]);
+            // Whole groups only: the last group may mix in the padding.
+            let whole = (secret.len() - skip) / 3 * 4;
+            for start in (0..whole.saturating_sub(11)).step_by(4) {
+                text.push(s[start..start + 12].to_string());
+            }
+        }
+    }
+    (raw, text)
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Every file under `dir` except key files (`v*.pem`, `v*.key`, `current.*`), as
+/// `(path, bytes)`.
+fn files_except_keys(dir: &std::path::Path, out: &mut Vec<(String, Vec<u8>)>) {
+    let Ok(rd) = std::fs::read_dir(dir) else { return };
+    for e in rd {
+        let e = e.unwrap();
+        let p = e.path();
+        let name = e.file_name().into_string().unwrap();
+        let ft = e.file_type().unwrap();
+        if ft.is_dir() {
+            files_except_keys(&p, out);
+        } else if ft.is_file()
+            && !((name.starts_with('v') || name.starts_with("current."))
+                && (name.ends_with(".pem") || name.ends_with(".key")))
+        {
+            out.push((p.display().to_string(), std::fs::read(&p).unwrap()));
+        }
+    }
+}
+
+/// Three hosts rotate and sync every algorithm family a few times (so versions are
+/// also destroyed), with verbose and JSON logs, then every output, log, audit line, file
+/// outside the key files and a full dump of the database is searched for every key
+/// that ever existed.
+#[test]
+fn no_fragment_of_any_key_in_the_database_dump_the_ledger_logs_outputs_or_audit() {
+    need_postgres!();
+    let db = Database::new();
+    let pools = ["pool-a", "pool-b", "pool-c"];
+    let hosts = [
+        host(&db, "host-a", "pool-a", &pools),
+        host(&db, "host-b", "pool-b", &pools),
+        host(&db, "host-c", "pool-c", &pools),
+    ];
+    let domains = ["sess", "ec", "mac", "aes"];
+    let mut outputs: Vec<u8> = Vec::new();
+    let mut keep = |o: Out| {
+        outputs.extend(o.stdout.as_bytes());
+        outputs.extend(o.stderr.as_bytes());
+    };
+    // Every key ever written, by file name and domain (destroyed ones included).
+    let mut secrets: std::collections::BTreeMap<(String, String), Vec<u8>> = Default::default();
+    for round in 0..3 {
+        let log = if round % 2 == 0 { ["-vv"] } else { ["--log-format=json"] };
+        for d in domains {
+            keep(hosts[0].rotate(d).args(log).status(0));
+        }
+        for h in &hosts {
+            keep(sync(h, None).args(log).status(0));
+            for d in domains {
+                for (name, bytes) in crate::common::shared::copy_of(h, d) {
+                    if name.starts_with('v') && (name.ends_with(".pem") || name.ends_with(".key")) {
+                        let s = secret_of(&name, &bytes);
+                        secrets.insert((d.to_string(), name), s);
+                    }
+                }
+            }
+        }
+    }
+    for h in &hosts {
+        keep(h.cmd().args(["status", "--output", "json"]).output());
+        keep(h.cmd().arg("status").output());
+        keep(h.cmd().args(["history", "--output", "json"]).output());
+        keep(h.cmd().arg("history").output());
+        keep(h.cmd().arg("check").output());
+    }
+    let destroyed = db.sql("SELECT count(*) FROM shared_key_versions WHERE state = 'destroyed'");
+    assert_ne!(
+        destroyed, "0",
+        "no version was destroyed: the test does not cover erased keys"
+    );
+    let dump = std::process::Command::new("pg_dump")
+        .args(["-h", "127.0.0.1", "-U", crate::common::pg::ADMIN_USER, "-d", &db.0])
+        .env("PGPASSWORD", crate::common::pg::ADMIN_PASSWORD)
+        .output();
+    let dump: Vec<u8> = match dump {
+        Ok(o) if o.status.success() => o.stdout,
+        _ => {
+            eprintln!("pg_dump unavailable: every table SELECTed instead");
+            let tables = db
+                .sql("SELECT string_agg(table_name, ' ') FROM information_schema.tables WHERE table_schema = 'public'");
+            tables
+                .split_whitespace()
+                .map(|t| db.sql(&format!("SELECT coalesce(string_agg(x::text, E'\\n'), '') FROM {t} x")))
+                .collect::<Vec<_>>()
+                .join("\n")
+                .into_bytes()
+        }
+    };
+    assert!(contains(&dump, b"shared_key_versions") || contains(&dump, b"sealed"));
+    let mut haystacks: Vec<(String, Vec<u8>)> =
+        vec![("database dump".into(), dump), ("outputs and logs".into(), outputs)];
+    for h in &hosts {
+        files_except_keys(h.dir.path(), &mut haystacks);
+    }
+    assert!(haystacks.iter().any(|(n, _)| n.ends_with("audit.jsonl")));
+    assert!(haystacks.iter().any(|(n, _)| n.ends_with("jwks.json")));
+    let mut found_in_own_file = 0;
+    for ((domain, name), secret) in &secrets {
+        let (raw, text) = fragments(secret);
+        for (what, hay) in &haystacks {
+            for w in &raw {
+                assert!(!contains(hay, w), "8 bytes of {domain}/{name} are in {what}");
+            }
+            for t in &text {
+                assert!(!contains(hay, t.as_bytes()), "{t:?} (of {domain}/{name}) is in {what}");
+            }
+        }
+        // The search finds a key where it is: in its own file, in base64.
+        let own = hosts
+            .iter()
+            .find_map(|h| std::fs::read(h.key_dir(domain).join(name)).ok());
+        if let Some(own) = own {
+            assert!(
+                text.iter().any(|t| contains(&own, t.as_bytes())),
+                "the search does not find {domain}/{name} in its own file"
+            );
+            found_in_own_file += 1;
+        }
+    }
+    assert!(
+        secrets.len() >= 12 && found_in_own_file >= 8,
+        "{} keys, {found_in_own_file} checked in place",
+        secrets.len()
+    );
+    eprintln!(
+        "key fragments: {} keys ({destroyed} destroyed in the database) searched in {} haystacks",
+        secrets.len(),
+        haystacks.len()
+    );
+}
