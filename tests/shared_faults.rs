@@ -581,3 +581,130 @@ fn no_fragment_of_any_key_in_the_database_dump_the_ledger_logs_outputs_or_audit(
         haystacks.len()
     );
 }
+
+/// Every file of a host's key folder (lock files left out), for "left as it was".
+fn keys_of(env: &Env) -> std::collections::BTreeMap<std::path::PathBuf, Vec<u8>> {
+    let mut s = env.snapshot();
+    s.retain(|p, _| p.starts_with("keys") && !p.ends_with(".lock"));
+    s
+}
+
+/// What an operator meets with `sync` on a consumer host: a KEK file that is a symlink
+/// or readable by others (check 2, sync 3, the copy left as it was and verifying), a
+/// deadline in the past (2, as for every command), a key file deleted or truncated by
+/// hand (sync rewrites it), and the output piped into `head -c1` or a closed pipe (the
+/// sync is done and acknowledged, exit 0).
+#[test]
+fn sync_as_an_operator_meets_it_bad_kek_files_past_deadline_damaged_copy_closed_pipe() {
+    need_postgres!();
+    use std::os::unix::fs::PermissionsExt;
+    let db = Database::new();
+    let a = host(&db, "host-a", "pool-a", &POOLS);
+    let b = host(&db, "host-b", "pool-b", &POOLS);
+    for d in ["ec", "mac"] {
+        a.rotate(d).status(0);
+    }
+    sync(&b, None).status(0);
+    for d in ["ec", "mac"] {
+        a.rotate(d).status(0);
+    }
+    // b is one epoch behind on both domains from here.
+    let before = keys_of(&b);
+    let kek = b.path("kek");
+
+    // The KEK as a symlink (to a file with the right bytes and mode): refused.
+    let real = b.path("kek.real");
+    std::fs::rename(&kek, &real).unwrap();
+    std::os::unix::fs::symlink(&real, &kek).unwrap();
+    let out = b.cmd().arg("check").status(2);
+    assert!(out.stdout.contains("symlink"), "{}", out.stdout);
+    let out = sync(&b, None).status(3);
+    assert!(
+        out.stdout.contains("symlink") && out.stdout.contains("left as it was"),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(keys_of(&b), before, "a refused KEK changed the copy");
+    std::fs::remove_file(&kek).unwrap();
+    std::fs::rename(&real, &kek).unwrap();
+
+    // Readable by the group: refused, naming the mode.
+    std::fs::set_permissions(&kek, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let out = b.cmd().arg("check").status(2);
+    assert!(out.stdout.contains("mode 0640"), "{}", out.stdout);
+    let out = sync(&b, Some("ec")).status(3);
+    assert!(out.stdout.contains("mode 0640"), "{}", out.stdout);
+    assert_eq!(keys_of(&b), before);
+    std::fs::set_permissions(&kek, std::fs::Permissions::from_mode(0o400)).unwrap();
+    for d in ["ec", "mac"] {
+        verify_copy(&b, d, "after the refused KEKs");
+        assert_ne!(local_ring(&b, d), db_ring(&db, d), "{d}: b should still lag");
+    }
+
+    // A deadline already past is a usage error, as for rotate: nothing is read.
+    for past in ["2020-01-01T00:00:00Z", "0s"] {
+        let out = b.cmd().args(["sync", "--deadline", past]).status(2);
+        assert!(out.stderr.contains("--deadline"), "{past}: {}", out.stderr);
+    }
+    assert_eq!(keys_of(&b), before);
+
+    // Closed pipes: the sync happens and is acknowledged; its outcome stays 0.
+    let pipe = |domain: &str, reader: &str| {
+        let c = sync(&b, Some(domain)).command();
+        let mut line = format!("{:?}", c.get_program());
+        for arg in c.get_args() {
+            line.push_str(&format!(" {arg:?}"));
+        }
+        let out = std::process::Command::new("bash")
+            .arg("-c")
+            .arg(format!(
+                "{line} 2>/dev/null | {reader} >/dev/null; echo ${{PIPESTATUS[0]}}"
+            ))
+            .current_dir(b.dir.path())
+            .env_remove("KEYROTATE_FAILPOINTS")
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    assert_eq!(pipe("ec", "head -c1"), "0");
+    assert_eq!(pipe("mac", "true"), "0");
+    for d in ["ec", "mac"] {
+        assert_eq!(verify_copy(&b, d, "synced into a closed pipe"), db_ring(&db, d), "{d}");
+        assert_eq!(
+            db.sql(&format!(
+                "SELECT epoch FROM shared_sync_acks WHERE domain = '{d}' AND host = 'host-b'"
+            )),
+            epoch(&db, d).to_string(),
+            "{d}: not acknowledged"
+        );
+    }
+
+    // A key file deleted, or truncated, by hand: check says so, sync rewrites it.
+    let synced = keys_of(&b);
+    let active = |d: &str| {
+        let m = b.manifest(d);
+        let v = m["versions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["state"] == "active")
+            .unwrap()
+            .clone();
+        b.key_dir(d).join(v["file"].as_str().unwrap())
+    };
+    std::fs::remove_file(active("ec")).unwrap();
+    std::fs::write(active("mac"), "dGhpcyBpcyBub3QgdGhlIGtleQ==\n").unwrap();
+    let out = b.cmd().arg("check").status(2);
+    assert!(out.stdout.contains("does not verify"), "{}", out.stdout);
+    let out = sync(&b, None).status(0);
+    assert!(
+        out.stdout.contains("SYNCED ec") && out.stdout.contains("SYNCED mac"),
+        "{}",
+        out.stdout
+    );
+    for d in ["ec", "mac"] {
+        assert_eq!(verify_copy(&b, d, "repaired"), db_ring(&db, d), "{d}");
+    }
+    assert_eq!(keys_of(&b), synced, "the repaired copy differs from the synced one");
+    b.cmd().arg("check").status(0);
+}
