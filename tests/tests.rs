@@ -9,6 +9,7 @@ mod command_backend;
 mod commands;
 mod config_scope;
 mod consumer_snapshot;
+mod controlm_flow;
 #[cfg(feature = "failpoints")]
 mod crash;
 mod dry_equals_real;
