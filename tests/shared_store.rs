@@ -30,6 +30,11 @@ pub const KEK: [u8; 32] = *b"0123456789abcdef0123456789abcdef";
 /// domains `sess` (ed25519, prepublish, every pool required) and `mac` (hmac-sha256,
 /// immediate), both shared, designated to pool-a.
 pub fn host(db: &Database, name: &str, pool: &str) -> Env {
+    host_at(&db.url(), name, pool)
+}
+
+/// [`host`] connecting with `url` (another role).
+pub fn host_at(url: &str, name: &str, pool: &str) -> Env {
     let env = Env::with_config(&format!(
         r#"
 [state]
@@ -53,8 +58,7 @@ require_pools = ["pool-a", "pool-b", "pool-c"]
 sync_ttl = "1h"
 [domains.mac]
 algorithm = "hmac-sha256"
-"#,
-        url = db.url()
+"#
     ));
     write_kek(&env, &KEK);
     env
@@ -526,6 +530,7 @@ fn status_shows_each_hosts_acknowledgement_and_a_stale_host_is_never_converged()
         prom.contains(r#"keyrotate_sync_epoch{domain="mac",host="host-b",pool="pool-b"} 1"#),
         "{prom}"
     );
+    crate::observability::promtool_check(&prom);
 
     // host-b falls behind past sync_ttl (the default 7 days): status exits 3 naming it.
     a.rotate("mac").status(0);
@@ -692,4 +697,103 @@ fn sync_exit_codes_busy_timed_out_unreachable_and_usage() {
         text.contains("syncs (keyrotate sync") && text.contains("TIMED_OUT (8)"),
         "{text}"
     );
+}
+
+#[test]
+fn a_local_file_holding_another_key_is_never_overwritten_by_sync() {
+    need_postgres!();
+    let db = Database::new();
+    let a = host(&db, "host-a", "pool-a");
+    let b = host(&db, "host-b", "pool-b");
+    a.rotate("mac").status(0);
+    sync(&b, Some("mac")).status(0);
+    // keyring.json lost, and v000001.key holds some other valid key.
+    let dir = b.key_dir("mac");
+    std::fs::write(dir.join("keyring.json"), "{").unwrap();
+    let other = "QUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUE=\n";
+    std::fs::write(dir.join("v000001.key"), other).unwrap();
+    let out = sync(&b, Some("mac")).status(3);
+    assert!(out.stdout.contains("another key"), "{}", out.stdout);
+    assert_eq!(std::fs::read_to_string(dir.join("v000001.key")).unwrap(), other);
+    // Moved away after review, the next sync rebuilds the copy.
+    std::fs::rename(&dir, b.path("keys/mac.reviewed")).unwrap();
+    sync(&b, Some("mac")).status(0);
+    assert_eq!(copy_of(&a, "mac"), copy_of(&b, "mac"));
+}
+
+/// A login role for one test, dropped after the databases it was granted on.
+struct TempRole(String);
+
+impl Drop for TempRole {
+    fn drop(&mut self) {
+        let _ = crate::common::pg::psql_as(
+            "postgres",
+            crate::common::pg::ADMIN_USER,
+            crate::common::pg::ADMIN_PASSWORD,
+            &format!("DROP ROLE IF EXISTS {}", self.0),
+        );
+    }
+}
+
+#[test]
+fn a_role_with_the_documented_grants_runs_the_shared_store() {
+    need_postgres!();
+    // Declared before the database: dropped after it.
+    let role = TempRole(format!("kr_shared_role_{}", std::process::id()));
+    let password = "shared-role-password";
+    crate::common::pg::admin(
+        "postgres",
+        &format!(
+            "DROP ROLE IF EXISTS {r}; CREATE ROLE {r} LOGIN PASSWORD '{password}'",
+            r = role.0
+        ),
+    );
+    let db = Database::new();
+    // The owner creates the tables; the job role gets the README's grants only.
+    host(&db, "owner", "pool-a").cmd().arg("migrate").status(0);
+    db.sql(&format!(
+        "GRANT CONNECT ON DATABASE {db} TO {r}; \
+         GRANT SELECT ON keyrotate_schema TO {r}; \
+         GRANT SELECT, INSERT, UPDATE ON rotations, rotation_events TO {r}; \
+         GRANT USAGE ON SEQUENCE rotations_id_seq, rotation_events_id_seq TO {r}; \
+         GRANT SELECT, INSERT, UPDATE ON shared_keyrings, shared_key_versions, shared_sync_acks, shared_syncs TO {r}; \
+         GRANT USAGE ON SEQUENCE shared_syncs_id_seq TO {r}",
+        db = db.0,
+        r = role.0
+    ));
+    let url = db.url_as(&role.0, password);
+    let a = host_at(&url, "host-a", "pool-a");
+    let b = host_at(&url, "host-b", "pool-b");
+    let c = host_at(&url, "host-c", "pool-c");
+    for _ in 0..3 {
+        a.rotate("sess").status(0);
+        for h in [&b, &c] {
+            sync(h, None).status(0);
+        }
+    }
+    // retain = 1 destroyed v1 through an UPDATE: no DELETE needed.
+    assert_eq!(
+        db.sql("SELECT count(*) FROM shared_key_versions WHERE domain = 'sess' AND sealed IS NULL"),
+        "1"
+    );
+    for h in [&a, &b, &c] {
+        h.cmd().arg("status").status(0);
+        h.cmd().arg("history").status(0);
+        h.cmd().arg("check").status(0);
+    }
+    a.rotate("sess").arg("--dry-run").status(0);
+}
+
+#[test]
+fn the_audit_chain_with_sync_lines_verifies() {
+    need_postgres!();
+    let db = Database::new();
+    let a = host(&db, "host-a", "pool-a");
+    a.rotate("mac").status(0);
+    sync(&a, None).status(0);
+    a.rotate("mac").status(0);
+    sync(&a, None).status(0);
+    let audit = std::fs::read_to_string(a.path("state/audit.jsonl")).unwrap();
+    assert!(audit.contains("\"sync.completed\""), "{audit}");
+    a.cmd().args(["audit", "verify"]).status(0);
 }

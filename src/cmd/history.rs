@@ -45,6 +45,13 @@ fn history(cli: &Cli, args: &HistoryArgs) -> Result<(), Failure> {
         .ok_or_else(|| Failure::usage(format!("--limit {:?} must be a whole number of at least 1", args.limit)))?;
     let since = args.since.as_deref().map(since).transpose()?;
     let ledger = Ledger::open_read_only(&config.ledger).map_err(|e| Failure::new(Outcome::Aborted, e))?;
+    // The shared store's syncs (DESIGN 9) are not rotations: their own list, read only
+    // where the config has a shared domain (a least-privilege role of a ledger without
+    // one has no grant on their table).
+    let shared = match &args.domain {
+        Some(d) => config.domain(d).is_ok_and(|d| d.shared().is_some()),
+        None => config.domains.values().any(|d| d.shared().is_some()),
+    };
     let (rows, syncs) = match &ledger {
         None => (Vec::new(), Vec::new()),
         Some(l) => {
@@ -52,14 +59,15 @@ fn history(cli: &Cli, args: &HistoryArgs) -> Result<(), Failure> {
             let rows = l
                 .history(args.domain.as_deref(), since.as_deref(), limit)
                 .map_err(failed)?;
-            // The shared store's syncs (DESIGN 9) are not rotations: their own list.
-            let syncs = l
-                .shared_syncs(args.domain.as_deref(), since.as_deref(), limit)
-                .map_err(failed)?;
+            let syncs = match shared {
+                true => l
+                    .shared_syncs(args.domain.as_deref(), since.as_deref(), limit)
+                    .map_err(failed)?,
+                false => Vec::new(),
+            };
             (rows, syncs)
         }
     };
-    let shared = matches!(config.ledger, crate::config::LedgerLocation::Postgres(_));
     match args.output {
         OutputFormat::Json if shared => print_json(&serde_json::json!({ "runs": rows, "syncs": syncs })),
         OutputFormat::Json => print_json(&serde_json::json!({ "runs": rows })),

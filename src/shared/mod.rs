@@ -178,6 +178,23 @@ pub fn write_local(ks: &Keystore, opened: &Opened) -> Result<Local, String> {
         }
     }
     let io = |what: &str, e: std::io::Error| format!("{what}: {}", crate::fsutil::io_reason(&e));
+    // Whatever keyring.json says (it may be missing or damaged), a file that holds
+    // another valid key under a number of the shared keyring is never overwritten. A
+    // damaged one is replaced by the verified copy.
+    for v in opened.manifest.live() {
+        let Ok(bytes) = crate::fsutil::read_nofollow(&ks.dir().join(&v.file), 64 * 1024) else {
+            continue;
+        };
+        if KeyFile::parse(v.algorithm(), &bytes).is_ok_and(|k| k.fingerprint() != v.fingerprint) {
+            return Err(format!(
+                "the local copy {} has a {} holding another key than the shared keyring's v{}; it was kept: \
+                 move the folder away after review",
+                ks.dir().display(),
+                v.file,
+                v.version
+            ));
+        }
+    }
     let mut written = Vec::new();
     for v in opened.manifest.live() {
         let key = &opened.keys[&v.version];
