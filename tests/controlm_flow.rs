@@ -219,13 +219,10 @@ fn order(
 ) -> (BTreeMap<String, Option<bool>>, String) {
     let mut verdict: BTreeMap<String, Option<bool>> = jobs.keys().map(|k| (k.clone(), None)).collect();
     let mut log = String::new();
-    loop {
-        let Some((name, job)) = jobs
-            .iter()
-            .find(|(n, j)| verdict[*n].is_none() && events(j, "WaitForEvents").iter().all(|e| events_now.contains(e)))
-        else {
-            break;
-        };
+    while let Some((name, job)) = jobs
+        .iter()
+        .find(|(n, j)| verdict[*n].is_none() && events(j, "WaitForEvents").iter().all(|e| events_now.contains(e)))
+    {
         let agents: Vec<&(&str, &Env)> = if job["RunOnAllAgentsInGroup"] == true {
             hosts.iter().collect()
         } else {
