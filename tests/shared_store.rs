@@ -251,9 +251,23 @@ fn a_wrong_kek_fails_the_sync_and_keeps_the_local_copy() {
         db.sql("SELECT epoch FROM shared_sync_acks WHERE domain = 'mac' AND host = 'host-b'"),
         "1"
     );
+    let j = sync(&b, Some("mac")).args(["--output", "json"]).status(3).json();
+    assert_eq!(j["host"], "host-b");
+    assert_eq!(j["exit_code"], 3);
+    assert_eq!(j["domains"][0]["outcome"], "ABORTED", "{j}");
     // With the right KEK back, it catches up.
     write_kek(&b, &KEK);
-    sync(&b, Some("mac")).status(0);
+    let j = sync(&b, Some("mac")).args(["--output", "json"]).status(0).json();
+    assert_eq!(j["domains"][0]["outcome"], "SYNCED", "{j}");
+    assert_eq!(j["domains"][0]["epoch"], 2, "{j}");
+    assert!(
+        j["domains"][0]["written"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f == "keyring.json"),
+        "{j}"
+    );
     assert_eq!(copy_of(&a, "mac"), copy_of(&b, "mac"));
 }
 
@@ -796,4 +810,49 @@ fn the_audit_chain_with_sync_lines_verifies() {
     let audit = std::fs::read_to_string(a.path("state/audit.jsonl")).unwrap();
     assert!(audit.contains("\"sync.completed\""), "{audit}");
     a.cmd().args(["audit", "verify"]).status(0);
+}
+
+/// The `kid`s in a host's `jwks.json` of `domain`, as version numbers.
+#[cfg(feature = "failpoints")]
+fn jwks_versions(env: &Env, domain: &str) -> Vec<u64> {
+    let mut v: Vec<u64> = env.jwks(domain)["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["kid"].as_str().unwrap()[1..7].parse().unwrap())
+        .collect();
+    v.sort();
+    v
+}
+
+#[cfg(feature = "failpoints")]
+#[test]
+fn a_sync_killed_before_its_local_commit_leaves_a_copy_that_verifies_and_publishes_every_key() {
+    need_postgres!();
+    let db = Database::new();
+    let a = host(&db, "host-a", "pool-a");
+    let b = host(&db, "host-b", "pool-b");
+    let c = host(&db, "host-c", "pool-c");
+    for _ in 0..2 {
+        a.rotate("sess").status(0);
+        sync(&b, None).status(0);
+        sync(&c, None).status(0);
+    }
+    // b holds v1 retired, v2 active, v3 pending; the next rotation destroys v1 (retain
+    // = 1) and creates v4.
+    assert_eq!(jwks_versions(&b, "sess"), [1, 2, 3]);
+    a.rotate("sess").status(0);
+    let before = std::fs::read(b.key_dir("sess").join("keyring.json")).unwrap();
+    sync(&b, Some("sess"))
+        .env("KEYROTATE_FAILPOINTS", "commit.rename=kill")
+        .status(137);
+    // The old keyring.json stands, whole; jwks.json already has v4 and still has v1.
+    assert_eq!(std::fs::read(b.key_dir("sess").join("keyring.json")).unwrap(), before);
+    b.cmd().args(["check", "--domain", "sess"]).status(0);
+    assert_eq!(jwks_versions(&b, "sess"), [1, 2, 3, 4]);
+    // The next sync finishes: v1 leaves jwks.json and the folder.
+    sync(&b, Some("sess")).status(0);
+    assert_eq!(jwks_versions(&b, "sess"), [2, 3, 4]);
+    assert!(!b.key_dir("sess").join("v000001.pem").exists());
+    assert_eq!(copy_of(&a, "sess"), copy_of(&b, "sess"));
 }

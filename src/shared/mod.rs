@@ -150,9 +150,10 @@ pub enum Local {
 
 /// Makes the local copy of `ks` the keyring `opened`, in the section 4.1 layout, with
 /// the key store's durable writers: version files (atomic, 0600), one folder sync,
-/// `jwks.json`, then `keyring.json` (the commit: atomic and durable), then
-/// `current.*` and the removal of destroyed versions' files (as a rotation's tidy-up:
-/// the next sync redoes what a crash left). A local copy that holds a version the
+/// `jwks.json` (the new keys and every key the old copy lists), then `keyring.json`
+/// (the commit: atomic and durable), then `current.*`, the removal of destroyed
+/// versions' files and the final `jwks.json` (as a rotation's tidy-up: the next sync
+/// redoes what a crash left). A local copy that holds a version the
 /// keyring does not (same number, another key, or a number it never had) is refused:
 /// the database may have been restored from an older backup, and the local keys are
 /// evidence, not garbage.
@@ -207,16 +208,23 @@ pub fn write_local(ks: &Keystore, opened: &Opened) -> Result<Local, String> {
     }
     ks.sync_folder("install")
         .map_err(|e| io("cannot sync the key folder", e))?;
-    let publics = opened.publics();
-    // Before the commit, as a local rotation does: verifiers get the new public keys
-    // and keep those the old copy still lists (versions this keyring destroys), so a
-    // crash before `keyring.json` is replaced leaves a `jwks.json` that covers it.
-    let (preview, preview_publics) = match &old {
-        Some(old) => jwks_preview(&opened.manifest, &publics, old),
-        None => (opened.manifest.clone(), publics.clone()),
-    };
+    // Before the local commit, jwks.json carries the new keys *and* every key the old
+    // copy still lists (as a rotation publishes its preview): verifiers learn a key
+    // before anything signs with it and lose one only once keyring.json drops it.
+    let mut publics = opened.publics();
+    let mut preview = opened.manifest.clone();
+    if let Some(old) = &old {
+        for v in preview.versions.iter_mut().filter(|v| !v.is_live()) {
+            if let (Some(was), Some(p)) = (old.manifest.get(v.version), old.publics.get(&v.version)) {
+                if was.is_live() {
+                    v.state = VersionState::Retired;
+                    publics.insert(v.version, p.clone());
+                }
+            }
+        }
+    }
     if ks
-        .publish_jwks(&preview, &preview_publics, DirSync::Now)
+        .publish_jwks(&preview, &publics, DirSync::Now)
         .map_err(|e| io("cannot write jwks.json", e))?
     {
         written.push(crate::keystore::JWKS.to_string());
@@ -244,30 +252,10 @@ pub fn write_local(ks: &Keystore, opened: &Opened) -> Result<Local, String> {
     if let Err(e) = ks.destroy_files(&opened.manifest, &destroyed, DirSync::Deferred) {
         tracing::warn!("cannot unlink destroyed versions: {}", crate::fsutil::io_reason(&e));
     }
-    if let Err(e) = ks.publish_jwks(&opened.manifest, &publics, DirSync::Deferred) {
+    if let Err(e) = ks.publish_jwks(&opened.manifest, &opened.publics(), DirSync::Deferred) {
         tracing::warn!("cannot rewrite jwks.json: {}", crate::fsutil::io_reason(&e));
     }
     Ok(Local::Written(written))
-}
-
-/// The keyring `jwks.json` publishes until the new `keyring.json` stands: `target`,
-/// with each version it destroys that the old copy still lists as live kept as the old
-/// copy has it.
-fn jwks_preview(
-    target: &Manifest,
-    publics: &BTreeMap<u64, PublicKey>,
-    old: &Inspection,
-) -> (Manifest, BTreeMap<u64, PublicKey>) {
-    let (mut m, mut p) = (target.clone(), publics.clone());
-    for v in m.versions.iter_mut().filter(|v| !v.is_live()) {
-        if let Some(was) = old.manifest.get(v.version).filter(|w| w.is_live()) {
-            *v = was.clone();
-            if let Some(k) = old.publics.get(&v.version) {
-                p.insert(v.version, k.clone());
-            }
-        }
-    }
-    (m, p)
 }
 
 /// Refuses a local copy that holds a version the shared keyring does not have, or has
