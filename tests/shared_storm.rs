@@ -1,9 +1,10 @@
 //! A storm on the shared key store (DESIGN 9): four simulated hosts (two in the
 //! designated pool-a, one each in pool-b and pool-c; own configs, names, state and key
 //! folders; one database) start, in every round, a rotation of two domains and a sync
-//! each, all released at the same instant. The rotation holds its lock a little longer
-//! than usual (a failpoint sleep after the keyring read), so every rotation of a round
-//! overlaps the others.
+//! each, all released at the same instant (they wait in a shell loop for one file).
+//! The rotation holds its lock over a second longer than usual (a 600 ms failpoint
+//! sleep at each keyring read: its preflight and its own-copy sync), so every rotation
+//! of a round overlaps the others even on a loaded machine.
 //!
 //! Per round: at most one rotation per domain commits,
 //! the epoch grows by the number of commits, the others are BUSY, NOT_DESIGNATED or —
@@ -82,7 +83,7 @@ fn a_storm_of_rotations_and_syncs_from_four_hosts_commits_at_most_one_rotation_p
                 let child = h
                     .rotate(d)
                     .args(["--run-id", &format!("R{round}-{}-{d}", names[i])])
-                    .env("KEYROTATE_FAILPOINTS", "ledger.shared_read=sleep(300)")
+                    .env("KEYROTATE_FAILPOINTS", "ledger.shared_read=sleep(600)")
                     .shell_prefix(&wait)
                     .spawn();
                 launched.push(Launched {
@@ -91,10 +92,13 @@ fn a_storm_of_rotations_and_syncs_from_four_hosts_commits_at_most_one_rotation_p
                     child,
                 });
             }
+            // Syncs start before, during or after the round's commit, varying by host
+            // and round, so the next round's gate sees both current and lagging hosts.
+            let delay = format!("{wait}; sleep {}", ((round + i) % 3) as f64 * 0.6);
             launched.push(Launched {
                 host: i,
                 rotate: None,
-                child: sync(h, None).shell_prefix(&wait).spawn(),
+                child: sync(h, None).shell_prefix(&delay).spawn(),
             });
         }
         // Every process waits at the barrier; release them together.
