@@ -4,6 +4,7 @@
 //! - SIGKILL at every database round trip and durable step of a shared rotation and of
 //!   a `sync`: no host's copy ever mixes two epochs or fails to verify, and the next run
 //!   is NEEDS_REVIEW (naming the killed run, saying whether it committed) or proceeds;
+//!   a SIGTERM at every step ends the run by itself with its true outcome;
 //! - a run whose connection (and so its advisory lock) is dropped at any round trip
 //!   before its commit, while another host rotates: never do both commit;
 //! - no fragment of any private or symmetric key in a dump of the database, the
@@ -707,4 +708,75 @@ fn sync_as_an_operator_meets_it_bad_kek_files_past_deadline_damaged_copy_closed_
     }
     assert_eq!(keys_of(&b), synced, "the repaired copy differs from the synced one");
     b.cmd().arg("check").status(0);
+}
+
+/// A SIGTERM (Control-M's or an operator's polite stop) arriving at each step of a
+/// shared rotation: the run ends by itself with its true outcome — 0 when it reached
+/// its commit (the commit finishes first), else 3 with nothing committed — and its row
+/// is closed with that code; every copy still verifies.
+#[cfg(feature = "failpoints")]
+#[test]
+fn sigterm_at_every_step_of_a_shared_rotation_ends_it_with_its_true_outcome() {
+    need_postgres!();
+    let db = Database::new();
+    let a = host(&db, "host-a", "pool-a", &POOLS);
+    let b = host(&db, "host-b", "pool-b", &POOLS);
+    for _ in 0..3 {
+        a.rotate("sess").status(0);
+        sync(&b, Some("sess")).status(0);
+    }
+    let log = a.path("steps.log");
+    a.rotate("sess")
+        .args(["--run-id", "ENUM"])
+        .env("KEYROTATE_FAILPOINT_LOG", &log)
+        .status(0);
+    sync(&b, Some("sess")).status(0);
+    let steps = steps_of(&log);
+    let (mut committed, mut aborted) = (0, 0);
+    for (i, step) in steps.iter().enumerate() {
+        let k = i + 1;
+        let id = format!("T{k}");
+        let (e0, ring0) = (epoch(&db, "sess"), db_ring(&db, "sess"));
+        let out = a
+            .rotate("sess")
+            .args(["--run-id", &id])
+            .env("KEYROTATE_FAILPOINTS", format!("{k}=term"))
+            .output();
+        let context = format!(
+            "SIGTERM at step {k} ({step}): exit {}\n{}{}",
+            out.code, out.stdout, out.stderr
+        );
+        let (e1, ring1) = (epoch(&db, "sess"), db_ring(&db, "sess"));
+        let row = db.sql(&format!(
+            "SELECT coalesce((SELECT state || ' ' || exit_code FROM rotations WHERE run_id = '{id}'), 'none')"
+        ));
+        match out.code {
+            0 => {
+                assert_eq!(e1, e0 + 1, "{context}");
+                assert_eq!(row, "succeeded 0", "{context}");
+                committed += 1;
+            }
+            3 => {
+                assert_eq!((e1, &ring1), (e0, &ring0), "{context}: committed, yet exit 3");
+                assert!(row == "aborted 3" || row == "none", "{context}: row {row}");
+                aborted += 1;
+            }
+            _ => panic!("{context}"),
+        }
+        copy_is_one_of(&db, &a, "host-a", &[(e0, ring0), (e1, ring1)], &context);
+        for h in [&a, &b] {
+            sync(h, Some("sess")).status(0);
+            assert_eq!(verify_copy(h, "sess", &context), db_ring(&db, "sess"), "{context}");
+        }
+    }
+    assert_eq!(
+        db.sql("SELECT count(*) FROM rotations WHERE exit_code IS NULL"),
+        "0",
+        "a row was left open"
+    );
+    assert!(committed > 0 && aborted > 0, "{committed} committed, {aborted} aborted");
+    eprintln!(
+        "SIGTERM points: {} steps, {committed} ended 0, {aborted} ended 3",
+        steps.len()
+    );
 }
