@@ -9,6 +9,8 @@
 //!   before its commit, while another host rotates: never do both commit;
 //! - no fragment of any private or symmetric key in a dump of the database, the
 //!   ledger, the logs, the outputs or the audit trails;
+//! - an application reading a host's copy while `sync` rewrites it: never an error,
+//!   never a keyring no commit made;
 //! - what an operator hits with `sync`: a wrong KEK, a bad KEK file, the database down,
 //!   a second sync beside the first, a past deadline, a deleted key file, a closed pipe.
 //!
@@ -778,5 +780,75 @@ fn sigterm_at_every_step_of_a_shared_rotation_ends_it_with_its_true_outcome() {
     eprintln!(
         "SIGTERM points: {} steps, {committed} ended 0, {aborted} ended 3",
         steps.len()
+    );
+}
+
+/// An application reading its host's copy (`keyrotate::keyring`) while `sync` rewrites
+/// it, round after round, never gets an error and never a keyring that mixes two
+/// epochs: every snapshot it sees is a committed keyring, every live key loads.
+#[test]
+fn a_reader_of_a_hosts_copy_never_fails_or_mixes_epochs_while_sync_rewrites_it() {
+    need_postgres!();
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let db = Database::new();
+    let a = host(&db, "host-a", "pool-a", &POOLS);
+    let b = host(&db, "host-b", "pool-b", &POOLS);
+    a.rotate("sess").status(0);
+    sync(&b, Some("sess")).status(0);
+    let mut committed = std::collections::BTreeSet::from([db_ring(&db, "sess")]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let (stop, keys) = (stop.clone(), b.path("keys"));
+        std::thread::spawn(move || {
+            let (mut seen, mut failures, mut reads) = (std::collections::BTreeSet::new(), Vec::new(), 0);
+            while !stop.load(Ordering::Relaxed) {
+                reads += 1;
+                match keyrotate::keyring::Keyring::open(&keys, "sess") {
+                    Ok(ring) => {
+                        let mut items = Vec::new();
+                        for v in &ring.manifest().versions {
+                            let state = serde_json::to_value(v.state).unwrap();
+                            items.push(format!("{}:{}:{}", v.version, state.as_str().unwrap(), v.fingerprint));
+                            if v.is_live() {
+                                if let Err(e) = ring.version(v.version) {
+                                    failures.push(format!("v{}: {e}", v.version));
+                                }
+                            }
+                        }
+                        seen.insert(items.join(" "));
+                    }
+                    Err(e) => failures.push(e.to_string()),
+                }
+            }
+            (seen, failures, reads)
+        })
+    };
+    for _ in 0..12 {
+        a.rotate("sess").status(0);
+        committed.insert(db_ring(&db, "sess"));
+        sync(&b, Some("sess")).status(0);
+    }
+    stop.store(true, Ordering::Relaxed);
+    let (seen, failures, reads) = reader.join().unwrap();
+    assert!(
+        failures.is_empty(),
+        "{} of {reads} reads failed: {failures:?}",
+        failures.len()
+    );
+    for ring in &seen {
+        assert!(
+            committed.contains(ring),
+            "a reader saw a keyring no commit made: {ring}"
+        );
+    }
+    assert!(
+        seen.len() >= 3,
+        "the reader saw only {} keyrings in {reads} reads",
+        seen.len()
+    );
+    eprintln!(
+        "reader: {reads} reads, {} distinct committed keyrings, no failure",
+        seen.len()
     );
 }
