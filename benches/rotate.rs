@@ -6,6 +6,7 @@
 //!     cargo bench --bench rotate -- --baseline PATH    # the shell peer to compare with
 //!     cargo bench --bench rotate -- --floor PATH       # the C floor program (floor.c)
 //!     cargo bench --bench rotate -- --quick            # fewer runs, smaller ledger
+//!     cargo bench --bench rotate -- --shared-only      # only the shared key store case
 //!
 //! Each figure is the median of interleaved runs (A B A B …), so drift in the
 //! machine's speed hits both sides alike; ratios are computed pair by pair.
@@ -183,6 +184,11 @@ fn main() {
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         if quick { "quick" } else { "full" }
     );
+
+    if args.iter().any(|a| a == "--shared-only") {
+        shared_store(dir, runs);
+        return;
+    }
 
     // 1. one ed25519 rotation vs the shell peer, interleaved
     let config = write_config(dir, &["bench".to_string()]);
@@ -419,6 +425,9 @@ fn main() {
 
     // 7. fsyncs per steady-state rotation, by file, as the kernel saw them
     fsyncs_per_rotation(dir);
+
+    // 8. the shared key store (PostgreSQL) against the local store
+    shared_store(dir, runs);
 }
 
 type Reader = (&'static str, Vec<String>);
@@ -543,4 +552,118 @@ fsyncs per rotation (strace -f, 5 steady-state rotations, median)"
         "  of which on audit.jsonl {:8.0}  (the closing line; the hash chain adds none)",
         median(audit)
     );
+}
+
+/// `psql` with the caller's libpq settings (PGHOST, PGUSER, PGPASSWORD, …); its output,
+/// or `None` when it fails.
+fn psql(db: &str, sql: &str) -> Option<String> {
+    let out = Command::new("psql")
+        .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-d", db, "-c", sql])
+        .stdin(Stdio::null())
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// A host of the shared-store case: its config (ed25519, immediate, retain 3, shared)
+/// and KEK in `dir`.
+fn shared_host(dir: &Path, url: &str, name: &str, pool: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir).unwrap();
+    let kek = dir.join("kek");
+    std::fs::write(&kek, b"benchmark-kek-benchmark-kek-32b!").unwrap();
+    std::fs::set_permissions(&kek, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let path = dir.join("rotate.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[state]\ndir = \"state\"\nledger = \"{url}\"\n[host]\nname = \"{name}\"\npool = \"{pool}\"\n\
+             [domains.bench]\ndesignated_pool = \"pool-a\"\nbackend = \"keystore\"\nkeystore = \"keys\"\n\
+             algorithm = \"ed25519\"\nstore = \"shared\"\nkek = \"file:kek\"\nmin_interval = \"0s\"\nretain = 3\n"
+        ),
+    )
+    .unwrap();
+    path
+}
+
+fn sync(config: &Path) -> Command {
+    let mut c = Command::new(KEYROTATE);
+    c.arg("--config")
+        .arg(config)
+        .args(["-q", "sync", "--domain", "bench", "--deadline", "1m"]);
+    c
+}
+
+/// `sync` of an unchanged and of a changed domain, and a shared rotation, each as a
+/// ratio to the local-store rotation (SQLite ledger) in the same interleaved run. The
+/// database is a fresh one created (and dropped) with the caller's libpq settings.
+fn shared_store(dir: &Path, runs: usize) {
+    let title = "\nshared key store (ed25519, immediate, retain 3; interleaved with the local-store rotation)";
+    let Some(user) = std::env::var("PGUSER")
+        .ok()
+        .filter(|_| psql("postgres", "SELECT 1").is_some())
+    else {
+        println!(
+            "{title}: SKIPPED (no PostgreSQL reachable: set PGHOST, PGUSER and PGPASSWORD as for psql, for a role \
+             that may CREATE DATABASE)"
+        );
+        return;
+    };
+    let db = format!("kr_test_bench_{}", std::process::id());
+    if psql("postgres", &format!("CREATE DATABASE {db}")).is_none() {
+        println!("{title}: SKIPPED (this role cannot CREATE DATABASE)");
+        return;
+    }
+    let host = std::env::var("PGHOST").unwrap_or_else(|_| "127.0.0.1".into());
+    let url = format!("postgres://{user}@{host}/{db}");
+    let work = dir.join("shared");
+    let local = write_config(
+        &{
+            let d = work.join("local");
+            std::fs::create_dir_all(&d).unwrap();
+            d
+        },
+        &["bench".to_string()],
+    );
+    let a = shared_host(&work.join("host-a"), &url, "bench-a", "pool-a");
+    let b = shared_host(&work.join("host-b"), &url, "bench-b", "pool-b");
+    // Past `retain` on both sides, so every rotation also destroys: steady state.
+    for _ in 0..5 {
+        assert_eq!(run(&mut rotate(&local, "bench")).code, 0, "local rotation failed");
+        assert_eq!(run(&mut rotate(&a, "bench")).code, 0, "shared rotation failed");
+        assert_eq!(run(&mut sync(&b)).code, 0, "sync failed");
+    }
+    let names = [
+        "local-store rotation",
+        "shared rotation",
+        "sync, changed domain",
+        "sync, unchanged domain",
+    ];
+    let mut wall: [Vec<f64>; 4] = Default::default();
+    let mut ratio: [Vec<f64>; 4] = Default::default();
+    for _ in 0..runs {
+        let samples = [
+            run(&mut rotate(&local, "bench")),
+            run(&mut rotate(&a, "bench")),
+            run(&mut sync(&b)),
+            run(&mut sync(&b)),
+        ];
+        for (i, s) in samples.iter().enumerate() {
+            assert_eq!(s.code, 0, "{} failed", names[i]);
+            wall[i].push(ms(s.wall));
+            ratio[i].push(ms(s.wall) / ms(samples[0].wall));
+        }
+    }
+    println!("{title}, {runs} runs, medians; ratios pair by pair");
+    for i in 0..4 {
+        println!(
+            "  {:24} {:8.2} ms  ({:.2}x)",
+            names[i],
+            median(wall[i].clone()),
+            median(ratio[i].clone())
+        );
+    }
+    let _ = psql("postgres", &format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"));
 }

@@ -9,6 +9,7 @@ mod command_backend;
 mod commands;
 mod config_scope;
 mod consumer_snapshot;
+mod controlm_flow;
 #[cfg(feature = "failpoints")]
 mod crash;
 mod dry_equals_real;
@@ -39,6 +40,9 @@ mod revoke;
 mod rotate;
 #[cfg(feature = "failpoints")]
 mod shared_lifecycle;
+mod shared_faults;
 mod shared_store;
+#[cfg(feature = "failpoints")]
+mod shared_storm;
 #[cfg(feature = "failpoints")]
 mod staging_at_admission;

@@ -820,11 +820,18 @@ impl Writer<'_, '_> {
         self.event(run_id, state.as_str(), Some(detail))
     }
 
-    /// Closes a run with its outcome.
+    /// Closes a run with its outcome. A row that is no longer in flight keeps what it
+    /// says: a run that lost its lock may close late, after another host's run judged
+    /// its row (`needs_review`) and an operator resolved it; that judgement and the
+    /// review stand, and the late outcome is kept as an event.
     pub fn close(&self, run_id: &str, outcome: Outcome, reason: &str, versions: Versions) -> Result<(), String> {
         self.exec(
-            "UPDATE rotations SET state = $2, exit_code = $3, reason = $4, ended_at = $5, \
-             from_version = COALESCE($6, from_version), to_version = COALESCE($7, to_version) WHERE run_id = $1",
+            &format!(
+                "UPDATE rotations SET state = $2, exit_code = $3, reason = $4, ended_at = $5, \
+                 from_version = COALESCE($6, from_version), to_version = COALESCE($7, to_version) \
+                 WHERE run_id = $1 AND {}",
+                RunState::sql_in(&RunState::IN_FLIGHT)
+            ),
             &[
                 run_id.into(),
                 RunState::of(outcome).as_str().into(),

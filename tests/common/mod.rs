@@ -420,3 +420,5 @@ pub fn have_openssl() -> bool {
         .output()
         .is_ok_and(|o| o.status.success())
 }
+
+pub mod shared;
