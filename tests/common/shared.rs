@@ -10,7 +10,6 @@ use std::path::Path;
 use std::process::Command;
 
 use keyrotate::keyring::{verify_with_jwk, Keyring};
-use keyrotate::keystore::manifest::VersionState;
 
 use super::pg::Database;
 use super::{have_openssl, Env, Run};
@@ -152,12 +151,29 @@ fn verify(env: &Env, domain: &str, context: &str, exact: bool) -> String {
         .map(|k| (k["kid"].as_str().unwrap().to_string(), k.as_object().unwrap().clone()))
         .collect();
     let mut expected_kids = Vec::new();
-    for entry in ring
-        .manifest()
-        .versions
-        .iter()
-        .filter(|v| v.state != VersionState::Destroyed)
-    {
+    let verifiers = ring
+        .verification_keys()
+        .unwrap_or_else(|e| panic!("{context}: {domain}: {e}"));
+    for entry in ring.manifest().versions.iter().filter(|v| v.is_live()) {
+        if !keyrotate::keystore::private_half_allowed(entry) {
+            // A retired signature key: only its public half is kept (DESIGN 11), and
+            // jwks.json publishes exactly the one the manifest records.
+            assert!(
+                !env.key_dir(domain).join(&entry.file).exists(),
+                "{context}: {domain} v{}: a retired signature key kept its private file",
+                entry.version
+            );
+            let vk = verifiers
+                .iter()
+                .find(|k| k.version == entry.version)
+                .unwrap_or_else(|| panic!("{context}: {domain}: no verification key for v{}", entry.version));
+            let jwk = published
+                .get(&vk.kid)
+                .unwrap_or_else(|| panic!("{context}: {domain}: jwks.json lacks v{}", entry.version));
+            assert_eq!(jwk, &vk.jwk, "{context}: {domain} v{}: jwks.json differs", entry.version);
+            expected_kids.push(vk.kid.clone());
+            continue;
+        }
         let v = ring
             .version(entry.version)
             .unwrap_or_else(|e| panic!("{context}: {domain} v{}: {e}", entry.version));
