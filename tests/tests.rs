@@ -7,6 +7,7 @@ mod attacks;
 mod cli_and_config;
 mod command_backend;
 mod commands;
+mod config_narrow;
 mod config_scope;
 mod consumer_snapshot;
 #[cfg(feature = "failpoints")]
