@@ -92,48 +92,40 @@ pub fn parse_version_file(name: &str) -> Option<u64> {
 
 pub use crate::time::rfc3339 as now_rfc3339;
 
-/// Manifests this process already parsed and validated, by the SHA-256 of their bytes.
-/// A run reads `keyring.json` several times under its lock (the repair pass, the plan
-/// recorded at admission, the rotation) and it grows with every version ever made:
-/// bytes identical to ones parsed before give the same manifest, so only the first
-/// read of each content is parsed (every read still reads and hashes the whole file).
+/// Manifests this process already parsed and validated, with the exact bytes they
+/// were parsed from (a manifest holds no secret). A run reads `keyring.json` several
+/// times under its lock (the repair pass, the plan recorded at admission, the
+/// rotation), and it grows with every version ever made: bytes identical to ones parsed
+/// before give the same manifest, so each content is parsed once (every read still
+/// reads the whole file and compares it byte for byte, far cheaper than parsing it or
+/// hashing it).
 mod parsed {
     use std::sync::Mutex;
-
-    use aws_lc_rs::digest;
 
     use super::Manifest;
 
     /// The few contents one run sees (before and after its commit).
     const CAPACITY: usize = 4;
 
-    static PARSED: Mutex<Vec<([u8; 32], Manifest)>> = Mutex::new(Vec::new());
-
-    fn key(bytes: &[u8]) -> [u8; 32] {
-        let mut out = [0u8; 32];
-        out.copy_from_slice(digest::digest(&digest::SHA256, bytes).as_ref());
-        out
-    }
+    static PARSED: Mutex<Vec<(Vec<u8>, Manifest)>> = Mutex::new(Vec::new());
 
     pub(super) fn get(bytes: &[u8], domain: &str) -> Option<Manifest> {
-        let key = key(bytes);
         let memo = PARSED.lock().unwrap_or_else(|e| e.into_inner());
         memo.iter()
-            .find(|(k, m)| *k == key && m.domain == domain)
+            .find(|(b, m)| b.as_slice() == bytes && m.domain == domain)
             .map(|(_, m)| m.clone())
     }
 
     pub(super) fn put(bytes: &[u8], domain: &str, m: &Manifest) {
         debug_assert_eq!(m.domain, domain);
-        let key = key(bytes);
         let mut memo = PARSED.lock().unwrap_or_else(|e| e.into_inner());
-        if memo.iter().any(|(k, _)| *k == key) {
+        if memo.iter().any(|(b, _)| b.as_slice() == bytes) {
             return;
         }
         if memo.len() >= CAPACITY {
             memo.remove(0);
         }
-        memo.push((key, m.clone()));
+        memo.push((bytes.to_vec(), m.clone()));
     }
 }
 
