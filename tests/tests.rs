@@ -7,6 +7,7 @@ mod attacks;
 mod cli_and_config;
 mod command_backend;
 mod commands;
+mod config_narrow;
 mod config_scope;
 mod consumer_snapshot;
 mod controlm_flow;
@@ -38,9 +39,9 @@ mod power_loss;
 #[cfg(feature = "failpoints")]
 mod revoke;
 mod rotate;
+mod shared_faults;
 #[cfg(feature = "failpoints")]
 mod shared_lifecycle;
-mod shared_faults;
 mod shared_store;
 #[cfg(feature = "failpoints")]
 mod shared_storm;

@@ -170,7 +170,11 @@ fn verify(env: &Env, domain: &str, context: &str, exact: bool) -> String {
             let jwk = published
                 .get(&vk.kid)
                 .unwrap_or_else(|| panic!("{context}: {domain}: jwks.json lacks v{}", entry.version));
-            assert_eq!(jwk, &vk.jwk, "{context}: {domain} v{}: jwks.json differs", entry.version);
+            assert_eq!(
+                jwk, &vk.jwk,
+                "{context}: {domain} v{}: jwks.json differs",
+                entry.version
+            );
             expected_kids.push(vk.kid.clone());
             continue;
         }
