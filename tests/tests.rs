@@ -36,6 +36,8 @@ mod postgres;
 mod power_loss;
 #[cfg(feature = "failpoints")]
 mod revoke;
+#[cfg(feature = "failpoints")]
+mod revoke_attacks;
 mod rotate;
 #[cfg(feature = "failpoints")]
 mod staging_at_admission;

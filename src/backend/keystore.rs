@@ -71,8 +71,13 @@ impl ExamineError {
 }
 
 /// The refusal a judged key store calls for (NEEDS_REVIEW with its diagnosis), if any:
-/// the same for the real run and the dry run.
-pub fn refusal(verdict: &Verdict, domain: &str) -> Option<Failure> {
+/// the same for the real run and the dry run. A revocation (`revoking`) goes ahead on a
+/// store whose only problem is a compromised key listed as usable again: revoking it
+/// again is the repair.
+pub fn refusal(verdict: &Verdict, domain: &str, revoking: bool) -> Option<Failure> {
+    if revoking && verdict.revocable() {
+        return None;
+    }
     verdict.diagnosis(domain).map(|d| Failure::new(Outcome::NeedsReview, d))
 }
 
@@ -103,6 +108,7 @@ fn examine_for(
             manifest_run_known: insp.manifest.committed_by_run.as_ref().map(|_| false),
             runs: Vec::new(),
             later_commit: None,
+            compromised: Vec::new(),
         },
     };
     let verdict = judge(&insp, &prov);
@@ -183,7 +189,7 @@ impl KeystoreRotation<'_> {
             Some(&self.step.run.run_id),
         )
         .map_err(ExamineError::refusal)?;
-        if let Some(refused) = refusal(&verdict, &self.step.run.domain) {
+        if let Some(refused) = refusal(&verdict, &self.step.run.domain, self.revoke.is_some()) {
             if !verdict.evidence.is_empty() {
                 // Their numbers are taken: no later key may get one of them.
                 let _ = self.step.event("unlisted", &verdict.evidence.join(" "));
@@ -332,6 +338,24 @@ impl KeystoreRotation<'_> {
             .manifest
             .rotated(plan, &fingerprints, &run_id, now)
             .with_public_keys(&publics);
+        if let Some((n, _)) = &plan.compromise {
+            // On the record before the commit, in the ledger that outlives any copy of
+            // the key folder: a keyring.json older than this revocation (a backup put
+            // back, or this run dying before its commit) can never make the key usable
+            // again unnoticed (see `judge`).
+            let fp = inspection
+                .manifest
+                .get(*n)
+                .map(|v| v.fingerprint.as_str())
+                .unwrap_or_default();
+            self.step
+                .event("compromised", &crate::keystore::CompromiseRecord::detail(*n, fp))
+                .map_err(|e| {
+                    aborted(format!(
+                        "the ledger cannot record the revocation: {e}; nothing was changed"
+                    ))
+                })?;
+        }
         guard.checkpoint("publish")?;
         // Verifiers must know every new public key before it can sign anything, and
         // must keep the ones this rotation will destroy until the commit stands.
@@ -539,7 +563,7 @@ impl super::RotationBackend for KeystoreBackend {
     fn planned_files(&self, ledger: &Ledger) -> Option<Vec<String>> {
         let ks = &self.keystore;
         let (insp, verdict) = examine(ks, Some(ledger), ks.domain()).ok()?;
-        if !verdict.clean() {
+        if refusal(&verdict, ks.domain(), self.revoke.is_some()).is_some() {
             // The run will refuse the store: it creates nothing, so records nothing.
             return None;
         }
@@ -554,10 +578,12 @@ impl super::RotationBackend for KeystoreBackend {
             .check_folders()
             .map_err(aborted)
             .and_then(|()| examine(ks, ledger, &domain).map_err(ExamineError::refusal))
-            .and_then(|(insp, verdict)| match refusal(&verdict, &domain) {
-                Some(f) => Err(f),
-                None => Ok((insp, verdict)),
-            });
+            .and_then(
+                |(insp, verdict)| match refusal(&verdict, &domain, self.revoke.is_some()) {
+                    Some(f) => Err(f),
+                    None => Ok((insp, verdict)),
+                },
+            );
         let (insp, verdict) = judged.inspect_err(|f| plan.push(format!("key store: {}", f.message)))?;
         if !insp.exists {
             plan.push(format!(

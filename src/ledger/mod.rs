@@ -585,10 +585,25 @@ impl Ledger {
                 _ => runs[i].committed = true,
             }
         }
+        // Every revocation of the domain's history (a backup may be years old), except
+        // those whose run says it stopped before its commit.
+        let compromised = db
+            .query(
+                &self.label,
+                "SELECT r.run_id, e.detail FROM rotations r JOIN rotation_events e ON e.run_id = r.run_id \
+                 WHERE r.domain = $1 AND e.phase = 'compromised' AND r.state NOT IN ('aborted', 'timed_out', 'refused') \
+                 ORDER BY e.id",
+                &[domain.into()],
+                |r| Ok((r.text(0)?.unwrap_or_default(), r.text(1)?.unwrap_or_default())),
+            )?
+            .into_iter()
+            .filter_map(|(run, detail)| crate::keystore::CompromiseRecord::parse(&run, &detail))
+            .collect();
         Ok(crate::keystore::Provenance {
             manifest_run_known,
             later_commit,
             runs,
+            compromised,
         })
     }
 

@@ -1,0 +1,156 @@
+//! Attacks on `keyrotate revoke` and the NIST lifecycle states (DESIGN 11), as an
+//! on-call engineer under an active leak would run into them. Each test names what it
+//! broke (BREAK, fixed in the same branch) or the property it pins (PIN: passed on the
+//! code it was written against, kept because a regression there would be a leak).
+
+use std::path::Path;
+
+use crate::common::Env;
+
+fn revoke<'a>(env: &'a Env, domain: &str, version: u64) -> crate::common::Run<'a> {
+    env.cmd().args([
+        "revoke",
+        "--domain",
+        domain,
+        "--version",
+        &version.to_string(),
+        "--reason",
+        "INC-1: key pasted in a ticket",
+        "--deadline",
+        "1m",
+    ])
+}
+
+/// The `kid` prefixes (`v000007`) `jwks.json` publishes.
+fn kids(env: &Env, domain: &str) -> Vec<String> {
+    env.jwks(domain)["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["kid"].as_str().unwrap()[..7].to_string())
+        .collect()
+}
+
+fn state(env: &Env, domain: &str, n: u64) -> String {
+    env.versions(domain)
+        .into_iter()
+        .find(|(v, _)| *v == n)
+        .map(|(_, s)| s)
+        .unwrap_or_else(|| panic!("no v{n}"))
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let target = to.join(e.file_name());
+        let ft = e.file_type().unwrap();
+        if ft.is_symlink() {
+            std::os::unix::fs::symlink(std::fs::read_link(e.path()).unwrap(), &target).unwrap();
+        } else if ft.is_file() {
+            std::fs::copy(e.path(), &target).unwrap();
+        }
+    }
+}
+
+/// The domain folder put back from a copy, as `cp -a backup/. keys/D/` after `rm -rf`.
+fn restore(env: &Env, domain: &str, backup: &Path) {
+    std::fs::remove_dir_all(env.key_dir(domain)).unwrap();
+    copy_dir(backup, &env.key_dir(domain));
+}
+
+/// BREAK (fixed): the key folder restored from a backup taken before a revocation
+/// (keyring.json says the compromised v2 is active, jwks.json publishes it, its
+/// private key is back). Before: `resolve` adopted it as it was, `status` said "ok"
+/// and v2 signed and verified again. Now the ledger keeps every revocation (run,
+/// version, fingerprint), so a manifest that lists a revoked key as usable is refused
+/// by every rotation and named by `status` and `resolve`, until the key is revoked
+/// again, which a revocation may do from exactly that state.
+#[test]
+fn a_backup_from_before_a_revocation_never_brings_the_compromised_key_back() {
+    let env = Env::new();
+    env.rotate("sig").status(0);
+    env.rotate("sig").arg("--force").status(0);
+    let backup = env.path("backup-sig");
+    copy_dir(&env.key_dir("sig"), &backup);
+    revoke(&env, "sig", 2).args(["--run-id", "REV"]).status(0);
+    restore(&env, "sig", &backup);
+    assert_eq!(state(&env, "sig", 2), "active");
+
+    let st = env.cmd().args(["status", "--domain", "sig"]).output();
+    assert_ne!(st.code, 0, "{}", st.stdout);
+    assert!(st.stdout.contains("run REV revoked it"), "{}", st.stdout);
+    let out = env.rotate("sig").args(["--force", "--run-id", "AFTER"]).status(4);
+    assert!(out.stdout.contains("v2"), "{}", out.stdout);
+    // The review adopts the folder, but cannot make v2 usable.
+    let res = env
+        .resolve("sig", "AFTER", "folder restored from last night's backup")
+        .status(0);
+    assert!(res.stdout.contains("revoke it again"), "{}", res.stdout);
+    let st = env.cmd().args(["status", "--domain", "sig"]).output();
+    assert_eq!(st.code, 3, "{}", st.stdout);
+    assert!(st.stdout.contains("revoke it again"), "{}", st.stdout);
+    let out = env.rotate("sig").args(["--force", "--run-id", "STILL"]).status(4);
+    assert!(out.stdout.contains("run REV revoked it"), "{}", out.stdout);
+    env.resolve("sig", "STILL", "seen: revoking v2 again").status(0);
+
+    // Revoking it again is the way out, and the dry run says so first.
+    let dry = revoke(&env, "sig", 2).arg("--dry-run").status(0);
+    assert!(dry.stdout.contains("would revoke v2"), "{}", dry.stdout);
+    revoke(&env, "sig", 2).status(0);
+    assert_eq!(state(&env, "sig", 2), "compromised");
+    assert!(!kids(&env, "sig").contains(&"v000002".to_string()));
+    assert!(!env.key_dir("sig").join("v000002.pem").exists());
+    // v3 was the first revocation's key, lost with the restore: its number stays taken.
+    assert!(env.manifest("sig")["primary"].as_u64().unwrap() > 3);
+    env.cmd().args(["status", "--domain", "sig"]).status(0);
+    env.rotate("sig").arg("--force").status(0);
+    env.cmd().args(["audit", "verify"]).status(0);
+}
+
+/// BREAK (fixed): a revocation killed after it started on the key store but before
+/// its commit (Control-M's Kill) was forgotten once its run was reviewed: the next
+/// scheduled rotation just retired v2 and kept publishing it in jwks.json, so the key
+/// the operator had declared compromised went on verifying for `retain` rotations.
+/// Now the interrupted revocation stays on the record until it is done.
+#[test]
+fn a_revocation_killed_before_its_commit_is_not_forgotten() {
+    let env = Env::new();
+    env.rotate("sig").status(0);
+    env.rotate("sig").arg("--force").status(0);
+    let out = revoke(&env, "sig", 2)
+        .args(["--run-id", "KILLED"])
+        .env("KEYROTATE_FAILPOINTS", "jwks.rename=kill")
+        .output();
+    assert_eq!(out.code, 137, "{}", out.stderr);
+    assert_eq!(state(&env, "sig", 2), "active");
+    env.rotate("sig").args(["--force", "--run-id", "NEXT"]).status(4);
+    env.resolve("sig", "KILLED", "Control-M killed the revocation")
+        .status(0);
+    let out = env.rotate("sig").args(["--force", "--run-id", "SCHEDULED"]).status(4);
+    assert!(out.stdout.contains("run KILLED revoked it"), "{}", out.stdout);
+    assert_eq!(state(&env, "sig", 2), "active", "the refused rotation changed keys");
+    revoke(&env, "sig", 2).status(0);
+    assert_eq!(state(&env, "sig", 2), "compromised");
+    assert!(!kids(&env, "sig").contains(&"v000002".to_string()));
+}
+
+/// PIN: a revocation that stopped before its commit by its own account (ABORTED, here
+/// an injected I/O error staging the fresh key) leaves the old state, and blocks
+/// nothing: it is not a recorded compromise, and the next revocation goes ahead.
+#[test]
+fn an_aborted_revocation_is_not_a_recorded_compromise() {
+    let env = Env::new();
+    env.rotate("sig").status(0);
+    env.rotate("sig").arg("--force").status(0);
+    let out = revoke(&env, "sig", 2)
+        .env("KEYROTATE_FAILPOINTS", "jwks.rename=error")
+        .status(3);
+    assert!(out.stdout.contains("jwks.json"), "{}", out.stdout);
+    assert_eq!(state(&env, "sig", 2), "active");
+    assert!(kids(&env, "sig").contains(&"v000002".to_string()));
+    env.cmd().args(["status", "--domain", "sig"]).status(0);
+    env.rotate("sig").arg("--force").status(0);
+    revoke(&env, "sig", 2).status(0);
+    assert_eq!(state(&env, "sig", 2), "compromised");
+}
