@@ -154,3 +154,84 @@ fn an_aborted_revocation_is_not_a_recorded_compromise() {
     revoke(&env, "sig", 2).status(0);
     assert_eq!(state(&env, "sig", 2), "compromised");
 }
+
+/// A small tmpfs mounted at `dir` (root only), unmounted when dropped. `None` (after
+/// printing SKIPPED) where this test cannot mount.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &Path, size: &str) -> Option<Tmpfs> {
+        std::fs::create_dir_all(dir).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=700"), "tmpfs"])
+            .arg(dir)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            println!("SKIPPED: cannot mount a tmpfs here (needs root)");
+            return None;
+        }
+        Some(Tmpfs(dir.to_path_buf()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// BREAK (fixed): with the key store's file system full (the state folder elsewhere),
+/// `revoke --dry-run` said "would exit 0" and the real revocation then stopped with 3
+/// ("cannot write jwks.json: no space left on device"): the operator was told a
+/// revocation would work that could not. Now both stop with 3 before anything is
+/// written, naming the full key store, and after space is freed the revocation works.
+#[test]
+fn a_full_key_store_is_predicted_by_the_dry_run_and_touched_by_neither() {
+    let env = Env::new();
+    let Some(_fs) = Tmpfs::mount(&env.path("keys"), "1m") else {
+        return;
+    };
+    env.rotate("sig").status(0);
+    env.rotate("sig").arg("--force").status(0);
+    let filler = env.path("keys/filler");
+    let _ = std::process::Command::new("dd")
+        .args(["if=/dev/zero", "bs=4k"])
+        .arg(format!("of={}", filler.display()))
+        .stderr(std::process::Stdio::null())
+        .status();
+    for v in [1, 2] {
+        let dry = revoke(&env, "sig", v).arg("--dry-run").output();
+        let real = revoke(&env, "sig", v).output();
+        assert_eq!(
+            (dry.code, real.code),
+            (3, 3),
+            "v{v}: dry run {}: {}\nreal run {}: {}",
+            dry.code,
+            dry.stdout,
+            real.code,
+            real.stdout
+        );
+        assert!(dry.stdout.contains("no space left"), "{}", dry.stdout);
+        assert!(real.stdout.contains("no space left"), "{}", real.stdout);
+    }
+    assert_eq!(
+        (state(&env, "sig", 1), state(&env, "sig", 2)),
+        ("retired".into(), "active".into())
+    );
+    assert_eq!(kids(&env, "sig"), ["v000002", "v000001"]);
+    assert_eq!(env.key_files("sig"), ["v000002.pem"]);
+    assert!(
+        !std::fs::read_dir(env.key_dir("sig")).unwrap().any(|e| e
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .ends_with(".tmp")),
+        "a temporary was left"
+    );
+    std::fs::remove_file(&filler).unwrap();
+    revoke(&env, "sig", 2).arg("--dry-run").status(0);
+    revoke(&env, "sig", 2).status(0);
+    assert_eq!(state(&env, "sig", 2), "compromised");
+}

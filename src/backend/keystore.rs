@@ -70,6 +70,22 @@ impl ExamineError {
     }
 }
 
+/// A key store on a file system that is (almost) full is refused before anything is
+/// written, by the real run and the dry run alike, on the same measure as the audit
+/// file's (`fsutil::fs_trouble`): otherwise the dry run predicts 0 and the real run
+/// stops half-way with "no space left" (a revocation that cannot even rewrite
+/// jwks.json, after the operator was told it would work).
+fn room_to_write(ks: &Keystore) -> Result<(), Failure> {
+    let folder = if ks.dir().is_dir() { ks.dir() } else { ks.root() };
+    match crate::fsutil::fs_trouble(folder) {
+        Some(why) if folder.is_dir() => Err(aborted(format!(
+            "key store {}: {why}; no key was touched: free some space, then run again",
+            folder.display()
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// The refusal a judged key store calls for (NEEDS_REVIEW with its diagnosis), if any:
 /// the same for the real run and the dry run. A revocation (`revoking`) goes ahead on a
 /// store whose only problem is a compromised key listed as usable again: revoking it
@@ -182,6 +198,7 @@ impl KeystoreRotation<'_> {
 
         guard.checkpoint("inspect")?;
         ks.prepare().map_err(aborted)?;
+        room_to_write(&ks)?;
         let (inspection, verdict) = examine_for(
             &ks,
             Some(&*self.step.ledger),
@@ -577,6 +594,7 @@ impl super::RotationBackend for KeystoreBackend {
         let judged = ks
             .check_folders()
             .map_err(aborted)
+            .and_then(|()| room_to_write(ks))
             .and_then(|()| examine(ks, ledger, &domain).map_err(ExamineError::refusal))
             .and_then(
                 |(insp, verdict)| match refusal(&verdict, &domain, self.revoke.is_some()) {
