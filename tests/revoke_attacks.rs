@@ -235,3 +235,37 @@ fn a_full_key_store_is_predicted_by_the_dry_run_and_touched_by_neither() {
     revoke(&env, "sig", 2).status(0);
     assert_eq!(state(&env, "sig", 2), "compromised");
 }
+
+/// BREAK (fixed): a revocation whose tidy-up failed after its commit (here injected
+/// I/O errors on the `current.pem` update and the unlink) exited 0, "done" by the
+/// runbook, while `current.pem` still pointed at the compromised v2 and its private key
+/// was still on disk: an application reading `current.pem` kept signing with the
+/// leaked key. Now such a revocation exits NEEDS_REVIEW naming what is left, and the
+/// review (`resolve`) finishes it.
+#[test]
+fn a_revocation_that_leaves_the_compromised_key_in_place_is_not_reported_done() {
+    for failpoints in ["current.symlink=error,destroy.unlink=error", "destroy.unlink=error"] {
+        let env = Env::new();
+        env.rotate("sig").status(0);
+        env.rotate("sig").arg("--force").status(0);
+        let out = revoke(&env, "sig", 2)
+            .args(["--run-id", "REV"])
+            .env("KEYROTATE_FAILPOINTS", failpoints)
+            .status(4);
+        assert!(
+            out.stdout.contains("v000002.pem is still on disk"),
+            "{failpoints}: {}",
+            out.stdout
+        );
+        // The commit stands: v2 is compromised and unpublished, v3 active.
+        assert_eq!(state(&env, "sig", 2), "compromised");
+        assert_eq!(kids(&env, "sig"), ["v000003", "v000001"]);
+        env.cmd().args(["status", "--domain", "sig"]).status(4);
+        let res = env.resolve("sig", "REV", "unlink failed; checked the disk").status(0);
+        assert!(res.stdout.contains("v000002.pem"), "{}", res.stdout);
+        assert_eq!(env.key_files("sig"), ["v000003.pem"]);
+        let current = std::fs::read_link(env.key_dir("sig").join("current.pem")).unwrap();
+        assert_eq!(current, Path::new("v000003.pem"));
+        env.cmd().args(["status", "--domain", "sig"]).status(0);
+    }
+}

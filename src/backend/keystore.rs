@@ -478,8 +478,42 @@ impl KeystoreRotation<'_> {
             rotated.warnings.push(warn("cannot rewrite jwks.json", e));
         }
         recorded?;
+        if let Some(left) = plan
+            .compromise
+            .as_ref()
+            .and_then(|(n, _)| compromised_left(&ks, &next, *n))
+        {
+            // The tidy-up is usually a warning (the rotation stands and the next run
+            // finishes it), but a revocation that leaves the compromised key's file, or
+            // `current.*` pointing at it, has not done what the operator ran it for:
+            // applications reading `current.*` would keep signing with the leaked key.
+            return Err(Failure::new(
+                Outcome::NeedsReview,
+                format!(
+                    "{}; but {left} ({}): review it and run keyrotate resolve, which finishes the revocation",
+                    rotated.summary,
+                    rotated.warnings.join("; ")
+                ),
+            ));
+        }
         Ok(rotated)
     }
+}
+
+/// What a committed revocation of `version` left behind that it should not have: the
+/// version's key file, or `current.*` still naming it.
+fn compromised_left(ks: &Keystore, next: &Manifest, version: u64) -> Option<String> {
+    let file = &next.get(version)?.file;
+    let mut left = Vec::new();
+    if std::fs::symlink_metadata(ks.dir().join(file)).is_ok() {
+        left.push(format!("the compromised key's file {file} is still on disk"));
+    }
+    for current in ["current.pem", "current.key"] {
+        if std::fs::read_link(ks.dir().join(current)).is_ok_and(|t| t == std::path::Path::new(file)) {
+            left.push(format!("{current} still points at it"));
+        }
+    }
+    (!left.is_empty()).then(|| left.join(" and "))
 }
 
 impl KeystoreRotation<'_> {
