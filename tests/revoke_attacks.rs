@@ -269,3 +269,112 @@ fn a_revocation_that_leaves_the_compromised_key_in_place_is_not_reported_done() 
         env.cmd().args(["status", "--domain", "sig"]).status(0);
     }
 }
+
+/// PIN: applications reading through the consumer API (the `keyring_reader` example:
+/// open, sign with the active key, verify with the snapshot's own JWK, load the
+/// pending key) in a tight loop beside revocation after revocation, of active, pending
+/// and retired versions, in both activation modes: no read ever fails, and once a
+/// revocation has exited, a fresh snapshot never hands out or trusts a compromised key,
+/// and `jwks.json` never publishes one.
+#[test]
+fn readers_never_fail_and_never_use_a_compromised_key_beside_revocations() {
+    use keyrotate::keyring::Keyring;
+    use std::process::{Command, Stdio};
+    let env = Env::with_config(
+        r#"
+[state]
+dir = "state"
+[host]
+pool = "p"
+[defaults]
+designated_pool = "p"
+backend = "keystore"
+keystore = "keys"
+min_interval = "0s"
+retain = 2
+[domains.imm]
+algorithm = "ecdsa-p256"
+[domains.pre]
+algorithm = "ed25519"
+activation = "prepublish"
+"#,
+    );
+    for d in ["imm", "pre"] {
+        env.rotate(d).status(0);
+        env.rotate(d).status(0);
+    }
+    let reader = crate::consumer_snapshot::example("keyring_reader");
+    let stop = env.path("stop");
+    let readers: Vec<_> = ["imm", "pre"]
+        .iter()
+        .map(|d| {
+            Command::new(&reader)
+                .arg(env.path("keys"))
+                .arg(d)
+                .arg(&stop)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let mut revoked = 0;
+    for round in 0..12 {
+        for d in ["imm", "pre"] {
+            let m = env.manifest(d);
+            let pick = |s: &str| {
+                m["versions"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .filter(|v| v["state"] == s)
+                    .map(|v| v["version"].as_u64().unwrap())
+                    .next_back()
+            };
+            // Active, then pending (or retired), then a rotation to make more.
+            let victim = match round % 3 {
+                0 => pick("active"),
+                1 => pick("pending").or(pick("retired")),
+                _ => None,
+            };
+            match victim {
+                Some(n) => {
+                    revoke(&env, d, n).status(0);
+                    revoked += 1;
+                }
+                None => {
+                    env.rotate(d).status(0);
+                }
+            }
+            let compromised: Vec<u64> = env
+                .versions(d)
+                .into_iter()
+                .filter(|(_, s)| s == "compromised")
+                .map(|(n, _)| n)
+                .collect();
+            let ring = Keyring::open(&env.path("keys"), d).unwrap();
+            let active = ring.active().unwrap();
+            assert!(!compromised.contains(&active.version), "{d}: active {}", active.kid);
+            for k in ring.verification_keys().unwrap() {
+                assert!(!compromised.contains(&k.version), "{d}: trusts {}", k.kid);
+            }
+            for n in &compromised {
+                assert!(ring.version(*n).is_err(), "{d}: v{n} handed out");
+                let kid = format!("v{n:06}");
+                assert!(!kids(&env, d).contains(&kid), "{d}: {kid} published");
+            }
+        }
+    }
+    std::fs::write(&stop, "").unwrap();
+    for (d, child) in ["imm", "pre"].iter().zip(readers) {
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{d}: a reader failed beside the revocations: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr).lines().take(5).collect::<Vec<_>>().join("\n")
+        );
+    }
+    assert!(revoked >= 12, "only {revoked} revocations");
+    env.cmd().args(["audit", "verify"]).status(0);
+}
