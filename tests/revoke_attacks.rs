@@ -372,9 +372,61 @@ activation = "prepublish"
             out.status.success(),
             "{d}: a reader failed beside the revocations: {}{}",
             String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr).lines().take(5).collect::<Vec<_>>().join("\n")
+            String::from_utf8_lossy(&out.stderr)
+                .lines()
+                .take(5)
+                .collect::<Vec<_>>()
+                .join("\n")
         );
     }
     assert!(revoked >= 12, "only {revoked} revocations");
     env.cmd().args(["audit", "verify"]).status(0);
+}
+
+/// Moves every ledger row of the test's SQLite ledger back to 2020, as if the last
+/// rotation had run long ago (`min_interval` has passed).
+fn age_the_ledger(env: &Env) {
+    let c = rusqlite::Connection::open(env.path("state/ledger.sqlite3")).unwrap();
+    c.execute(
+        "UPDATE rotations SET started_at = '2020-01-01T00:00:00.000Z', ended_at = '2020-01-01T00:00:01.000Z'",
+        [],
+    )
+    .unwrap();
+}
+
+/// BREAK (fixed): revoking a version that is not the active one (a retired key, or the
+/// pending key of a prepublish domain) counted as the domain's last successful
+/// rotation, so the scheduled rotation that was due became NOT_DUE for another
+/// `min_interval` and `status`/the metrics said the active key was freshly rotated,
+/// while the active key only grew older. Only a revocation that activates a new key
+/// restarts the clock.
+#[test]
+fn revoking_a_key_that_is_not_active_does_not_postpone_the_next_rotation() {
+    let env = Env::new();
+    for d in ["sig", "pre"] {
+        env.rotate(d).status(0);
+        env.rotate(d).arg("--force").status(0);
+    }
+    age_the_ledger(&env);
+    revoke(&env, "sig", 1).status(0); // retired
+    revoke(&env, "pre", 3).status(0); // pending
+    for d in ["sig", "pre"] {
+        let st = env
+            .cmd()
+            .args(["status", "--domain", d, "--output", "json"])
+            .status(0)
+            .json();
+        let next_due = st["domains"][0]["next_due"].as_str().unwrap().to_string();
+        assert!(
+            next_due.starts_with("2020") || next_due == "now",
+            "{d}: next due {next_due}"
+        );
+        let dry = env.rotate(d).arg("--dry-run").output();
+        assert_eq!(dry.code, 0, "{d}: {}", dry.stdout);
+        env.rotate(d).status(0);
+    }
+    // A revocation of the active key is a rotation: the clock restarts.
+    age_the_ledger(&env);
+    revoke(&env, "sig", 3).status(0);
+    env.rotate("sig").status(7);
 }

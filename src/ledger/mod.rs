@@ -328,7 +328,12 @@ impl Db<'_, '_> {
         Ok(DomainRecord {
             in_flight: one(&format!("{} ORDER BY id", RunState::sql_in(&RunState::IN_FLIGHT)))?,
             blocking: one("state = 'needs_review' ORDER BY id")?,
-            last_success: one("state = 'succeeded' ORDER BY id DESC")?,
+            // The due clock follows the active key: a revocation that left the active
+            // version as it was (a retired or pending key revoked) is not a rotation.
+            last_success: one(
+                "state = 'succeeded' AND NOT (trigger = 'revoke' AND from_version IS NOT NULL \
+                 AND to_version = from_version) ORDER BY id DESC",
+            )?,
             last_run: one("TRUE ORDER BY id DESC")?,
         })
     }
