@@ -430,3 +430,44 @@ fn revoking_a_key_that_is_not_active_does_not_postpone_the_next_rotation() {
     revoke(&env, "sig", 3).status(0);
     env.rotate("sig").status(7);
 }
+
+/// BREAK (fixed): a revocation killed after its commit but before its tidy-up (Control-M's
+/// Kill at `current.pem`'s update, or at the unlink) left `current.pem` pointing at the
+/// compromised key and its private key on disk; running the revocation again, as
+/// anyone would after exit 137, answered "already compromised" (exit 2) and changed
+/// nothing, so applications reading `current.pem` kept signing with the leaked key
+/// until some later rotation. Now the second run finishes it (the dry run says so
+/// first), and only a third says "already compromised".
+#[test]
+fn revoking_again_after_a_kill_past_the_commit_finishes_the_revocation() {
+    for kill_at in ["current.symlink", "destroy.unlink"] {
+        let env = Env::new();
+        env.rotate("sig").status(0);
+        env.rotate("sig").arg("--force").status(0);
+        let out = revoke(&env, "sig", 2)
+            .args(["--run-id", "KILLED"])
+            .env("KEYROTATE_FAILPOINTS", format!("{kill_at}=kill"))
+            .output();
+        assert_eq!(out.code, 137, "{kill_at}: {}", out.stderr);
+        assert_eq!(state(&env, "sig", 2), "compromised", "{kill_at}");
+        assert!(env.key_dir("sig").join("v000002.pem").exists(), "{kill_at}");
+        let before = env.snapshot();
+        let dry = revoke(&env, "sig", 2).arg("--dry-run").status(0);
+        assert!(dry.stdout.contains("interrupted revocation of v2"), "{}", dry.stdout);
+        env.assert_unchanged(&before, "revoke --dry-run");
+        let out = revoke(&env, "sig", 2).status(0);
+        assert!(out.stdout.contains("already revoked"), "{}", out.stdout);
+        assert_eq!(env.key_files("sig"), ["v000003.pem"], "{kill_at}");
+        let current = std::fs::read_link(env.key_dir("sig").join("current.pem")).unwrap();
+        assert_eq!(current, Path::new("v000003.pem"), "{kill_at}");
+        assert_eq!(kids(&env, "sig"), ["v000003", "v000001"], "{kill_at}");
+        let again = revoke(&env, "sig", 2).status(2);
+        assert!(again.stdout.contains("already compromised"), "{}", again.stdout);
+        // The killed run still waits for its review; then the domain rotates.
+        env.rotate("sig").arg("--force").status(4);
+        env.resolve("sig", "KILLED", "killed by Control-M after its commit")
+            .status(0);
+        env.rotate("sig").arg("--force").status(0);
+        env.cmd().args(["audit", "verify"]).status(0);
+    }
+}

@@ -234,6 +234,13 @@ impl KeystoreRotation<'_> {
                 tracing::warn!("{e}");
             }
         }
+        if let Some(done) = self
+            .revoke
+            .as_ref()
+            .and_then(|r| already_revoked(&inspection.manifest, r.version))
+        {
+            return finish_revocation(&ks, &inspection.manifest, done);
+        }
         let plan = plan_for(
             &inspection.manifest,
             (self.algorithm, self.activation, self.retain),
@@ -500,6 +507,58 @@ impl KeystoreRotation<'_> {
     }
 }
 
+/// `version`, when the manifest already records it compromised: a revocation that
+/// committed and was interrupted before its tidy-up, run again (see
+/// [`revocation_unfinished`]).
+fn already_revoked(manifest: &Manifest, version: u64) -> Option<&crate::keystore::manifest::VersionEntry> {
+    manifest
+        .get(version)
+        .filter(|v| v.state == crate::keystore::manifest::VersionState::Compromised)
+}
+
+/// A revocation run again after the one that committed it was interrupted (killed
+/// between its commit and its tidy-up): the run's repair, under the locks, has just
+/// finished the tidy-up; this says so, or (the repair could not finish it) stops with
+/// NEEDS_REVIEW naming what is left. No commit: the manifest already says it all.
+fn finish_revocation(
+    ks: &Keystore,
+    manifest: &Manifest,
+    v: &crate::keystore::manifest::VersionEntry,
+) -> Result<Rotated, Failure> {
+    let active = manifest.active();
+    let at = v.compromised_at.as_deref().unwrap_or("an unrecorded time");
+    if let Some(left) = compromised_left(ks, manifest, v.version) {
+        return Err(Failure::new(
+            Outcome::NeedsReview,
+            format!(
+                "v{} was revoked at {at}, but {left}, and the tidy-up could not finish it: review the key folder \
+                 and run keyrotate resolve",
+                v.version
+            ),
+        ));
+    }
+    Ok(Rotated {
+        from_version: active.map(|a| a.version),
+        to_version: active.map(|a| a.version),
+        from_fingerprint: active.map(|a| a.fingerprint.clone()),
+        to_fingerprint: active.map(|a| a.fingerprint.clone()),
+        warnings: Vec::new(),
+        summary: format!(
+            "v{} was already revoked at {at}; what that interrupted revocation left is finished now: its key file \
+             is destroyed and nothing points at it or publishes it",
+            v.version
+        ),
+    })
+}
+
+/// Whether the revocation of `version` committed but did not finish (its key file, or
+/// `current.*` naming it, still there): then running `revoke` again finishes it rather
+/// than answering "already compromised" while the leaked key is still in use.
+pub fn revocation_unfinished(ks: &Keystore, manifest: &Manifest, version: u64) -> Option<String> {
+    already_revoked(manifest, version)?;
+    compromised_left(ks, manifest, version)
+}
+
 /// What a committed revocation of `version` left behind that it should not have: the
 /// version's key file, or `current.*` still naming it.
 fn compromised_left(ks: &Keystore, next: &Manifest, version: u64) -> Option<String> {
@@ -658,6 +717,22 @@ impl super::RotationBackend for KeystoreBackend {
                 "sweep: remove {} (proven garbage: destroyed versions, temporaries, files staged by runs that never committed)",
                 verdict.garbage.join(", ")
             ));
+        }
+        if let Some(v) = self
+            .revoke
+            .as_ref()
+            .and_then(|r| already_revoked(&insp.manifest, r.version))
+        {
+            let at = v.compromised_at.as_deref().unwrap_or("an unrecorded time");
+            plan.push(format!(
+                "revoke: v{} was already revoked at {at}; the run finishes what that revocation left (above)",
+                v.version
+            ));
+            let active = insp.manifest.active().map(|a| a.version);
+            return Ok(super::Planned {
+                summary: format!("would finish the interrupted revocation of v{}", v.version),
+                versions: (active, active),
+            });
         }
         let rp = self
             .plan_for(&insp.manifest, verdict.next_version)
