@@ -471,3 +471,118 @@ fn revoking_again_after_a_kill_past_the_commit_finishes_the_revocation() {
         env.cmd().args(["audit", "verify"]).status(0);
     }
 }
+
+/// The PostgreSQL ledger keeps the revocation record too: the backup put back over a
+/// revocation is refused there the same way, and a second revocation ends it.
+#[test]
+fn a_backup_from_before_a_revocation_is_refused_on_the_postgresql_ledger() {
+    if !crate::common::pg::server() {
+        eprintln!("SKIPPED: no PostgreSQL server for this test");
+        return;
+    }
+    let db = crate::common::pg::Database::new();
+    let env = Env::with_config(&crate::common::DEFAULT_CONFIG.replace(
+        "dir = \"state\"",
+        &format!("dir = \"state\"\nledger = \"{}\"", db.url()),
+    ));
+    env.rotate("pre").status(0); // v1 active, v2 pending
+    let backup = env.path("backup-pre");
+    copy_dir(&env.key_dir("pre"), &backup);
+    revoke(&env, "pre", 2).args(["--run-id", "PG-REV"]).status(0);
+    assert_eq!(
+        db.sql("SELECT detail FROM rotation_events WHERE run_id = 'PG-REV' AND phase = 'compromised'"),
+        format!("v2 {}", {
+            let m: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(backup.join("keyring.json")).unwrap()).unwrap();
+            m["versions"][1]["fingerprint"].as_str().unwrap().to_string()
+        })
+    );
+    restore(&env, "pre", &backup);
+    let out = env.rotate("pre").args(["--force", "--run-id", "PG-AFTER"]).status(4);
+    assert!(out.stdout.contains("run PG-REV revoked it"), "{}", out.stdout);
+    env.resolve("pre", "PG-AFTER", "restored a backup").status(0);
+    env.cmd().args(["status", "--domain", "pre"]).status(3);
+    revoke(&env, "pre", 2).status(0);
+    assert_eq!(state(&env, "pre", 2), "compromised");
+    assert!(!kids(&env, "pre").contains(&"v000002".to_string()));
+    env.cmd().args(["status", "--domain", "pre"]).status(0);
+}
+
+/// PIN: a revocation while a rotation of the domain runs is BUSY (5), real and dry
+/// alike, naming the rotation's run, pid and host; its refused row says `revoke`; and
+/// once the rotation ends the revocation goes through (the runbook's "run it again").
+#[test]
+fn a_revocation_beside_a_running_rotation_is_busy_and_names_it() {
+    let env = Env::new();
+    env.rotate("sig").status(0);
+    let log = env.path("steps.log");
+    let mut long = env
+        .rotate("sig")
+        .args(["--force", "--run-id", "LONG"])
+        .env("KEYROTATE_FAILPOINT_LOG", &log)
+        .env("KEYROTATE_FAILPOINTS", "stage.fsync=sleep(3000)")
+        .spawn();
+    crate::common::wait_for_step(&log, "stage.fsync");
+    let dry = revoke(&env, "sig", 1).arg("--dry-run").status(5);
+    let real = revoke(&env, "sig", 1).args(["--run-id", "R-BUSY"]).status(5);
+    let pid = long.id().to_string();
+    for out in [&dry, &real] {
+        assert!(
+            out.stdout.contains("run LONG") && out.stdout.contains(&pid),
+            "{}",
+            out.stdout
+        );
+    }
+    assert!(long.wait().unwrap().success());
+    let row = env.rows().into_iter().find(|r| r["run_id"] == "R-BUSY").unwrap();
+    assert_eq!(
+        (row["state"].as_str(), row["trigger"].as_str()),
+        (Some("refused"), Some("revoke"))
+    );
+    // v1 is retired now: the revocation only unpublishes it.
+    revoke(&env, "sig", 1).status(0);
+    assert_eq!(state(&env, "sig", 1), "compromised");
+    assert_eq!(kids(&env, "sig"), ["v000002"]);
+}
+
+/// PIN: a Control-M job whose output goes through `| head -1`, or to nobody (stdout
+/// closed before keyrotate writes): the exit code and the ledger row stay the
+/// revocation's, dry run or real, success or refusal.
+#[test]
+fn a_closed_stdout_never_changes_a_revocations_outcome() {
+    use std::process::Stdio;
+    let env = Env::new();
+    env.rotate("sig").status(0);
+    env.rotate("sig").arg("--force").status(0);
+    let closed = |run: crate::common::Run<'_>| -> i32 {
+        let mut c = run.command();
+        c.stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = c.spawn().unwrap();
+        drop(child.stdout.take()); // the reader is gone before anything is written
+        let out = child.wait_with_output().unwrap();
+        out.status.code().unwrap_or(-1)
+    };
+    assert_eq!(closed(revoke(&env, "sig", 2).arg("--dry-run")), 0);
+    assert_eq!(closed(revoke(&env, "sig", 9)), 2);
+    assert_eq!(closed(revoke(&env, "sig", 2).args(["--run-id", "PIPED"])), 0);
+    let row = env.last_row();
+    assert_eq!(
+        (row["run_id"].as_str(), row["state"].as_str(), row["exit_code"].as_i64()),
+        (Some("PIPED"), Some("succeeded"), Some(0))
+    );
+    assert_eq!(state(&env, "sig", 2), "compromised");
+    // And through `head -1` in a shell, as a job definition would write it.
+    let out = std::process::Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "set -o pipefail; \"$0\" --config \"$1\" revoke --domain sig --version 3 --reason 'INC-2' \
+             --deadline 1m --dry-run 2>/dev/null | head -1; echo \"exit=${{PIPESTATUS[0]}}\""
+        ))
+        .arg(crate::common::bin())
+        .arg(env.config_path())
+        .current_dir(env.dir.path())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.ends_with("exit=0\n"), "{text}");
+}
