@@ -574,10 +574,10 @@ fn a_closed_stdout_never_changes_a_revocations_outcome() {
     // And through `head -1` in a shell, as a job definition would write it.
     let out = std::process::Command::new("bash")
         .arg("-c")
-        .arg(format!(
+        .arg(
             "set -o pipefail; \"$0\" --config \"$1\" revoke --domain sig --version 3 --reason 'INC-2' \
-             --deadline 1m --dry-run 2>/dev/null | head -1; echo \"exit=${{PIPESTATUS[0]}}\""
-        ))
+             --deadline 1m --dry-run 2>/dev/null | head -1; echo \"exit=${PIPESTATUS[0]}\"",
+        )
         .arg(crate::common::bin())
         .arg(env.config_path())
         .current_dir(env.dir.path())
