@@ -269,16 +269,16 @@ pub fn judge(insp: &Inspection, prov: &Provenance) -> Verdict {
         .iter()
         .flat_map(|r| r.staged.iter().chain(&r.noted))
         .filter_map(|f| parse_version_file(f))
+        // A revoked number is never given to another key either: verifiers may
+        // remember its kid as the compromised one.
+        .chain(prov.compromised.iter().map(|c| c.version))
         .max()
         .unwrap_or(0);
-    // A compromised key listed as usable again: matched by its fingerprint (the key
-    // itself), or by its number (never given to another key).
+    // A compromised key listed as usable again: matched by its fingerprint, the key's
+    // identity (a number alone could belong to a fresh key store's new key).
     let mut resurrected: Vec<(u64, String)> = Vec::new();
     for v in insp.manifest.live() {
-        let revoked = prov
-            .compromised
-            .iter()
-            .find(|c| c.fingerprint == v.fingerprint || c.version == v.version);
+        let revoked = prov.compromised.iter().find(|c| c.fingerprint == v.fingerprint);
         if let Some(c) = revoked {
             resurrected.push((v.version, c.run_id.clone()));
         }
