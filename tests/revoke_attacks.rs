@@ -267,6 +267,7 @@ fn a_revocation_that_leaves_the_compromised_key_in_place_is_not_reported_done() 
         let current = std::fs::read_link(env.key_dir("sig").join("current.pem")).unwrap();
         assert_eq!(current, Path::new("v000003.pem"));
         env.cmd().args(["status", "--domain", "sig"]).status(0);
+        env.cmd().args(["audit", "verify"]).status(0);
     }
 }
 
@@ -585,4 +586,46 @@ fn a_closed_stdout_never_changes_a_revocations_outcome() {
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.ends_with("exit=0\n"), "{text}");
+}
+
+/// PIN: the key store's file system remounted read-only under an active leak: the dry
+/// run and the real revocation both exit 3 naming it, nothing changes, the refusal is
+/// on the record (row and audit line), and once it is writable the revocation works.
+#[test]
+fn a_read_only_key_store_refuses_a_revocation_the_dry_run_predicted() {
+    let env = Env::new();
+    let Some(fs) = Tmpfs::mount(&env.path("keys"), "1m") else {
+        return;
+    };
+    env.rotate("sig").status(0);
+    env.rotate("sig").arg("--force").status(0);
+    let ok = std::process::Command::new("mount")
+        .args(["-o", "remount,ro"])
+        .arg(&fs.0)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        println!("SKIPPED: cannot remount the tmpfs read-only here");
+        return;
+    }
+    let dry = revoke(&env, "sig", 2).arg("--dry-run").status(3);
+    let real = revoke(&env, "sig", 2).args(["--run-id", "RO"]).status(3);
+    for out in [&dry, &real] {
+        assert!(out.stdout.contains("read-only"), "{}", out.stdout);
+    }
+    let row = env.last_row();
+    assert_eq!(
+        (row["run_id"].as_str(), row["exit_code"].as_i64()),
+        (Some("RO"), Some(3))
+    );
+    assert!(env.audit().iter().any(|l| l["run_id"] == "RO" && l["exit_code"] == 3));
+    assert_eq!(state(&env, "sig", 2), "active");
+    assert!(std::process::Command::new("mount")
+        .args(["-o", "remount,rw"])
+        .arg(&fs.0)
+        .status()
+        .unwrap()
+        .success());
+    revoke(&env, "sig", 2).status(0);
+    assert_eq!(state(&env, "sig", 2), "compromised");
 }
