@@ -437,11 +437,13 @@ fn revoking_a_key_that_is_not_active_does_not_postpone_the_next_rotation() {
 /// compromised key and its private key on disk; running the revocation again, as
 /// anyone would after exit 137, answered "already compromised" (exit 2) and changed
 /// nothing, so applications reading `current.pem` kept signing with the leaked key
-/// until some later rotation. Now the second run finishes it (the dry run says so
-/// first), and only a third says "already compromised".
+/// until some later rotation (and killed right after the commit, the audit trail never
+/// got its `key.compromised` line). Now the second run finishes it (the dry run says so
+/// first) and writes the line, and only a third says "already compromised".
 #[test]
 fn revoking_again_after_a_kill_past_the_commit_finishes_the_revocation() {
-    for kill_at in ["current.symlink", "destroy.unlink"] {
+    // `ledger.committed`: right after the commit, before the run's audit lines.
+    for kill_at in ["ledger.committed", "current.symlink", "destroy.unlink"] {
         let env = Env::new();
         env.rotate("sig").status(0);
         env.rotate("sig").arg("--force").status(0);
@@ -462,6 +464,17 @@ fn revoking_again_after_a_kill_past_the_commit_finishes_the_revocation() {
         let current = std::fs::read_link(env.key_dir("sig").join("current.pem")).unwrap();
         assert_eq!(current, Path::new("v000003.pem"), "{kill_at}");
         assert_eq!(kids(&env, "sig"), ["v000003", "v000001"], "{kill_at}");
+        // The audit trail says v2 was compromised, and why, whichever run wrote it.
+        let lines = env.audit();
+        let said = lines
+            .iter()
+            .filter(|l| l["event"] == "key.compromised" && l["from_version"] == 2)
+            .collect::<Vec<_>>();
+        assert!(!said.is_empty(), "{kill_at}: no key.compromised line");
+        assert!(
+            said.iter().all(|l| l["reason"].as_str().unwrap().contains("INC-1")),
+            "{kill_at}: {said:?}"
+        );
         let again = revoke(&env, "sig", 2).status(2);
         assert!(again.stdout.contains("already compromised"), "{}", again.stdout);
         // The killed run still waits for its review; then the domain rotates.

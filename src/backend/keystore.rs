@@ -239,7 +239,17 @@ impl KeystoreRotation<'_> {
             .as_ref()
             .and_then(|r| already_revoked(&inspection.manifest, r.version))
         {
-            return finish_revocation(&ks, &inspection.manifest, done);
+            let finished = finish_revocation(&ks, &inspection.manifest, done)?;
+            // The interrupted run may have died before its own `key.compromised` line
+            // (between its commit and the audit write): the trail gets one now.
+            let reason = format!(
+                "{} (revoked at {} by run {}, interrupted before its tidy-up; finished by this run)",
+                done.compromise_reason.as_deref().unwrap_or("no reason recorded"),
+                done.compromised_at.as_deref().unwrap_or("an unrecorded time"),
+                inspection.manifest.committed_by_run.as_deref().unwrap_or("?")
+            );
+            self.compromised(&inspection.manifest, done.version, &reason, &finished);
+            return Ok(finished);
         }
         let plan = plan_for(
             &inspection.manifest,
