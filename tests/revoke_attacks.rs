@@ -669,3 +669,37 @@ fn a_revocation_killed_after_its_commit_is_in_the_audit_trail_whatever_runs_next
         "no key.compromised line for v2"
     );
 }
+
+/// BREAK (fixed): the leaked key's file deleted before the revocation (a panicked
+/// `rm v000002.pem`, or a retired HMAC key's file) made the key store "inconsistent":
+/// `revoke` exited 4 and blocked the domain, and the leaked key stayed published in
+/// jwks.json (verifying forged tokens) until someone restored the very file that had
+/// leaked. The file of the version being revoked is the one thing a revocation does
+/// not need: it now goes ahead, dry run first.
+#[test]
+fn a_leaked_key_whose_file_was_already_deleted_is_still_revocable() {
+    let env = Env::new();
+    for d in ["sig", "mac"] {
+        env.rotate(d).status(0);
+        env.rotate(d).arg("--force").status(0);
+    }
+    std::fs::remove_file(env.key_dir("sig").join("v000002.pem")).unwrap(); // active
+    std::fs::remove_file(env.key_dir("mac").join("v000001.key")).unwrap(); // retired
+    for (d, v) in [("sig", 2), ("mac", 1)] {
+        let before = env.snapshot();
+        revoke(&env, d, v).arg("--dry-run").status(0);
+        env.assert_unchanged(&before, "revoke --dry-run");
+        revoke(&env, d, v).status(0);
+        assert_eq!(state(&env, d, v), "compromised");
+        env.cmd().args(["status", "--domain", d]).status(0);
+    }
+    assert_eq!(kids(&env, "sig"), ["v000003", "v000001"]);
+    assert_eq!(env.key_files("sig"), ["v000003.pem"]);
+    assert_eq!(env.key_files("mac"), ["v000002.key"]);
+    // Only the version being revoked is excused: another missing file still stops it.
+    env.rotate("mac").arg("--force").status(0); // v3 active, v2 retired
+    std::fs::remove_file(env.key_dir("mac").join("v000003.key")).unwrap();
+    let out = revoke(&env, "mac", 2).status(4);
+    assert!(out.stdout.contains("v000003.key"), "{}", out.stdout);
+    assert_eq!(state(&env, "mac", 2), "retired");
+}

@@ -100,7 +100,7 @@ pub fn refusal(verdict: &Verdict, domain: &str, revoking: bool) -> Option<Failur
 /// Inspects a domain's key store and judges it against the ledger (`None`: there is no
 /// ledger yet, so it knows no run).
 pub fn examine(ks: &Keystore, ledger: Option<&Ledger>, domain: &str) -> Result<(Inspection, Verdict), ExamineError> {
-    examine_for(ks, ledger, domain, None)
+    examine_for(ks, ledger, domain, None, None)
 }
 
 /// `examine` for the run `own_run`, leaving out its own staging record: the names it
@@ -110,8 +110,9 @@ fn examine_for(
     ledger: Option<&Ledger>,
     domain: &str,
     own_run: Option<&str>,
+    revoking: Option<u64>,
 ) -> Result<(Inspection, Verdict), ExamineError> {
-    let insp = ks.inspect().map_err(ExamineError::Store)?;
+    let insp = ks.inspect_revoking(revoking).map_err(ExamineError::Store)?;
     let prov = match ledger {
         Some(l) => {
             let mut prov = l
@@ -204,6 +205,7 @@ impl KeystoreRotation<'_> {
             Some(&*self.step.ledger),
             &self.step.run.domain,
             Some(&self.step.run.run_id),
+            self.revoke.as_ref().map(|r| r.version),
         )
         .map_err(ExamineError::refusal)?;
         if let Some(refused) = refusal(&verdict, &self.step.run.domain, self.revoke.is_some()) {
@@ -698,7 +700,10 @@ impl super::RotationBackend for KeystoreBackend {
             .check_folders()
             .map_err(aborted)
             .and_then(|()| room_to_write(ks))
-            .and_then(|()| examine(ks, ledger, &domain).map_err(ExamineError::refusal))
+            .and_then(|()| {
+                examine_for(ks, ledger, &domain, None, self.revoke.as_ref().map(|r| r.version))
+                    .map_err(ExamineError::refusal)
+            })
             .and_then(
                 |(insp, verdict)| match refusal(&verdict, &domain, self.revoke.is_some()) {
                     Some(f) => Err(f),

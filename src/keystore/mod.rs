@@ -413,6 +413,14 @@ impl Keystore {
     /// Reads and verifies the domain's state. `Err` means the key store is not in a
     /// state anyone should rotate from: the message is the diagnosis.
     pub fn inspect(&self) -> Result<Inspection, String> {
+        self.inspect_revoking(None)
+    }
+
+    /// [`Keystore::inspect`] for a revocation of `revoking`: that version's key may be
+    /// missing or unreadable (deleted in a panic after the leak, say) without making
+    /// the store unusable, since the revocation destroys and unpublishes it anyway.
+    /// It is left out of the public keys.
+    pub fn inspect_revoking(&self, revoking: Option<u64>) -> Result<Inspection, String> {
         let manifest_path = self.dir.join(MANIFEST);
         let (manifest, exists) = match fsutil::read_nofollow(&manifest_path, MANIFEST_LIMIT) {
             Ok(bytes) => (Manifest::parse(&bytes, &self.domain)?, true),
@@ -421,7 +429,14 @@ impl Keystore {
         };
         let mut publics = BTreeMap::new();
         for v in manifest.live() {
-            if let Some(p) = self.load_half(v)?.public() {
+            let half = match self.load_half(v) {
+                Err(e) if revoking == Some(v.version) => {
+                    tracing::warn!("the key of v{} being revoked cannot be loaded: {e}", v.version);
+                    continue;
+                }
+                half => half?,
+            };
+            if let Some(p) = half.public() {
                 publics.insert(v.version, p.clone());
             }
         }
