@@ -61,6 +61,10 @@ pub enum Command {
     Resolve(ResolveArgs),
     /// Validate config, folders, permissions and backends without changing anything
     Check(CheckArgs),
+    /// Copy every shared-store domain's newest committed keyring to this host's key
+    /// store, verified, and acknowledge it (exit 0 synced or current, 2 usage, 3 failed
+    /// with the local copy kept, 5 busy, 8 timed out)
+    Sync(SyncArgs),
     /// Create or upgrade the ledger's tables (run as the role that owns them)
     Migrate(MigrateArgs),
     /// Check the audit trail's integrity
@@ -232,6 +236,20 @@ pub struct ResolveArgs {
 pub struct CheckArgs {
     #[arg(long, value_name = "NAME")]
     pub domain: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct SyncArgs {
+    /// Only this shared-store domain [default: every domain with store = "shared"]
+    #[arg(long, value_name = "NAME")]
+    pub domain: Option<String>,
+
+    /// When the sync must be finished: a duration (90s, 10m) or an RFC 3339 instant
+    #[arg(long, value_name = "WHEN", allow_hyphen_values = true)]
+    pub deadline: String,
+
+    #[arg(long, value_enum, default_value_t)]
+    pub output: OutputFormat,
 }
 
 #[derive(Args, Debug)]

@@ -18,6 +18,7 @@ pub const DEFAULT_CONFIG: &str = "/etc/keyrotate/rotate.toml";
 const DEFAULT_MAX_DEADLINE: Duration = Duration::from_secs(3600);
 const DEFAULT_MIN_INTERVAL: Duration = Duration::from_secs(86_400);
 const DEFAULT_RETAIN: u32 = 3;
+const DEFAULT_SYNC_TTL: Duration = Duration::from_secs(7 * 86_400);
 /// Larger files are refused unread: a config is a few KiB, never megabytes.
 const MAX_CONFIG_BYTES: u64 = 1 << 20;
 
@@ -32,6 +33,9 @@ pub struct Config {
     pub state_dir: PathBuf,
     pub ledger: LedgerLocation,
     pub host_pool: Option<String>,
+    /// `[host] name`: this host's identity in the shared store's acknowledgements
+    /// (DESIGN 9); the system host name when unset.
+    pub host_name: String,
     pub audit_file: PathBuf,
     pub domains: BTreeMap<String, DomainConfig>,
     /// `[metrics] textfile`: where to write the Prometheus metrics (DESIGN section 12).
@@ -48,6 +52,16 @@ struct Unchecked {
     domains: BTreeMap<String, toml::Value>,
     defaults: RawDomain,
     base: PathBuf,
+    ctx: DomainCtx,
+}
+
+/// What validating a domain needs from the rest of the file.
+#[derive(Clone, Debug, Default)]
+struct DomainCtx {
+    /// Whether the ledger is PostgreSQL (what `store = "shared"` needs).
+    shared_ledger: bool,
+    /// `[host] name` (or the system host name).
+    host_name: String,
 }
 
 #[derive(Clone, Debug)]
@@ -64,6 +78,50 @@ pub struct DomainConfig {
     /// `group` names a group this host does not have: a usage error for `check` and
     /// for every command that writes the key store (see [`DomainConfig::writable`]).
     pub unresolved_group: Option<String>,
+    /// Where the key material lives: this host only, or the shared store (DESIGN 9).
+    pub store: Store,
+}
+
+/// `store = "local" | "shared"` of a key store domain.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub enum Store {
+    /// Files on this host only (DESIGN 4).
+    #[default]
+    Local,
+    /// The keyring in the PostgreSQL ledger's database, key material sealed under the
+    /// KEK; every host keeps a local copy written by `sync` (DESIGN 9).
+    Shared(SharedStore),
+}
+
+/// The settings of a shared-store domain.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SharedStore {
+    /// Where the key-encryption key comes from.
+    pub kek: KekSource,
+    /// Pools that must each have a host that acknowledged the pending version before
+    /// a `prepublish` rotation promotes it.
+    pub require_pools: Vec<String>,
+    /// Hosts whose last acknowledgement is older than this are stale: named, never
+    /// counted as converged, never holding a promotion back.
+    pub sync_ttl: Duration,
+    /// This host's name (`[host] name`), as its acknowledgements record it.
+    pub host: String,
+}
+
+/// `kek = "file:/path"` (the only form supported so far).
+#[derive(Clone, Debug, PartialEq)]
+pub enum KekSource {
+    File(PathBuf),
+}
+
+impl DomainConfig {
+    /// The shared-store settings, when the domain uses the shared store.
+    pub fn shared(&self) -> Option<&SharedStore> {
+        match &self.store {
+            Store::Shared(s) => Some(s),
+            Store::Local => None,
+        }
+    }
 }
 
 impl DomainConfig {
@@ -129,6 +187,7 @@ struct RawState {
 #[serde(deny_unknown_fields)]
 struct RawHost {
     pool: Option<String>,
+    name: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -157,6 +216,10 @@ struct RawDomain {
     min_interval: Option<String>,
     group: Option<String>,
     public_jwks: Option<bool>,
+    store: Option<String>,
+    kek: Option<String>,
+    require_pools: Option<Vec<String>>,
+    sync_ttl: Option<String>,
 }
 
 impl RawDomain {
@@ -170,6 +233,10 @@ impl RawDomain {
                 d.algorithm = None;
                 d.keystore = None;
                 d.activation = None;
+                d.store = None;
+                d.kek = None;
+                d.require_pools = None;
+                d.sync_ttl = None;
             }
             Some("keystore") => d.command = None,
             _ => {}
@@ -191,6 +258,10 @@ impl RawDomain {
             min_interval: self.min_interval.or_else(|| d.min_interval.clone()),
             group: self.group.or_else(|| d.group.clone()),
             public_jwks: self.public_jwks.or(d.public_jwks),
+            store: self.store.or_else(|| d.store.clone()),
+            kek: self.kek.or_else(|| d.kek.clone()),
+            require_pools: self.require_pools.or_else(|| d.require_pools.clone()),
+            sync_ttl: self.sync_ttl.or_else(|| d.sync_ttl.clone()),
         }
     }
 }
@@ -298,9 +369,20 @@ impl Config {
                 LedgerLocation::Sqlite(state_dir.join("ledger.sqlite3"))
             }
         };
-        let host_pool = match raw.host.and_then(|h| h.pool) {
+        let (raw_pool, raw_name) = raw.host.map(|h| (h.pool, h.name)).unwrap_or_default();
+        let host_pool = match raw_pool {
             Some(p) => validate_pool(&p).map_err(|w| errors.push(err("host.pool", w))).ok(),
             None => None,
+        };
+        let host_name = match raw_name {
+            Some(n) => validate_host_name(&n)
+                .map_err(|w| errors.push(err("host.name", w)))
+                .unwrap_or_default(),
+            None => crate::process::hostname(),
+        };
+        let ctx = DomainCtx {
+            shared_ledger: matches!(ledger, LedgerLocation::Postgres(_)),
+            host_name: host_name.clone(),
         };
         let audit_file = match raw.audit.and_then(|a| a.file) {
             Some(f) if f.as_os_str().is_empty() => {
@@ -341,7 +423,7 @@ impl Config {
                 unchecked.insert(name, value);
                 continue;
             }
-            match checked_domain(&name, value, &defaults, base, path) {
+            match checked_domain(&name, value, &defaults, base, path, &ctx) {
                 Ok(dc) => {
                     domains.insert(name, dc);
                 }
@@ -356,6 +438,7 @@ impl Config {
             state_dir,
             ledger,
             host_pool,
+            host_name,
             audit_file,
             domains,
             metrics_textfile,
@@ -363,6 +446,7 @@ impl Config {
                 domains: unchecked,
                 defaults,
                 base: base.to_path_buf(),
+                ctx,
             },
         })
     }
@@ -379,6 +463,7 @@ impl Config {
                 &self.unchecked.defaults,
                 &self.unchecked.base,
                 &self.path,
+                &self.unchecked.ctx,
             ) {
                 Ok(dc) => {
                     all.insert(name.clone(), dc);
@@ -429,6 +514,7 @@ fn checked_domain(
     defaults: &RawDomain,
     base: &Path,
     path: &Path,
+    ctx: &DomainCtx,
 ) -> Result<DomainConfig, Vec<String>> {
     let shown = path.display();
     let err = |key: &str, what: String| format!("config {shown}: {key}: {what}");
@@ -443,9 +529,16 @@ fn checked_domain(
             })
             .collect::<Vec<_>>()
     })?;
-    let applicable = defaults.for_backend(d.backend.as_deref().or(defaults.backend.as_deref()));
+    let mut applicable = defaults.for_backend(d.backend.as_deref().or(defaults.backend.as_deref()));
+    // Shared-store defaults apply to shared domains only: a `[defaults] sync_ttl` must
+    // not break a local one (the same key set on a local domain is still an error).
+    if d.store.as_deref().or(applicable.store.as_deref()) != Some("shared") {
+        applicable.kek = None;
+        applicable.require_pools = None;
+        applicable.sync_ttl = None;
+    }
     let d = d.or(&applicable);
-    domain(name, d, base).map_err(|problems| {
+    domain(name, d, base, ctx).map_err(|problems| {
         problems
             .into_iter()
             .map(|(key, what)| err(&format!("{prefix}.{key}"), what))
@@ -505,8 +598,9 @@ fn take<T>(errs: &mut Vec<KeyError>, r: Result<T, KeyError>) -> Option<T> {
 }
 
 /// Validates one domain (defaults already applied), collecting every key's problem.
-fn domain(name: &str, d: RawDomain, base: &Path) -> Result<DomainConfig, Vec<KeyError>> {
+fn domain(name: &str, d: RawDomain, base: &Path, ctx: &DomainCtx) -> Result<DomainConfig, Vec<KeyError>> {
     let mut errs: Vec<KeyError> = Vec::new();
+    let store = take(&mut errs, store(&d, base, ctx));
     let designated_pool = take(
         &mut errs,
         d.designated_pool
@@ -629,23 +723,121 @@ fn domain(name: &str, d: RawDomain, base: &Path) -> Result<DomainConfig, Vec<Key
             Err(("backend", "missing: expected \"keystore\" or \"command\"".into())),
         ),
     };
-    match (designated_pool, max_deadline, min_interval, retain, backend, access) {
-        (Some(designated_pool), Some(max_deadline), Some(min_interval), Some(retain), Some(backend), Some(access))
-            if errs.is_empty() =>
-        {
-            Ok(DomainConfig {
-                name: name.to_string(),
-                designated_pool,
-                backend,
-                max_deadline,
-                min_interval,
-                retain,
-                access,
-                unresolved_group,
-            })
-        }
+    match (
+        designated_pool,
+        max_deadline,
+        min_interval,
+        retain,
+        backend,
+        access,
+        store,
+    ) {
+        (
+            Some(designated_pool),
+            Some(max_deadline),
+            Some(min_interval),
+            Some(retain),
+            Some(backend),
+            Some(access),
+            Some(store),
+        ) if errs.is_empty() => Ok(DomainConfig {
+            name: name.to_string(),
+            designated_pool,
+            backend,
+            max_deadline,
+            min_interval,
+            retain,
+            access,
+            unresolved_group,
+            store,
+        }),
         _ => Err(errs),
     }
+}
+
+/// `store`, `kek`, `require_pools` and `sync_ttl` of one domain (DESIGN 9). The shared
+/// store lives in the ledger's PostgreSQL database and is a key store: any other
+/// combination is refused here, so that no command starts on a config that cannot work.
+fn store(d: &RawDomain, base: &Path, ctx: &DomainCtx) -> Result<Store, KeyError> {
+    let only_shared = |key: &'static str| (key, "only for store = \"shared\"".to_string());
+    match d.store.as_deref() {
+        None | Some("local") => {
+            if d.kek.is_some() {
+                return Err(only_shared("kek"));
+            }
+            if d.require_pools.is_some() {
+                return Err(only_shared("require_pools"));
+            }
+            if d.sync_ttl.is_some() {
+                return Err(only_shared("sync_ttl"));
+            }
+            Ok(Store::Local)
+        }
+        Some("shared") => {
+            if d.backend.as_deref() != Some("keystore") {
+                return Err(("store", "\"shared\" needs backend = \"keystore\"".into()));
+            }
+            if !ctx.shared_ledger {
+                return Err((
+                    "store",
+                    "\"shared\" needs the PostgreSQL ledger: set [state] ledger = \"postgres://…\"".into(),
+                ));
+            }
+            let kek = kek_source(d.kek.as_deref(), base)?;
+            let mut require_pools = Vec::new();
+            for p in d.require_pools.iter().flatten() {
+                require_pools.push(validate_pool(p).map_err(|w| ("require_pools", w))?);
+            }
+            let sync_ttl = match &d.sync_ttl {
+                Some(s) => positive_duration(s).map_err(|w| ("sync_ttl", w))?,
+                None => DEFAULT_SYNC_TTL,
+            };
+            Ok(Store::Shared(SharedStore {
+                kek,
+                require_pools,
+                sync_ttl,
+                host: ctx.host_name.clone(),
+            }))
+        }
+        Some(other) => Err(("store", format!("expected \"local\" or \"shared\", found {other:?}"))),
+    }
+}
+
+/// `kek = "file:/path"`; `pkcs11:object=<label>` is recognised (DESIGN 10) but not
+/// supported by this keyrotate yet.
+fn kek_source(kek: Option<&str>, base: &Path) -> Result<KekSource, KeyError> {
+    let kek = kek.ok_or((
+        "kek",
+        "missing: store = \"shared\" needs the key-encryption key, e.g. kek = \"file:/etc/keyrotate/kek\"".to_string(),
+    ))?;
+    if let Some(path) = kek.strip_prefix("file:") {
+        if path.is_empty() {
+            return Err(("kek", "expected file:/path/to/kek, found an empty path".into()));
+        }
+        return Ok(KekSource::File(resolve(base, Path::new(path))));
+    }
+    if kek.starts_with("pkcs11:") {
+        return Err((
+            "kek",
+            "a PKCS#11 KEK (pkcs11:object=<label>) is not supported by this keyrotate yet; use kek = \"file:/path\""
+                .into(),
+        ));
+    }
+    Err((
+        "kek",
+        format!("expected \"file:/path\" (or, later, \"pkcs11:object=<label>\"), found {kek:?}"),
+    ))
+}
+
+/// `[host] name`: 1-253 characters of a host name (letters, digits, `.`, `_`, `-`).
+fn validate_host_name(name: &str) -> Result<String, String> {
+    if name.is_empty() || name.len() > 253 || !name.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)) {
+        return Err(format!(
+            "expected a host name of 1-253 characters from A-Z a-z 0-9 . _ -, found {:?}",
+            name
+        ));
+    }
+    Ok(name.to_string())
 }
 
 /// `command = ["/path/to/hook", "arg", ...]` of a command domain.
@@ -798,6 +990,45 @@ keystore = "keys"
         ] {
             assert!(validate_domain_name(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn shared_store_keys() {
+        let pg = GOOD.replace("dir = \"state\"", "dir = \"state\"\nledger = \"postgres://u@h/db\"");
+        let shared = pg.replace(
+            "keystore = \"keys\"",
+            "keystore = \"keys\"\nstore = \"shared\"\nkek = \"file:kek\"\nrequire_pools = [\"a\", \"b\"]",
+        );
+        let c = parse(&format!("{shared}\n[host]\nname = \"app-1\"\n")).unwrap();
+        let s = c.domains["sig"].shared().expect("shared");
+        assert_eq!(s.kek, KekSource::File("/etc/kr/kek".into()));
+        assert_eq!(s.require_pools, ["a", "b"]);
+        assert_eq!(s.sync_ttl, DEFAULT_SYNC_TTL);
+        assert_eq!(s.host, "app-1");
+        assert_eq!(c.host_name, "app-1");
+        // The embedded ledger, a missing or PKCS#11 KEK, a shared key on a local domain.
+        for (text, needle) in [
+            (
+                shared.replace("ledger = \"postgres://u@h/db\"", ""),
+                "needs the PostgreSQL ledger",
+            ),
+            (shared.replace("kek = \"file:kek\"", ""), "domains.sig.kek: missing"),
+            (shared.replace("file:kek", "pkcs11:object=k"), "not supported"),
+            (
+                pg.replace("keystore = \"keys\"", "keystore = \"keys\"\nsync_ttl = \"1d\""),
+                "only for store",
+            ),
+            (
+                shared.replace("store = \"shared\"", "store = \"remote\""),
+                "domains.sig.store",
+            ),
+        ] {
+            let e = parse(&text).unwrap_err();
+            assert!(e.contains(needle), "{needle}: {e}");
+        }
+        // Shared defaults do not break a local domain.
+        let defaults = pg.replace("min_interval = \"1h\"", "min_interval = \"1h\"\nsync_ttl = \"1d\"");
+        assert!(parse(&defaults).unwrap().domains["sig"].shared().is_none());
     }
 
     #[test]

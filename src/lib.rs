@@ -7,9 +7,11 @@
 //! - [`cli`] and `cmd`: the command line and one file per subcommand;
 //! - [`config`]: `rotate.toml`; [`deadline`]: `--deadline` and its clock;
 //! - [`lock`]: the per-domain OS lock; [`ledger`]: the rotation ledger (SQLite or PostgreSQL);
-//! - [`keystore`]: the built-in key store (files, manifest, algorithms);
+//! - [`keystore`]: the built-in key store (files, manifest, algorithms); [`kek`]: the
+//!   shared store's key-encryption key and sealing;
 //! - [`keyring`]: the read-only API applications use to load the keys (see its docs);
 //! - [`backend`]: what one rotation does, per backend; [`guard`]: signals and deadline;
+//! - [`shared`]: the shared key store on PostgreSQL, `sync` and the convergence gate;
 //! - [`audit`]: the JSON audit trail; [`fsutil`]: durable, symlink-safe file writes;
 //! - shared at the bottom: [`run`] (a run's identity), [`time`] (time formatting),
 //!   [`due`] (the due-date rule), [`table`] (text tables).
@@ -32,6 +34,7 @@ pub mod fsutil;
 #[cfg(test)]
 mod fuzz;
 pub mod guard;
+pub mod kek;
 pub mod keyring;
 pub mod keystore;
 pub mod ledger;
@@ -39,6 +42,7 @@ pub mod lock;
 pub mod outcome;
 pub mod process;
 pub mod run;
+pub mod shared;
 pub mod table;
 pub mod time;
 

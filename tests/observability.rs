@@ -29,7 +29,7 @@ fn sample(text: &str, series: &str) -> Option<f64> {
         .map(|v| v.trim().parse().unwrap())
 }
 
-fn promtool_check(text: &str) {
+pub fn promtool_check(text: &str) {
     let Ok(mut child) = Command::new("promtool")
         .args(["check", "metrics"])
         .stdin(std::process::Stdio::piped())

@@ -39,5 +39,6 @@ mod revoke;
 #[cfg(feature = "failpoints")]
 mod revoke_attacks;
 mod rotate;
+mod shared_store;
 #[cfg(feature = "failpoints")]
 mod staging_at_admission;

@@ -5,6 +5,7 @@
 
 pub mod command;
 pub mod keystore;
+pub mod shared;
 pub mod watcher;
 
 use std::path::Path;
@@ -60,6 +61,17 @@ pub struct Planned {
 /// The backend a domain's config names.
 pub fn for_domain(domain: &DomainConfig, state_dir: &Path) -> Box<dyn RotationBackend> {
     match &domain.backend {
+        Backend::Keystore {
+            algorithm,
+            keystore,
+            activation,
+        } if domain.shared().is_some() => Box::new(shared::SharedBackend {
+            keystore: crate::keystore::Keystore::new(keystore, &domain.name).with_access(domain.access.clone()),
+            algorithm: *algorithm,
+            activation: *activation,
+            retain: domain.retain,
+            store: domain.shared().cloned().expect("matched as shared"),
+        }),
         Backend::Keystore {
             algorithm,
             keystore,

@@ -1,9 +1,10 @@
-//! `keyrotate history`: ledger rows, newest first.
+//! `keyrotate history`: ledger rows, newest first; on the PostgreSQL ledger also the
+//! shared store's syncs (`shared_syncs`), which are not rotations and have no row.
 
 use super::{load_config, print_json, report_failure};
 use crate::cli::{Cli, HistoryArgs, OutputFormat};
 use crate::deadline::parse_duration;
-use crate::ledger::{Ledger, RunRow};
+use crate::ledger::{Ledger, RunRow, SyncRow};
 use crate::outcome::{Failure, Outcome};
 use crate::time::rfc3339 as now_rfc3339;
 
@@ -43,17 +44,62 @@ fn history(cli: &Cli, args: &HistoryArgs) -> Result<(), Failure> {
         .filter(|n| *n >= 1)
         .ok_or_else(|| Failure::usage(format!("--limit {:?} must be a whole number of at least 1", args.limit)))?;
     let since = args.since.as_deref().map(since).transpose()?;
-    let rows = match Ledger::open_read_only(&config.ledger).map_err(|e| Failure::new(Outcome::Aborted, e))? {
-        None => Vec::new(),
-        Some(l) => l
-            .history(args.domain.as_deref(), since.as_deref(), limit)
-            .map_err(|e| Failure::new(Outcome::Aborted, e))?,
+    let ledger = Ledger::open_read_only(&config.ledger).map_err(|e| Failure::new(Outcome::Aborted, e))?;
+    // The shared store's syncs (DESIGN 9) are not rotations: their own list, read only
+    // where the config has a shared domain (a least-privilege role of a ledger without
+    // one has no grant on their table).
+    let shared = match &args.domain {
+        Some(d) => config.domain(d).is_ok_and(|d| d.shared().is_some()),
+        None => config.domains.values().any(|d| d.shared().is_some()),
+    };
+    let (rows, syncs) = match &ledger {
+        None => (Vec::new(), Vec::new()),
+        Some(l) => {
+            let failed = |e| Failure::new(Outcome::Aborted, e);
+            let rows = l
+                .history(args.domain.as_deref(), since.as_deref(), limit)
+                .map_err(failed)?;
+            let syncs = match shared {
+                true => l
+                    .shared_syncs(args.domain.as_deref(), since.as_deref(), limit)
+                    .map_err(failed)?,
+                false => Vec::new(),
+            };
+            (rows, syncs)
+        }
     };
     match args.output {
+        OutputFormat::Json if shared => print_json(&serde_json::json!({ "runs": rows, "syncs": syncs })),
         OutputFormat::Json => print_json(&serde_json::json!({ "runs": rows })),
-        OutputFormat::Text => print_table(&rows),
+        OutputFormat::Text => {
+            print_table(&rows);
+            print_syncs(&syncs);
+        }
     }
     Ok(())
+}
+
+/// The shared store's syncs, when there are any.
+fn print_syncs(syncs: &[SyncRow]) {
+    if syncs.is_empty() {
+        return;
+    }
+    out!("syncs (keyrotate sync, newest first):");
+    let table: Vec<[String; 7]> = syncs
+        .iter()
+        .map(|s| {
+            [
+                s.at.clone(),
+                s.domain.clone(),
+                s.host.clone(),
+                s.pool.clone().unwrap_or_default(),
+                format!("{} ({})", s.outcome, s.exit_code),
+                s.epoch.map_or("-".into(), |e| e.to_string()),
+                s.detail.clone().unwrap_or_default(),
+            ]
+        })
+        .collect();
+    super::print_table(&["AT", "DOMAIN", "HOST", "POOL", "OUTCOME", "EPOCH", "DETAIL"], &table);
 }
 
 fn print_table(rows: &[RunRow]) {

@@ -1,6 +1,6 @@
 //! The Prometheus metrics of DESIGN section 12: `status --output prometheus`, and the
 //! `[metrics] textfile` that node_exporter's textfile collector reads, rewritten after
-//! every `rotate`, `resolve` and `status`.
+//! every `rotate`, `sync`, `resolve` and `status`.
 //!
 //! The exposition format comes from the `prometheus-client` crate. The textfile is
 //! written to a temporary file in the same folder, made 0644 and renamed over the old
@@ -41,6 +41,8 @@ struct Gauges {
     next_due: Family<Labels, Gauge>,
     versions: Family<Labels, Gauge>,
     problems: Family<Labels, Gauge>,
+    shared_epoch: Family<Labels, Gauge>,
+    sync_epoch: Family<Labels, Gauge>,
 }
 
 impl Gauges {
@@ -84,6 +86,14 @@ impl Gauges {
                 "keyrotate_domain_problems",
                 "Problems met reading the domain's key store or ledger (0 when all was readable)",
             ),
+            shared_epoch: gauge(
+                "keyrotate_shared_epoch",
+                "Epoch of a shared-store domain's newest committed keyring",
+            ),
+            sync_epoch: gauge(
+                "keyrotate_sync_epoch",
+                "Epoch of the shared keyring each host last acknowledged (keyrotate sync)",
+            ),
         }
     }
 
@@ -121,6 +131,17 @@ impl Gauges {
             self.versions.get_or_create(&labels).set(*n as i64);
         }
         self.problems.get_or_create(&l).set(s.problems.len() as i64);
+        if let Some(sync) = &s.sync {
+            self.shared_epoch.get_or_create(&l).set(sync.epoch);
+            for h in &sync.hosts {
+                let labels = vec![
+                    ("domain", s.domain.clone()),
+                    ("host", h.host.clone()),
+                    ("pool", h.pool.clone()),
+                ];
+                self.sync_epoch.get_or_create(&labels).set(h.epoch);
+            }
+        }
     }
 }
 

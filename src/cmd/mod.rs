@@ -21,6 +21,7 @@ mod resolve;
 mod rotate;
 mod shell;
 mod status;
+mod sync;
 
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
@@ -64,6 +65,7 @@ pub fn main() -> ExitCode {
         Command::History(args) => reported(history::run(&cli, args)),
         Command::Resolve(args) => resolve::run(&cli, args),
         Command::Check(args) => reported(check::run(&cli, args)),
+        Command::Sync(args) => sync::run(&cli, args),
         Command::Migrate(args) => migrate::run(&cli, args),
         Command::Audit(crate::cli::AuditCommand::Verify(args)) => audit::verify(&cli, args),
         Command::Completions(args) => shell::completions(args),
@@ -231,15 +233,7 @@ pub(crate) fn clean_text(what: &str, value: &str, max: usize) -> Result<String, 
 }
 
 pub(crate) fn hostname() -> String {
-    let mut buf = [0u8; 256];
-    // SAFETY: the pointer and length describe `buf`, which outlives the call; gethostname
-    // writes at most that many bytes.
-    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
-    if rc != 0 {
-        return "unknown-host".into();
-    }
-    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
-    String::from_utf8_lossy(&buf[..end]).into_owned()
+    crate::process::hostname()
 }
 
 /// Prints one JSON object on stdout.

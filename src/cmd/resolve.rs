@@ -69,6 +69,10 @@ fn resolve(cli: &Cli, args: &ResolveArgs) -> Result<String, Failure> {
         })
         .map_err(|e| Failure::new(Outcome::Aborted, e))??;
     let store_note = match &domain.backend {
+        // A shared domain's truth is the shared keyring: this host's copy is `sync`'s.
+        Backend::Keystore { .. } if domain.shared().is_some() => {
+            "; this host's copy of the shared keyring is brought up to date by keyrotate sync".to_string()
+        }
         Backend::Keystore { keystore, .. } if locks.is_some() => repair_after_review(
             &Keystore::new(keystore, &domain.name),
             &ledger,

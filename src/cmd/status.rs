@@ -37,6 +37,9 @@ struct DomainStatus {
     next_due: Option<String>,
     blocked_by: Option<String>,
     in_flight: Option<InFlight>,
+    /// A shared-store domain's keyring epoch and every host's acknowledgement.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sync: Option<SyncStatus>,
     /// Problems found while reading the key store or ledger.
     problems: Vec<String>,
     /// The domain's ledger rows could not be read: whether it is blocked is unknown.
@@ -55,6 +58,23 @@ struct MetricInputs {
     pub next_due_at: Option<chrono::DateTime<chrono::Utc>>,
     /// Version count per state, for key store domains whose manifest was read.
     pub versions: Option<Vec<(&'static str, u64)>>,
+}
+
+/// DESIGN 9: the shared keyring's epoch and each known host's acknowledgement.
+#[derive(Serialize, Debug)]
+struct SyncStatus {
+    epoch: i64,
+    hosts: Vec<HostSync>,
+}
+
+#[derive(Serialize, Debug)]
+struct HostSync {
+    host: String,
+    pool: String,
+    epoch: i64,
+    synced_at: String,
+    /// Not seen within `sync_ttl`: never counted as converged.
+    stale: bool,
 }
 
 #[derive(Serialize, Debug)]
@@ -172,6 +192,7 @@ fn domain_status(config: &Config, d: &DomainConfig, ledger: Option<&Ledger>) -> 
         next_due: None,
         blocked_by: None,
         in_flight: None,
+        sync: None,
         problems: Vec::new(),
         ledger_unread: false,
         metrics: MetricInputs::default(),
@@ -180,7 +201,70 @@ fn domain_status(config: &Config, d: &DomainConfig, ledger: Option<&Ledger>) -> 
         key_store_part(&mut s, &Keystore::new(keystore, &d.name));
     }
     ledger_part(&mut s, config, d, ledger);
+    if let Some(store) = d.shared() {
+        sync_part(&mut s, d, store, ledger);
+    }
     s
+}
+
+/// A shared-store domain's epoch and acknowledgements (DESIGN 9). A host that has not
+/// acknowledged the current epoch although it was committed longer than `sync_ttl`
+/// ago is a problem (exit 3): a stale host is named, never taken as converged.
+fn sync_part(s: &mut DomainStatus, d: &DomainConfig, store: &crate::config::SharedStore, ledger: Option<&Ledger>) {
+    let Some(ledger) = ledger else {
+        return;
+    };
+    let read = ledger
+        .shared_keyring(&d.name)
+        .and_then(|ring| Ok((ring, ledger.shared_acks(&d.name)?)));
+    let (ring, acks) = match read {
+        Ok(r) => r,
+        Err(e) => {
+            s.problems.push(format!("shared keyring: {e}"));
+            return;
+        }
+    };
+    let now = chrono::Utc::now();
+    let overdue = ring
+        .committed_at
+        .as_deref()
+        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+        .is_some_and(|t| now.signed_duration_since(t).to_std().unwrap_or_default() > store.sync_ttl);
+    let hosts: Vec<HostSync> = acks
+        .iter()
+        .map(|a| HostSync {
+            host: a.host.clone(),
+            pool: a.pool.clone(),
+            epoch: a.epoch,
+            synced_at: a.synced_at.clone(),
+            stale: crate::shared::gate::is_stale(a, store.sync_ttl, now),
+        })
+        .collect();
+    let behind: Vec<String> = hosts
+        .iter()
+        .filter(|h| h.epoch < ring.epoch && overdue)
+        .map(|h| {
+            format!(
+                "{} (pool {}, epoch {}{})",
+                h.host,
+                h.pool,
+                h.epoch,
+                if h.stale { ", stale" } else { "" }
+            )
+        })
+        .collect();
+    if !behind.is_empty() {
+        s.problems.push(format!(
+            "hosts without epoch {} although it was committed more than sync_ttl ({}) ago: {}; run keyrotate sync there",
+            ring.epoch,
+            humantime::format_duration(store.sync_ttl),
+            behind.join(", ")
+        ));
+    }
+    s.sync = Some(SyncStatus {
+        epoch: ring.epoch,
+        hosts,
+    });
 }
 
 /// What the key store's manifest says about the domain.
@@ -270,7 +354,8 @@ fn ledger_part(s: &mut DomainStatus, config: &Config, d: &DomainConfig, ledger: 
         s.blocked_by = Some(b.run_id.clone());
     }
     // Not judged beside a run in flight: its staged file is unlisted until it commits.
-    if s.problems.is_empty() && rec.in_flight.is_none() {
+    // A shared domain's local copy is a replica: its lag is the sync section's story.
+    if s.problems.is_empty() && rec.in_flight.is_none() && d.shared().is_none() {
         s.problems.extend(store_problem(d, ledger));
     }
 }
@@ -335,6 +420,33 @@ fn print_text(statuses: &[DomainStatus]) {
         ],
         &rows,
     );
+    for s in statuses {
+        let Some(sync) = &s.sync else { continue };
+        let hosts: Vec<String> = sync
+            .hosts
+            .iter()
+            .map(|h| {
+                format!(
+                    "{} (pool {}) epoch {}{}{}",
+                    h.host,
+                    h.pool,
+                    h.epoch,
+                    age(Some(&h.synced_at)),
+                    if h.stale { " STALE" } else { "" }
+                )
+            })
+            .collect();
+        out!(
+            "sync {}: epoch {}; hosts: {}",
+            s.domain,
+            sync.epoch,
+            if hosts.is_empty() {
+                "none yet".to_string()
+            } else {
+                hosts.join("; ")
+            }
+        );
+    }
 }
 
 /// A store the next rotation would refuse (unlisted key files, a manifest this ledger

@@ -182,6 +182,16 @@ pub struct PublicKey {
     pub jwk: Map<String, Value>,
 }
 
+impl PublicKey {
+    /// The SubjectPublicKeyInfo as PEM (`PUBLIC KEY`, LF line endings).
+    pub fn pem(&self) -> String {
+        pem::encode_config(
+            &pem::Pem::new("PUBLIC KEY", self.spki_der.clone()),
+            pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF),
+        )
+    }
+}
+
 impl fmt::Debug for KeyFile {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("KeyFile")
@@ -266,6 +276,12 @@ impl KeyFile {
     /// The bytes to write to the key file. Handle with care: this is key material.
     pub fn file_bytes(&self) -> &[u8] {
         &self.file_bytes
+    }
+
+    /// Proves the key works: sign and verify, or seal and open (what every new key
+    /// passes; `sync` runs it on every key it installs).
+    pub fn self_test(&self) -> Result<(), String> {
+        self_test(self.algorithm, &self.secret, self.public.as_ref())
     }
 
     /// Signs `message` (asymmetric keys and HMAC). The signature is what a verifier of

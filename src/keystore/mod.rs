@@ -630,6 +630,25 @@ impl Keystore {
         )
     }
 
+    /// Installs a version's file as `sync` copies it from the shared store: left alone
+    /// when it already holds exactly these bytes, else replaced atomically (temporary,
+    /// fsync, rename; the folder sync is the caller's, before the manifest names it).
+    /// Returns whether it wrote.
+    pub fn install(&self, file: &str, key: &KeyFile) -> io::Result<bool> {
+        if fsutil::read_nofollow(&self.dir.join(file), KEY_FILE_LIMIT).is_ok_and(|b| b.as_slice() == key.file_bytes()) {
+            return Ok(false);
+        }
+        fsutil::write_atomic_with(
+            &self.dir,
+            file,
+            key.file_bytes(),
+            "install",
+            DirSync::Deferred,
+            self.access().file_perms(),
+        )?;
+        Ok(true)
+    }
+
     /// Makes every entry change in the domain folder so far durable.
     pub fn sync_folder(&self, step: &str) -> io::Result<()> {
         crate::failpoint::hit(step, "dirsync")?;

@@ -13,6 +13,8 @@ mod migrations;
 mod pgurl;
 mod postgres;
 pub use postgres::validate_url as validate_postgres_url;
+mod shared;
+pub use shared::{Fenced, SharedCommit, SharedKeyring, SharedVersion, SyncAck, SyncRecord, SyncRow, VersionUpdate};
 mod sqlite;
 mod tls;
 

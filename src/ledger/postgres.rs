@@ -24,6 +24,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/postgres/001_init.sql"),
     include_str!("migrations/postgres/002_audit_anchor.sql"),
     include_str!("migrations/postgres/003_revoke_trigger.sql"),
+    include_str!("migrations/postgres/004_shared_store.sql"),
 ];
 
 /// The URL as messages show it: without its password (see `pgurl.rs`).

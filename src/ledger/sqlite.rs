@@ -21,6 +21,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/sqlite/001_init.sql"),
     include_str!("migrations/sqlite/002_audit_anchor.sql"),
     include_str!("migrations/sqlite/003_revoke_trigger.sql"),
+    include_str!("migrations/sqlite/004_shared_store.sql"),
 ];
 
 pub(super) struct Sqlite {
