@@ -703,3 +703,43 @@ fn a_leaked_key_whose_file_was_already_deleted_is_still_revocable() {
     assert!(out.stdout.contains("v000003.key"), "{}", out.stdout);
     assert_eq!(state(&env, "mac", 2), "retired");
 }
+
+/// BREAK: `revoke` on a shared domain (`store = "shared"`, DESIGN 9) went to the local
+/// key store backend: it marked the key compromised in this host's copy only and
+/// exited 0, while the shared keyring in PostgreSQL (the truth every host syncs from)
+/// still had it active: the next `sync` put the compromised key back, here and on
+/// every other host it never reached. Fixed as a refusal (exit 2, nothing touched,
+/// saying what to do) until the shared backend can revoke; the test accepts a real
+/// shared revocation too, as long as no host ever gets the key back.
+#[test]
+fn a_revocation_of_a_shared_domain_is_never_undone_by_sync() {
+    if !crate::common::pg::server() {
+        eprintln!("SKIPPED: no PostgreSQL server for this test");
+        return;
+    }
+    let db = crate::common::pg::Database::new();
+    let a = crate::shared_store::host(&db, "host-a", "pool-a");
+    let b = crate::shared_store::host(&db, "host-b", "pool-b");
+    a.rotate("mac").status(0);
+    a.rotate("mac").status(0); // v2 active, v1 retired
+    crate::shared_store::sync(&a, Some("mac")).status(0);
+    crate::shared_store::sync(&b, Some("mac")).status(0);
+    let out = revoke(&a, "mac", 2).output();
+    if out.code == 0 {
+        // Whatever the revocation did, sync must not bring v2 back anywhere.
+        crate::shared_store::sync(&a, Some("mac")).output();
+        crate::shared_store::sync(&b, Some("mac")).output();
+        for (host, env) in [("a", &a), ("b", &b)] {
+            assert_eq!(state(env, "mac", 2), "compromised", "host {host}: v2 came back");
+            assert!(!env.key_dir("mac").join("v000002.key").exists(), "host {host}");
+        }
+    } else {
+        // Refused: nothing changed anywhere, and it says what to do instead.
+        assert_eq!(out.code, 2, "{}", out.stdout);
+        assert!(out.stdout.contains("shared"), "{}", out.stdout);
+        for env in [&a, &b] {
+            assert_eq!(state(env, "mac", 2), "active");
+        }
+        revoke(&a, "mac", 2).arg("--dry-run").status(2);
+    }
+}
