@@ -38,6 +38,8 @@ mod postgres;
 mod power_loss;
 #[cfg(feature = "failpoints")]
 mod revoke;
+#[cfg(feature = "failpoints")]
+mod revoke_attacks;
 mod rotate;
 mod shared_faults;
 #[cfg(feature = "failpoints")]
