@@ -708,9 +708,8 @@ fn a_leaked_key_whose_file_was_already_deleted_is_still_revocable() {
 /// key store backend: it marked the key compromised in this host's copy only and
 /// exited 0, while the shared keyring in PostgreSQL (the truth every host syncs from)
 /// still had it active: the next `sync` put the compromised key back, here and on
-/// every other host it never reached. Fixed as a refusal (exit 2, nothing touched,
-/// saying what to do) until the shared backend can revoke; the test accepts a real
-/// shared revocation too, as long as no host ever gets the key back.
+/// every other host it never reached. The shared backend now revokes in the shared
+/// keyring itself, so no host's sync ever brings the key back.
 #[test]
 fn a_revocation_of_a_shared_domain_is_never_undone_by_sync() {
     if !crate::common::pg::server() {
@@ -724,22 +723,12 @@ fn a_revocation_of_a_shared_domain_is_never_undone_by_sync() {
     a.rotate("mac").status(0); // v2 active, v1 retired
     crate::shared_store::sync(&a, Some("mac")).status(0);
     crate::shared_store::sync(&b, Some("mac")).status(0);
-    let out = revoke(&a, "mac", 2).output();
-    if out.code == 0 {
-        // Whatever the revocation did, sync must not bring v2 back anywhere.
-        crate::shared_store::sync(&a, Some("mac")).output();
-        crate::shared_store::sync(&b, Some("mac")).output();
-        for (host, env) in [("a", &a), ("b", &b)] {
-            assert_eq!(state(env, "mac", 2), "compromised", "host {host}: v2 came back");
-            assert!(!env.key_dir("mac").join("v000002.key").exists(), "host {host}");
-        }
-    } else {
-        // Refused: nothing changed anywhere, and it says what to do instead.
-        assert_eq!(out.code, 2, "{}", out.stdout);
-        assert!(out.stdout.contains("shared"), "{}", out.stdout);
-        for env in [&a, &b] {
-            assert_eq!(state(env, "mac", 2), "active");
-        }
-        revoke(&a, "mac", 2).arg("--dry-run").status(2);
+    revoke(&a, "mac", 2).status(0);
+    // Sync must not bring v2 back anywhere: the shared keyring says compromised.
+    crate::shared_store::sync(&a, Some("mac")).status(0);
+    crate::shared_store::sync(&b, Some("mac")).status(0);
+    for (host, env) in [("a", &a), ("b", &b)] {
+        assert_eq!(state(env, "mac", 2), "compromised", "host {host}: v2 came back");
+        assert!(!env.key_dir("mac").join("v000002.key").exists(), "host {host}");
     }
 }

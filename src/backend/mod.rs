@@ -100,15 +100,6 @@ pub fn for_revocation(
     revocation: &keystore::Revocation,
 ) -> Result<Box<dyn RotationBackend>, String> {
     match &domain.backend {
-        // The shared keyring in the database is the truth every host syncs from: a
-        // revocation of this host's copy alone would be undone by the next `sync`, and
-        // never reach the other hosts. Refused until the shared backend revokes.
-        Backend::Keystore { .. } if domain.shared().is_some() => Err(format!(
-            "domain {} uses the shared key store: revoke cannot revoke a shared key yet (changing this host's \
-             copy alone would be undone by the next sync and would not reach the other hosts); stop it signing \
-             with rotate --force on the designated host, then sync every host",
-            domain.name
-        )),
         Backend::Keystore {
             algorithm,
             keystore,
