@@ -7,6 +7,13 @@
 //!     cargo bench --bench rotate -- --floor PATH       # the C floor program (floor.c)
 //!     cargo bench --bench rotate -- --quick            # fewer runs, smaller ledger
 //!     cargo bench --bench rotate -- --custody          # only pkcs11 vs file custody
+//!     cargo bench --bench rotate -- --shared-only      # only the shared key store case
+//!     cargo bench --bench rotate -- --static PATH      # also a static glibc build
+//!
+//! The static build of the README's install section
+//! (`target/x86_64-unknown-linux-gnu/release/keyrotate`) is measured beside the default
+//! dynamic one when it exists (or `--static PATH` names one): same rotations, same
+//! interleaving, and its process start.
 //!
 //! Each figure is the median of interleaved runs (A B A B …), so drift in the
 //! machine's speed hits both sides alike; ratios are computed pair by pair.
@@ -75,7 +82,11 @@ fn write_config(dir: &Path, domains: &[String]) -> PathBuf {
 }
 
 fn rotate(config: &Path, domain: &str) -> Command {
-    let mut c = Command::new(KEYROTATE);
+    rotate_with(Path::new(KEYROTATE), config, domain)
+}
+
+fn rotate_with(bin: &Path, config: &Path, domain: &str) -> Command {
+    let mut c = Command::new(bin);
     c.arg("--config")
         .arg(config)
         .args(["-q", "rotate", "--domain", domain, "--deadline", "1m", "--force"]);
@@ -93,6 +104,16 @@ fn find_baseline(args: &[String]) -> Option<PathBuf> {
     ]
     .into_iter()
     .find(|p| p.exists())
+}
+
+/// A static glibc build to measure beside the default one: `--static PATH`, else the
+/// README's `--target x86_64-unknown-linux-gnu` build when it is there.
+fn find_static(args: &[String]) -> Option<PathBuf> {
+    if let Some(i) = args.iter().position(|a| a == "--static") {
+        return args.get(i + 1).map(PathBuf::from);
+    }
+    let built = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/x86_64-unknown-linux-gnu/release/keyrotate");
+    built.exists().then_some(built)
 }
 
 fn find_floor_source(args: &[String]) -> Option<PathBuf> {
@@ -189,6 +210,11 @@ fn main() {
         return;
     }
 
+    if args.iter().any(|a| a == "--shared-only") {
+        shared_store(dir, runs);
+        return;
+    }
+
     // 1. one ed25519 rotation vs the shell peer, interleaved
     let config = write_config(dir, &["bench".to_string()]);
     run(&mut rotate(&config, "bench")); // warm-up: creates folders and ledger
@@ -203,17 +229,29 @@ fn main() {
     let mut floor_c = Vec::new();
     let mut floor_ratios = Vec::new();
     let mut rss = Vec::new();
+    let static_bin = find_static(&args);
+    let (mut st, mut st_cpu, mut st_ratios) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..runs {
         let a = run(&mut rotate(&config, "bench"));
         assert_eq!(a.code, 0, "keyrotate rotate failed");
         ours.push(ms(a.wall));
         ours_cpu.push(ms(a.cpu));
         rss.push(a.max_rss_kib as f64);
+        let b = static_bin.as_ref().map(|bin| {
+            let b = run(&mut rotate_with(bin, &config, "bench"));
+            assert_eq!(b.code, 0, "the static keyrotate failed");
+            st.push(ms(b.wall));
+            st_cpu.push(ms(b.cpu));
+            b
+        });
         if let Some(f) = &floor_bin {
             let s = run(Command::new(f).arg(&floor_state));
             assert_eq!(s.code, 0, "the floor program failed");
             floor_c.push(ms(s.wall));
             floor_ratios.push(ms(a.wall) / ms(s.wall));
+            if let Some(b) = &b {
+                st_ratios.push(ms(b.wall) / ms(s.wall));
+            }
         }
         if let Some(b) = &baseline {
             let s = run(Command::new("bash").arg(b).arg(&peer_state).arg("bench"));
@@ -251,6 +289,23 @@ fn main() {
     } else {
         println!("  floor.c not found or no `cc`: pass --floor PATH");
     }
+    match &static_bin {
+        Some(bin) => {
+            println!(
+                "  static glibc build      {:8.2} ms wall  {:6.2} ms cpu  ({})",
+                median(st),
+                median(st_cpu),
+                bin.display()
+            );
+            if !st_ratios.is_empty() {
+                println!(
+                    "  static / floor          {:8.2}x  (median of pairwise ratios; target <= 1.5x)",
+                    median(st_ratios)
+                );
+            }
+        }
+        None => println!("  static glibc build not found: see README, Install, or pass --static PATH"),
+    }
 
     // 2. the floor: what keyrotate's own durable writes cost on this file system with no
     //    logic, and what starting this binary costs (`--version` does nothing else)
@@ -269,6 +324,19 @@ fn main() {
         "  process start           {start:8.2} ms; keyrotate / (start + floor) = {:.2}x",
         ours_med / (start + floor)
     );
+    if let Some(bin) = &static_bin {
+        // Interleaved with the dynamic binary, so that drift hits both alike.
+        let (mut dynamic, mut stat) = (Vec::new(), Vec::new());
+        for _ in 0..runs {
+            dynamic.push(ms(run(Command::new(KEYROTATE).arg("--version")).wall));
+            stat.push(ms(run(Command::new(bin).arg("--version")).wall));
+        }
+        println!(
+            "  process start, dynamic / static glibc (interleaved) {:6.2} ms / {:6.2} ms",
+            median(dynamic),
+            median(stat)
+        );
+    }
 
     // 3. key generation per algorithm, in process
     println!("\nkey generation + self-test per algorithm (in process, median)");
@@ -425,9 +493,53 @@ fn main() {
     // 7. fsyncs per steady-state rotation, by file, as the kernel saw them
     fsyncs_per_rotation(dir);
 
-    // 8. custody: a rotation whose key is generated in a PKCS#11 token vs one kept in a
+    // 8. the shared key store (PostgreSQL) against the local store
+    shared_store(dir, runs);
+
+    // 9. instructions per rotation: the figure a loaded machine does not blur
+    instructions_per_rotation(dir);
+
+    // 10. custody: a rotation whose key is generated in a PKCS#11 token vs one kept in a
     //    file, interleaved
     pkcs11_vs_file(dir, runs);
+}
+
+/// User-space instructions of one steady-state rotation, counted by valgrind's
+/// callgrind (deterministic up to the growth of the files a rotation reads), with three
+/// domains configured and with 5,000.
+fn instructions_per_rotation(dir: &Path) {
+    if Command::new("valgrind").arg("--version").output().is_err() {
+        println!("\ninstructions per rotation: SKIPPED (valgrind not installed)");
+        return;
+    }
+    let count = |config: &Path, domain: &str| -> Option<u64> {
+        let out = Command::new("valgrind")
+            .args(["--tool=callgrind", "--callgrind-out-file=/dev/null"])
+            .arg(KEYROTATE)
+            .arg("--config")
+            .arg(config)
+            .args(["-q", "rotate", "--domain", domain, "--deadline", "1m", "--force"])
+            .stdin(Stdio::null())
+            .output()
+            .ok()?;
+        let text = String::from_utf8_lossy(&out.stderr);
+        let line = text.lines().find(|l| l.contains("Collected :"))?;
+        line.rsplit(':').next()?.trim().replace(',', "").parse().ok()
+    };
+    println!("\ninstructions per rotation (callgrind, user space, after 5 warm-up rotations)");
+    for n in [3usize, 5_000] {
+        let sub = dir.join(format!("instructions-{n}"));
+        std::fs::create_dir(&sub).unwrap();
+        let names: Vec<String> = (0..n).map(|i| format!("d{i:05}")).collect();
+        let config = write_config(&sub, &names);
+        for _ in 0..5 {
+            run(&mut rotate(&config, "d00001"));
+        }
+        match count(&config, "d00001") {
+            Some(i) => println!("  {n:5} domains configured  {:8.2} M", i as f64 / 1e6),
+            None => println!("  {n:5} domains configured  SKIPPED (callgrind gave no count)"),
+        }
+    }
 }
 
 /// Where Debian and other distributions put SoftHSM2's module.
@@ -642,4 +754,118 @@ fsyncs per rotation (strace -f, 5 steady-state rotations, median)"
         "  of which on audit.jsonl {:8.0}  (the closing line; the hash chain adds none)",
         median(audit)
     );
+}
+
+/// `psql` with the caller's libpq settings (PGHOST, PGUSER, PGPASSWORD, …); its output,
+/// or `None` when it fails.
+fn psql(db: &str, sql: &str) -> Option<String> {
+    let out = Command::new("psql")
+        .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-d", db, "-c", sql])
+        .stdin(Stdio::null())
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// A host of the shared-store case: its config (ed25519, immediate, retain 3, shared)
+/// and KEK in `dir`.
+fn shared_host(dir: &Path, url: &str, name: &str, pool: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir).unwrap();
+    let kek = dir.join("kek");
+    std::fs::write(&kek, b"benchmark-kek-benchmark-kek-32b!").unwrap();
+    std::fs::set_permissions(&kek, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let path = dir.join("rotate.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[state]\ndir = \"state\"\nledger = \"{url}\"\n[host]\nname = \"{name}\"\npool = \"{pool}\"\n\
+             [domains.bench]\ndesignated_pool = \"pool-a\"\nbackend = \"keystore\"\nkeystore = \"keys\"\n\
+             algorithm = \"ed25519\"\nstore = \"shared\"\nkek = \"file:kek\"\nmin_interval = \"0s\"\nretain = 3\n"
+        ),
+    )
+    .unwrap();
+    path
+}
+
+fn sync(config: &Path) -> Command {
+    let mut c = Command::new(KEYROTATE);
+    c.arg("--config")
+        .arg(config)
+        .args(["-q", "sync", "--domain", "bench", "--deadline", "1m"]);
+    c
+}
+
+/// `sync` of an unchanged and of a changed domain, and a shared rotation, each as a
+/// ratio to the local-store rotation (SQLite ledger) in the same interleaved run. The
+/// database is a fresh one created (and dropped) with the caller's libpq settings.
+fn shared_store(dir: &Path, runs: usize) {
+    let title = "\nshared key store (ed25519, immediate, retain 3; interleaved with the local-store rotation)";
+    let Some(user) = std::env::var("PGUSER")
+        .ok()
+        .filter(|_| psql("postgres", "SELECT 1").is_some())
+    else {
+        println!(
+            "{title}: SKIPPED (no PostgreSQL reachable: set PGHOST, PGUSER and PGPASSWORD as for psql, for a role \
+             that may CREATE DATABASE)"
+        );
+        return;
+    };
+    let db = format!("kr_test_bench_{}", std::process::id());
+    if psql("postgres", &format!("CREATE DATABASE {db}")).is_none() {
+        println!("{title}: SKIPPED (this role cannot CREATE DATABASE)");
+        return;
+    }
+    let host = std::env::var("PGHOST").unwrap_or_else(|_| "127.0.0.1".into());
+    let url = format!("postgres://{user}@{host}/{db}");
+    let work = dir.join("shared");
+    let local = write_config(
+        &{
+            let d = work.join("local");
+            std::fs::create_dir_all(&d).unwrap();
+            d
+        },
+        &["bench".to_string()],
+    );
+    let a = shared_host(&work.join("host-a"), &url, "bench-a", "pool-a");
+    let b = shared_host(&work.join("host-b"), &url, "bench-b", "pool-b");
+    // Past `retain` on both sides, so every rotation also destroys: steady state.
+    for _ in 0..5 {
+        assert_eq!(run(&mut rotate(&local, "bench")).code, 0, "local rotation failed");
+        assert_eq!(run(&mut rotate(&a, "bench")).code, 0, "shared rotation failed");
+        assert_eq!(run(&mut sync(&b)).code, 0, "sync failed");
+    }
+    let names = [
+        "local-store rotation",
+        "shared rotation",
+        "sync, changed domain",
+        "sync, unchanged domain",
+    ];
+    let mut wall: [Vec<f64>; 4] = Default::default();
+    let mut ratio: [Vec<f64>; 4] = Default::default();
+    for _ in 0..runs {
+        let samples = [
+            run(&mut rotate(&local, "bench")),
+            run(&mut rotate(&a, "bench")),
+            run(&mut sync(&b)),
+            run(&mut sync(&b)),
+        ];
+        for (i, s) in samples.iter().enumerate() {
+            assert_eq!(s.code, 0, "{} failed", names[i]);
+            wall[i].push(ms(s.wall));
+            ratio[i].push(ms(s.wall) / ms(samples[0].wall));
+        }
+    }
+    println!("{title}, {runs} runs, medians; ratios pair by pair");
+    for i in 0..4 {
+        println!(
+            "  {:24} {:8.2} ms  ({:.2}x)",
+            names[i],
+            median(wall[i].clone()),
+            median(ratio[i].clone())
+        );
+    }
+    let _ = psql("postgres", &format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"));
 }

@@ -5,6 +5,7 @@
 //! key and what was expected. Relative paths are resolved against the config file's
 //! folder so that a config works the same from any working directory.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -13,6 +14,8 @@ use serde::Deserialize;
 
 use crate::deadline::parse_duration;
 use crate::keystore::{Algorithm, TokenConfig};
+
+mod narrow;
 
 pub const DEFAULT_CONFIG: &str = "/etc/keyrotate/rotate.toml";
 const DEFAULT_MAX_DEADLINE: Duration = Duration::from_secs(3600);
@@ -52,6 +55,10 @@ struct Unchecked {
     domains: BTreeMap<String, toml::Value>,
     defaults: RawDomain,
     base: PathBuf,
+    /// Domains whose tables were not even built (see `narrow`): what validating them
+    /// later needs is the file's text, parsed whole then.
+    left_out: narrow::Names,
+    text: String,
     ctx: DomainCtx,
 }
 
@@ -344,6 +351,14 @@ impl Config {
     /// `parse_all`, validating only `only`'s domain when one is named (see `load_for`).
     fn parse_for(text: &str, path: &Path, only: Option<&str>) -> Result<Config, Vec<String>> {
         let shown = path.display();
+        // A narrowed load builds the global tables and its own domain only; the text
+        // it parses has the file's lines, so an error names the file's line.
+        let narrowed = only.and_then(|keep| narrow::narrow(text, keep));
+        let (text, left_out, full) = match narrowed {
+            Some(n) if !n.left_out.is_empty() => (Cow::Owned(n.text), n.left_out, text.to_string()),
+            _ => (Cow::Borrowed(text), narrow::Names::default(), String::new()),
+        };
+        let text = text.as_ref();
         let raw: RawConfig = toml::from_str(text).map_err(|e| {
             let line = e
                 .span()
@@ -468,6 +483,8 @@ impl Config {
                 domains: unchecked,
                 defaults,
                 base: base.to_path_buf(),
+                left_out,
+                text: full,
                 ctx,
             },
         })
@@ -478,17 +495,33 @@ impl Config {
     /// report them). For what must cover every domain, such as the metrics textfile.
     pub fn all_domains(&self) -> Vec<DomainConfig> {
         let mut all: BTreeMap<String, DomainConfig> = self.domains.clone();
-        for (name, value) in &self.unchecked.domains {
+        let mut unchecked = self.unchecked.domains.clone();
+        if !self.unchecked.left_out.is_empty() {
+            // The narrowed load proved the file parses; build the tables it left out.
+            match toml::from_str::<RawConfig>(&self.unchecked.text) {
+                Ok(raw) => unchecked.extend(
+                    raw.domains
+                        .into_iter()
+                        .filter(|(name, _)| !self.domains.contains_key(name)),
+                ),
+                Err(e) => tracing::warn!(
+                    "config {}: {} (domains other than the named one left out)",
+                    self.path.display(),
+                    e.message().replace('\n', " ")
+                ),
+            }
+        }
+        for (name, value) in unchecked {
             match checked_domain(
-                name,
-                value.clone(),
+                &name,
+                value,
                 &self.unchecked.defaults,
                 &self.unchecked.base,
                 &self.path,
                 &self.unchecked.ctx,
             ) {
                 Ok(dc) => {
-                    all.insert(name.clone(), dc);
+                    all.insert(name, dc);
                 }
                 Err(problems) => tracing::warn!(
                     "{} (domain {name:?} left out: keyrotate --config {} check lists its problems)",
@@ -509,6 +542,7 @@ impl Config {
                 .keys()
                 .chain(self.unchecked.domains.keys())
                 .map(String::as_str)
+                .chain(self.unchecked.left_out.iter())
                 .collect();
             let known: Vec<&str> = known.into_iter().collect();
             format!(

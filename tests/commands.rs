@@ -239,6 +239,16 @@ fn controlm_examples_map_every_outcome() {
                         );
                     }
                     all_agents |= job["RunOnAllAgentsInGroup"] == true;
+                } else if command.contains(" sync ") {
+                    // A shared store's sync (see controlm_flow): every failure is NOTOK.
+                    assert!(command.contains("--deadline"), "{command}");
+                    for code in ["2", "3", "5", "8"] {
+                        assert!(
+                            codes.contains(&code),
+                            "{}: no If:CompletionStatus for {code}",
+                            path.display()
+                        );
+                    }
                 } else {
                     assert!(command.ends_with(" status"), "{command}");
                     // 4: a domain is blocked; 3: a store or the ledger is broken.

@@ -7,8 +7,10 @@ mod attacks;
 mod cli_and_config;
 mod command_backend;
 mod commands;
+mod config_narrow;
 mod config_scope;
 mod consumer_snapshot;
+mod controlm_flow;
 #[cfg(feature = "failpoints")]
 mod crash;
 mod dry_equals_real;
@@ -39,10 +41,15 @@ mod postgres;
 mod power_loss;
 #[cfg(feature = "failpoints")]
 mod revoke;
+#[cfg(feature = "failpoints")]
+mod revoke_attacks;
 mod rotate;
+mod shared_faults;
 #[cfg(feature = "failpoints")]
 mod shared_lifecycle;
 mod shared_pkcs11_kek;
 mod shared_store;
+#[cfg(feature = "failpoints")]
+mod shared_storm;
 #[cfg(feature = "failpoints")]
 mod staging_at_admission;

@@ -70,16 +70,37 @@ impl ExamineError {
     }
 }
 
+/// A key store on a file system that is (almost) full is refused before anything is
+/// written, by the real run and the dry run alike, on the same measure as the audit
+/// file's (`fsutil::fs_trouble`): otherwise the dry run predicts 0 and the real run
+/// stops half-way with "no space left" (a revocation that cannot even rewrite
+/// jwks.json, after the operator was told it would work).
+fn room_to_write(ks: &Keystore) -> Result<(), Failure> {
+    let folder = if ks.dir().is_dir() { ks.dir() } else { ks.root() };
+    match crate::fsutil::fs_trouble(folder) {
+        Some(why) if folder.is_dir() => Err(aborted(format!(
+            "key store {}: {why}; no key was touched: free some space, then run again",
+            folder.display()
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// The refusal a judged key store calls for (NEEDS_REVIEW with its diagnosis), if any:
-/// the same for the real run and the dry run.
-pub fn refusal(verdict: &Verdict, domain: &str) -> Option<Failure> {
+/// the same for the real run and the dry run. A revocation (`revoking`) goes ahead on a
+/// store whose only problem is a compromised key listed as usable again: revoking it
+/// again is the repair.
+pub fn refusal(verdict: &Verdict, domain: &str, revoking: bool) -> Option<Failure> {
+    if revoking && verdict.revocable() {
+        return None;
+    }
     verdict.diagnosis(domain).map(|d| Failure::new(Outcome::NeedsReview, d))
 }
 
 /// Inspects a domain's key store and judges it against the ledger (`None`: there is no
 /// ledger yet, so it knows no run).
 pub fn examine(ks: &Keystore, ledger: Option<&Ledger>, domain: &str) -> Result<(Inspection, Verdict), ExamineError> {
-    examine_for(ks, ledger, domain, None)
+    examine_for(ks, ledger, domain, None, None)
 }
 
 /// `examine` for the run `own_run`, leaving out its own staging record: the names it
@@ -89,8 +110,9 @@ fn examine_for(
     ledger: Option<&Ledger>,
     domain: &str,
     own_run: Option<&str>,
+    revoking: Option<u64>,
 ) -> Result<(Inspection, Verdict), ExamineError> {
-    let insp = ks.inspect().map_err(ExamineError::Store)?;
+    let insp = ks.inspect_revoking(revoking).map_err(ExamineError::Store)?;
     let prov = match ledger {
         Some(l) => {
             let mut prov = l
@@ -103,6 +125,7 @@ fn examine_for(
             manifest_run_known: insp.manifest.committed_by_run.as_ref().map(|_| false),
             runs: Vec::new(),
             later_commit: None,
+            compromised: Vec::new(),
         },
     };
     let verdict = judge(&insp, &prov);
@@ -184,14 +207,16 @@ impl KeystoreRotation<'_> {
         // before anything is judged or changed.
         ks.open_custody()
             .map_err(|e| aborted(format!("{e}; no key was touched")))?;
+        room_to_write(&ks)?;
         let (inspection, verdict) = examine_for(
             &ks,
             Some(&*self.step.ledger),
             &self.step.run.domain,
             Some(&self.step.run.run_id),
+            self.revoke.as_ref().map(|r| r.version),
         )
         .map_err(ExamineError::refusal)?;
-        if let Some(refused) = refusal(&verdict, &self.step.run.domain) {
+        if let Some(refused) = refusal(&verdict, &self.step.run.domain, self.revoke.is_some()) {
             if !verdict.evidence.is_empty() {
                 // Their numbers are taken: no later key may get one of them.
                 let _ = self.step.event("unlisted", &verdict.evidence.join(" "));
@@ -218,6 +243,23 @@ impl KeystoreRotation<'_> {
             {
                 tracing::warn!("{e}");
             }
+        }
+        if let Some(done) = self
+            .revoke
+            .as_ref()
+            .and_then(|r| already_revoked(&inspection.manifest, r.version))
+        {
+            let finished = finish_revocation(&ks, &inspection.manifest, done)?;
+            // The interrupted run may have died before its own `key.compromised` line
+            // (between its commit and the audit write): the trail gets one now.
+            let reason = format!(
+                "{} (revoked at {} by run {}, interrupted before its tidy-up; finished by this run)",
+                done.compromise_reason.as_deref().unwrap_or("no reason recorded"),
+                done.compromised_at.as_deref().unwrap_or("an unrecorded time"),
+                inspection.manifest.committed_by_run.as_deref().unwrap_or("?")
+            );
+            self.compromised(&inspection.manifest, done.version, &reason, &finished);
+            return Ok(finished);
         }
         let plan = plan_for(
             &inspection.manifest,
@@ -353,6 +395,24 @@ impl KeystoreRotation<'_> {
         // private half can go at its retirement (see `private_half_allowed`).
         let next =
             in_custody(inspection.manifest.rotated(plan, &fingerprints, &run_id, now)).with_public_keys(&publics);
+        if let Some((n, _)) = &plan.compromise {
+            // On the record before the commit, in the ledger that outlives any copy of
+            // the key folder: a keyring.json older than this revocation (a backup put
+            // back, or this run dying before its commit) can never make the key usable
+            // again unnoticed (see `judge`).
+            let fp = inspection
+                .manifest
+                .get(*n)
+                .map(|v| v.fingerprint.as_str())
+                .unwrap_or_default();
+            self.step
+                .event("compromised", &crate::keystore::CompromiseRecord::detail(*n, fp))
+                .map_err(|e| {
+                    aborted(format!(
+                        "the ledger cannot record the revocation: {e}; nothing was changed"
+                    ))
+                })?;
+        }
         guard.checkpoint("publish")?;
         // Verifiers must know every new public key before it can sign anything, and
         // must keep the ones this rotation will destroy until the commit stands.
@@ -456,8 +516,94 @@ impl KeystoreRotation<'_> {
             rotated.warnings.push(warn("cannot rewrite jwks.json", e));
         }
         recorded?;
+        if let Some(left) = plan
+            .compromise
+            .as_ref()
+            .and_then(|(n, _)| compromised_left(&ks, &next, *n))
+        {
+            // The tidy-up is usually a warning (the rotation stands and the next run
+            // finishes it), but a revocation that leaves the compromised key's file, or
+            // `current.*` pointing at it, has not done what the operator ran it for:
+            // applications reading `current.*` would keep signing with the leaked key.
+            return Err(Failure::new(
+                Outcome::NeedsReview,
+                format!(
+                    "{}; but {left} ({}): review it and run keyrotate resolve, which finishes the revocation",
+                    rotated.summary,
+                    rotated.warnings.join("; ")
+                ),
+            ));
+        }
         Ok(rotated)
     }
+}
+
+/// `version`, when the manifest already records it compromised: a revocation that
+/// committed and was interrupted before its tidy-up, run again (see
+/// [`revocation_unfinished`]).
+fn already_revoked(manifest: &Manifest, version: u64) -> Option<&crate::keystore::manifest::VersionEntry> {
+    manifest
+        .get(version)
+        .filter(|v| v.state == crate::keystore::manifest::VersionState::Compromised)
+}
+
+/// A revocation run again after the one that committed it was interrupted (killed
+/// between its commit and its tidy-up): the run's repair, under the locks, has just
+/// finished the tidy-up; this says so, or (the repair could not finish it) stops with
+/// NEEDS_REVIEW naming what is left. No commit: the manifest already says it all.
+fn finish_revocation(
+    ks: &Keystore,
+    manifest: &Manifest,
+    v: &crate::keystore::manifest::VersionEntry,
+) -> Result<Rotated, Failure> {
+    let active = manifest.active();
+    let at = v.compromised_at.as_deref().unwrap_or("an unrecorded time");
+    if let Some(left) = compromised_left(ks, manifest, v.version) {
+        return Err(Failure::new(
+            Outcome::NeedsReview,
+            format!(
+                "v{} was revoked at {at}, but {left}, and the tidy-up could not finish it: review the key folder \
+                 and run keyrotate resolve",
+                v.version
+            ),
+        ));
+    }
+    Ok(Rotated {
+        from_version: active.map(|a| a.version),
+        to_version: active.map(|a| a.version),
+        from_fingerprint: active.map(|a| a.fingerprint.clone()),
+        to_fingerprint: active.map(|a| a.fingerprint.clone()),
+        warnings: Vec::new(),
+        summary: format!(
+            "v{} was already revoked at {at}; what that interrupted revocation left is finished now: its key file \
+             is destroyed and nothing points at it or publishes it",
+            v.version
+        ),
+    })
+}
+
+/// Whether the revocation of `version` committed but did not finish (its key file, or
+/// `current.*` naming it, still there): then running `revoke` again finishes it rather
+/// than answering "already compromised" while the leaked key is still in use.
+pub fn revocation_unfinished(ks: &Keystore, manifest: &Manifest, version: u64) -> Option<String> {
+    already_revoked(manifest, version)?;
+    compromised_left(ks, manifest, version)
+}
+
+/// What a committed revocation of `version` left behind that it should not have: the
+/// version's key file, or `current.*` still naming it.
+fn compromised_left(ks: &Keystore, next: &Manifest, version: u64) -> Option<String> {
+    let file = &next.get(version)?.file;
+    let mut left = Vec::new();
+    if std::fs::symlink_metadata(ks.dir().join(file)).is_ok() {
+        left.push(format!("the compromised key's file {file} is still on disk"));
+    }
+    for current in ["current.pem", "current.key"] {
+        if std::fs::read_link(ks.dir().join(current)).is_ok_and(|t| t == std::path::Path::new(file)) {
+            left.push(format!("{current} still points at it"));
+        }
+    }
+    (!left.is_empty()).then(|| left.join(" and "))
 }
 
 impl KeystoreRotation<'_> {
@@ -558,7 +704,7 @@ impl super::RotationBackend for KeystoreBackend {
     fn planned_files(&self, ledger: &Ledger) -> Option<Vec<String>> {
         let ks = &self.keystore;
         let (insp, verdict) = examine(ks, Some(ledger), ks.domain()).ok()?;
-        if !verdict.clean() {
+        if refusal(&verdict, ks.domain(), self.revoke.is_some()).is_some() {
             // The run will refuse the store: it creates nothing, so records nothing.
             return None;
         }
@@ -573,11 +719,17 @@ impl super::RotationBackend for KeystoreBackend {
             .check_folders()
             .and_then(|()| ks.open_custody().map_err(|e| format!("{e}; no key was touched")))
             .map_err(aborted)
-            .and_then(|()| examine(ks, ledger, &domain).map_err(ExamineError::refusal))
-            .and_then(|(insp, verdict)| match refusal(&verdict, &domain) {
-                Some(f) => Err(f),
-                None => Ok((insp, verdict)),
-            });
+            .and_then(|()| room_to_write(ks))
+            .and_then(|()| {
+                examine_for(ks, ledger, &domain, None, self.revoke.as_ref().map(|r| r.version))
+                    .map_err(ExamineError::refusal)
+            })
+            .and_then(
+                |(insp, verdict)| match refusal(&verdict, &domain, self.revoke.is_some()) {
+                    Some(f) => Err(f),
+                    None => Ok((insp, verdict)),
+                },
+            );
         let (insp, verdict) = judged.inspect_err(|f| plan.push(format!("key store: {}", f.message)))?;
         if !insp.exists {
             plan.push(format!(
@@ -600,6 +752,22 @@ impl super::RotationBackend for KeystoreBackend {
                 "sweep: remove {} (proven garbage: destroyed versions, temporaries, files staged by runs that never committed)",
                 verdict.garbage.join(", ")
             ));
+        }
+        if let Some(v) = self
+            .revoke
+            .as_ref()
+            .and_then(|r| already_revoked(&insp.manifest, r.version))
+        {
+            let at = v.compromised_at.as_deref().unwrap_or("an unrecorded time");
+            plan.push(format!(
+                "revoke: v{} was already revoked at {at}; the run finishes what that revocation left (above)",
+                v.version
+            ));
+            let active = insp.manifest.active().map(|a| a.version);
+            return Ok(super::Planned {
+                summary: format!("would finish the interrupted revocation of v{}", v.version),
+                versions: (active, active),
+            });
         }
         let rp = self
             .plan_for(&insp.manifest, verdict.next_version)

@@ -261,6 +261,17 @@ fn repair_after_review(ks: &Keystore, ledger: &Ledger, domain: &str, run_id: &st
                 fsutil::io_reason(&e)
             )),
         }
+    } else if !verdict.resurrected.is_empty() {
+        let v: Vec<String> = verdict.resurrected.iter().map(|(n, _)| format!("v{n}")).collect();
+        let n = match verdict.resurrected.as_slice() {
+            [(n, _)] => n.to_string(),
+            _ => "N".into(),
+        };
+        notes.push(format!(
+            "keyring.json lists {} as usable, but the ledger records a revocation of it: revoke it again \
+             (keyrotate revoke --domain {domain} --version {n} --reason \"...\" --deadline 10m); every rotation stops until then",
+            v.join(", ")
+        ));
     } else if !verdict.evidence.is_empty() {
         notes.push(format!(
             "the key store still holds files keyring.json does not list ({}): the next rotation stops again until they are moved away or keyring.json is put back",

@@ -144,6 +144,7 @@ impl Algorithm {
         };
         let key = KeyFile::from_secret(self, secret)?;
         self_test(self, &key.secret, key.public.as_ref())?;
+        derived::put(&key, derived::digest(&key.file_bytes));
         Ok(key)
     }
 }
@@ -232,10 +233,23 @@ impl KeyFile {
             }
             Zeroizing::new(parsed.into_contents())
         };
+        let digest = derived::digest(file_bytes);
+        if let Some((fingerprint, public)) = derived::get(algorithm, &digest) {
+            return Ok(KeyFile {
+                algorithm,
+                secret,
+                file_bytes: Zeroizing::new(file_bytes.to_vec()),
+                fingerprint,
+                public,
+                // Parsed from PKCS#8 bytes: a key in a file, never a token's.
+                token: None,
+            });
+        }
         let key = KeyFile::from_secret(algorithm, secret)?;
         if key.file_bytes.as_slice() != file_bytes {
             return Err(format!("{name} key file is not in keyrotate's canonical encoding"));
         }
+        derived::put(&key, digest);
         Ok(key)
     }
 
@@ -508,6 +522,64 @@ pub(crate) fn self_test_token(key: &KeyFile) -> Result<(), String> {
         .ok_or_else(failed)
 }
 
+/// What this process already derived from a key file's bytes: its fingerprint and
+/// public half. A run reads the same live key files several times (the repair pass,
+/// the plan recorded at admission, the rotation itself, the read-back of the new key),
+/// and deriving a public key is the costly part (a scalar multiplication, or an RSA
+/// key check). Parsing is a pure function of the bytes, so bytes identical to ones
+/// parsed before give the same key: the files are still read and compared in full
+/// every time (by SHA-256), only the derivation is not repeated. Nothing secret is
+/// kept here: the digest of the file, its algorithm and public values.
+mod derived {
+    use std::sync::Mutex;
+
+    use aws_lc_rs::digest;
+
+    use super::{Algorithm, KeyFile, PublicKey};
+
+    struct Derived {
+        digest: [u8; 32],
+        algorithm: Algorithm,
+        fingerprint: String,
+        public: Option<PublicKey>,
+    }
+
+    /// A handful of entries: one domain's live versions and the new ones. Bounded so
+    /// that a process reading many domains (the consumer API) does not grow it.
+    const CAPACITY: usize = 32;
+
+    static DERIVED: Mutex<Vec<Derived>> = Mutex::new(Vec::new());
+
+    pub(super) fn digest(file_bytes: &[u8]) -> [u8; 32] {
+        let mut out = [0u8; 32];
+        out.copy_from_slice(digest::digest(&digest::SHA256, file_bytes).as_ref());
+        out
+    }
+
+    pub(super) fn get(algorithm: Algorithm, digest: &[u8; 32]) -> Option<(String, Option<PublicKey>)> {
+        let memo = DERIVED.lock().unwrap_or_else(|e| e.into_inner());
+        memo.iter()
+            .find(|d| d.algorithm == algorithm && &d.digest == digest)
+            .map(|d| (d.fingerprint.clone(), d.public.clone()))
+    }
+
+    pub(super) fn put(key: &KeyFile, digest: [u8; 32]) {
+        let mut memo = DERIVED.lock().unwrap_or_else(|e| e.into_inner());
+        if memo.iter().any(|d| d.algorithm == key.algorithm && d.digest == digest) {
+            return;
+        }
+        if memo.len() >= CAPACITY {
+            memo.remove(0);
+        }
+        memo.push(Derived {
+            digest,
+            algorithm: key.algorithm,
+            fingerprint: key.fingerprint.clone(),
+            public: key.public.clone(),
+        });
+    }
+}
+
 fn public_key(algorithm: Algorithm, secret: &[u8]) -> Result<Option<PublicKey>, String> {
     let name = algorithm.name();
     let bad = |_| format!("{name} key does not parse as PKCS#8");
@@ -753,5 +825,42 @@ mod tests {
         assert!(KeyFile::parse(Algorithm::EcdsaP256, ed.file_bytes()).is_err());
         assert!(KeyFile::parse(Algorithm::Ed25519, b"garbage").is_err());
         assert!(KeyFile::parse(Algorithm::HmacSha256, b"AAAA\n").is_err());
+    }
+
+    /// The parse memo answers only for bytes it parsed: a file whose bytes changed
+    /// (another key, one byte flipped) is parsed anew, never given the old identity, and
+    /// a known file keeps its own, with its secret, however often it is read.
+    #[test]
+    fn a_parsed_key_is_remembered_only_for_its_exact_bytes() {
+        for alg in [Algorithm::Ed25519, Algorithm::EcdsaP256, Algorithm::HmacSha256] {
+            let a = alg.generate().unwrap();
+            let b = alg.generate().unwrap();
+            for _ in 0..3 {
+                let pa = KeyFile::parse(alg, a.file_bytes()).unwrap();
+                let pb = KeyFile::parse(alg, b.file_bytes()).unwrap();
+                assert_eq!(pa.fingerprint(), a.fingerprint(), "{alg}");
+                assert_eq!(pb.fingerprint(), b.fingerprint(), "{alg}");
+                assert_ne!(pa.fingerprint(), pb.fingerprint(), "{alg}");
+                assert_eq!(pa.secret, a.secret, "{alg}");
+                assert_eq!(pa.file_bytes(), a.file_bytes(), "{alg}");
+            }
+            let mut damaged = a.file_bytes().to_vec();
+            let at = damaged.len() / 2;
+            damaged[at] = if damaged[at] == b'A' { b'B' } else { b'A' };
+            if let Ok(k) = KeyFile::parse(alg, &damaged) {
+                assert_ne!(
+                    k.fingerprint(),
+                    a.fingerprint(),
+                    "{alg}: damaged bytes took the old identity"
+                );
+            }
+            // Another algorithm is never answered from the memo of these bytes.
+            let other = if alg == Algorithm::Ed25519 {
+                Algorithm::EcdsaP256
+            } else {
+                Algorithm::Ed25519
+            };
+            assert!(KeyFile::parse(other, a.file_bytes()).is_err(), "{alg} as {other}");
+        }
     }
 }

@@ -140,6 +140,43 @@ pub fn parse_version_file(name: &str) -> Option<u64> {
 
 pub use crate::time::rfc3339 as now_rfc3339;
 
+/// Manifests this process already parsed and validated, with the exact bytes they
+/// were parsed from (a manifest holds no secret). A run reads `keyring.json` several
+/// times under its lock (the repair pass, the plan recorded at admission, the
+/// rotation), and it grows with every version ever made: bytes identical to ones parsed
+/// before give the same manifest, so each content is parsed once (every read still
+/// reads the whole file and compares it byte for byte, far cheaper than parsing it or
+/// hashing it).
+mod parsed {
+    use std::sync::Mutex;
+
+    use super::Manifest;
+
+    /// The few contents one run sees (before and after its commit).
+    const CAPACITY: usize = 4;
+
+    static PARSED: Mutex<Vec<(Vec<u8>, Manifest)>> = Mutex::new(Vec::new());
+
+    pub(super) fn get(bytes: &[u8], domain: &str) -> Option<Manifest> {
+        let memo = PARSED.lock().unwrap_or_else(|e| e.into_inner());
+        memo.iter()
+            .find(|(b, m)| b.as_slice() == bytes && m.domain == domain)
+            .map(|(_, m)| m.clone())
+    }
+
+    pub(super) fn put(bytes: &[u8], domain: &str, m: &Manifest) {
+        debug_assert_eq!(m.domain, domain);
+        let mut memo = PARSED.lock().unwrap_or_else(|e| e.into_inner());
+        if memo.iter().any(|(b, _)| b.as_slice() == bytes) {
+            return;
+        }
+        if memo.len() >= CAPACITY {
+            memo.remove(0);
+        }
+        memo.push((bytes.to_vec(), m.clone()));
+    }
+}
+
 /// When a new key becomes the active one (`activation` in the config).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Activation {
@@ -162,6 +199,15 @@ impl Manifest {
 
     /// Parses and validates a manifest for `domain`. Errors describe the inconsistency.
     pub fn parse(bytes: &[u8], domain: &str) -> Result<Manifest, String> {
+        if let Some(m) = parsed::get(bytes, domain) {
+            return Ok(m);
+        }
+        let m = Manifest::parse_anew(bytes, domain)?;
+        parsed::put(bytes, domain, &m);
+        Ok(m)
+    }
+
+    fn parse_anew(bytes: &[u8], domain: &str) -> Result<Manifest, String> {
         let m: Manifest =
             serde_json::from_slice(bytes).map_err(|e| format!("keyring.json is not a valid manifest: {e}"))?;
         if m.domain != domain {
@@ -610,5 +656,24 @@ mod tests {
         assert_eq!(parse_version_file("v000012.pem"), Some(12));
         assert_eq!(parse_version_file("v12.pem"), None);
         assert_eq!(parse_version_file("v000012.pem.tmp"), None);
+    }
+
+    /// A manifest read again is the one parsed before only for the very same bytes: a
+    /// copy changed after it was parsed is parsed (and refused) anew.
+    #[test]
+    fn a_parsed_manifest_is_remembered_only_for_its_exact_bytes() {
+        let (_, m) = rotate(&Manifest::empty("d"), Activation::Immediate, 3);
+        let (_, m) = rotate(&m, Activation::Immediate, 3);
+        let good = m.to_bytes();
+        for _ in 0..3 {
+            assert_eq!(Manifest::parse(&good, "d").unwrap(), m);
+            assert!(Manifest::parse(&good, "memo").is_err());
+        }
+        let evil = String::from_utf8(good.clone())
+            .unwrap()
+            .replace("v000002.pem", "v000009.pem");
+        assert!(Manifest::parse(evil.as_bytes(), "d").unwrap_err().contains("file"));
+        let two_active = String::from_utf8(good).unwrap().replace("\"retired\"", "\"active\"");
+        assert!(Manifest::parse(two_active.as_bytes(), "d").is_err());
     }
 }

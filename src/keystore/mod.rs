@@ -122,6 +122,36 @@ pub struct Provenance {
     pub later_commit: Option<String>,
     /// Recent runs of the domain that recorded staging files or noticed unlisted ones.
     pub runs: Vec<RunRecord>,
+    /// Every version a revocation recorded as compromised (all of the domain's
+    /// history, not only recent runs), except by runs known to have stopped before
+    /// their commit. A manifest that lists one of them as usable again is older than
+    /// that revocation (see [`judge`]).
+    pub compromised: Vec<CompromiseRecord>,
+}
+
+/// A revocation's record in the ledger: the run, the version and its fingerprint.
+#[derive(Clone, Debug, Default)]
+pub struct CompromiseRecord {
+    pub run_id: String,
+    pub version: u64,
+    pub fingerprint: String,
+}
+
+impl CompromiseRecord {
+    /// The `compromised` event's detail: `v7 sha256:…`.
+    pub fn detail(version: u64, fingerprint: &str) -> String {
+        format!("v{version} {fingerprint}")
+    }
+
+    /// Reads an event detail written by [`CompromiseRecord::detail`].
+    pub fn parse(run_id: &str, detail: &str) -> Option<CompromiseRecord> {
+        let (v, fp) = detail.split_once(' ')?;
+        Some(CompromiseRecord {
+            run_id: run_id.to_string(),
+            version: v.strip_prefix('v')?.parse().ok()?,
+            fingerprint: fp.to_string(),
+        })
+    }
 }
 
 #[derive(Clone, Debug, Default)]
@@ -151,11 +181,24 @@ pub struct Verdict {
     pub mismatch: Option<String>,
     /// The next version number, above every number the ledger records too.
     pub next_version: u64,
+    /// Versions the manifest lists as usable (pending, active, retired) although a
+    /// revocation recorded them as compromised: the manifest is older than the
+    /// revocation (restored from a backup, or the revocation never finished). Each
+    /// with the revoking run.
+    pub resurrected: Vec<(u64, String)>,
 }
 
 impl Verdict {
     /// Nothing to report: the store may be tidied and rotated.
     pub fn clean(&self) -> bool {
+        self.evidence.is_empty() && self.mismatch.is_none() && self.resurrected.is_empty()
+    }
+
+    /// What a revocation may still commit from: a store whose only problem is a
+    /// compromised key listed as usable again (revoking it again is the repair, and no
+    /// revocation makes anything worse). Unlisted files or a manifest the ledger does
+    /// not know still stop it: a commit from an old copy would roll the store back.
+    pub fn revocable(&self) -> bool {
         self.evidence.is_empty() && self.mismatch.is_none()
     }
 
@@ -172,6 +215,14 @@ impl Verdict {
                  see the runbook entry \"keyring.json missing or restored from backup\"",
                 self.evidence.len(),
                 self.evidence.join(", ")
+            ));
+        }
+        for (version, run) in &self.resurrected {
+            parts.push(format!(
+                "keyring.json lists v{version} as usable, but run {run} revoked it as compromised (keyring.json \
+                 restored from a backup taken before that revocation, or the revocation did not finish); a \
+                 compromised key is never used again: revoke it again: keyrotate revoke --domain {domain} \
+                 --version {version} --reason \"...\" --deadline 10m"
             ));
         }
         if parts.is_empty() {
@@ -231,13 +282,26 @@ pub fn judge(insp: &Inspection, prov: &Provenance) -> Verdict {
         .iter()
         .flat_map(|r| r.staged.iter().chain(&r.noted))
         .filter_map(|f| parse_version_file(f))
+        // A revoked number is never given to another key either: verifiers may
+        // remember its kid as the compromised one.
+        .chain(prov.compromised.iter().map(|c| c.version))
         .max()
         .unwrap_or(0);
+    // A compromised key listed as usable again: matched by its fingerprint, the key's
+    // identity (a number alone could belong to a fresh key store's new key).
+    let mut resurrected: Vec<(u64, String)> = Vec::new();
+    for v in insp.manifest.live() {
+        let revoked = prov.compromised.iter().find(|c| c.fingerprint == v.fingerprint);
+        if let Some(c) = revoked {
+            resurrected.push((v.version, c.run_id.clone()));
+        }
+    }
     Verdict {
         garbage,
         evidence,
         mismatch,
         next_version: insp.next_version.max(recorded + 1),
+        resurrected,
     }
 }
 
@@ -439,6 +503,14 @@ impl Keystore {
     /// Reads and verifies the domain's state. `Err` means the key store is not in a
     /// state anyone should rotate from: the message is the diagnosis.
     pub fn inspect(&self) -> Result<Inspection, String> {
+        self.inspect_revoking(None)
+    }
+
+    /// [`Keystore::inspect`] for a revocation of `revoking`: that version's key may be
+    /// missing or unreadable (deleted in a panic after the leak, say) without making
+    /// the store unusable, since the revocation destroys and unpublishes it anyway.
+    /// It is left out of the public keys.
+    pub fn inspect_revoking(&self, revoking: Option<u64>) -> Result<Inspection, String> {
         let manifest_path = self.dir.join(MANIFEST);
         let (manifest, exists) = match fsutil::read_nofollow(&manifest_path, MANIFEST_LIMIT) {
             Ok(bytes) => (Manifest::parse(&bytes, &self.domain)?, true),
@@ -466,6 +538,12 @@ impl Keystore {
                     .flatten()
                     .filter(|o| o.label == label && o.id == id)
                     .count();
+                if found != 1 && revoking == Some(v.version) {
+                    // The leaked key's own object may already be gone (destroyed by
+                    // hand after the leak): its revocation goes ahead.
+                    tracing::warn!("the token object of v{} being revoked is missing", v.version);
+                    continue;
+                }
                 if found != 1 {
                     return Err(format!(
                         "{} v{}: {found} token objects labelled {label} with the id of its fingerprint (expected one)",
@@ -475,7 +553,13 @@ impl Keystore {
                 }
                 Half::Private(self.load_file(v)?)
             } else {
-                self.load_half(v)?
+                match self.load_half(v) {
+                    Err(e) if revoking == Some(v.version) => {
+                        tracing::warn!("the key of v{} being revoked cannot be loaded: {e}", v.version);
+                        continue;
+                    }
+                    half => half?,
+                }
             };
             if let Some(p) = half.public() {
                 publics.insert(v.version, p.clone());
@@ -1001,6 +1085,7 @@ mod tests {
         let prov = Provenance {
             manifest_run_known: None,
             later_commit: None,
+            compromised: Vec::new(),
             runs: vec![RunRecord {
                 run_id: "r".into(),
                 ended_uncommitted: true,
@@ -1035,6 +1120,7 @@ mod tests {
         let prov = Provenance {
             manifest_run_known: None,
             later_commit: None,
+            compromised: Vec::new(),
             runs: vec![
                 run("a", true, false, "v000001.pem"),  // aborted
                 run("b", false, false, "v000002.pem"), // succeeded

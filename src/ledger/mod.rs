@@ -330,7 +330,12 @@ impl Db<'_, '_> {
         Ok(DomainRecord {
             in_flight: one(&format!("{} ORDER BY id", RunState::sql_in(&RunState::IN_FLIGHT)))?,
             blocking: one("state = 'needs_review' ORDER BY id")?,
-            last_success: one("state = 'succeeded' ORDER BY id DESC")?,
+            // The due clock follows the active key: a revocation that left the active
+            // version as it was (a retired or pending key revoked) is not a rotation.
+            last_success: one(
+                "state = 'succeeded' AND NOT (trigger = 'revoke' AND from_version IS NOT NULL \
+                 AND to_version = from_version) ORDER BY id DESC",
+            )?,
             last_run: one("TRUE ORDER BY id DESC")?,
         })
     }
@@ -587,10 +592,25 @@ impl Ledger {
                 _ => runs[i].committed = true,
             }
         }
+        // Every revocation of the domain's history (a backup may be years old), except
+        // those whose run says it stopped before its commit.
+        let compromised = db
+            .query(
+                &self.label,
+                "SELECT r.run_id, e.detail FROM rotations r JOIN rotation_events e ON e.run_id = r.run_id \
+                 WHERE r.domain = $1 AND e.phase = 'compromised' AND r.state NOT IN ('aborted', 'timed_out', 'refused') \
+                 ORDER BY e.id",
+                &[domain.into()],
+                |r| Ok((r.text(0)?.unwrap_or_default(), r.text(1)?.unwrap_or_default())),
+            )?
+            .into_iter()
+            .filter_map(|(run, detail)| crate::keystore::CompromiseRecord::parse(&run, &detail))
+            .collect();
         Ok(crate::keystore::Provenance {
             manifest_run_known,
             later_commit,
             runs,
+            compromised,
         })
     }
 
@@ -820,11 +840,18 @@ impl Writer<'_, '_> {
         self.event(run_id, state.as_str(), Some(detail))
     }
 
-    /// Closes a run with its outcome.
+    /// Closes a run with its outcome. A row that is no longer in flight keeps what it
+    /// says: a run that lost its lock may close late, after another host's run judged
+    /// its row (`needs_review`) and an operator resolved it; that judgement and the
+    /// review stand, and the late outcome is kept as an event.
     pub fn close(&self, run_id: &str, outcome: Outcome, reason: &str, versions: Versions) -> Result<(), String> {
         self.exec(
-            "UPDATE rotations SET state = $2, exit_code = $3, reason = $4, ended_at = $5, \
-             from_version = COALESCE($6, from_version), to_version = COALESCE($7, to_version) WHERE run_id = $1",
+            &format!(
+                "UPDATE rotations SET state = $2, exit_code = $3, reason = $4, ended_at = $5, \
+                 from_version = COALESCE($6, from_version), to_version = COALESCE($7, to_version) \
+                 WHERE run_id = $1 AND {}",
+                RunState::sql_in(&RunState::IN_FLIGHT)
+            ),
             &[
                 run_id.into(),
                 RunState::of(outcome).as_str().into(),

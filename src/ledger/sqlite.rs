@@ -80,7 +80,10 @@ fn sql(text: &str) -> String {
 }
 
 pub(super) fn exec(c: &Connection, text: &str, params: &[Val]) -> rusqlite::Result<u64> {
-    c.execute(&sql(text), rusqlite::params_from_iter(params))
+    // Cached: a run writes the same few statements several times (an event per step),
+    // and compiling a statement costs more than running it.
+    c.prepare_cached(&sql(text))?
+        .execute(rusqlite::params_from_iter(params))
         .map(|n| n as u64)
 }
 
@@ -156,6 +159,9 @@ impl Sqlite {
             OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_NOFOLLOW;
         let conn = Connection::open_with_flags(real_parents(path), flags).map_err(|e| err(&label, e))?;
         conn.busy_timeout(busy).map_err(|e| err(&label, e))?;
+        // Room for every statement a run uses (about twenty), so that none is compiled
+        // twice (rusqlite's default keeps 16).
+        conn.set_prepared_statement_cache_capacity(64);
         // The WAL outlives the process (no checkpoint on close): a process that found
         // the WAL in place neither rewrites and flushes its header nor flushes the
         // folder for a new file, and does not copy the WAL into the database on the way

@@ -423,3 +423,5 @@ pub fn have_openssl() -> bool {
 
 /// A fresh SoftHSM2 token per test (the pkcs11 custody tests).
 pub mod softhsm;
+
+pub mod shared;

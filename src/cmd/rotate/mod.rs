@@ -220,6 +220,9 @@ fn revocable_now(p: &Prepared, version: u64) -> Result<(), Failure> {
             p.domain.name,
             ks.dir().display()
         ))),
+        // A revocation that committed but was interrupted before its tidy-up (the key
+        // file, or current.* naming it, still there) is finished by running it again.
+        Ok(i) if crate::backend::keystore::revocation_unfinished(&ks, &i.manifest, version).is_some() => Ok(()),
         Ok(i) => i.manifest.revocable(version).map(|_| ()).map_err(Failure::usage),
         Err(_) => Ok(()),
     }
