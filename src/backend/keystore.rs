@@ -493,7 +493,7 @@ impl KeystoreRotation<'_> {
             from_fingerprint: old_active.map(|v| v.fingerprint.clone()),
             to_fingerprint: new_active.map(|v| v.fingerprint.clone()),
             warnings: Vec::new(),
-            summary: summary(plan, &next),
+            summary: summary(plan, &next, "private half destroyed, unpublished"),
         };
         let recorded = self.step.committed(&rotated);
         if let Some((n, reason)) = &plan.compromise {
@@ -642,11 +642,13 @@ fn plan_for(
     Ok(manifest.revoke_plan(r.version, &r.reason, algorithm, activation, next))
 }
 
-fn summary(plan: &Plan, next: &Manifest) -> String {
+/// The outcome line's account of a key store's commit; `erased` says what became of a
+/// revoked key's material in this store (shared with the shared store's backend).
+pub(super) fn summary(plan: &Plan, next: &Manifest, erased: &str) -> String {
     let v = |n: Option<u64>| n.map_or("none".to_string(), |n| format!("v{n}"));
     let mut s = match &plan.compromise {
         Some((n, _)) => format!(
-            "revoked v{n} (compromised: private half destroyed, unpublished); active {} -> {}",
+            "revoked v{n} (compromised: {erased}); active {} -> {}",
             v(plan.from_version),
             v(Some(plan.to_version))
         ),

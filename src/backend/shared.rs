@@ -340,25 +340,7 @@ impl SharedBackend {
 }
 
 fn summary(plan: &Plan, next: &Manifest, epoch: Option<i64>) -> String {
-    let v = |n: Option<u64>| n.map_or("none".to_string(), |n| format!("v{n}"));
-    let mut s = match &plan.compromise {
-        Some((n, _)) => format!(
-            "revoked v{n} (compromised: sealed key erased, unpublished at every host's next sync); active {} -> {}",
-            v(plan.from_version),
-            v(Some(plan.to_version))
-        ),
-        None => format!("active {} -> {}", v(plan.from_version), v(Some(plan.to_version))),
-    };
-    if let Some(p) = next.pending() {
-        s.push_str(&format!(", pending v{}", p.version));
-    }
-    if let Some(a) = next.active() {
-        s.push_str(&format!(" ({} {})", a.algorithm, a.fingerprint));
-    }
-    if !plan.destroy.is_empty() {
-        let d: Vec<String> = plan.destroy.iter().map(|n| format!("v{n}")).collect();
-        s.push_str(&format!(", destroyed {}", d.join(", ")));
-    }
+    let mut s = super::keystore::summary(plan, next, "sealed key erased, unpublished at every host's next sync");
     if let Some(e) = epoch {
         s.push_str(&format!(", shared keyring epoch {e}"));
     }
