@@ -561,20 +561,40 @@ fn no_fragment_of_any_key_in_the_database_dump_the_ledger_logs_outputs_or_audit(
                 assert!(!contains(hay, t.as_bytes()), "{t:?} (of {domain}/{name}) is in {what}");
             }
         }
-        // The search finds a key where it is: in its own file, in base64.
-        let own = hosts
+        // The search finds a key where it is: in its own file, in base64, on every
+        // host whose manifest allows that private half; a destroyed version or a
+        // retired signature key (DESIGN 11: public half only) has no file left.
+        let keep_private = keyrotate::keyring::Keyring::open(&hosts[0].path("keys"), domain)
+            .unwrap()
+            .manifest()
+            .versions
             .iter()
-            .find_map(|h| std::fs::read(h.key_dir(domain).join(name)).ok());
-        if let Some(own) = own {
+            .find(|v| v.file == *name)
+            .is_some_and(keyrotate::keystore::private_half_allowed);
+        for h in &hosts {
+            let own = std::fs::read(h.key_dir(domain).join(name)).ok();
+            if !keep_private {
+                assert!(
+                    own.is_none(),
+                    "{domain}/{name} is still on disk on {}",
+                    h.dir.path().display()
+                );
+                continue;
+            }
+            let own = own.unwrap_or_else(|| panic!("{domain}/{name} is missing from a copy"));
             assert!(
                 text.iter().any(|t| contains(&own, t.as_bytes())),
                 "the search does not find {domain}/{name} in its own file"
             );
+        }
+        if keep_private {
             found_in_own_file += 1;
         }
     }
+    // Each domain keeps at least its active key; the hmac and aes domains also a
+    // retired one (symmetric keys keep their material), sess its pending one.
     assert!(
-        secrets.len() >= 12 && found_in_own_file >= 8,
+        secrets.len() >= 12 && found_in_own_file >= 7,
         "{} keys, {found_in_own_file} checked in place",
         secrets.len()
     );
@@ -807,10 +827,23 @@ fn a_reader_of_a_hosts_copy_never_fails_or_mixes_epochs_while_sync_rewrites_it()
                 match keyrotate::keyring::Keyring::open(&keys, "sess") {
                     Ok(ring) => {
                         let mut items = Vec::new();
+                        // Every live version verifies (a retired signature key by
+                        // the public half its entry records, DESIGN 11)...
+                        let verifiers = ring.verification_keys().unwrap_or_else(|e| {
+                            failures.push(e.to_string());
+                            Vec::new()
+                        });
                         for v in &ring.manifest().versions {
                             let state = serde_json::to_value(v.state).unwrap();
                             items.push(format!("{}:{}:{}", v.version, state.as_str().unwrap(), v.fingerprint));
-                            if v.is_live() {
+                            if !v.is_live() {
+                                continue;
+                            }
+                            if !verifiers.iter().any(|k| k.version == v.version) {
+                                failures.push(format!("v{}: no verification key", v.version));
+                            }
+                            // ...and every private half the manifest allows loads.
+                            if keyrotate::keystore::private_half_allowed(v) {
                                 if let Err(e) = ring.version(v.version) {
                                     failures.push(format!("v{}: {e}", v.version));
                                 }
