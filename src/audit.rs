@@ -89,6 +89,26 @@ impl Audit {
         &self.path
     }
 
+    /// Whether the trail's recent lines (its last 4 MiB: a dead run's lines are near
+    /// the end) hold an `event` line of `run_id`. For the rare repair of a run that
+    /// died between its commit and its audit lines, so that the line is written once.
+    pub fn has_recent(&self, run_id: &str, event: &str) -> bool {
+        use std::io::{Read, Seek, SeekFrom};
+        const TAIL: u64 = 4 << 20;
+        let Ok(mut f) = File::open(&self.path) else {
+            return false;
+        };
+        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+        let mut text = Vec::new();
+        if f.seek(SeekFrom::Start(len.saturating_sub(TAIL))).is_err() || f.read_to_end(&mut text).is_err() {
+            return false;
+        }
+        text.split(|b| *b == b'\n').any(|line| {
+            serde_json::from_slice::<serde_json::Value>(line)
+                .is_ok_and(|v| v["run_id"] == run_id && v["event"] == event)
+        })
+    }
+
     /// Whether a line could be appended now, without writing one: the audit trail is
     /// part of the run, so a run checks it before touching any key (DESIGN section 5).
     /// With `create` the folder and the file (0600) are created as the first line would

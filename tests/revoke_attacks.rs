@@ -643,14 +643,12 @@ fn a_read_only_key_store_refuses_a_revocation_the_dry_run_predicted() {
     assert_eq!(state(&env, "sig", 2), "compromised");
 }
 
-/// NOT FIXED: a revocation killed right after its commit, before its audit lines, whose
-/// next invocation is a rotation (or `status`, `resolve`) rather than the same
-/// `revoke` again: the repair finishes the key files, but no `key.compromised` line is
-/// ever written, so the audit trail does not say that v2 was compromised, by whom or
-/// why (the manifest, the ledger row's `requested_reason` and its `compromised` event
-/// do). The stale-run marking would be the place to write it.
+/// BREAK (fixed): a revocation killed right after its commit, before its audit lines,
+/// whose next invocation is a rotation (or `resolve`) rather than the same `revoke`
+/// again: the repair finished the key files, but no `key.compromised` line was ever
+/// written, so the audit trail did not say that v2 was compromised, by whom or why.
+/// The run that finds the dead revocation now writes the line for it, once.
 #[test]
-#[ignore = "bug: a revocation killed between its commit and its audit lines gets no key.compromised line unless revoke is run again"]
 fn a_revocation_killed_after_its_commit_is_in_the_audit_trail_whatever_runs_next() {
     let env = Env::new();
     env.rotate("sig").status(0);
@@ -668,6 +666,13 @@ fn a_revocation_killed_after_its_commit_is_in_the_audit_trail_whatever_runs_next
             .any(|l| l["event"] == "key.compromised" && l["from_version"] == 2),
         "no key.compromised line for v2"
     );
+    let lines = env
+        .audit()
+        .iter()
+        .filter(|l| l["event"] == "key.compromised" && l["run_id"] == "KILLED")
+        .count();
+    assert_eq!(lines, 1, "one key.compromised line for the killed run");
+    env.cmd().args(["audit", "verify"]).status(0);
 }
 
 /// BREAK (fixed): the leaked key's file deleted before the revocation (a panicked

@@ -455,27 +455,76 @@ fn admit_and_record(
     let refusal = match decision {
         Ok(past) => {
             if let Some((dead_id, mark)) = past {
-                mark_audited(p, dead_id, mark);
+                mark_audited(p, ledger, dead_id, mark);
             }
             return Ok(());
         }
         Err(refusal) => refusal,
     };
     if let Some((dead_id, mark)) = refusal.stale {
-        mark_audited(p, dead_id, mark);
+        mark_audited(p, ledger, dead_id, mark);
     }
     let _ = p.audit.emit(refused_event(p, refusal.outcome, &refusal.reason));
     Err(Stop::new(refusal.outcome, refusal.reason, Record::Done))
 }
 
 /// The audit line of a dead run's row marked `needs_review` by this run.
-fn mark_audited(p: &Prepared, dead_id: String, mark: String) {
+fn mark_audited(p: &Prepared, ledger: &Ledger, dead_id: String, mark: String) {
     let _ = p.audit.emit(Event {
         exit_code: None,
         reason: Some(mark),
         ..Event {
-            run_id: dead_id,
+            run_id: dead_id.clone(),
             ..Event::of("rotation.needs_review", &p.run)
+        }
+    });
+    audit_unrecorded_compromise(p, ledger, &dead_id);
+}
+
+/// A revocation that died between its commit and its audit lines: the trail must
+/// still say that the key was compromised, by which run and why (DESIGN 11), whatever
+/// runs next. Written for the dead run by the run that finds it, once: only when the
+/// key store's manifest shows the commit landed and the trail lacks the line.
+fn audit_unrecorded_compromise(p: &Prepared, ledger: &Ledger, dead_id: &str) {
+    let Some(ks) = decide::keystore_of(p) else {
+        return;
+    };
+    let recorded = ledger.events(dead_id).unwrap_or_default();
+    let Some(rec) = recorded
+        .iter()
+        .filter(|(_, phase, _)| phase == "compromised")
+        .find_map(|(_, _, detail)| crate::keystore::CompromiseRecord::parse(dead_id, detail.as_deref()?))
+    else {
+        return;
+    };
+    let Ok(bytes) = std::fs::read(ks.dir().join("keyring.json")) else {
+        return;
+    };
+    let Ok(manifest) = crate::keystore::manifest::Manifest::parse(&bytes, &p.domain.name) else {
+        return;
+    };
+    let Some(v) = manifest.get(rec.version).filter(|v| {
+        v.state == crate::keystore::manifest::VersionState::Compromised && v.fingerprint == rec.fingerprint
+    }) else {
+        return;
+    };
+    if p.audit.has_recent(dead_id, "key.compromised") {
+        return;
+    }
+    let _ = p.audit.emit(Event {
+        reason: Some(format!(
+            "v{} compromised: {} (its revoking run died after the commit, before this line; recorded by run {})",
+            v.version,
+            v.compromise_reason.as_deref().unwrap_or("no reason recorded"),
+            p.run.run_id
+        )),
+        from_version: Some(v.version),
+        from_fingerprint: Some(v.fingerprint.clone()),
+        to_version: manifest.active().map(|a| a.version),
+        to_fingerprint: manifest.active().map(|a| a.fingerprint.clone()),
+        ..Event {
+            run_id: dead_id.to_string(),
+            ..Event::of("key.compromised", &p.run)
         }
     });
 }
