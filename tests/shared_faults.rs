@@ -17,6 +17,9 @@
 //! Needs PostgreSQL (see `common::pg`); says SKIPPED where none is installed. The kill
 //! tests need the failpoints build.
 
+// The kill tests and their helpers need the failpoints build; the rest runs in both.
+#![cfg_attr(not(feature = "failpoints"), allow(dead_code, unused_imports))]
+
 use std::time::Duration;
 
 use crate::common::pg::{server, Database};
