@@ -115,31 +115,7 @@ impl Guard {
     /// It fires `after` the deadline, so that a step that bounds its own wait (the
     /// ledger's lock timeout) reports its own, more precise, time-out first.
     pub fn backstop(&self, after: std::time::Duration, on_fire: impl FnOnce() + Send + 'static) -> Backstop {
-        let state = Arc::new(AtomicU8::new(PRE_COMMIT));
-        let watched = Arc::clone(&state);
-        let at = self.deadline.instant() + after;
-        let thread = std::thread::Builder::new()
-            .name("admission-backstop".into())
-            .spawn(move || {
-                loop {
-                    let now = Instant::now();
-                    if now >= at {
-                        break;
-                    }
-                    std::thread::park_timeout(at - now);
-                    if watched.load(Ordering::SeqCst) != PRE_COMMIT {
-                        return;
-                    }
-                }
-                if watched
-                    .compare_exchange(PRE_COMMIT, FIRED, Ordering::SeqCst, Ordering::SeqCst)
-                    .is_ok()
-                {
-                    on_fire();
-                }
-            })
-            .expect("spawning the backstop thread");
-        Backstop { state, thread }
+        Backstop::arm(&self.deadline, after, on_fire)
     }
 
     /// Starts the watchdog: `after` the deadline, if the run is still before its
@@ -182,6 +158,35 @@ pub struct Backstop {
 }
 
 impl Backstop {
+    /// See `Guard::backstop`; also for a run without a guard (a dry run).
+    pub fn arm(deadline: &Deadline, after: std::time::Duration, on_fire: impl FnOnce() + Send + 'static) -> Backstop {
+        let state = Arc::new(AtomicU8::new(PRE_COMMIT));
+        let watched = Arc::clone(&state);
+        let at = deadline.instant() + after;
+        let thread = std::thread::Builder::new()
+            .name("admission-backstop".into())
+            .spawn(move || {
+                loop {
+                    let now = Instant::now();
+                    if now >= at {
+                        break;
+                    }
+                    std::thread::park_timeout(at - now);
+                    if watched.load(Ordering::SeqCst) != PRE_COMMIT {
+                        return;
+                    }
+                }
+                if watched
+                    .compare_exchange(PRE_COMMIT, FIRED, Ordering::SeqCst, Ordering::SeqCst)
+                    .is_ok()
+                {
+                    on_fire();
+                }
+            })
+            .expect("spawning the backstop thread");
+        Backstop { state, thread }
+    }
+
     /// Stands the backstop down. If it has already fired it is ending the process:
     /// the caller must not go on, so this never returns then.
     pub fn disarm(self) {

@@ -69,17 +69,34 @@ impl TokenHeld {
 /// contract is exit 8 with the old key state kept.
 #[test]
 fn a_token_that_hangs_is_bounded_by_the_deadline() {
-    let Some((env, hsm)) = setup("pkcs11_attacks::token_hangs", ONE) else {
+    hung_run_is_bounded("pkcs11_attacks::token_hangs", false);
+}
+
+/// A dry run (what an operator tries first when a job misbehaves) must not hang on
+/// the token either: TIMED_OUT at its deadline, nothing changed.
+#[test]
+fn a_dry_run_on_a_token_that_hangs_is_bounded_by_the_deadline() {
+    hung_run_is_bounded("pkcs11_attacks::dry_token_hangs", true);
+}
+
+fn hung_run_is_bounded(test: &str, dry: bool) {
+    let Some((env, hsm)) = setup(test, ONE) else {
         return;
     };
     hsm.with(env.rotate("ed")).status(0);
     let before = env.manifest("ed");
+    // Before the locks: closing any descriptor of a locked file drops this process's
+    // record locks on it, and the snapshot reads the token's files.
+    let snapshot = files_but_token(&env);
     let held = TokenHeld::new(&env);
     let start = Instant::now();
-    let mut child = hsm
+    let mut run = hsm
         .with(env.cmd())
-        .args(["rotate", "--domain", "ed", "--force", "--deadline", "3s"])
-        .spawn();
+        .args(["rotate", "--domain", "ed", "--force", "--deadline", "3s"]);
+    if dry {
+        run = run.arg("--dry-run");
+    }
+    let mut child = run.spawn();
     let mut code = None;
     while start.elapsed() < Duration::from_secs(20) {
         if let Some(s) = child.try_wait().unwrap() {
@@ -100,5 +117,84 @@ fn a_token_that_hangs_is_bounded_by_the_deadline() {
     );
     assert_eq!(code, Some(8), "a hung token is a time-out (exit 8)");
     assert_eq!(env.manifest("ed")["primary"], before["primary"]);
-    let _ = PIN;
+    if dry {
+        assert!(
+            files_but_token(&env) == snapshot,
+            "a dry run on a hung token changed files"
+        );
+    }
+    // Once the token answers again, the domain rotates: nothing was left blocked.
+    hsm.with(env.rotate("ed")).arg("--force").status(0);
+}
+
+/// Pins: a token object deleted by hand (`pkcs11-tool --delete-object`) is named by
+/// `check` (exit 2), stops the rotation for review (exit 4) instead of activating a
+/// key past a hole, and the consumer says in one line which object is missing.
+#[test]
+fn an_active_object_deleted_by_hand_is_named_everywhere_and_blocks_for_review() {
+    let Some((env, hsm)) = setup("pkcs11_attacks::deleted_active", ONE) else {
+        return;
+    };
+    hsm.with(env.rotate("ed")).status(0);
+    let out = hsm.tool(&[
+        "--delete-object",
+        "--type",
+        "privkey",
+        "--label",
+        "keyrotate/ed/v000001",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let check = hsm.with(env.cmd()).arg("check").status(2);
+    assert!(check.stdout.contains("keyrotate/ed/v000001"), "{}", check.stdout);
+    let consumer = hsm
+        .command(crate::consumer_snapshot::example("sign_with_active"))
+        .arg(env.path("keys"))
+        .arg("ed")
+        .arg("message")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&consumer.stderr);
+    assert!(!consumer.status.success() && err.trim().lines().count() == 1, "{err}");
+    assert!(err.contains("keyrotate/ed/v000001") && err.contains("missing"), "{err}");
+    let before = env.manifest("ed");
+    let run = hsm.with(env.rotate("ed")).arg("--force").status(4);
+    assert!(run.stdout.contains("keyrotate/ed/v000001"), "{}", run.stdout);
+    assert_eq!(env.manifest("ed"), before);
+    for o in [&check.stdout, &check.stderr, &run.stdout, &run.stderr] {
+        assert!(!o.contains(PIN));
+    }
+}
+
+/// Pins: a dry run with a wrong PIN says what a real run would (exit 3, the PIN
+/// source named, never the PIN) and changes nothing.
+#[test]
+fn a_dry_run_with_a_wrong_pin_is_exit_3_and_changes_nothing() {
+    let Some((env, hsm)) = setup("pkcs11_attacks::dry_wrong_pin", ONE) else {
+        return;
+    };
+    hsm.with(env.rotate("ed")).status(0);
+    softhsm::write_pin(&env, "not-the-pin-0451");
+    let snapshot = files_but_token(&env);
+    let out = hsm
+        .with(env.cmd())
+        .args(["rotate", "--domain", "ed", "--force", "--dry-run", "--deadline", "1m"])
+        .status(3);
+    assert!(
+        out.stdout.contains("CKR_PIN_INCORRECT") && out.stdout.contains("pkcs11.pin_file"),
+        "{}",
+        out.stdout
+    );
+    assert!(!out.stdout.contains("not-the-pin-0451") && !out.stderr.contains("not-the-pin-0451"));
+    // The token itself counts the failed login: only its own files may change.
+    assert!(
+        files_but_token(&env) == snapshot,
+        "a dry run with a wrong PIN changed files"
+    );
+}
+
+/// Every file of the env but the token's own (which the module rewrites at will).
+fn files_but_token(env: &Env) -> std::collections::BTreeMap<PathBuf, Vec<u8>> {
+    let mut all = env.snapshot();
+    all.retain(|p, _| !p.starts_with("tokens"));
+    all
 }
