@@ -198,3 +198,76 @@ fn files_but_token(env: &Env) -> std::collections::BTreeMap<PathBuf, Vec<u8>> {
     all.retain(|p, _| !p.starts_with("tokens"));
     all
 }
+
+/// `check` and `status` take no deadline, but a monitor (or an operator at 3 a.m.)
+/// must still get an answer when the token never does: a bounded wait, one line,
+/// check's exit 2 and status's exit 3.
+#[test]
+fn check_and_status_on_a_token_that_hangs_answer_within_a_bound() {
+    let Some((env, hsm)) = setup("pkcs11_attacks::check_hangs", ONE) else {
+        return;
+    };
+    hsm.with(env.rotate("ed")).status(0);
+    let held = TokenHeld::new(&env);
+    let mut children = Vec::new();
+    for (cmd, code) in [("check", 2), ("status", 3)] {
+        children.push((cmd, code, Instant::now(), hsm.with(env.cmd()).arg(cmd).spawn()));
+    }
+    let mut results = Vec::new();
+    for (cmd, code, start, mut child) in children {
+        let mut got = None;
+        while start.elapsed() < Duration::from_secs(30) {
+            if let Some(s) = child.try_wait().unwrap() {
+                got = s.code();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        if got.is_none() {
+            let _ = child.kill();
+        }
+        let out = child.wait_with_output().unwrap();
+        results.push((cmd, code, got, String::from_utf8_lossy(&out.stderr).into_owned()));
+    }
+    drop(held);
+    for (cmd, code, got, stderr) in results {
+        assert!(got.is_some(), "`{cmd}` was still running after 30s on a hung token");
+        assert_eq!(got, Some(code), "`{cmd}` on a hung token: {stderr}");
+        assert!(stderr.contains("does not answer"), "`{cmd}`: {stderr}");
+    }
+}
+
+/// Pins: a token re-initialised by hand (every object gone, same label) stops the
+/// rotation for review and is named by `check`; a second token with the same label
+/// is refused by name.
+#[test]
+fn a_reinitialised_or_duplicated_token_is_named_and_never_rotated_past() {
+    let Some((env, hsm)) = setup("pkcs11_attacks::reinit", ONE) else {
+        return;
+    };
+    hsm.with(env.rotate("ed")).status(0);
+    let util = |args: &[&str]| {
+        let o = hsm.command("softhsm2-util").args(args).output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
+    util(&["--delete-token", "--token", softhsm::TOKEN]);
+    let init = [
+        "--init-token",
+        "--free",
+        "--label",
+        softhsm::TOKEN,
+        "--pin",
+        PIN,
+        "--so-pin",
+        "so-2",
+    ];
+    util(&init);
+    let before = env.manifest("ed");
+    let check = hsm.with(env.cmd()).arg("check").status(2);
+    assert!(check.stdout.contains("keyrotate/ed/v000001"), "{}", check.stdout);
+    hsm.with(env.rotate("ed")).arg("--force").status(4);
+    assert_eq!(env.manifest("ed"), before);
+    util(&init);
+    let check = hsm.with(env.cmd()).arg("check").status(2);
+    assert!(check.stdout.contains("2 tokens are labelled"), "{}", check.stdout);
+}
