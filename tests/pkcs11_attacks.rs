@@ -271,3 +271,57 @@ fn a_reinitialised_or_duplicated_token_is_named_and_never_rotated_past() {
     let check = hsm.with(env.cmd()).arg("check").status(2);
     assert!(check.stdout.contains("2 tokens are labelled"), "{}", check.stdout);
 }
+
+/// A consumer signing through the token while rotations retire (and destroy the
+/// private half of) the key it just looked up: every signature must be made and must
+/// verify against `jwks.json`; a race with the retirement is "look again", never a
+/// failure the application sees.
+#[test]
+#[ignore = "bug: the consumer fails (pkcs11: listing the token slots failed: GeneralError) while a rotation rewrites the token; the keyring does not retry a transient token error"]
+fn a_consumer_signing_while_rotations_destroy_objects_never_fails() {
+    let Some((env, hsm)) = setup("pkcs11_attacks::consumer_race", ONE) else {
+        return;
+    };
+    hsm.with(env.rotate("ed")).status(0);
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let (failures, rotations) = std::thread::scope(|s| {
+        let rotator = s.spawn(|| {
+            let mut bad = Vec::new();
+            for _ in 0..10 {
+                let out = hsm.with(env.rotate("ed")).arg("--force").output();
+                if out.code != 0 {
+                    bad.push(format!("exit {}: {}", out.code, out.stdout));
+                }
+            }
+            done.store(true, std::sync::atomic::Ordering::SeqCst);
+            bad
+        });
+        let mut failures = Vec::new();
+        let mut signed = 0;
+        while !done.load(std::sync::atomic::Ordering::SeqCst) {
+            let out = hsm
+                .command(crate::consumer_snapshot::example("sign_with_active"))
+                .arg(env.path("keys"))
+                .arg("ed")
+                .arg("during rotations")
+                .output()
+                .unwrap();
+            signed += 1;
+            if !out.status.success() {
+                failures.push(String::from_utf8_lossy(&out.stderr).into_owned());
+            }
+        }
+        assert!(signed > 5, "the consumer barely ran ({signed} signatures)");
+        (failures, rotator.join().unwrap())
+    });
+    assert!(
+        rotations.is_empty(),
+        "rotations failed beside a consumer: {rotations:?}"
+    );
+    assert!(
+        failures.is_empty(),
+        "{} failed signatures, e.g. {}",
+        failures.len(),
+        failures[0]
+    );
+}
