@@ -108,6 +108,16 @@ impl Guard {
         }
     }
 
+    /// Bounds a step that runs before the watchdog is armed (the admission's reading
+    /// of the plan, which may open a PKCS#11 token that never answers): at the
+    /// deadline, unless `Backstop::disarm` came first, `on_fire` runs on its own
+    /// thread and must end the process. Nothing is recorded before it is disarmed.
+    /// It fires `after` the deadline, so that a step that bounds its own wait (the
+    /// ledger's lock timeout) reports its own, more precise, time-out first.
+    pub fn backstop(&self, after: std::time::Duration, on_fire: impl FnOnce() + Send + 'static) -> Backstop {
+        Backstop::arm(&self.deadline, after, on_fire)
+    }
+
     /// Starts the watchdog: `after` the deadline, if the run is still before its
     /// commit, `on_fire(step)` runs on the watchdog thread and must end the process.
     /// (A backend that kills its own hung steps at the deadline gets a late watchdog,
@@ -138,5 +148,57 @@ impl Guard {
                 }
             })
             .expect("spawning the watchdog thread");
+    }
+}
+
+/// See `Guard::backstop`.
+pub struct Backstop {
+    state: Arc<AtomicU8>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Backstop {
+    /// See `Guard::backstop`; also for a run without a guard (a dry run).
+    pub fn arm(deadline: &Deadline, after: std::time::Duration, on_fire: impl FnOnce() + Send + 'static) -> Backstop {
+        let state = Arc::new(AtomicU8::new(PRE_COMMIT));
+        let watched = Arc::clone(&state);
+        let at = deadline.instant() + after;
+        let thread = std::thread::Builder::new()
+            .name("admission-backstop".into())
+            .spawn(move || {
+                loop {
+                    let now = Instant::now();
+                    if now >= at {
+                        break;
+                    }
+                    std::thread::park_timeout(at - now);
+                    if watched.load(Ordering::SeqCst) != PRE_COMMIT {
+                        return;
+                    }
+                }
+                if watched
+                    .compare_exchange(PRE_COMMIT, FIRED, Ordering::SeqCst, Ordering::SeqCst)
+                    .is_ok()
+                {
+                    on_fire();
+                }
+            })
+            .expect("spawning the backstop thread");
+        Backstop { state, thread }
+    }
+
+    /// Stands the backstop down. If it has already fired it is ending the process:
+    /// the caller must not go on, so this never returns then.
+    pub fn disarm(self) {
+        if self
+            .state
+            .compare_exchange(PRE_COMMIT, PAST_WATCH, Ordering::SeqCst, Ordering::SeqCst)
+            .is_err()
+        {
+            loop {
+                std::thread::park();
+            }
+        }
+        self.thread.thread().unpark();
     }
 }

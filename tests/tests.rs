@@ -34,6 +34,7 @@ mod pg_dba;
 mod pg_fencing;
 mod pg_hook;
 mod pkcs11;
+mod pkcs11_attacks;
 #[cfg(feature = "failpoints")]
 mod pkcs11_crash;
 mod postgres;

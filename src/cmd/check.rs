@@ -39,8 +39,10 @@ pub fn run(cli: &Cli, args: &CheckArgs) -> Outcome {
     let mut notes: Vec<String> = Vec::new();
     let file = config.path.display().to_string();
     problems.extend(distrust);
+    let bound = super::bound_read("check", Outcome::Usage);
     check_state(&config, &mut problems, &mut notes);
     check_domains(&config, &domains, &mut problems, &mut notes);
+    bound.disarm();
     for n in &notes {
         out!("note: {n}");
     }

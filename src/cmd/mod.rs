@@ -292,3 +292,25 @@ pub(crate) fn run_process_alive(row: &crate::ledger::RunRow) -> bool {
     // the clock-tick and boot-time rounding after.
     (recorded_ms - 120_000..=recorded_ms + 2_000).contains(&started_ms)
 }
+
+/// How long `check` and `status` wait for what they read (a key store, a PKCS#11
+/// token): they take no `--deadline`, and a monitor or an operator must get an answer
+/// even from a token that never answers (another process holding its files). Longer
+/// than the ledger's own timeouts (10s), which report more precisely.
+pub(crate) const READ_BOUND: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// Ends a read-only command with `code` and one line if it has not disarmed the
+/// returned backstop within `READ_BOUND`.
+pub(crate) fn bound_read(what: &'static str, code: Outcome) -> crate::guard::Backstop {
+    let bound = crate::deadline::Deadline::parse("20s", READ_BOUND).expect("a fixed, valid bound");
+    crate::guard::Backstop::arm(&bound, std::time::Duration::ZERO, move || {
+        tracing::error!(
+            "{what} did not finish within {}s: a key store or its PKCS#11 token does not answer \
+             (another process may hold the token's files); nothing was changed",
+            READ_BOUND.as_secs()
+        );
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        std::process::exit(i32::from(code.code()));
+    })
+}

@@ -111,7 +111,9 @@ fn status(cli: &Cli, args: &StatusArgs) -> Result<Outcome, Failure> {
         Some(d) => vec![config.domain(d).map_err(Failure::usage)?],
         None => config.domains.values().collect(),
     };
+    let bound = super::bound_read("status", Outcome::Aborted);
     let statuses = collect(&config, &domains);
+    bound.disarm();
     match args.output {
         StatusOutput::Json => print_json(&serde_json::json!({ "domains": statuses })),
         StatusOutput::Text => print_text(&statuses),

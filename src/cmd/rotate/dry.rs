@@ -24,15 +24,39 @@ pub(super) fn dry_run(p: &Prepared) -> Report {
         ],
         ledger: None,
     };
+    // A dry run changes nothing, so a token or folder that never answers is simply
+    // left behind at the deadline (a scheduler's dry run must not hang either).
+    let backstop = crate::guard::Backstop::arm(&p.deadline, Duration::from_secs(1), dry_timed_out(p));
     let (outcome, reason, versions) = match phases::admission(p, &mut dry) {
         Err(s) => (s.outcome, s.reason, (None, None)),
         Ok(()) => backend_plan(p, dry.ledger.as_ref(), &mut dry.plan),
     };
+    backstop.disarm();
     Report {
         from_version: versions.0,
         to_version: versions.1,
         plan: Some(dry.plan),
         ..Report::stopped(p, outcome, reason)
+    }
+}
+
+/// The dry run's end at its deadline: TIMED_OUT, nothing changed.
+fn dry_timed_out(p: &Prepared) -> impl FnOnce() + Send + 'static {
+    let snapshot = p.clone();
+    move || {
+        let reason = format!(
+            "deadline {} passed while the dry run was still reading the ledger and the key store \
+             (a token or folder that does not answer); nothing was changed",
+            snapshot.run.deadline_at
+        );
+        let report = Report {
+            plan: Some(Vec::new()),
+            ..Report::stopped(&snapshot, Outcome::TimedOut, reason)
+        };
+        print_report(&report, snapshot.output);
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        std::process::exit(i32::from(Outcome::TimedOut.code()));
     }
 }
 

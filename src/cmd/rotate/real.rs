@@ -69,6 +69,10 @@ struct Live {
     /// A revocation admitted on a domain blocked for review: what its outcome says
     /// about the block, which stays.
     still_blocked: Option<String>,
+    /// Holds the deadline from the admission's first read of the key store (repair,
+    /// diagnosis, plan: each may open a token that never answers) until the watchdog
+    /// takes over; nothing is recorded before it is disarmed.
+    backstop: Option<crate::guard::Backstop>,
 }
 
 fn holder_of(p: &Prepared) -> Holder {
@@ -132,6 +136,9 @@ impl Effects for Live {
     }
 
     fn domain_record(&mut self, p: &Prepared) -> Result<DomainRecord, String> {
+        if let Some(guard) = &self.guard {
+            self.backstop = Some(guard.backstop(Duration::from_secs(1), admission_timed_out(p)));
+        }
         self.ledger
             .as_ref()
             .expect("opened before")
@@ -152,6 +159,9 @@ impl Effects for Live {
         let ledger = self.ledger.as_mut().expect("opened before");
         // The key store lock is held: the plan read now is the plan the backend makes.
         let planned = p.backend().planned_files(ledger);
+        if let Some(b) = self.backstop.take() {
+            b.disarm();
+        }
         admit_and_record(p, ledger, guard, judge, planned.as_deref())?;
         self.planned = planned;
         if p.revoke.is_some() {
@@ -185,6 +195,9 @@ impl Effects for Live {
 impl Live {
     /// Records a run that stopped before its backend ran, as the phase said.
     fn record(&mut self, p: &Prepared, s: Stop) -> Concluded {
+        if let Some(b) = self.backstop.take() {
+            b.disarm();
+        }
         match s.record {
             Record::Nothing | Record::Done => stop(s.outcome, s.reason),
             Record::AuditOnly => stop_unrecorded(p, s.outcome, s.reason),
@@ -527,6 +540,24 @@ fn audit_unrecorded_compromise(p: &Prepared, ledger: &Ledger, dead_id: &str) {
             ..Event::of("key.compromised", &p.run)
         }
     });
+}
+
+/// The admission backstop's end: TIMED_OUT before anything was recorded or changed.
+fn admission_timed_out(p: &Prepared) -> impl FnOnce() + Send + 'static {
+    let snapshot = p.clone();
+    move || {
+        let reason = format!(
+            "deadline {} passed while the admission was still reading the ledger and the key store \
+             (a token or folder that does not answer); nothing was recorded or changed",
+            snapshot.run.deadline_at
+        );
+        let Concluded { outcome, reason, .. } = stop_unrecorded(&snapshot, Outcome::TimedOut, reason);
+        print_report(&Report::stopped(&snapshot, outcome, reason), snapshot.output);
+        crate::cmd::write_metrics(&snapshot.config);
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        std::process::exit(i32::from(outcome.code()));
+    }
 }
 
 /// At the deadline, if the run is still before its commit point, the watchdog records
