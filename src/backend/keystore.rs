@@ -688,15 +688,21 @@ impl KeystoreBackend {
     }
 }
 
+/// The time a rotation of `algorithm` needs at the least (key generation dominates),
+/// for the local and the shared key store alike.
+pub(super) fn keygen_budget(algorithm: Algorithm) -> std::time::Duration {
+    use std::time::Duration;
+    match algorithm {
+        Algorithm::Rsa4096 => Duration::from_secs(5),
+        Algorithm::Rsa3072 => Duration::from_secs(2),
+        Algorithm::Rsa2048 => Duration::from_millis(800),
+        _ => Duration::from_millis(200),
+    }
+}
+
 impl super::RotationBackend for KeystoreBackend {
     fn budget(&self) -> std::time::Duration {
-        use std::time::Duration;
-        match self.algorithm {
-            Algorithm::Rsa4096 => Duration::from_secs(5),
-            Algorithm::Rsa3072 => Duration::from_secs(2),
-            Algorithm::Rsa2048 => Duration::from_millis(800),
-            _ => Duration::from_millis(200),
-        }
+        keygen_budget(self.algorithm)
     }
 
     fn watchdog_grace(&self) -> std::time::Duration {

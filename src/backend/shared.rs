@@ -349,13 +349,7 @@ fn summary(plan: &Plan, next: &Manifest, epoch: Option<i64>) -> String {
 
 impl super::RotationBackend for SharedBackend {
     fn budget(&self) -> std::time::Duration {
-        use std::time::Duration;
-        match self.algorithm {
-            Algorithm::Rsa4096 => Duration::from_secs(5),
-            Algorithm::Rsa3072 => Duration::from_secs(2),
-            Algorithm::Rsa2048 => Duration::from_millis(800),
-            _ => Duration::from_millis(200),
-        }
+        super::keystore::keygen_budget(self.algorithm)
     }
 
     fn watchdog_grace(&self) -> std::time::Duration {

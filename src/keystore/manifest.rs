@@ -23,6 +23,19 @@ pub enum VersionState {
     Compromised,
 }
 
+impl VersionState {
+    /// The state's name as `keyring.json` and the shared store's tables spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VersionState::Pending => "pending",
+            VersionState::Active => "active",
+            VersionState::Retired => "retired",
+            VersionState::Destroyed => "destroyed",
+            VersionState::Compromised => "compromised",
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VersionEntry {

@@ -132,16 +132,6 @@ pub struct Fenced {
     pub committed_run: Option<String>,
 }
 
-pub fn state_str(s: VersionState) -> &'static str {
-    match s {
-        VersionState::Pending => "pending",
-        VersionState::Active => "active",
-        VersionState::Retired => "retired",
-        VersionState::Destroyed => "destroyed",
-        VersionState::Compromised => "compromised",
-    }
-}
-
 fn parse_state(s: &str) -> Result<VersionState, String> {
     Ok(match s {
         "pending" => VersionState::Pending,
@@ -367,7 +357,7 @@ impl Writer<'_, '_> {
                 &[
                     &c.domain,
                     &version,
-                    &state_str(v.state),
+                    &v.state.as_str(),
                     &v.algorithm,
                     &v.fingerprint,
                     &v.public_pem,
@@ -398,7 +388,7 @@ impl Writer<'_, '_> {
                 &[
                     &c.domain,
                     &version,
-                    &state_str(u.state),
+                    &u.state.as_str(),
                     &u.activated_at,
                     &u.retired_at,
                     &u.destroyed_at,

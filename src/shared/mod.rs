@@ -135,13 +135,10 @@ pub fn open_keyring(domain: &str, ring: &SharedKeyring, kek: &Kek) -> Result<Ope
             .algorithm
             .parse()
             .map_err(|_| format!("v{}: unknown algorithm", v.version))?;
-        let sealed = v.sealed.as_deref().ok_or_else(|| {
-            format!(
-                "v{} is {} but its sealed key is missing",
-                v.version,
-                state_name(v.state)
-            )
-        })?;
+        let sealed = v
+            .sealed
+            .as_deref()
+            .ok_or_else(|| format!("v{} is {} but its sealed key is missing", v.version, v.state.as_str()))?;
         let bytes = kek.open(domain, v.version, &v.fingerprint, sealed)?;
         let key = KeyFile::parse(alg, &bytes).map_err(|e| format!("v{} does not verify: {e}", v.version))?;
         if key.fingerprint() != v.fingerprint {
@@ -171,16 +168,6 @@ pub fn open_keyring(domain: &str, ring: &SharedKeyring, kek: &Kek) -> Result<Ope
         keys,
         publics,
     })
-}
-
-fn state_name(s: VersionState) -> &'static str {
-    match s {
-        VersionState::Pending => "pending",
-        VersionState::Active => "active",
-        VersionState::Retired => "retired",
-        VersionState::Destroyed => "destroyed",
-        VersionState::Compromised => "compromised",
-    }
 }
 
 /// What [`write_local`] did.
