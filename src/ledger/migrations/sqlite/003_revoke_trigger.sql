@@ -49,3 +49,7 @@ CREATE INDEX rotations_domain ON rotations(domain, id);
 CREATE INDEX rotations_blocking ON rotations(domain) WHERE state = 'needs_review';
 CREATE INDEX rotations_domain_success ON rotations(domain, id) WHERE state = 'succeeded';
 CREATE INDEX rotations_audit_anchor ON rotations(host, audit_seq) WHERE audit_seq IS NOT NULL;
+-- Every run reads the domain's revocations (a `keyring.json` older than one must not
+-- bring the key back): only the few `compromised` events are indexed, so that read
+-- does not grow with the ledger.
+CREATE INDEX rotation_events_compromised ON rotation_events(run_id) WHERE phase = 'compromised';
