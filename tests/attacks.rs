@@ -57,19 +57,10 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
-fn kids(env: &Env, domain: &str) -> Vec<String> {
-    env.jwks(domain)["keys"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|k| k["kid"].as_str().unwrap().to_string())
-        .collect()
-}
-
 /// Every kid names one version, and no version number is named by two different kids
 /// across all jwks.json documents seen.
 fn assert_no_kid_reuse(seen: &mut BTreeMap<String, String>, env: &Env, domain: &str) {
-    for kid in kids(env, domain) {
+    for kid in env.published_kids(domain) {
         let (n, _) = kid.split_once('-').unwrap();
         if let Some(prev) = seen.insert(n.to_string(), kid.clone()) {
             assert_eq!(prev, kid, "version {n} named two keys");
@@ -215,7 +206,8 @@ fn deleting_one_file_of_the_store_is_either_rebuilt_or_reported() {
                 .map(|(n, _)| format!("v{n:06}.pem"))
                 .collect();
             live.sort();
-            let mut published: Vec<String> = kids(&env, "sig")
+            let mut published: Vec<String> = env
+                .published_kids("sig")
                 .iter()
                 .map(|k| format!("{}.pem", k.split('-').next().unwrap()))
                 .collect();

@@ -6,15 +6,6 @@ use std::process::Command;
 
 use crate::common::{have_openssl, Env, ALL_ALGORITHMS, DEFAULT_CONFIG};
 
-fn kids(env: &Env, domain: &str) -> Vec<String> {
-    env.jwks(domain)["keys"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|k| k["kid"].as_str().unwrap().to_string())
-        .collect()
-}
-
 fn state_of(env: &Env, domain: &str) -> Vec<(u64, String)> {
     env.versions(domain)
 }
@@ -38,7 +29,7 @@ fn prepublish_publishes_each_key_one_rotation_before_it_signs() {
             .to_str(),
         Some("v000001.pem")
     );
-    let k = kids(&env, "pre");
+    let k = env.published_kids("pre");
     assert!(
         k[0].starts_with("v000002-") && k[1].starts_with("v000001-"),
         "pending first, then active: {k:?}"
@@ -55,7 +46,7 @@ fn prepublish_publishes_each_key_one_rotation_before_it_signs() {
             .to_str(),
         Some("v000002.pem")
     );
-    let k = kids(&env, "pre");
+    let k = env.published_kids("pre");
     assert_eq!(
         k.iter().map(|k| &k[..7]).collect::<Vec<_>>(),
         ["v000003", "v000002", "v000001"]
@@ -79,7 +70,7 @@ fn prepublish_publishes_each_key_one_rotation_before_it_signs() {
     // Retired signature keys keep no private half (DESIGN 11); jwks.json still
     // publishes them from the public halves keyring.json records.
     assert_eq!(env.key_files("pre"), ["v000004.pem", "v000005.pem"]);
-    assert_eq!(kids(&env, "pre").len(), 4);
+    assert_eq!(env.published_kids("pre").len(), 4);
 }
 
 #[test]
@@ -110,7 +101,7 @@ fn switching_activation_modes_keeps_every_key() {
         state_of(&env, "sig"),
         pairs(&[(1, "retired"), (2, "retired"), (3, "active")])
     );
-    assert_eq!(kids(&env, "sig").len(), 3);
+    assert_eq!(env.published_kids("sig").len(), 3);
 }
 
 #[test]

@@ -9,12 +9,7 @@ use crate::common::Env;
 
 /// The `kid`s in jwks.json, sorted.
 fn kids(env: &Env, domain: &str) -> Vec<String> {
-    let mut k: Vec<String> = env.jwks(domain)["keys"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|k| k["kid"].as_str().unwrap().to_string())
-        .collect();
+    let mut k = env.published_kids(domain);
     k.sort();
     k
 }

@@ -9,25 +9,6 @@ use serde_json::Value;
 
 use crate::common::Env;
 
-fn kids(env: &Env, domain: &str) -> Vec<String> {
-    env.jwks(domain)["keys"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|k| k["kid"].as_str().unwrap()[..7].to_string())
-        .collect()
-}
-
-fn version(env: &Env, domain: &str, n: u64) -> Value {
-    env.manifest(domain)["versions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|v| v["version"] == n)
-        .cloned()
-        .unwrap_or_else(|| panic!("no v{n}"))
-}
-
 #[test]
 fn a_retired_signature_key_keeps_only_its_public_half_and_still_verifies() {
     let env = Env::new();
@@ -43,9 +24,13 @@ fn a_retired_signature_key_keeps_only_its_public_half_and_still_verifies() {
         // the active one's, and both stay published.
         let ext = "pem";
         assert_eq!(env.key_files(domain), [format!("v000003.{ext}")], "{domain}");
-        assert_eq!(kids(&env, domain), ["v000003", "v000002", "v000001"], "{domain}");
+        assert_eq!(
+            env.published_versions(domain),
+            ["v000003", "v000002", "v000001"],
+            "{domain}"
+        );
         for n in [1, 2] {
-            let v = version(&env, domain, n);
+            let v = env.manifest_version(domain, n);
             assert_eq!(v["state"], "retired", "{domain}");
             assert!(v["public_key"].is_string(), "{domain} v{n}: {v}");
         }
@@ -73,12 +58,12 @@ fn retired_symmetric_and_encryption_keys_keep_their_material() {
         let old = Keyring::open(&env.path("keys"), domain).unwrap().active().unwrap();
         env.rotate(domain).arg("--force").status(0);
         assert_eq!(env.key_files(domain), ["v000001.key", "v000002.key"], "{domain}");
-        assert_eq!(version(&env, domain, 1)["state"], "retired");
+        assert_eq!(env.manifest_version(domain, 1)["state"], "retired");
         // Old data must still open: the retired key is there, the same key.
         let ring = Keyring::open(&env.path("keys"), domain).unwrap();
         let again = ring.version(1).unwrap();
         assert_eq!(again.key.fingerprint(), old.key.fingerprint());
-        assert!(version(&env, domain, 1).get("public_key").is_none());
+        assert!(env.manifest_version(domain, 1).get("public_key").is_none());
     }
 }
 
@@ -87,7 +72,7 @@ fn every_transition_is_timestamped_in_the_manifest() {
     let env = Env::new();
     // prepublish, retain = 2: v1 active + v2 pending, then three promotions.
     env.rotate("pre").status(0);
-    let v2 = version(&env, "pre", 2);
+    let v2 = env.manifest_version("pre", 2);
     assert_eq!(v2["state"], "pending");
     assert!(v2["created_at"].is_string() && v2["activated_at"].is_null(), "{v2}");
     for _ in 0..3 {
@@ -101,12 +86,12 @@ fn every_transition_is_timestamped_in_the_manifest() {
         .map(|v| v["state"].as_str().unwrap())
         .collect();
     assert_eq!(states, ["destroyed", "retired", "retired", "active", "pending"]);
-    let v1 = version(&env, "pre", 1);
+    let v1 = env.manifest_version("pre", 1);
     let at = |v: &Value, k: &str| v[k].as_str().unwrap_or_else(|| panic!("{k} missing: {v}")).to_string();
     assert!(at(&v1, "created_at") <= at(&v1, "activated_at"));
     assert!(at(&v1, "activated_at") < at(&v1, "retired_at"));
     assert!(at(&v1, "retired_at") < at(&v1, "destroyed_at"));
-    let v2 = version(&env, "pre", 2);
+    let v2 = env.manifest_version("pre", 2);
     assert!(at(&v2, "created_at") < at(&v2, "activated_at"), "{v2}");
     assert!(at(&v2, "activated_at") < at(&v2, "retired_at"), "{v2}");
     assert!(v2["destroyed_at"].is_null());
@@ -142,14 +127,14 @@ fn a_manifest_from_before_the_lifecycle_states_still_reads_and_upgrades() {
     env.cmd().args(["status", "--domain", "sig"]).status(0);
     let ring = Keyring::open(&env.path("keys"), "sig").unwrap();
     assert_eq!(ring.verification_keys().unwrap().len(), 2);
-    assert_eq!(kids(&env, "sig"), ["v000002", "v000001"]);
+    assert_eq!(env.published_versions("sig"), ["v000002", "v000001"]);
     // A rotation records every public half, and v1's private file goes.
     env.rotate("sig").arg("--force").status(0);
     for n in [1, 2, 3] {
-        assert!(version(&env, "sig", n)["public_key"].is_string(), "v{n}");
+        assert!(env.manifest_version("sig", n)["public_key"].is_string(), "v{n}");
     }
     assert_eq!(env.key_files("sig"), ["v000003.pem"]);
-    assert_eq!(kids(&env, "sig"), ["v000003", "v000002", "v000001"]);
+    assert_eq!(env.published_versions("sig"), ["v000003", "v000002", "v000001"]);
     env.cmd().args(["status", "--domain", "sig"]).status(0);
 }
 
@@ -168,7 +153,7 @@ fn a_retired_private_half_left_by_a_crash_is_garbage_not_evidence() {
         .env("KEYROTATE_FAILPOINTS", "destroy.unlink=kill")
         .output();
     assert_eq!(out.code, 137, "{}", out.stderr);
-    assert_eq!(version(&env, "sig", 1)["state"], "retired");
+    assert_eq!(env.manifest_version("sig", 1)["state"], "retired");
     assert_eq!(env.key_files("sig"), ["v000001.pem", "v000002.pem"]);
     // The dry run plans the removal as the last commit's tidy-up.
     let dry = env.rotate("sig").args(["--force", "--dry-run"]).status(4);

@@ -3,42 +3,10 @@
 //! reason), its key file is destroyed and it leaves `jwks.json`, all in one commit;
 //! the domain stays usable; the version never returns to any other state.
 
-use serde_json::Value;
-
 use crate::common::Env;
 
-fn revoke<'a>(env: &'a Env, domain: &str, version: u64) -> crate::common::Run<'a> {
-    env.cmd().args([
-        "revoke",
-        "--domain",
-        domain,
-        "--version",
-        &version.to_string(),
-        "--reason",
-        "private key pasted in a public ticket",
-        "--deadline",
-        "1m",
-    ])
-}
-
-fn kids(env: &Env, domain: &str) -> Vec<String> {
-    env.jwks(domain)["keys"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|k| k["kid"].as_str().unwrap()[..7].to_string())
-        .collect()
-}
-
-fn version(env: &Env, domain: &str, n: u64) -> Value {
-    env.manifest(domain)["versions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|v| v["version"] == n)
-        .cloned()
-        .unwrap_or_else(|| panic!("no v{n}"))
-}
+/// The `--reason` of this module's revocations.
+const REASON: &str = "private key pasted in a public ticket";
 
 fn current(env: &Env, domain: &str) -> String {
     std::fs::read_link(env.key_dir(domain).join("current.pem"))
@@ -62,7 +30,10 @@ fn the_dry_run_changes_nothing_and_predicts_the_real_run() {
     env.rotate("sig").status(0);
     env.rotate("sig").arg("--force").status(0);
     let before = env.snapshot();
-    let dry = revoke(&env, "sig", 2).args(["--dry-run", "--output", "json"]).status(0);
+    let dry = env
+        .revoke("sig", 2, REASON)
+        .args(["--dry-run", "--output", "json"])
+        .status(0);
     env.assert_unchanged(&before, "revoke --dry-run");
     let d = dry.json();
     assert_eq!(
@@ -72,9 +43,9 @@ fn the_dry_run_changes_nothing_and_predicts_the_real_run() {
     let plan = d["plan"].to_string();
     assert!(plan.contains("compromise: v2") && plan.contains("create: v3"), "{plan}");
     // A dry run of a revocation that cannot be done says so with the real code.
-    revoke(&env, "sig", 9).arg("--dry-run").status(2);
+    env.revoke("sig", 9, REASON).arg("--dry-run").status(2);
     env.assert_unchanged(&before, "revoke --dry-run of an unknown version");
-    let real = revoke(&env, "sig", 2).args(["--output", "json"]).status(0).json();
+    let real = env.revoke("sig", 2, REASON).args(["--output", "json"]).status(0).json();
     assert_eq!(real["to_version"], d["to_version"]);
     assert_eq!(real["from_version"], d["from_version"]);
 }
@@ -85,7 +56,8 @@ fn revoking_the_active_key_activates_a_fresh_one_in_the_same_commit() {
     env.rotate("sig").status(0);
     env.rotate("sig").arg("--force").status(0);
     let log = env.path("steps.log");
-    let out = revoke(&env, "sig", 2)
+    let out = env
+        .revoke("sig", 2, REASON)
         .args(["--run-id", "REVOKE-1", "--operator", "oncall"])
         .env("KEYROTATE_FAILPOINT_LOG", &log)
         .status(0);
@@ -93,14 +65,14 @@ fn revoking_the_active_key_activates_a_fresh_one_in_the_same_commit() {
     // One manifest commit: v2 compromised and v3 active together.
     let commits = steps(&log).iter().filter(|s| *s == "commit.rename").count();
     assert_eq!(commits, 1);
-    let v2 = version(&env, "sig", 2);
+    let v2 = env.manifest_version("sig", 2);
     assert_eq!(v2["state"], "compromised");
     assert_eq!(v2["compromise_reason"], "private key pasted in a public ticket");
     assert!(v2["compromised_at"].as_str().unwrap() >= v2["activated_at"].as_str().unwrap());
-    assert_eq!(version(&env, "sig", 3)["state"], "active");
+    assert_eq!(env.manifest_version("sig", 3)["state"], "active");
     assert_eq!(env.manifest("sig")["primary"], 3);
     // Unpublished, its private half destroyed, and nothing signs with it.
-    assert_eq!(kids(&env, "sig"), ["v000003", "v000001"]);
+    assert_eq!(env.published_versions("sig"), ["v000003", "v000001"]);
     assert_eq!(env.key_files("sig"), ["v000003.pem"]);
     assert_eq!(current(&env, "sig"), "v000003.pem");
     // The ledger and the audit trail.
@@ -142,7 +114,7 @@ fn revoking_the_active_key_activates_a_fresh_one_in_the_same_commit() {
     );
     env.cmd().args(["audit", "verify"]).status(0);
     // min_interval does not hold a revocation back: it is an emergency rotation.
-    revoke(&env, "sig", 3).status(0);
+    env.revoke("sig", 3, REASON).status(0);
     assert_eq!(env.manifest("sig")["primary"], 4);
 }
 
@@ -150,7 +122,7 @@ fn revoking_the_active_key_activates_a_fresh_one_in_the_same_commit() {
 fn revoking_the_active_key_of_a_prepublish_domain_activates_the_pending_one() {
     let env = Env::new();
     env.rotate("pre").status(0); // v1 active, v2 pending
-    revoke(&env, "pre", 1).status(0);
+    env.revoke("pre", 1, REASON).status(0);
     let states: Vec<(u64, String)> = env.versions("pre");
     let want = [(1, "compromised"), (2, "active"), (3, "pending")];
     assert_eq!(
@@ -158,15 +130,15 @@ fn revoking_the_active_key_of_a_prepublish_domain_activates_the_pending_one() {
         want.iter().map(|(n, s)| (*n, s.to_string())).collect::<Vec<_>>()
     );
     // v2 was published one rotation ago: verifiers already have it.
-    assert_eq!(kids(&env, "pre"), ["v000003", "v000002"]);
+    assert_eq!(env.published_versions("pre"), ["v000003", "v000002"]);
     assert_eq!(env.key_files("pre"), ["v000002.pem", "v000003.pem"]);
     assert_eq!(current(&env, "pre"), "v000002.pem");
     // Revoking the pending key: a fresh pending one takes its place.
-    revoke(&env, "pre", 3).status(0);
-    assert_eq!(version(&env, "pre", 3)["state"], "compromised");
-    assert_eq!(version(&env, "pre", 4)["state"], "pending");
+    env.revoke("pre", 3, REASON).status(0);
+    assert_eq!(env.manifest_version("pre", 3)["state"], "compromised");
+    assert_eq!(env.manifest_version("pre", 4)["state"], "pending");
     assert_eq!(env.manifest("pre")["primary"], 2);
-    assert_eq!(kids(&env, "pre"), ["v000004", "v000002"]);
+    assert_eq!(env.published_versions("pre"), ["v000004", "v000002"]);
     assert_eq!(env.key_files("pre"), ["v000002.pem", "v000004.pem"]);
 }
 
@@ -178,9 +150,9 @@ fn revoking_a_retired_key_only_unpublishes_and_destroys_it() {
         env.rotate(domain).arg("--force").status(0);
     }
     let active_before = std::fs::read(env.key_dir("sig").join("v000002.pem")).unwrap();
-    revoke(&env, "sig", 1).status(0);
+    env.revoke("sig", 1, REASON).status(0);
     assert_eq!(env.versions("sig"), [(1, "compromised".into()), (2, "active".into())]);
-    assert_eq!(kids(&env, "sig"), ["v000002"]);
+    assert_eq!(env.published_versions("sig"), ["v000002"]);
     assert_eq!(
         std::fs::read(env.key_dir("sig").join("v000002.pem")).unwrap(),
         active_before
@@ -188,7 +160,7 @@ fn revoking_a_retired_key_only_unpublishes_and_destroys_it() {
     assert_eq!(env.last_row()["to_version"], 2);
     // A retired MAC key still has its material: the revocation destroys it.
     assert_eq!(env.key_files("mac"), ["v000001.key", "v000002.key"]);
-    revoke(&env, "mac", 1).status(0);
+    env.revoke("mac", 1, REASON).status(0);
     assert_eq!(env.key_files("mac"), ["v000002.key"]);
     assert_eq!(env.versions("mac"), [(1, "compromised".into()), (2, "active".into())]);
 }
@@ -198,8 +170,8 @@ fn a_compromised_version_never_comes_back() {
     let env = Env::new();
     env.rotate("sig").status(0);
     env.rotate("sig").arg("--force").status(0);
-    revoke(&env, "sig", 1).status(0);
-    let compromised = version(&env, "sig", 1);
+    env.revoke("sig", 1, REASON).status(0);
+    let compromised = env.manifest_version("sig", 1);
     // Rotations and retention (retain = 2) go on around it.
     for _ in 0..4 {
         env.rotate("sig").arg("--force").status(0);
@@ -222,14 +194,14 @@ fn a_compromised_version_never_comes_back() {
         .status(0);
     env.rotate("sig").arg("--force").status(0);
 
-    assert_eq!(version(&env, "sig", 1), compromised, "v1 changed");
-    assert!(!kids(&env, "sig").contains(&"v000001".to_string()));
+    assert_eq!(env.manifest_version("sig", 1), compromised, "v1 changed");
+    assert!(!env.published_versions("sig").contains(&"v000001".to_string()));
     assert!(!env.key_dir("sig").join("v000001.pem").exists());
     let ring = keyrotate::keyring::Keyring::open(&env.path("keys"), "sig").unwrap();
     assert!(ring.version(1).is_err());
     assert!(ring.verification_keys().unwrap().iter().all(|k| k.version != 1));
     // And it cannot be revoked twice.
-    let again = revoke(&env, "sig", 1).status(2);
+    let again = env.revoke("sig", 1, REASON).status(2);
     assert!(again.stdout.contains("already compromised"), "{}", again.stdout);
 }
 
@@ -252,7 +224,7 @@ fn what_cannot_be_revoked_is_a_usage_error_that_touches_nothing() {
         ("pw", 1, "command backend"),
         ("mac", 1, "no keyring yet"),
     ] {
-        let out = revoke(&env, domain, n).status(2);
+        let out = env.revoke(domain, n, REASON).status(2);
         assert!(out.stdout.contains(says), "{domain} v{n}: {}", out.stdout);
         assert_eq!(out.stdout.lines().count(), 1, "{}", out.stdout);
     }
@@ -277,7 +249,7 @@ fn what_cannot_be_revoked_is_a_usage_error_that_touches_nothing() {
     env.assert_unchanged(&before, "refused revocations");
     assert_eq!(env.rows().len(), rows);
     // Another pool's host is not designated, whatever it holds.
-    revoke(&env, "elsewhere", 1).status(6);
+    env.revoke("elsewhere", 1, REASON).status(6);
 }
 
 /// DESIGN is silent on a revocation of a blocked domain. An on-call engineer who learns
@@ -296,7 +268,7 @@ fn a_leaked_key_is_revocable_on_a_domain_blocked_for_review() {
         .output();
     assert_eq!(out.code, 137);
     // The revocation passes the dead run (marking it for review) and commits.
-    let out = revoke(&env, "sig", 1).args(["--run-id", "R1"]).status(0);
+    let out = env.revoke("sig", 1, REASON).args(["--run-id", "R1"]).status(0);
     assert!(out.stdout.contains("revoked v1"), "{}", out.stdout);
     assert!(
         out.stdout.contains("blocked by run DIED") && out.stdout.contains("the block stays"),
@@ -305,7 +277,7 @@ fn a_leaked_key_is_revocable_on_a_domain_blocked_for_review() {
     );
     let died = env.rows().into_iter().find(|r| r["run_id"] == "DIED").unwrap();
     assert_eq!(died["state"], "needs_review");
-    assert_eq!(version(&env, "sig", 1)["state"], "compromised");
+    assert_eq!(env.manifest_version("sig", 1)["state"], "compromised");
     // The v2 the dead run staged was swept (it never committed): the fresh key is v3.
     assert_eq!(env.manifest("sig")["primary"], 3);
     assert_eq!(env.key_files("sig"), ["v000003.pem"]);
@@ -313,9 +285,9 @@ fn a_leaked_key_is_revocable_on_a_domain_blocked_for_review() {
     env.rotate("sig").arg("--force").status(4);
     env.cmd().args(["status", "--domain", "sig"]).status(4);
     // A second leak while still blocked: revocable too; the dry run agrees.
-    let dry = revoke(&env, "sig", 3).arg("--dry-run").status(0);
+    let dry = env.revoke("sig", 3, REASON).arg("--dry-run").status(0);
     assert!(dry.stdout.contains("the block stays"), "{}", dry.stdout);
-    revoke(&env, "sig", 3).status(0);
+    env.revoke("sig", 3, REASON).status(0);
     assert_eq!(env.manifest("sig")["primary"], 4);
     env.resolve("sig", "DIED", "killed during a test").status(0);
     env.rotate("sig").arg("--force").status(0);
@@ -334,12 +306,12 @@ fn a_key_store_that_does_not_verify_is_not_revoked_from() {
     )
     .unwrap();
     let before = env.snapshot();
-    let dry = revoke(&env, "sig", 2).arg("--dry-run").status(4);
+    let dry = env.revoke("sig", 2, REASON).arg("--dry-run").status(4);
     assert!(dry.stdout.contains("v000007.pem"), "{}", dry.stdout);
     env.assert_unchanged(&before, "dry run");
-    let out = revoke(&env, "sig", 2).status(4);
+    let out = env.revoke("sig", 2, REASON).status(4);
     assert!(out.stdout.contains("v000007.pem"), "{}", out.stdout);
-    assert_eq!(version(&env, "sig", 2)["state"], "active");
+    assert_eq!(env.manifest_version("sig", 2)["state"], "active");
     assert_eq!(env.last_row()["trigger"], "revoke");
 }
 
@@ -384,7 +356,7 @@ fn a_version_2_sqlite_ledger_with_rows_upgrades() {
     env.rotate("sig").status(4);
     // ...a revocation row can be written...
     env.rotate("pre").status(0);
-    revoke(&env, "pre", 2).status(0);
+    env.revoke("pre", 2, REASON).status(0);
     let c = rusqlite::Connection::open(&db).unwrap();
     let version: i64 = c.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
     assert!(version >= 3, "schema version {version}");
@@ -429,15 +401,15 @@ fn revoke_on_the_postgresql_ledger() {
     ));
     env.rotate("sig").status(0);
     env.rotate("sig").arg("--force").status(0);
-    let dry = revoke(&env, "sig", 2).arg("--dry-run").status(0);
+    let dry = env.revoke("sig", 2, REASON).arg("--dry-run").status(0);
     assert!(dry.stdout.contains("would revoke v2"), "{}", dry.stdout);
-    revoke(&env, "sig", 2).args(["--run-id", "PG-REVOKE"]).status(0);
+    env.revoke("sig", 2, REASON).args(["--run-id", "PG-REVOKE"]).status(0);
     assert_eq!(
         db.sql("SELECT trigger || ' ' || state || ' ' || exit_code FROM rotations WHERE run_id = 'PG-REVOKE'"),
         "revoke succeeded 0"
     );
-    assert_eq!(version(&env, "sig", 2)["state"], "compromised");
-    assert!(!kids(&env, "sig").contains(&"v000002".to_string()));
+    assert_eq!(env.manifest_version("sig", 2)["state"], "compromised");
+    assert!(!env.published_versions("sig").contains(&"v000002".to_string()));
     env.cmd().args(["history", "--domain", "sig"]).status(0);
 }
 
@@ -469,7 +441,7 @@ fn revocation_crash_points(domain: &str, rotations: usize, victim: u64, successo
     let file = format!("v{victim:06}.pem");
     let env = crate::crash::clone_env(&base);
     let log = env.path("steps.log");
-    revoke(&env, domain, victim)
+    env.revoke(domain, victim, REASON)
         .env("KEYROTATE_FAILPOINT_LOG", &log)
         .status(0);
     let all = steps(&log);
@@ -486,7 +458,8 @@ fn revocation_crash_points(domain: &str, rotations: usize, victim: u64, successo
         let k = i + 1;
         let context = format!("{domain}: SIGKILL at step {k} ({step})");
         let env = crate::crash::clone_env(&base);
-        let out = revoke(&env, domain, victim)
+        let out = env
+            .revoke(domain, victim, REASON)
             .args(["--run-id", "KILLED"])
             .env("KEYROTATE_FAILPOINTS", format!("{k}=kill"))
             .output();
@@ -494,12 +467,12 @@ fn revocation_crash_points(domain: &str, rotations: usize, victim: u64, successo
         let insp = keyrotate::keystore::Keystore::new(&env.path("keys"), domain)
             .inspect()
             .unwrap_or_else(|e| panic!("{context}: the key store does not verify: {e}"));
-        let committed = match version(&env, domain, victim)["state"].as_str().unwrap() {
+        let committed = match env.manifest_version(domain, victim)["state"].as_str().unwrap() {
             "active" => false,
             "compromised" => {
                 assert_eq!(insp.manifest.primary, Some(successor), "{context}");
                 assert!(
-                    !kids(&env, domain).contains(&kid),
+                    !env.published_versions(domain).contains(&kid),
                     "{context}: the compromised key is published"
                 );
                 true
@@ -519,14 +492,18 @@ fn revocation_crash_points(domain: &str, rotations: usize, victim: u64, successo
             env.cmd().args(["status", "--domain", domain]).status(0);
             assert!(!env.key_dir(domain).join(&file).exists(), "{context}");
         } else {
-            revoke(&env, domain, victim).status(0);
+            env.revoke(domain, victim, REASON).status(0);
         }
-        assert_eq!(version(&env, domain, victim)["state"], "compromised", "{context}");
-        assert!(!kids(&env, domain).contains(&kid), "{context}");
+        assert_eq!(
+            env.manifest_version(domain, victim)["state"],
+            "compromised",
+            "{context}"
+        );
+        assert!(!env.published_versions(domain).contains(&kid), "{context}");
         assert_eq!(env.key_files(domain), env.live_files(domain), "{context}: orphans");
         env.rotate(domain).arg("--force").status(0);
         assert_eq!(env.key_files(domain), env.live_files(domain), "{context}: orphans");
-        assert!(!kids(&env, domain).contains(&kid), "{context}");
+        assert!(!env.published_versions(domain).contains(&kid), "{context}");
     }
     all.len()
 }
@@ -554,7 +531,7 @@ fn a_version_2_postgresql_ledger_with_rows_upgrades() {
     let out = env.cmd().arg("migrate").status(0);
     assert!(out.stdout.contains("2 -> "), "{}", out.stdout);
     env.rotate("sig").status(0);
-    revoke(&env, "sig", 1).args(["--run-id", "PG-UP"]).status(0);
+    env.revoke("sig", 1, REASON).args(["--run-id", "PG-UP"]).status(0);
     assert_eq!(
         db.sql("SELECT string_agg(run_id || ':' || trigger, ' ' ORDER BY id) FROM rotations"),
         format!(

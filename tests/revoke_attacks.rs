@@ -7,29 +7,8 @@ use std::path::Path;
 
 use crate::common::Env;
 
-fn revoke<'a>(env: &'a Env, domain: &str, version: u64) -> crate::common::Run<'a> {
-    env.cmd().args([
-        "revoke",
-        "--domain",
-        domain,
-        "--version",
-        &version.to_string(),
-        "--reason",
-        "INC-1: key pasted in a ticket",
-        "--deadline",
-        "1m",
-    ])
-}
-
-/// The `kid` prefixes (`v000007`) `jwks.json` publishes.
-fn kids(env: &Env, domain: &str) -> Vec<String> {
-    env.jwks(domain)["keys"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|k| k["kid"].as_str().unwrap()[..7].to_string())
-        .collect()
-}
+/// The `--reason` of this module's revocations.
+const REASON: &str = "INC-1: key pasted in a ticket";
 
 fn state(env: &Env, domain: &str, n: u64) -> String {
     env.versions(domain)
@@ -73,7 +52,7 @@ fn a_backup_from_before_a_revocation_never_brings_the_compromised_key_back() {
     env.rotate("sig").arg("--force").status(0);
     let backup = env.path("backup-sig");
     copy_dir(&env.key_dir("sig"), &backup);
-    revoke(&env, "sig", 2).args(["--run-id", "REV"]).status(0);
+    env.revoke("sig", 2, REASON).args(["--run-id", "REV"]).status(0);
     restore(&env, "sig", &backup);
     assert_eq!(state(&env, "sig", 2), "active");
 
@@ -95,11 +74,11 @@ fn a_backup_from_before_a_revocation_never_brings_the_compromised_key_back() {
     env.resolve("sig", "STILL", "seen: revoking v2 again").status(0);
 
     // Revoking it again is the way out, and the dry run says so first.
-    let dry = revoke(&env, "sig", 2).arg("--dry-run").status(0);
+    let dry = env.revoke("sig", 2, REASON).arg("--dry-run").status(0);
     assert!(dry.stdout.contains("would revoke v2"), "{}", dry.stdout);
-    revoke(&env, "sig", 2).status(0);
+    env.revoke("sig", 2, REASON).status(0);
     assert_eq!(state(&env, "sig", 2), "compromised");
-    assert!(!kids(&env, "sig").contains(&"v000002".to_string()));
+    assert!(!env.published_versions("sig").contains(&"v000002".to_string()));
     assert!(!env.key_dir("sig").join("v000002.pem").exists());
     // v3 was the first revocation's key, lost with the restore: its number stays taken.
     assert!(env.manifest("sig")["primary"].as_u64().unwrap() > 3);
@@ -118,7 +97,8 @@ fn a_revocation_killed_before_its_commit_is_not_forgotten() {
     let env = Env::new();
     env.rotate("sig").status(0);
     env.rotate("sig").arg("--force").status(0);
-    let out = revoke(&env, "sig", 2)
+    let out = env
+        .revoke("sig", 2, REASON)
         .args(["--run-id", "KILLED"])
         .env("KEYROTATE_FAILPOINTS", "jwks.rename=kill")
         .output();
@@ -130,9 +110,9 @@ fn a_revocation_killed_before_its_commit_is_not_forgotten() {
     let out = env.rotate("sig").args(["--force", "--run-id", "SCHEDULED"]).status(4);
     assert!(out.stdout.contains("run KILLED revoked it"), "{}", out.stdout);
     assert_eq!(state(&env, "sig", 2), "active", "the refused rotation changed keys");
-    revoke(&env, "sig", 2).status(0);
+    env.revoke("sig", 2, REASON).status(0);
     assert_eq!(state(&env, "sig", 2), "compromised");
-    assert!(!kids(&env, "sig").contains(&"v000002".to_string()));
+    assert!(!env.published_versions("sig").contains(&"v000002".to_string()));
 }
 
 /// PIN: a revocation that stopped before its commit by its own account (ABORTED, here
@@ -143,15 +123,16 @@ fn an_aborted_revocation_is_not_a_recorded_compromise() {
     let env = Env::new();
     env.rotate("sig").status(0);
     env.rotate("sig").arg("--force").status(0);
-    let out = revoke(&env, "sig", 2)
+    let out = env
+        .revoke("sig", 2, REASON)
         .env("KEYROTATE_FAILPOINTS", "jwks.rename=error")
         .status(3);
     assert!(out.stdout.contains("jwks.json"), "{}", out.stdout);
     assert_eq!(state(&env, "sig", 2), "active");
-    assert!(kids(&env, "sig").contains(&"v000002".to_string()));
+    assert!(env.published_versions("sig").contains(&"v000002".to_string()));
     env.cmd().args(["status", "--domain", "sig"]).status(0);
     env.rotate("sig").arg("--force").status(0);
-    revoke(&env, "sig", 2).status(0);
+    env.revoke("sig", 2, REASON).status(0);
     assert_eq!(state(&env, "sig", 2), "compromised");
 }
 
@@ -202,8 +183,8 @@ fn a_full_key_store_is_predicted_by_the_dry_run_and_touched_by_neither() {
         .stderr(std::process::Stdio::null())
         .status();
     for v in [1, 2] {
-        let dry = revoke(&env, "sig", v).arg("--dry-run").output();
-        let real = revoke(&env, "sig", v).output();
+        let dry = env.revoke("sig", v, REASON).arg("--dry-run").output();
+        let real = env.revoke("sig", v, REASON).output();
         assert_eq!(
             (dry.code, real.code),
             (3, 3),
@@ -220,7 +201,7 @@ fn a_full_key_store_is_predicted_by_the_dry_run_and_touched_by_neither() {
         (state(&env, "sig", 1), state(&env, "sig", 2)),
         ("retired".into(), "active".into())
     );
-    assert_eq!(kids(&env, "sig"), ["v000002", "v000001"]);
+    assert_eq!(env.published_versions("sig"), ["v000002", "v000001"]);
     assert_eq!(env.key_files("sig"), ["v000002.pem"]);
     assert!(
         !std::fs::read_dir(env.key_dir("sig")).unwrap().any(|e| e
@@ -231,8 +212,8 @@ fn a_full_key_store_is_predicted_by_the_dry_run_and_touched_by_neither() {
         "a temporary was left"
     );
     std::fs::remove_file(&filler).unwrap();
-    revoke(&env, "sig", 2).arg("--dry-run").status(0);
-    revoke(&env, "sig", 2).status(0);
+    env.revoke("sig", 2, REASON).arg("--dry-run").status(0);
+    env.revoke("sig", 2, REASON).status(0);
     assert_eq!(state(&env, "sig", 2), "compromised");
 }
 
@@ -248,7 +229,8 @@ fn a_revocation_that_leaves_the_compromised_key_in_place_is_not_reported_done() 
         let env = Env::new();
         env.rotate("sig").status(0);
         env.rotate("sig").arg("--force").status(0);
-        let out = revoke(&env, "sig", 2)
+        let out = env
+            .revoke("sig", 2, REASON)
             .args(["--run-id", "REV"])
             .env("KEYROTATE_FAILPOINTS", failpoints)
             .status(4);
@@ -259,7 +241,7 @@ fn a_revocation_that_leaves_the_compromised_key_in_place_is_not_reported_done() 
         );
         // The commit stands: v2 is compromised and unpublished, v3 active.
         assert_eq!(state(&env, "sig", 2), "compromised");
-        assert_eq!(kids(&env, "sig"), ["v000003", "v000001"]);
+        assert_eq!(env.published_versions("sig"), ["v000003", "v000001"]);
         env.cmd().args(["status", "--domain", "sig"]).status(4);
         let res = env.resolve("sig", "REV", "unlink failed; checked the disk").status(0);
         assert!(res.stdout.contains("v000002.pem"), "{}", res.stdout);
@@ -340,7 +322,7 @@ activation = "prepublish"
             };
             match victim {
                 Some(n) => {
-                    revoke(&env, d, n).status(0);
+                    env.revoke(d, n, REASON).status(0);
                     revoked += 1;
                 }
                 None => {
@@ -362,7 +344,7 @@ activation = "prepublish"
             for n in &compromised {
                 assert!(ring.version(*n).is_err(), "{d}: v{n} handed out");
                 let kid = format!("v{n:06}");
-                assert!(!kids(&env, d).contains(&kid), "{d}: {kid} published");
+                assert!(!env.published_versions(d).contains(&kid), "{d}: {kid} published");
             }
         }
     }
@@ -409,8 +391,8 @@ fn revoking_a_key_that_is_not_active_does_not_postpone_the_next_rotation() {
         env.rotate(d).arg("--force").status(0);
     }
     age_the_ledger(&env);
-    revoke(&env, "sig", 1).status(0); // retired
-    revoke(&env, "pre", 3).status(0); // pending
+    env.revoke("sig", 1, REASON).status(0); // retired
+    env.revoke("pre", 3, REASON).status(0); // pending
     for d in ["sig", "pre"] {
         let st = env
             .cmd()
@@ -428,7 +410,7 @@ fn revoking_a_key_that_is_not_active_does_not_postpone_the_next_rotation() {
     }
     // A revocation of the active key is a rotation: the clock restarts.
     age_the_ledger(&env);
-    revoke(&env, "sig", 3).status(0);
+    env.revoke("sig", 3, REASON).status(0);
     env.rotate("sig").status(7);
 }
 
@@ -447,7 +429,8 @@ fn revoking_again_after_a_kill_past_the_commit_finishes_the_revocation() {
         let env = Env::new();
         env.rotate("sig").status(0);
         env.rotate("sig").arg("--force").status(0);
-        let out = revoke(&env, "sig", 2)
+        let out = env
+            .revoke("sig", 2, REASON)
             .args(["--run-id", "KILLED"])
             .env("KEYROTATE_FAILPOINTS", format!("{kill_at}=kill"))
             .output();
@@ -455,15 +438,15 @@ fn revoking_again_after_a_kill_past_the_commit_finishes_the_revocation() {
         assert_eq!(state(&env, "sig", 2), "compromised", "{kill_at}");
         assert!(env.key_dir("sig").join("v000002.pem").exists(), "{kill_at}");
         let before = env.snapshot();
-        let dry = revoke(&env, "sig", 2).arg("--dry-run").status(0);
+        let dry = env.revoke("sig", 2, REASON).arg("--dry-run").status(0);
         assert!(dry.stdout.contains("interrupted revocation of v2"), "{}", dry.stdout);
         env.assert_unchanged(&before, "revoke --dry-run");
-        let out = revoke(&env, "sig", 2).status(0);
+        let out = env.revoke("sig", 2, REASON).status(0);
         assert!(out.stdout.contains("already revoked"), "{}", out.stdout);
         assert_eq!(env.key_files("sig"), ["v000003.pem"], "{kill_at}");
         let current = std::fs::read_link(env.key_dir("sig").join("current.pem")).unwrap();
         assert_eq!(current, Path::new("v000003.pem"), "{kill_at}");
-        assert_eq!(kids(&env, "sig"), ["v000003", "v000001"], "{kill_at}");
+        assert_eq!(env.published_versions("sig"), ["v000003", "v000001"], "{kill_at}");
         // The audit trail says v2 was compromised, and why, whichever run wrote it.
         let lines = env.audit();
         let said = lines
@@ -475,7 +458,7 @@ fn revoking_again_after_a_kill_past_the_commit_finishes_the_revocation() {
             said.iter().all(|l| l["reason"].as_str().unwrap().contains("INC-1")),
             "{kill_at}: {said:?}"
         );
-        let again = revoke(&env, "sig", 2).status(2);
+        let again = env.revoke("sig", 2, REASON).status(2);
         assert!(again.stdout.contains("already compromised"), "{}", again.stdout);
         // The killed run still waits for its review; then the domain rotates.
         env.rotate("sig").arg("--force").status(4);
@@ -502,7 +485,7 @@ fn a_backup_from_before_a_revocation_is_refused_on_the_postgresql_ledger() {
     env.rotate("pre").status(0); // v1 active, v2 pending
     let backup = env.path("backup-pre");
     copy_dir(&env.key_dir("pre"), &backup);
-    revoke(&env, "pre", 2).args(["--run-id", "PG-REV"]).status(0);
+    env.revoke("pre", 2, REASON).args(["--run-id", "PG-REV"]).status(0);
     assert_eq!(
         db.sql("SELECT detail FROM rotation_events WHERE run_id = 'PG-REV' AND phase = 'compromised'"),
         format!("v2 {}", {
@@ -516,9 +499,9 @@ fn a_backup_from_before_a_revocation_is_refused_on_the_postgresql_ledger() {
     assert!(out.stdout.contains("run PG-REV revoked it"), "{}", out.stdout);
     env.resolve("pre", "PG-AFTER", "restored a backup").status(0);
     env.cmd().args(["status", "--domain", "pre"]).status(3);
-    revoke(&env, "pre", 2).status(0);
+    env.revoke("pre", 2, REASON).status(0);
     assert_eq!(state(&env, "pre", 2), "compromised");
-    assert!(!kids(&env, "pre").contains(&"v000002".to_string()));
+    assert!(!env.published_versions("pre").contains(&"v000002".to_string()));
     env.cmd().args(["status", "--domain", "pre"]).status(0);
 }
 
@@ -537,8 +520,8 @@ fn a_revocation_beside_a_running_rotation_is_busy_and_names_it() {
         .env("KEYROTATE_FAILPOINTS", "stage.fsync=sleep(3000)")
         .spawn();
     crate::common::wait_for_step(&log, "stage.fsync");
-    let dry = revoke(&env, "sig", 1).arg("--dry-run").status(5);
-    let real = revoke(&env, "sig", 1).args(["--run-id", "R-BUSY"]).status(5);
+    let dry = env.revoke("sig", 1, REASON).arg("--dry-run").status(5);
+    let real = env.revoke("sig", 1, REASON).args(["--run-id", "R-BUSY"]).status(5);
     let pid = long.id().to_string();
     for out in [&dry, &real] {
         assert!(
@@ -554,9 +537,9 @@ fn a_revocation_beside_a_running_rotation_is_busy_and_names_it() {
         (Some("refused"), Some("revoke"))
     );
     // v1 is retired now: the revocation only unpublishes it.
-    revoke(&env, "sig", 1).status(0);
+    env.revoke("sig", 1, REASON).status(0);
     assert_eq!(state(&env, "sig", 1), "compromised");
-    assert_eq!(kids(&env, "sig"), ["v000002"]);
+    assert_eq!(env.published_versions("sig"), ["v000002"]);
 }
 
 /// PIN: a Control-M job whose output goes through `| head -1`, or to nobody (stdout
@@ -576,9 +559,9 @@ fn a_closed_stdout_never_changes_a_revocations_outcome() {
         let out = child.wait_with_output().unwrap();
         out.status.code().unwrap_or(-1)
     };
-    assert_eq!(closed(revoke(&env, "sig", 2).arg("--dry-run")), 0);
-    assert_eq!(closed(revoke(&env, "sig", 9)), 2);
-    assert_eq!(closed(revoke(&env, "sig", 2).args(["--run-id", "PIPED"])), 0);
+    assert_eq!(closed(env.revoke("sig", 2, REASON).arg("--dry-run")), 0);
+    assert_eq!(closed(env.revoke("sig", 9, REASON)), 2);
+    assert_eq!(closed(env.revoke("sig", 2, REASON).args(["--run-id", "PIPED"])), 0);
     let row = env.last_row();
     assert_eq!(
         (row["run_id"].as_str(), row["state"].as_str(), row["exit_code"].as_i64()),
@@ -621,8 +604,8 @@ fn a_read_only_key_store_refuses_a_revocation_the_dry_run_predicted() {
         println!("SKIPPED: cannot remount the tmpfs read-only here");
         return;
     }
-    let dry = revoke(&env, "sig", 2).arg("--dry-run").status(3);
-    let real = revoke(&env, "sig", 2).args(["--run-id", "RO"]).status(3);
+    let dry = env.revoke("sig", 2, REASON).arg("--dry-run").status(3);
+    let real = env.revoke("sig", 2, REASON).args(["--run-id", "RO"]).status(3);
     for out in [&dry, &real] {
         assert!(out.stdout.contains("read-only"), "{}", out.stdout);
     }
@@ -639,7 +622,7 @@ fn a_read_only_key_store_refuses_a_revocation_the_dry_run_predicted() {
         .status()
         .unwrap()
         .success());
-    revoke(&env, "sig", 2).status(0);
+    env.revoke("sig", 2, REASON).status(0);
     assert_eq!(state(&env, "sig", 2), "compromised");
 }
 
@@ -653,7 +636,8 @@ fn a_revocation_killed_after_its_commit_is_in_the_audit_trail_whatever_runs_next
     let env = Env::new();
     env.rotate("sig").status(0);
     env.rotate("sig").arg("--force").status(0);
-    let out = revoke(&env, "sig", 2)
+    let out = env
+        .revoke("sig", 2, REASON)
         .args(["--run-id", "KILLED"])
         .env("KEYROTATE_FAILPOINTS", "ledger.committed=kill")
         .output();
@@ -692,19 +676,19 @@ fn a_leaked_key_whose_file_was_already_deleted_is_still_revocable() {
     std::fs::remove_file(env.key_dir("mac").join("v000001.key")).unwrap(); // retired
     for (d, v) in [("sig", 2), ("mac", 1)] {
         let before = env.snapshot();
-        revoke(&env, d, v).arg("--dry-run").status(0);
+        env.revoke(d, v, REASON).arg("--dry-run").status(0);
         env.assert_unchanged(&before, "revoke --dry-run");
-        revoke(&env, d, v).status(0);
+        env.revoke(d, v, REASON).status(0);
         assert_eq!(state(&env, d, v), "compromised");
         env.cmd().args(["status", "--domain", d]).status(0);
     }
-    assert_eq!(kids(&env, "sig"), ["v000003", "v000001"]);
+    assert_eq!(env.published_versions("sig"), ["v000003", "v000001"]);
     assert_eq!(env.key_files("sig"), ["v000003.pem"]);
     assert_eq!(env.key_files("mac"), ["v000002.key"]);
     // Only the version being revoked is excused: another missing file still stops it.
     env.rotate("mac").arg("--force").status(0); // v3 active, v2 retired
     std::fs::remove_file(env.key_dir("mac").join("v000003.key")).unwrap();
-    let out = revoke(&env, "mac", 2).status(4);
+    let out = env.revoke("mac", 2, REASON).status(4);
     assert!(out.stdout.contains("v000003.key"), "{}", out.stdout);
     assert_eq!(state(&env, "mac", 2), "retired");
 }
@@ -728,7 +712,7 @@ fn a_revocation_of_a_shared_domain_is_never_undone_by_sync() {
     a.rotate("mac").status(0); // v2 active, v1 retired
     crate::shared_store::sync(&a, Some("mac")).status(0);
     crate::shared_store::sync(&b, Some("mac")).status(0);
-    revoke(&a, "mac", 2).status(0);
+    a.revoke("mac", 2, REASON).status(0);
     // Sync must not bring v2 back anywhere: the shared keyring says compromised.
     crate::shared_store::sync(&a, Some("mac")).status(0);
     crate::shared_store::sync(&b, Some("mac")).status(0);

@@ -9,11 +9,13 @@
 //! Needs PostgreSQL (see `common::pg`); says SKIPPED where none is installed.
 
 use keyrotate::keyring::{verify_with_jwk, Keyring};
-use serde_json::Value;
 
 use crate::common::pg::{psql_as, server, Database, ADMIN_PASSWORD, ADMIN_USER};
 use crate::common::Env;
 use crate::shared_store::{host, sync};
+
+/// The `--reason` of this module's revocations.
+const REASON: &str = "leaked in a build log";
 
 macro_rules! need_postgres {
     () => {
@@ -22,21 +24,6 @@ macro_rules! need_postgres {
             return;
         }
     };
-}
-
-/// `revoke --domain D --version N --reason leaked --deadline 1m`.
-fn revoke<'a>(env: &'a Env, domain: &str, version: u64) -> crate::common::Run<'a> {
-    env.cmd().args([
-        "revoke",
-        "--domain",
-        domain,
-        "--version",
-        &version.to_string(),
-        "--reason",
-        "leaked in a build log",
-        "--deadline",
-        "1m",
-    ])
 }
 
 /// Every version of `domain` in the database: `N state sealed-is-null`, in order.
@@ -66,16 +53,6 @@ fn jwks_versions(env: &Env, domain: &str) -> Vec<u64> {
         .collect();
     v.sort_unstable();
     v
-}
-
-fn version(env: &Env, domain: &str, n: u64) -> Value {
-    env.manifest(domain)["versions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|v| v["version"] == n)
-        .cloned()
-        .unwrap_or_else(|| panic!("no v{n}"))
 }
 
 /// Two rotations of the prepublish domain `sess` with every host synced: v1 retired,
@@ -111,7 +88,7 @@ fn a_retired_signature_version_has_no_sealed_key_and_only_its_public_half_on_eve
     for h in [&a, &b, &c] {
         // b and c held v1's private file before the sync: it is gone.
         assert_eq!(h.key_files("sess"), ["v000002.pem", "v000003.pem"]);
-        let v1 = version(h, "sess", 1);
+        let v1 = h.manifest_version("sess", 1);
         assert_eq!(v1["state"], "retired");
         assert!(v1["public_key"].is_string(), "{v1}");
         assert_eq!(jwks_versions(h, "sess"), [1, 2, 3]);
@@ -155,7 +132,7 @@ fn revoking_the_active_key_reaches_every_host_and_never_comes_back() {
 
     // Another pool's host never revokes: 6, nothing touched.
     let before_b = b.snapshot();
-    let out = revoke(&b, "sess", 2).status(6);
+    let out = b.revoke("sess", 2, REASON).status(6);
     assert!(out.stdout.contains("NOT_DESIGNATED"), "{}", out.stdout);
     assert_eq!(db_state(&db), before_db);
     let mut after_b = b.snapshot();
@@ -166,7 +143,8 @@ fn revoking_the_active_key_reaches_every_host_and_never_comes_back() {
 
     // The dry run predicts the revocation and changes nothing.
     let before_a = a.snapshot();
-    let dry = revoke(&a, "sess", 2)
+    let dry = a
+        .revoke("sess", 2, REASON)
         .args(["--dry-run", "--output", "json"])
         .status(0)
         .json();
@@ -180,7 +158,7 @@ fn revoking_the_active_key_reaches_every_host_and_never_comes_back() {
 
     // The revocation: one commit, v2 compromised with its sealed key erased, the
     // pending v3 (already on every host) active, a fresh v4 pending.
-    let out = revoke(&a, "sess", 2).args(["--run-id", "REVOKE-1"]).status(0);
+    let out = a.revoke("sess", 2, REASON).args(["--run-id", "REVOKE-1"]).status(0);
     assert!(out.stdout.contains("revoked v2"), "{}", out.stdout);
     assert!(!out.stdout.contains("lagging"), "{}", out.stdout);
     assert_eq!(
@@ -212,7 +190,7 @@ fn revoking_the_active_key_reaches_every_host_and_never_comes_back() {
     for h in [&a, &b, &c] {
         assert_eq!(jwks_versions(h, "sess"), [1, 3, 4]);
         assert_eq!(h.key_files("sess"), ["v000003.pem", "v000004.pem"]);
-        let v2 = version(h, "sess", 2);
+        let v2 = h.manifest_version("sess", 2);
         assert_eq!(v2["state"], "compromised");
         assert_eq!(v2["compromise_reason"], "leaked in a build log");
         assert_eq!(h.manifest("sess")["primary"], 3);
@@ -234,7 +212,7 @@ fn revoking_the_active_key_reaches_every_host_and_never_comes_back() {
     );
 
     // Never again: not by revoke, rotations, a killed run and its resolve, nor sync.
-    let again = revoke(&a, "sess", 2).status(2);
+    let again = a.revoke("sess", 2, REASON).status(2);
     assert!(again.stdout.contains("already compromised"), "{}", again.stdout);
     a.rotate("sess")
         .args(["--run-id", "KILLED"])
@@ -255,7 +233,7 @@ fn revoking_the_active_key_reaches_every_host_and_never_comes_back() {
         "compromised true"
     );
     for h in [&a, &b, &c] {
-        assert_eq!(version(h, "sess", 2)["state"], "compromised");
+        assert_eq!(h.manifest_version("sess", 2)["state"], "compromised");
         assert!(!jwks_versions(h, "sess").contains(&2));
     }
     // Not even by hand: the database refuses to change a compromised version.
@@ -287,14 +265,14 @@ fn a_revocation_is_not_held_back_by_a_lagging_host_but_names_it() {
     let gated = a.rotate("sess").arg("--dry-run").status(3);
     assert!(gated.stdout.contains("host-c"), "{}", gated.stdout);
     // A leaked active key goes at once; the outcome names the host that lags.
-    let dry = revoke(&a, "sess", 2).arg("--dry-run").status(0);
+    let dry = a.revoke("sess", 2, REASON).arg("--dry-run").status(0);
     assert!(
         dry.stdout.contains("waived") && dry.stdout.contains("host-c (pool pool-c, epoch 1)"),
         "{}",
         dry.stdout
     );
     assert!(!dry.stdout.contains("host-b (pool"), "{}", dry.stdout);
-    let out = revoke(&a, "sess", 2).status(0);
+    let out = a.revoke("sess", 2, REASON).status(0);
     assert!(
         out.stdout.contains("revoked v2") && out.stdout.contains("lagging hosts: host-c (pool pool-c, epoch 1)"),
         "{}",
@@ -321,20 +299,20 @@ fn revoking_a_retired_or_unknown_shared_version() {
     // Nothing committed yet: nothing to revoke (asked of the database, not of this
     // host's copy, which may lag).
     a.cmd().arg("migrate").status(0);
-    let out = revoke(&a, "sess", 1).status(2);
+    let out = a.revoke("sess", 1, REASON).status(2);
     assert!(out.stdout.contains("no committed keyring yet"), "{}", out.stdout);
     two_rotations(&a, &[&b, &c]);
     // An unknown version is a usage error: nothing committed, no ledger row.
     let rows = || db.sql("SELECT count(*) FROM rotations");
     let (before, before_rows) = (db_state(&db), rows());
-    let out = revoke(&a, "sess", 9).status(2);
+    let out = a.revoke("sess", 9, REASON).status(2);
     assert!(out.stdout.contains("no such version"), "{}", out.stdout);
-    let out = revoke(&a, "sess", 9).arg("--dry-run").status(2);
+    let out = a.revoke("sess", 9, REASON).arg("--dry-run").status(2);
     assert!(out.stdout.contains("no such version"), "{}", out.stdout);
     assert_eq!(db_state(&db), before);
     assert_eq!(rows(), before_rows);
     // A retired version: compromised, unpublished; the active one stays.
-    revoke(&a, "sess", 1).status(0);
+    a.revoke("sess", 1, REASON).status(0);
     assert_eq!(
         db_versions(&db, "sess"),
         "1 compromised true,2 active false,3 pending false"
@@ -346,7 +324,7 @@ fn revoking_a_retired_or_unknown_shared_version() {
     a.rotate("mac").status(0);
     sync(&b, Some("mac")).status(0);
     assert_eq!(b.key_files("mac"), ["v000001.key"]);
-    revoke(&a, "mac", 1).status(0);
+    a.revoke("mac", 1, REASON).status(0);
     assert_eq!(db_versions(&db, "mac"), "1 compromised true,2 active false");
     sync(&b, Some("mac")).status(0);
     assert_eq!(b.key_files("mac"), ["v000002.key"]);
@@ -363,7 +341,7 @@ fn a_revocation_killed_in_its_commit_transaction_commits_nothing_and_can_be_run_
     let before = db_state(&db);
     let before_a = a.snapshot();
     for step in ["shared.epoch", "shared.insert", "shared.update"] {
-        revoke(&a, "sess", 2)
+        a.revoke("sess", 2, REASON)
             .env("KEYROTATE_FAILPOINTS", format!("{step}=kill"))
             .status(137);
         // The server rolled the transaction back: the keyring and this host's copy
@@ -376,7 +354,7 @@ fn a_revocation_killed_in_its_commit_transaction_commits_nothing_and_can_be_run_
         assert_eq!(now, was, "{step}");
     }
     // The dead runs do not hold the revocation back: it goes ahead and commits once.
-    let out = revoke(&a, "sess", 2).status(0);
+    let out = a.revoke("sess", 2, REASON).status(0);
     assert!(out.stdout.contains("revoked v2"), "{}", out.stdout);
     assert_eq!(
         db_versions(&db, "sess"),

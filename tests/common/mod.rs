@@ -143,6 +143,50 @@ impl Env {
         serde_json::from_slice(&std::fs::read(self.key_dir(domain).join("jwks.json")).unwrap()).unwrap()
     }
 
+    /// The `kid` of every key `jwks.json` publishes, in its order.
+    pub fn published_kids(&self, domain: &str) -> Vec<String> {
+        self.jwks(domain)["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|k| k["kid"].as_str().unwrap().to_string())
+            .collect()
+    }
+
+    /// The version part (`v000007`) of every published `kid`, in `jwks.json`'s order.
+    pub fn published_versions(&self, domain: &str) -> Vec<String> {
+        self.published_kids(domain)
+            .into_iter()
+            .map(|k| k[..7].to_string())
+            .collect()
+    }
+
+    /// Version `n`'s entry in `keyring.json`.
+    pub fn manifest_version(&self, domain: &str, n: u64) -> Value {
+        self.manifest(domain)["versions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["version"] == n)
+            .cloned()
+            .unwrap_or_else(|| panic!("no v{n}"))
+    }
+
+    /// `revoke --domain D --version N --reason R --deadline 1m`.
+    pub fn revoke(&self, domain: &str, version: u64, reason: &str) -> Run<'_> {
+        self.cmd().args([
+            "revoke",
+            "--domain",
+            domain,
+            "--version",
+            &version.to_string(),
+            "--reason",
+            reason,
+            "--deadline",
+            "1m",
+        ])
+    }
+
     pub fn audit(&self) -> Vec<Value> {
         match std::fs::read_to_string(self.path("state/audit.jsonl")) {
             Ok(s) => s
