@@ -64,21 +64,8 @@ algorithm = "hmac-sha256"
     env
 }
 
-pub fn write_kek(env: &Env, bytes: &[u8]) {
-    let p = env.path("kek");
-    let _ = std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600));
-    std::fs::write(&p, bytes).unwrap();
-    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
-}
-
-/// `sync --deadline 1m` (all shared domains, or `domain`).
-pub fn sync<'a>(env: &'a Env, domain: Option<&str>) -> crate::common::Run<'a> {
-    let run = env.cmd().args(["sync", "--deadline", "1m"]);
-    match domain {
-        Some(d) => run.args(["--domain", d]),
-        None => run,
-    }
-}
+// The KEK file and `sync` are the fault tests' helpers (`common::shared`).
+pub use crate::common::shared::{sync, write_kek};
 
 /// Every file of a host's copy of `domain`, with its bytes (symlinks as targets).
 pub fn copy_of(env: &Env, domain: &str) -> Vec<(String, Vec<u8>)> {
