@@ -61,39 +61,45 @@ pub struct Planned {
 /// The backend a domain's config names.
 pub fn for_domain(domain: &DomainConfig, state_dir: &Path) -> Box<dyn RotationBackend> {
     match &domain.backend {
-        Backend::Keystore {
-            algorithm,
-            keystore,
-            activation,
-            ..
-        } if domain.shared().is_some() => Box::new(shared::SharedBackend {
-            keystore: crate::keystore::Keystore::new(keystore, &domain.name).with_access(domain.access.clone()),
-            algorithm: *algorithm,
-            activation: *activation,
-            retain: domain.retain,
-            store: domain.shared().cloned().expect("matched as shared"),
-            revoke: None,
-        }),
-        Backend::Keystore {
-            algorithm,
-            keystore,
-            activation,
-            custody,
-        } => Box::new(keystore::KeystoreBackend {
-            keystore: crate::keystore::Keystore::new(keystore, &domain.name)
-                .with_access(domain.access.clone())
-                .with_token(custody.clone()),
-            algorithm: *algorithm,
-            activation: *activation,
-            retain: domain.retain,
-            revoke: None,
-        }),
+        Backend::Keystore { .. } => keystore_backend(domain, None).expect("matched as a key store"),
         Backend::Command { program, args } => Box::new(command::CommandBackend {
             program: program.clone(),
             args: args.clone(),
             state_dir: state_dir.to_path_buf(),
         }),
     }
+}
+
+/// A key store domain's backend (the shared store's or the local one), rotating, or
+/// revoking `revoke`. `None` for a command domain.
+fn keystore_backend(domain: &DomainConfig, revoke: Option<keystore::Revocation>) -> Option<Box<dyn RotationBackend>> {
+    let Backend::Keystore {
+        algorithm,
+        keystore,
+        activation,
+        custody,
+    } = &domain.backend
+    else {
+        return None;
+    };
+    let store = crate::keystore::Keystore::new(keystore, &domain.name).with_access(domain.access.clone());
+    Some(match domain.shared() {
+        Some(shared_store) => Box::new(shared::SharedBackend {
+            keystore: store,
+            algorithm: *algorithm,
+            activation: *activation,
+            retain: domain.retain,
+            store: shared_store.clone(),
+            revoke,
+        }),
+        None => Box::new(keystore::KeystoreBackend {
+            keystore: store.with_token(custody.clone()),
+            algorithm: *algorithm,
+            activation: *activation,
+            retain: domain.retain,
+            revoke,
+        }),
+    })
 }
 
 /// The backend of a `keyrotate revoke` of `revocation` (DESIGN 11): the key store's,
@@ -104,33 +110,9 @@ pub fn for_revocation(
     revocation: &keystore::Revocation,
 ) -> Result<Box<dyn RotationBackend>, String> {
     match &domain.backend {
-        Backend::Keystore {
-            algorithm,
-            keystore,
-            activation,
-            ..
-        } if domain.shared().is_some() => Ok(Box::new(shared::SharedBackend {
-            keystore: crate::keystore::Keystore::new(keystore, &domain.name).with_access(domain.access.clone()),
-            algorithm: *algorithm,
-            activation: *activation,
-            retain: domain.retain,
-            store: domain.shared().cloned().expect("matched as shared"),
-            revoke: Some(revocation.clone()),
-        })),
-        Backend::Keystore {
-            algorithm,
-            keystore,
-            activation,
-            custody,
-        } => Ok(Box::new(keystore::KeystoreBackend {
-            keystore: crate::keystore::Keystore::new(keystore, &domain.name)
-                .with_access(domain.access.clone())
-                .with_token(custody.clone()),
-            algorithm: *algorithm,
-            activation: *activation,
-            retain: domain.retain,
-            revoke: Some(revocation.clone()),
-        })),
+        Backend::Keystore { .. } => {
+            Ok(keystore_backend(domain, Some(revocation.clone())).expect("matched as a key store"))
+        }
         Backend::Command { .. } => Err(format!(
             "domain {} uses the command backend: keyrotate holds none of its secrets, so it cannot revoke one; \
              rotate it (rotate --force) and revoke the old secret where the hook installed it",
