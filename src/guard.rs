@@ -2,15 +2,14 @@
 //!
 //! `checkpoint` is called before every step that cannot be undone; it turns a pending
 //! SIGTERM/SIGINT/SIGHUP into ABORTED and an expired deadline into TIMED_OUT. A step
-//! that hangs never reaches the next checkpoint, so a watchdog thread fires at the
-//! deadline and ends the process itself (the hung step is abandoned, exactly like a
+//! that hangs never reaches the next checkpoint, so a watchdog (on the process's one
+//! timer thread, see [`timer`]) fires at the deadline and ends the process itself (the hung step is abandoned, exactly like a
 //! crash before the commit: the old manifest stays authoritative). The main thread and
 //! the watchdog race for one atomic phase, so the watchdog can never fire once the
 //! commit has begun, and the commit can never begin once the watchdog has fired.
 
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
 
 use crate::deadline::Deadline;
 use crate::outcome::{Failure, Outcome};
@@ -110,7 +109,7 @@ impl Guard {
 
     /// Bounds a step that runs before the watchdog is armed (the admission's reading
     /// of the plan, which may open a PKCS#11 token that never answers): at the
-    /// deadline, unless `Backstop::disarm` came first, `on_fire` runs on its own
+    /// deadline, unless `Backstop::disarm` came first, `on_fire` runs on the timer
     /// thread and must end the process. Nothing is recorded before it is disarmed.
     /// It fires `after` the deadline, so that a step that bounds its own wait (the
     /// ledger's lock timeout) reports its own, more precise, time-out first.
@@ -119,79 +118,40 @@ impl Guard {
     }
 
     /// Starts the watchdog: `after` the deadline, if the run is still before its
-    /// commit, `on_fire(step)` runs on the watchdog thread and must end the process.
+    /// commit, `on_fire(step)` runs on the timer thread and must end the process.
     /// (A backend that kills its own hung steps at the deadline gets a late watchdog,
     /// as a backstop.)
     pub fn spawn_watchdog(&self, after: std::time::Duration, on_fire: impl FnOnce(&'static str) + Send + 'static) {
-        let guard = self.clone();
-        std::thread::Builder::new()
-            .name("deadline-watchdog".into())
-            .spawn(move || {
-                let at = guard.deadline.instant() + after;
-                loop {
-                    let now = Instant::now();
-                    if now >= at {
-                        break;
-                    }
-                    std::thread::park_timeout(at - now);
-                    if guard.phase.load(Ordering::SeqCst) != PRE_COMMIT {
-                        return;
-                    }
-                }
-                if guard
-                    .phase
-                    .compare_exchange(PRE_COMMIT, FIRED, Ordering::SeqCst, Ordering::SeqCst)
-                    .is_ok()
-                {
-                    let step = *guard.step.lock().unwrap_or_else(|e| e.into_inner());
-                    on_fire(step);
-                }
-            })
-            .expect("spawning the watchdog thread");
+        let step = Arc::clone(&self.step);
+        timer::arm(
+            self.deadline.instant() + after,
+            Arc::clone(&self.phase),
+            Box::new(move || {
+                let step = *step.lock().unwrap_or_else(|e| e.into_inner());
+                on_fire(step);
+            }),
+        );
     }
 }
 
 /// See `Guard::backstop`.
 pub struct Backstop {
-    state: Arc<AtomicU8>,
-    thread: std::thread::JoinHandle<()>,
+    phase: Arc<AtomicU8>,
 }
 
 impl Backstop {
     /// See `Guard::backstop`; also for a run without a guard (a dry run).
     pub fn arm(deadline: &Deadline, after: std::time::Duration, on_fire: impl FnOnce() + Send + 'static) -> Backstop {
-        let state = Arc::new(AtomicU8::new(PRE_COMMIT));
-        let watched = Arc::clone(&state);
-        let at = deadline.instant() + after;
-        let thread = std::thread::Builder::new()
-            .name("admission-backstop".into())
-            .spawn(move || {
-                loop {
-                    let now = Instant::now();
-                    if now >= at {
-                        break;
-                    }
-                    std::thread::park_timeout(at - now);
-                    if watched.load(Ordering::SeqCst) != PRE_COMMIT {
-                        return;
-                    }
-                }
-                if watched
-                    .compare_exchange(PRE_COMMIT, FIRED, Ordering::SeqCst, Ordering::SeqCst)
-                    .is_ok()
-                {
-                    on_fire();
-                }
-            })
-            .expect("spawning the backstop thread");
-        Backstop { state, thread }
+        let phase = Arc::new(AtomicU8::new(PRE_COMMIT));
+        timer::arm(deadline.instant() + after, Arc::clone(&phase), Box::new(on_fire));
+        Backstop { phase }
     }
 
     /// Stands the backstop down. If it has already fired it is ending the process:
     /// the caller must not go on, so this never returns then.
     pub fn disarm(self) {
         if self
-            .state
+            .phase
             .compare_exchange(PRE_COMMIT, PAST_WATCH, Ordering::SeqCst, Ordering::SeqCst)
             .is_err()
         {
@@ -199,6 +159,101 @@ impl Backstop {
                 std::thread::park();
             }
         }
-        self.thread.thread().unpark();
+        // The timer is not woken: it drops this entry when it next wakes. Waking it
+        // now would cost a futex call and a context switch for nothing.
+    }
+}
+
+/// The process's one timer thread, shared by every bound a run sets (the admission
+/// backstop, then the deadline watchdog; a dry run's or a read-only command's
+/// backstop). A thread costs a clone, a stack mapping and, with glibc, a malloc arena
+/// of its own: a run pays for one, started the first time a bound is armed, and a run
+/// that arms none (refused before it reads anything) starts none.
+///
+/// Why a thread at all: a step can hang where no signal reaches it (a read on a hard
+/// NFS mount, a PKCS#11 module waiting on its token), and the end of a run at its
+/// deadline records the outcome (ledger, audit line, report), which a signal handler
+/// cannot do. Only another thread can.
+mod timer {
+    use std::sync::atomic::{AtomicU8, Ordering};
+    use std::sync::{Arc, Condvar, Mutex, OnceLock};
+    use std::time::Instant;
+
+    use super::{FIRED, PRE_COMMIT};
+
+    /// One armed bound: at `at`, if `phase` is still `PRE_COMMIT`, the timer claims it
+    /// (`FIRED`) and runs `action`, which ends the process. Whoever moves `phase` on
+    /// first wins: the armer by standing down, or the timer by firing.
+    struct Entry {
+        at: Instant,
+        phase: Arc<AtomicU8>,
+        action: Box<dyn FnOnce() + Send>,
+    }
+
+    struct Timer {
+        entries: Mutex<Vec<Entry>>,
+        wake: Condvar,
+    }
+
+    static TIMER: OnceLock<Timer> = OnceLock::new();
+
+    /// Arms one bound; starts the timer thread the first time.
+    pub(super) fn arm(at: Instant, phase: Arc<AtomicU8>, action: Box<dyn FnOnce() + Send>) {
+        let mut started = false;
+        let timer = TIMER.get_or_init(|| {
+            started = true;
+            Timer {
+                entries: Mutex::new(Vec::new()),
+                wake: Condvar::new(),
+            }
+        });
+        timer
+            .entries
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Entry { at, phase, action });
+        if started {
+            std::thread::Builder::new()
+                .name("keyrotate-timer".into())
+                .spawn(move || run(timer))
+                .expect("spawning the timer thread");
+        } else {
+            // It may be asleep until a later instant (or for good): let it look again.
+            timer.wake.notify_one();
+        }
+    }
+
+    fn run(timer: &'static Timer) {
+        let mut entries = timer.entries.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            // Stood down (or, impossibly, fired): nothing left to watch for them.
+            entries.retain(|e| e.phase.load(Ordering::SeqCst) == PRE_COMMIT);
+            let now = Instant::now();
+            if let Some(i) = entries.iter().position(|e| e.at <= now) {
+                let due = entries.swap_remove(i);
+                if due
+                    .phase
+                    .compare_exchange(PRE_COMMIT, FIRED, Ordering::SeqCst, Ordering::SeqCst)
+                    .is_ok()
+                {
+                    // Not under the lock: the action ends the process, and a main
+                    // thread arming or standing down meanwhile must not block on it.
+                    drop(entries);
+                    (due.action)();
+                    entries = timer.entries.lock().unwrap_or_else(|e| e.into_inner());
+                }
+                continue;
+            }
+            entries = match entries.iter().map(|e| e.at).min() {
+                Some(next) => {
+                    timer
+                        .wake
+                        .wait_timeout(entries, next - now)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0
+                }
+                None => timer.wake.wait(entries).unwrap_or_else(|e| e.into_inner()),
+            };
+        }
     }
 }

@@ -7,8 +7,8 @@
 //! `/proc/locks` instead.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Seek, Write};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::io::{self, Read};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -36,6 +36,8 @@ impl Holder {
 pub struct DomainLock {
     file: File,
     path: PathBuf,
+    /// The file's length when opened: the holder record is written over it in place.
+    len: u64,
 }
 
 pub enum Acquire {
@@ -48,7 +50,8 @@ pub fn lock_path(lock_dir: &Path, domain: &str) -> PathBuf {
     lock_dir.join(format!("{domain}.lock"))
 }
 
-fn open_lock_file(path: &Path) -> io::Result<File> {
+/// The lock file, opened (created if absent), and its length.
+fn open_lock_file(path: &Path) -> io::Result<(File, u64)> {
     let f = OpenOptions::new()
         .read(true)
         .write(true)
@@ -64,13 +67,13 @@ fn open_lock_file(path: &Path) -> io::Result<File> {
     if meta.mode() & 0o077 != 0 {
         f.set_permissions(fs::Permissions::from_mode(0o600))?;
     }
-    Ok(f)
+    Ok((f, meta.len()))
 }
 
 impl DomainLock {
     /// Tries once to take the lock; never waits.
     pub fn try_acquire(path: &Path) -> Result<Acquire, String> {
-        let file = open_lock_file(path).map_err(|e| {
+        let (file, len) = open_lock_file(path).map_err(|e| {
             // O_NOFOLLOW's ELOOP reads as "too many levels of symbolic links": say what it is.
             check_openable(path)
                 .err()
@@ -80,6 +83,7 @@ impl DomainLock {
             Ok(()) => Ok(Acquire::Acquired(DomainLock {
                 file,
                 path: path.to_path_buf(),
+                len,
             })),
             Err(std::fs::TryLockError::WouldBlock) => Ok(Acquire::Busy(read_holder(path))),
             Err(std::fs::TryLockError::Error(e)) => Err(format!(
@@ -92,13 +96,23 @@ impl DomainLock {
 
     /// Records the holder in the lock file for diagnostics (not durable: it only
     /// matters while the lock is held).
+    ///
+    /// Written over the last holder's record in place, then cut to its own length only
+    /// if the file was longer: emptying the file first (as `O_TRUNC` or `set_len(0)`
+    /// would) makes the file system free the file's block and allocate it again on
+    /// every run, which costs a journal update, and records are nearly always the same
+    /// length. A reader never sees a stale tail: the length is exact once this returns.
     pub fn write_holder(&mut self, holder: &Holder) -> Result<(), String> {
         let mut line = serde_json::to_vec(holder).expect("json");
         line.push(b'\n');
         let res = (|| {
-            self.file.set_len(0)?;
-            self.file.rewind()?;
-            self.file.write_all(&line)
+            self.file.write_all_at(&line, 0)?;
+            let len = line.len() as u64;
+            if self.len > len {
+                self.file.set_len(len)?;
+            }
+            self.len = len;
+            Ok::<(), io::Error>(())
         })();
         res.map_err(|e| format!("lock file {}: {}", self.path.display(), crate::fsutil::io_reason(&e)))
     }

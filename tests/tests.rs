@@ -54,3 +54,5 @@ mod shared_store;
 mod shared_storm;
 #[cfg(feature = "failpoints")]
 mod staging_at_admission;
+#[cfg(feature = "failpoints")]
+mod threads_and_locks;
