@@ -124,7 +124,8 @@ impl Guard {
     pub fn spawn_watchdog(&self, after: std::time::Duration, on_fire: impl FnOnce(&'static str) + Send + 'static) {
         let step = Arc::clone(&self.step);
         timer::arm(
-            self.deadline.instant() + after,
+            self.deadline.instant(),
+            after,
             Arc::clone(&self.phase),
             Box::new(move || {
                 let step = *step.lock().unwrap_or_else(|e| e.into_inner());
@@ -143,7 +144,7 @@ impl Backstop {
     /// See `Guard::backstop`; also for a run without a guard (a dry run).
     pub fn arm(deadline: &Deadline, after: std::time::Duration, on_fire: impl FnOnce() + Send + 'static) -> Backstop {
         let phase = Arc::new(AtomicU8::new(PRE_COMMIT));
-        timer::arm(deadline.instant() + after, Arc::clone(&phase), Box::new(on_fire));
+        timer::arm(deadline.instant(), after, Arc::clone(&phase), Box::new(on_fire));
         Backstop { phase }
     }
 
@@ -177,60 +178,103 @@ impl Backstop {
 mod timer {
     use std::sync::atomic::{AtomicU8, Ordering};
     use std::sync::{Arc, Condvar, Mutex, OnceLock};
-    use std::time::Instant;
+    use std::time::{Duration, Instant};
 
     use super::{FIRED, PRE_COMMIT};
 
-    /// One armed bound: at `at`, if `phase` is still `PRE_COMMIT`, the timer claims it
-    /// (`FIRED`) and runs `action`, which ends the process. Whoever moves `phase` on
-    /// first wins: the armer by standing down, or the timer by firing.
+    /// One armed bound: `after` its deadline, if `phase` is still `PRE_COMMIT`, the
+    /// timer claims it (`FIRED`) and runs `action`, which ends the process. Whoever
+    /// moves `phase` on first wins: the armer by standing down, or the timer by firing.
     struct Entry {
+        deadline: Instant,
         at: Instant,
         phase: Arc<AtomicU8>,
         action: Box<dyn FnOnce() + Send>,
     }
 
+    impl Entry {
+        /// When the timer must look at this entry next. Before the deadline it looks
+        /// at the deadline itself, not `after` it: a run arms its bounds one after the
+        /// other (the backstop fires a second after the deadline, the watchdog that
+        /// replaces it at the deadline), and a timer already due at the deadline needs
+        /// no wake-up (a futex call and a context switch) when the next one is armed.
+        fn look_at(&self, now: Instant) -> Instant {
+            if now < self.deadline {
+                self.deadline
+            } else {
+                self.at
+            }
+        }
+    }
+
+    /// What the timer thread is doing, so that arming wakes it only when it must.
+    enum Sleep {
+        /// Not waiting (starting, or looking at the entries): it sees a new entry anyway.
+        Awake,
+        /// Waiting until this instant.
+        Until(Instant),
+        /// Waiting for an entry.
+        Idle,
+    }
+
+    struct State {
+        entries: Vec<Entry>,
+        sleep: Sleep,
+    }
+
     struct Timer {
-        entries: Mutex<Vec<Entry>>,
+        state: Mutex<State>,
         wake: Condvar,
     }
 
     static TIMER: OnceLock<Timer> = OnceLock::new();
 
     /// Arms one bound; starts the timer thread the first time.
-    pub(super) fn arm(at: Instant, phase: Arc<AtomicU8>, action: Box<dyn FnOnce() + Send>) {
+    pub(super) fn arm(deadline: Instant, after: Duration, phase: Arc<AtomicU8>, action: Box<dyn FnOnce() + Send>) {
         let mut started = false;
         let timer = TIMER.get_or_init(|| {
             started = true;
             Timer {
-                entries: Mutex::new(Vec::new()),
+                state: Mutex::new(State {
+                    entries: Vec::new(),
+                    sleep: Sleep::Awake,
+                }),
                 wake: Condvar::new(),
             }
         });
-        timer
-            .entries
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(Entry { at, phase, action });
+        let entry = Entry {
+            deadline,
+            at: deadline + after,
+            phase,
+            action,
+        };
+        let mut state = timer.state.lock().unwrap_or_else(|e| e.into_inner());
+        let wake = match state.sleep {
+            Sleep::Awake => false,
+            Sleep::Until(t) => entry.look_at(Instant::now()) < t,
+            Sleep::Idle => true,
+        };
+        state.entries.push(entry);
+        drop(state);
         if started {
             std::thread::Builder::new()
                 .name("keyrotate-timer".into())
                 .spawn(move || run(timer))
                 .expect("spawning the timer thread");
-        } else {
-            // It may be asleep until a later instant (or for good): let it look again.
+        } else if wake {
             timer.wake.notify_one();
         }
     }
 
     fn run(timer: &'static Timer) {
-        let mut entries = timer.entries.lock().unwrap_or_else(|e| e.into_inner());
+        let mut state = timer.state.lock().unwrap_or_else(|e| e.into_inner());
         loop {
+            state.sleep = Sleep::Awake;
             // Stood down (or, impossibly, fired): nothing left to watch for them.
-            entries.retain(|e| e.phase.load(Ordering::SeqCst) == PRE_COMMIT);
+            state.entries.retain(|e| e.phase.load(Ordering::SeqCst) == PRE_COMMIT);
             let now = Instant::now();
-            if let Some(i) = entries.iter().position(|e| e.at <= now) {
-                let due = entries.swap_remove(i);
+            if let Some(i) = state.entries.iter().position(|e| e.at <= now) {
+                let due = state.entries.swap_remove(i);
                 if due
                     .phase
                     .compare_exchange(PRE_COMMIT, FIRED, Ordering::SeqCst, Ordering::SeqCst)
@@ -238,22 +282,66 @@ mod timer {
                 {
                     // Not under the lock: the action ends the process, and a main
                     // thread arming or standing down meanwhile must not block on it.
-                    drop(entries);
+                    drop(state);
                     (due.action)();
-                    entries = timer.entries.lock().unwrap_or_else(|e| e.into_inner());
+                    state = timer.state.lock().unwrap_or_else(|e| e.into_inner());
                 }
                 continue;
             }
-            entries = match entries.iter().map(|e| e.at).min() {
+            state = match state.entries.iter().map(|e| e.look_at(now)).min() {
                 Some(next) => {
+                    state.sleep = Sleep::Until(next);
                     timer
                         .wake
-                        .wait_timeout(entries, next - now)
+                        .wait_timeout(state, next - now)
                         .unwrap_or_else(|e| e.into_inner())
                         .0
                 }
-                None => timer.wake.wait(entries).unwrap_or_else(|e| e.into_inner()),
+                None => {
+                    state.sleep = Sleep::Idle;
+                    timer.wake.wait(state).unwrap_or_else(|e| e.into_inner())
+                }
             };
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc;
+    use std::time::{Duration, Instant};
+
+    fn deadline_in(ms: u64) -> Deadline {
+        Deadline::parse(&format!("{ms}ms"), Duration::from_secs(60)).unwrap()
+    }
+
+    /// The timer fires each bound at its own time, whatever was armed before it: a
+    /// later bound does not wait for an earlier one's later instant, an earlier one
+    /// wakes a timer asleep until later, and a bound stood down never fires.
+    #[test]
+    fn one_timer_fires_every_bound_on_time_and_never_a_disarmed_one() {
+        let (tx, rx) = mpsc::channel::<(&'static str, Instant)>();
+        let send = |name: &'static str| {
+            let tx = tx.clone();
+            move || tx.send((name, Instant::now())).unwrap()
+        };
+        let start = Instant::now();
+        // Asleep until 3 s from now (its deadline): an earlier bound must wake it.
+        let late = Backstop::arm(&deadline_in(3000), Duration::from_secs(5), send("late"));
+        let early = deadline_in(100);
+        let standing_down = Backstop::arm(&early, Duration::from_secs(1), send("disarmed"));
+        standing_down.disarm();
+        // Armed after, at the same deadline, with no delay: fires at the deadline, not
+        // at the disarmed one's second later.
+        let _on_time = Backstop::arm(&early, Duration::ZERO, send("on time"));
+        let (name, at) = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert_eq!(name, "on time");
+        let took = at - start;
+        assert!(took >= Duration::from_millis(100), "fired early: {took:?}");
+        assert!(took < Duration::from_millis(900), "fired late: {took:?}");
+        // Nothing else within the disarmed bound's time.
+        assert!(rx.recv_timeout(Duration::from_millis(1500)).is_err());
+        late.disarm();
     }
 }
