@@ -37,12 +37,12 @@ fn token_files(env: &Env, name: &str) -> Vec<PathBuf> {
 /// process using the same token (a stuck `pkcs11-tool`, another application) does:
 /// SoftHSM2 waits for them without a timeout. Record locks belong to this (the test)
 /// process, so the child `keyrotate` blocks on them until they are dropped.
-struct TokenHeld {
+pub(crate) struct TokenHeld {
     _files: Vec<std::fs::File>,
 }
 
 impl TokenHeld {
-    fn new(env: &Env) -> TokenHeld {
+    pub(crate) fn new(env: &Env) -> TokenHeld {
         use std::os::fd::AsRawFd;
         let mut files = Vec::new();
         for p in token_files(env, "token.lock")

@@ -331,3 +331,67 @@ fn check_names_each_kek_problem_and_a_rotation_without_the_kek_aborts() {
     hsm.with(a.rotate("mac")).status(0);
     assert_eq!(epoch(&db, "mac"), "1");
 }
+
+/// A sync whose token never answers (another process holds the token's files, and
+/// SoftHSM2 waits for them without a timeout) ends a second after its deadline with 8,
+/// in text and in JSON, and leaves the local copy as it was; once the token answers,
+/// the same sync succeeds.
+#[test]
+fn a_sync_whose_token_hangs_ends_at_its_deadline_and_keeps_the_copy() {
+    use std::time::{Duration, Instant};
+    let test = "a_sync_whose_token_hangs_ends_at_its_deadline_and_keeps_the_copy";
+    let Some(module) = needs(test) else { return };
+    let db = Database::new();
+    let a = host(&db, &module, "host-a", "pool-a");
+    let b = host(&db, &module, "host-b", "pool-b");
+    let hsm_a = fresh_token(&a, test, Some(("AES:32", &["--sensitive"])));
+    let hsm_b = copy_token(&a, &b, &module);
+    hsm_a.with(a.rotate("mac")).status(0);
+    hsm_b.with(sync(&b, Some("mac"))).status(0);
+    hsm_a.with(a.rotate("mac")).status(0);
+    let kept = copy_of(&b, "mac");
+
+    for json in [false, true] {
+        let held = crate::pkcs11_attacks::TokenHeld::new(&b);
+        let start = Instant::now();
+        let mut cmd = hsm_b
+            .with(b.cmd())
+            .args(["sync", "--domain", "mac", "--deadline", "3s"]);
+        if json {
+            cmd = cmd.args(["--output", "json"]);
+        }
+        let mut child = cmd.spawn();
+        let mut code = None;
+        while start.elapsed() < Duration::from_secs(30) {
+            if let Some(s) = child.try_wait().unwrap() {
+                code = s.code();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let took = start.elapsed();
+        if code.is_none() {
+            let _ = child.kill();
+        }
+        drop(held);
+        let out = child.wait_with_output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            code.is_some(),
+            "sync --deadline 3s still ran after {took:?} on a hung token"
+        );
+        assert_eq!(code, Some(8), "a hung token is a time-out: {stdout}");
+        assert!(took < Duration::from_secs(15), "ended only after {took:?}");
+        if json {
+            let v: serde_json::Value = serde_json::from_str(&stdout).expect("one JSON report");
+            assert_eq!(v["exit_code"], 8, "{stdout}");
+            assert_eq!(v["domains"][0]["outcome"], "TIMED_OUT", "{stdout}");
+        } else {
+            assert!(stdout.contains("TIMED_OUT mac: deadline"), "{stdout}");
+        }
+        assert_eq!(copy_of(&b, "mac"), kept, "the local copy changed");
+    }
+    let out = hsm_b.with(sync(&b, Some("mac"))).status(0);
+    assert!(out.stdout.contains("SYNCED mac: epoch 2"), "{}", out.stdout);
+    assert_eq!(copy_of(&a, "mac"), copy_of(&b, "mac"));
+}

@@ -62,7 +62,18 @@ pub fn run(cli: &Cli, args: &SyncArgs) -> Outcome {
         Ok(c) => c,
         Err(f) => return report_failure(&f),
     };
+    // A step that never answers (a token whose module waits on a lock, a database or a
+    // hard-mounted folder that stops responding) is ended a second after the deadline
+    // by the process's timer, as a rotation's is before admission: nothing more is
+    // written, and every local copy is whole (each file is replaced atomically and
+    // `keyring.json`, the one readers trust, last), as after a kill at that step.
+    let backstop = crate::guard::Backstop::arm(
+        ctx.guard.deadline(),
+        std::time::Duration::from_secs(1),
+        timed_out(&ctx, args.output),
+    );
     let results = sync_all(&ctx);
+    backstop.disarm();
     let outcome = [Outcome::Aborted, Outcome::TimedOut, Outcome::Busy]
         .into_iter()
         .find(|o| results.iter().any(|r| r.code == *o))
@@ -70,6 +81,48 @@ pub fn run(cli: &Cli, args: &SyncArgs) -> Outcome {
     print(&ctx, &results, outcome, args.output);
     super::write_metrics(&ctx.config);
     outcome
+}
+
+/// What the timer does when a sync is still waiting a second after its deadline: the
+/// report the operator and Control-M read (TIMED_OUT, 8), then the end of the process.
+/// No ledger row or audit line: writing either could wait on the very thing that hangs.
+fn timed_out(ctx: &Ctx, output: OutputFormat) -> impl FnOnce() + Send + 'static {
+    let (host, pool) = (ctx.host.clone(), ctx.pool.clone());
+    let domains: Vec<String> = ctx.domains.iter().map(|d| d.name.clone()).collect();
+    let deadline = crate::time::rfc3339(ctx.guard.deadline().at());
+    move || {
+        let reason = format!(
+            "deadline {deadline} passed while the sync was still waiting (a token, the database or \
+             a folder that does not answer); each local copy is whole (the epoch it held or the \
+             new one): sync again once it answers"
+        );
+        tracing::error!("TIMED_OUT: {reason}");
+        match output {
+            OutputFormat::Json => print_json(&serde_json::json!({
+                "host": host,
+                "pool": pool,
+                "exit_code": Outcome::TimedOut.code(),
+                "domains": domains.iter().map(|d| serde_json::json!({
+                    "domain": d,
+                    "outcome": Outcome::TimedOut.name(),
+                    "exit_code": Outcome::TimedOut.code(),
+                    "reason": reason,
+                })).collect::<Vec<_>>(),
+            })),
+            OutputFormat::Text => {
+                for d in &domains {
+                    out!(
+                        "{} {d}: {reason} ({})",
+                        Outcome::TimedOut.name(),
+                        Outcome::TimedOut.code()
+                    );
+                }
+            }
+        }
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        std::process::exit(i32::from(Outcome::TimedOut.code()));
+    }
 }
 
 fn prepare(cli: &Cli, args: &SyncArgs) -> Result<Ctx, Failure> {
