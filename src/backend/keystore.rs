@@ -103,6 +103,34 @@ pub fn examine(ks: &Keystore, ledger: Option<&Ledger>, domain: &str) -> Result<(
     examine_for(ks, ledger, domain, None, None)
 }
 
+/// The ledger's record of a domain as the last [`examine`] of this process read it,
+/// with the generation of the inspection it judged (see [`Keystore::inspect_seen`]).
+static LAST_PROVENANCE: Mutex<Option<(u64, crate::keystore::Provenance)>> = Mutex::new(None);
+
+/// [`examine`] for the admission's prediction of what the run will stage
+/// ([`super::RotationBackend::planned_files`]): when the key store is provably
+/// unchanged since this process last examined it (the repair pass, moments before
+/// under the same locks, with no ledger write in between), that judgement's ledger
+/// record is reused instead of queried again. A prediction only: the rotation examines
+/// afresh after the admission, compares its staging list with this one and records
+/// its own when they differ (`Step::staging`), so a stale record here can cost one
+/// flushed write, never an unrecorded file.
+fn examine_to_predict(ks: &Keystore, ledger: &Ledger) -> Result<(Inspection, Verdict), ExamineError> {
+    let (insp, generation) = ks.inspect_seen(None).map_err(ExamineError::Store)?;
+    let remembered = generation.and_then(|g| {
+        let last = LAST_PROVENANCE.lock().unwrap_or_else(|e| e.into_inner());
+        last.as_ref().filter(|(at, _)| *at == g).map(|(_, prov)| prov.clone())
+    });
+    let prov = match remembered {
+        Some(prov) => prov,
+        None => ledger
+            .provenance(ks.domain(), insp.manifest.committed_by_run.as_deref())
+            .map_err(|e| ExamineError::Ledger(e.into()))?,
+    };
+    let verdict = judge(&insp, &prov);
+    Ok((insp, verdict))
+}
+
 /// `examine` for the run `own_run`, leaving out its own staging record: the names it
 /// recorded at admission are its plan, not numbers some other run took.
 fn examine_for(
@@ -112,12 +140,18 @@ fn examine_for(
     own_run: Option<&str>,
     revoking: Option<u64>,
 ) -> Result<(Inspection, Verdict), ExamineError> {
-    let insp = ks.inspect_revoking(revoking).map_err(ExamineError::Store)?;
+    let (insp, generation) = ks.inspect_seen(revoking).map_err(ExamineError::Store)?;
     let prov = match ledger {
         Some(l) => {
             let mut prov = l
                 .provenance(domain, insp.manifest.committed_by_run.as_deref())
                 .map_err(|e| ExamineError::Ledger(e.into()))?;
+            let mut last = LAST_PROVENANCE.lock().unwrap_or_else(|e| e.into_inner());
+            *last = match (generation, own_run, revoking) {
+                (Some(g), None, None) if domain == ks.domain() => Some((g, prov.clone())),
+                _ => None,
+            };
+            drop(last);
             prov.runs.retain(|r| Some(r.run_id.as_str()) != own_run);
             prov
         }
@@ -711,7 +745,7 @@ impl super::RotationBackend for KeystoreBackend {
 
     fn planned_files(&self, ledger: &Ledger) -> Option<Vec<String>> {
         let ks = &self.keystore;
-        let (insp, verdict) = examine(ks, Some(ledger), ks.domain()).ok()?;
+        let (insp, verdict) = examine_to_predict(ks, ledger).ok()?;
         if refusal(&verdict, ks.domain(), self.revoke.is_some()).is_some() {
             // The run will refuse the store: it creates nothing, so records nothing.
             return None;
