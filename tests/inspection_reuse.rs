@@ -87,7 +87,7 @@ fn traced(run: crate::common::Run<'_>, trace: &Path) -> Option<crate::common::Ou
 }
 
 #[test]
-fn a_steady_rotation_reads_each_file_of_the_key_folder_once_and_never_stats_destroyed_versions() {
+fn a_steady_rotation_reads_the_key_folder_once_and_never_stats_destroyed_versions() {
     let env = Env::new();
     for _ in 0..4 {
         env.rotate("sig").arg("--force").status(0);
@@ -115,6 +115,9 @@ fn a_steady_rotation_reads_each_file_of_the_key_folder_once_and_never_stats_dest
         1,
         "the active key, read once by the inspection\n{trace}"
     );
+    // jwks.json too: the repair check and both publications compare with what the
+    // inspection read, or with what the run itself wrote last.
+    assert_eq!(reads("jwks.json"), 1, "{trace}");
     // The destroyed and retired versions have no file: nothing asks for one by name
     // (the cost of a tidy-up must not grow with the domain's history).
     for gone in ["v000001.pem", "v000002.pem", "v000003.pem"] {

@@ -462,8 +462,8 @@ impl KeystoreRotation<'_> {
             now,
         ))
         .with_public_keys(&publics);
-        let published = ks
-            .publish_jwks(&preview, &publics, DirSync::Now)
+        let (published, jwks_held) = ks
+            .publish_jwks_holding(&preview, &publics, DirSync::Now, inspection.jwks_seen.as_deref())
             .map_err(|e| io("cannot write jwks.json", e))?;
         if !published {
             // No JWKS folder sync happened: make the staged names durable before the
@@ -546,7 +546,8 @@ impl KeystoreRotation<'_> {
         if let Err(e) = ks.destroy_files(&next, DirSync::Deferred) {
             rotated.warnings.push(warn("cannot unlink destroyed versions", e));
         }
-        if let Err(e) = ks.publish_jwks(&next, &publics, DirSync::Deferred) {
+        // Nothing wrote jwks.json since the preview's publication: no need to read it.
+        if let Err(e) = ks.publish_jwks_over(&next, &publics, DirSync::Deferred, jwks_held.as_deref()) {
             rotated.warnings.push(warn("cannot rewrite jwks.json", e));
         }
         recorded?;

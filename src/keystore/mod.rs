@@ -109,6 +109,12 @@ pub struct Inspection {
     /// published is never reused for another key.
     pub next_version: u64,
     pub exists: bool,
+    /// The bytes of `jwks.json` as this inspection read them, when it is a regular
+    /// file (`None`: absent, a symlink, unreadable). What the repair check and the
+    /// rotation's first publication compare with instead of reading it again: under
+    /// the lock nothing of keyrotate's writes it in between, and a change by anyone
+    /// else in between is no different from one just after a second read.
+    pub jwks_seen: Option<Vec<u8>>,
 }
 
 /// What the ledger knows about the runs that may have touched a domain's key files.
@@ -676,8 +682,11 @@ impl Keystore {
         // no fsync, unlike making each staged name durable before publishing.
         let jwks_path = self.dir.join(JWKS);
         reads.before_reading(&jwks_path);
-        if let Ok(bytes) = fsutil::read_nofollow(&jwks_path, MANIFEST_LIMIT) {
-            if let Some(n) = published_versions(&bytes).into_iter().max() {
+        let jwks_seen = fsutil::read_nofollow(&jwks_path, MANIFEST_LIMIT)
+            .ok()
+            .map(|b| b.to_vec());
+        if let Some(bytes) = &jwks_seen {
+            if let Some(n) = published_versions(bytes).into_iter().max() {
                 next_version = next_version.max(n + 1);
             }
         }
@@ -692,6 +701,7 @@ impl Keystore {
             unlisted,
             next_version,
             exists,
+            jwks_seen,
         })
     }
 
@@ -819,7 +829,7 @@ impl Keystore {
                 todo.push(format!("point {name} at v{}", active.version));
             }
         }
-        if self.jwks_stale(&insp.manifest, &insp.publics) {
+        if self.jwks_stale_given(&insp.manifest, &insp.publics, insp.jwks_seen.as_deref()) {
             todo.push("rewrite jwks.json from keyring.json".into());
         }
         if !insp.destroyed_files.is_empty() {
@@ -847,6 +857,16 @@ impl Keystore {
     }
 
     fn jwks_stale(&self, manifest: &Manifest, publics: &BTreeMap<u64, PublicKey>) -> bool {
+        self.jwks_stale_given(manifest, publics, None)
+    }
+
+    /// [`Keystore::jwks_stale`], given what `jwks.json` holds when that is known
+    /// (see [`Inspection::jwks_seen`]); otherwise it is read.
+    fn jwks_stale_given(&self, manifest: &Manifest, publics: &BTreeMap<u64, PublicKey>, seen: Option<&[u8]>) -> bool {
+        if let Some(old) = seen {
+            let bytes = jwks_bytes(manifest, publics).unwrap_or_else(empty_jwks);
+            return old != bytes.as_slice();
+        }
         let path = self.dir.join(JWKS);
         match jwks_bytes(manifest, publics) {
             None => fs::symlink_metadata(&path).is_ok() && !fs::read(&path).is_ok_and(|b| b == empty_jwks()),
@@ -946,17 +966,50 @@ impl Keystore {
         publics: &BTreeMap<u64, PublicKey>,
         sync: DirSync,
     ) -> io::Result<bool> {
+        self.publish_jwks_over(manifest, publics, sync, None)
+    }
+
+    /// [`Keystore::publish_jwks`] over a `jwks.json` known to be a regular file holding
+    /// `current` (what this run's inspection read, or what it last wrote there itself),
+    /// instead of reading it again; `None`: read it.
+    pub fn publish_jwks_over(
+        &self,
+        manifest: &Manifest,
+        publics: &BTreeMap<u64, PublicKey>,
+        sync: DirSync,
+        current: Option<&[u8]>,
+    ) -> io::Result<bool> {
+        self.publish_jwks_holding(manifest, publics, sync, current)
+            .map(|(wrote, _)| wrote)
+    }
+
+    /// [`Keystore::publish_jwks_over`], also returning what `jwks.json` then holds
+    /// (when it is a file with the manifest's key set): the `current` of the next
+    /// publication, which the run makes without anything else writing it in between.
+    pub fn publish_jwks_holding(
+        &self,
+        manifest: &Manifest,
+        publics: &BTreeMap<u64, PublicKey>,
+        sync: DirSync,
+        current: Option<&[u8]>,
+    ) -> io::Result<(bool, Option<Vec<u8>>)> {
         let path = self.dir.join(JWKS);
-        let bytes = match jwks_bytes(manifest, publics) {
-            Some(b) => b,
-            None if fs::symlink_metadata(&path).is_err() => return Ok(false),
-            None => empty_jwks(),
+        let bytes = match (jwks_bytes(manifest, publics), current) {
+            (Some(b), _) => b,
+            // A regular file is there: the key set to write is the empty one.
+            (None, Some(_)) => empty_jwks(),
+            (None, None) if fs::symlink_metadata(&path).is_err() => return Ok((false, None)),
+            (None, None) => empty_jwks(),
         };
-        if fs::read(&path).is_ok_and(|old| old == bytes) {
-            return Ok(false);
+        let unchanged = match current {
+            Some(old) => old == bytes.as_slice(),
+            None => fs::read(&path).is_ok_and(|old| old == bytes),
+        };
+        if unchanged {
+            return Ok((false, Some(bytes)));
         }
         fsutil::write_atomic_with(&self.dir, JWKS, &bytes, "jwks", sync, self.access().jwks_perms())?;
-        Ok(true)
+        Ok((true, Some(bytes)))
     }
 
     /// The commit point: atomically replaces `keyring.json`.
