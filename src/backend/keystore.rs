@@ -99,7 +99,11 @@ pub fn refusal(verdict: &Verdict, domain: &str, revoking: bool) -> Option<Failur
 
 /// Inspects a domain's key store and judges it against the ledger (`None`: there is no
 /// ledger yet, so it knows no run).
-pub fn examine(ks: &Keystore, ledger: Option<&Ledger>, domain: &str) -> Result<(Inspection, Verdict), ExamineError> {
+pub fn examine(
+    ks: &Keystore,
+    ledger: Option<&Ledger>,
+    domain: &str,
+) -> Result<(Arc<Inspection>, Verdict), ExamineError> {
     examine_for(ks, ledger, domain, None, None)
 }
 
@@ -115,7 +119,7 @@ static LAST_PROVENANCE: Mutex<Option<(u64, crate::keystore::Provenance)>> = Mute
 /// afresh after the admission, compares its staging list with this one and records
 /// its own when they differ (`Step::staging`), so a stale record here can cost one
 /// flushed write, never an unrecorded file.
-fn examine_to_predict(ks: &Keystore, ledger: &Ledger) -> Result<(Inspection, Verdict), ExamineError> {
+fn examine_to_predict(ks: &Keystore, ledger: &Ledger) -> Result<(Arc<Inspection>, Verdict), ExamineError> {
     let (insp, generation) = ks.inspect_seen(None).map_err(ExamineError::Store)?;
     let remembered = generation.and_then(|g| {
         let last = LAST_PROVENANCE.lock().unwrap_or_else(|e| e.into_inner());
@@ -139,7 +143,7 @@ fn examine_for(
     domain: &str,
     own_run: Option<&str>,
     revoking: Option<u64>,
-) -> Result<(Inspection, Verdict), ExamineError> {
+) -> Result<(Arc<Inspection>, Verdict), ExamineError> {
     let (insp, generation) = ks.inspect_seen(revoking).map_err(ExamineError::Store)?;
     let prov = match ledger {
         Some(l) => {

@@ -549,20 +549,21 @@ impl Keystore {
     /// the store unusable, since the revocation destroys and unpublishes it anyway.
     /// It is left out of the public keys.
     pub fn inspect_revoking(&self, revoking: Option<u64>) -> Result<Inspection, String> {
-        self.inspect_seen(revoking).map(|(insp, _)| insp)
+        self.inspect_seen(revoking).map(|(insp, _)| Arc::unwrap_or_clone(insp))
     }
 
     /// [`Keystore::inspect_revoking`], reusing this process's last inspection of the
     /// folder when nothing it read has changed since (see `seen`), with the
     /// inspection's generation: two results with the same `Some` generation come from
     /// the same reads of an unchanged folder. `None`: an inspection that cannot be
-    /// vouched for (a token's objects, a file changed in the tick it was read).
-    pub fn inspect_seen(&self, revoking: Option<u64>) -> Result<(Inspection, Option<u64>), String> {
+    /// vouched for (a token's objects, a file changed in the tick it was read). Shared,
+    /// not copied: the manifest it holds grows with the domain's history.
+    pub fn inspect_seen(&self, revoking: Option<u64>) -> Result<(Arc<Inspection>, Option<u64>), String> {
         if let Some((insp, generation)) = seen::recall(&self.dir, &self.domain, revoking) {
             return Ok((insp, Some(generation)));
         }
         let mut reads = seen::Reads::start();
-        let insp = self.inspect_anew(revoking, &mut reads)?;
+        let insp = Arc::new(self.inspect_anew(revoking, &mut reads)?);
         let generation = seen::remember(&self.dir, &self.domain, revoking, reads, &insp);
         Ok((insp, generation))
     }

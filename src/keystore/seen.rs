@@ -23,7 +23,7 @@
 use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use super::Inspection;
 
@@ -141,7 +141,7 @@ struct Remembered {
     domain: String,
     revoking: Option<u64>,
     reads: Reads,
-    inspection: Inspection,
+    inspection: Arc<Inspection>,
     generation: u64,
 }
 
@@ -152,13 +152,13 @@ static MEMO: Mutex<(u64, Vec<Remembered>)> = Mutex::new((0, Vec::new()));
 
 /// An earlier inspection of `dir` for the same revocation, if nothing it read has
 /// changed since, with its generation (equal generations: the same unchanged reads).
-pub(super) fn recall(dir: &Path, domain: &str, revoking: Option<u64>) -> Option<(Inspection, u64)> {
+pub(super) fn recall(dir: &Path, domain: &str, revoking: Option<u64>) -> Option<(Arc<Inspection>, u64)> {
     let memo = MEMO.lock().unwrap_or_else(|e| e.into_inner());
     let r = memo
         .1
         .iter()
         .find(|r| r.dir == dir && r.domain == domain && r.revoking == revoking)?;
-    r.reads.unchanged().then(|| (r.inspection.clone(), r.generation))
+    r.reads.unchanged().then(|| (Arc::clone(&r.inspection), r.generation))
 }
 
 /// Remembers an inspection whose reads are settled; returns its generation.
@@ -167,7 +167,7 @@ pub(super) fn remember(
     domain: &str,
     revoking: Option<u64>,
     reads: Reads,
-    inspection: &Inspection,
+    inspection: &Arc<Inspection>,
 ) -> Option<u64> {
     let mut memo = MEMO.lock().unwrap_or_else(|e| e.into_inner());
     memo.1
@@ -185,7 +185,7 @@ pub(super) fn remember(
         domain: domain.to_string(),
         revoking,
         reads,
-        inspection: inspection.clone(),
+        inspection: Arc::clone(inspection),
         generation,
     });
     Some(generation)
