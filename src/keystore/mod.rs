@@ -559,7 +559,13 @@ impl Keystore {
     /// vouched for (a token's objects, a file changed in the tick it was read). Shared,
     /// not copied: the manifest it holds grows with the domain's history.
     pub fn inspect_seen(&self, revoking: Option<u64>) -> Result<(Arc<Inspection>, Option<u64>), String> {
-        if let Some((insp, generation)) = seen::recall(&self.dir, &self.domain, revoking) {
+        // A store with a configured token lists its objects in every inspection, so
+        // none is remembered; nor may one made without the token be reused for it.
+        let recalled = match self.token_config {
+            None => seen::recall(&self.dir, &self.domain, revoking),
+            Some(_) => None,
+        };
+        if let Some((insp, generation)) = recalled {
             return Ok((insp, Some(generation)));
         }
         let mut reads = seen::Reads::start();
