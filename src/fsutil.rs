@@ -564,6 +564,12 @@ pub fn fsync_dir(dir: &Path) -> io::Result<()> {
 /// Reads a regular file without following a symlink at its last component, refusing
 /// anything larger than `limit` bytes. The buffer is zeroized when dropped.
 pub fn read_nofollow(path: &Path, limit: u64) -> io::Result<Zeroizing<Vec<u8>>> {
+    read_nofollow_meta(path, limit).map(|(bytes, _)| bytes)
+}
+
+/// [`read_nofollow`], with the metadata of the file read, taken from its descriptor
+/// before its bytes were read (so a later change to the file changes its ctime).
+pub fn read_nofollow_meta(path: &Path, limit: u64) -> io::Result<(Zeroizing<Vec<u8>>, fs::Metadata)> {
     let f = OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
@@ -580,7 +586,7 @@ pub fn read_nofollow(path: &Path, limit: u64) -> io::Result<Zeroizing<Vec<u8>>> 
     }
     let mut buf = Zeroizing::new(Vec::with_capacity(meta.len() as usize));
     f.take(limit + 1).read_to_end(&mut buf)?;
-    Ok(buf)
+    Ok((buf, meta))
 }
 
 /// Refuses a file that someone other than this user (or root) could change, because

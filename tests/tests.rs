@@ -20,6 +20,8 @@ mod group_access;
 mod hardening;
 mod hook_safety;
 mod hygiene;
+#[cfg(feature = "failpoints")]
+mod inspection_reuse;
 mod keystore;
 #[cfg(feature = "failpoints")]
 mod keystore_safety;

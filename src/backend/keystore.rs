@@ -99,8 +99,40 @@ pub fn refusal(verdict: &Verdict, domain: &str, revoking: bool) -> Option<Failur
 
 /// Inspects a domain's key store and judges it against the ledger (`None`: there is no
 /// ledger yet, so it knows no run).
-pub fn examine(ks: &Keystore, ledger: Option<&Ledger>, domain: &str) -> Result<(Inspection, Verdict), ExamineError> {
+pub fn examine(
+    ks: &Keystore,
+    ledger: Option<&Ledger>,
+    domain: &str,
+) -> Result<(Arc<Inspection>, Verdict), ExamineError> {
     examine_for(ks, ledger, domain, None, None)
+}
+
+/// The ledger's record of a domain as the last [`examine`] of this process read it,
+/// with the generation of the inspection it judged (see [`Keystore::inspect_seen`]).
+static LAST_PROVENANCE: Mutex<Option<(u64, crate::keystore::Provenance)>> = Mutex::new(None);
+
+/// [`examine`] for the admission's prediction of what the run will stage
+/// ([`super::RotationBackend::planned_files`]): when the key store is provably
+/// unchanged since this process last examined it (the repair pass, moments before
+/// under the same locks, with no ledger write in between), that judgement's ledger
+/// record is reused instead of queried again. A prediction only: the rotation examines
+/// afresh after the admission, compares its staging list with this one and records
+/// its own when they differ (`Step::staging`), so a stale record here can cost one
+/// flushed write, never an unrecorded file.
+fn examine_to_predict(ks: &Keystore, ledger: &Ledger) -> Result<(Arc<Inspection>, Verdict), ExamineError> {
+    let (insp, generation) = ks.inspect_seen(None).map_err(ExamineError::Store)?;
+    let remembered = generation.and_then(|g| {
+        let last = LAST_PROVENANCE.lock().unwrap_or_else(|e| e.into_inner());
+        last.as_ref().filter(|(at, _)| *at == g).map(|(_, prov)| prov.clone())
+    });
+    let prov = match remembered {
+        Some(prov) => prov,
+        None => ledger
+            .provenance(ks.domain(), insp.manifest.committed_by_run.as_deref())
+            .map_err(|e| ExamineError::Ledger(e.into()))?,
+    };
+    let verdict = judge(&insp, &prov);
+    Ok((insp, verdict))
 }
 
 /// `examine` for the run `own_run`, leaving out its own staging record: the names it
@@ -111,13 +143,19 @@ fn examine_for(
     domain: &str,
     own_run: Option<&str>,
     revoking: Option<u64>,
-) -> Result<(Inspection, Verdict), ExamineError> {
-    let insp = ks.inspect_revoking(revoking).map_err(ExamineError::Store)?;
+) -> Result<(Arc<Inspection>, Verdict), ExamineError> {
+    let (insp, generation) = ks.inspect_seen(revoking).map_err(ExamineError::Store)?;
     let prov = match ledger {
         Some(l) => {
             let mut prov = l
                 .provenance(domain, insp.manifest.committed_by_run.as_deref())
                 .map_err(|e| ExamineError::Ledger(e.into()))?;
+            let mut last = LAST_PROVENANCE.lock().unwrap_or_else(|e| e.into_inner());
+            *last = match (generation, own_run, revoking) {
+                (Some(g), None, None) if domain == ks.domain() => Some((g, prov.clone())),
+                _ => None,
+            };
+            drop(last);
             prov.runs.retain(|r| Some(r.run_id.as_str()) != own_run);
             prov
         }
@@ -428,8 +466,8 @@ impl KeystoreRotation<'_> {
             now,
         ))
         .with_public_keys(&publics);
-        let published = ks
-            .publish_jwks(&preview, &publics, DirSync::Now)
+        let (published, jwks_held) = ks
+            .publish_jwks_holding(&preview, &publics, DirSync::Now, inspection.jwks_seen.as_deref())
             .map_err(|e| io("cannot write jwks.json", e))?;
         if !published {
             // No JWKS folder sync happened: make the staged names durable before the
@@ -512,7 +550,8 @@ impl KeystoreRotation<'_> {
         if let Err(e) = ks.destroy_files(&next, DirSync::Deferred) {
             rotated.warnings.push(warn("cannot unlink destroyed versions", e));
         }
-        if let Err(e) = ks.publish_jwks(&next, &publics, DirSync::Deferred) {
+        // Nothing wrote jwks.json since the preview's publication: no need to read it.
+        if let Err(e) = ks.publish_jwks_over(&next, &publics, DirSync::Deferred, jwks_held.as_deref()) {
             rotated.warnings.push(warn("cannot rewrite jwks.json", e));
         }
         recorded?;
@@ -711,7 +750,7 @@ impl super::RotationBackend for KeystoreBackend {
 
     fn planned_files(&self, ledger: &Ledger) -> Option<Vec<String>> {
         let ks = &self.keystore;
-        let (insp, verdict) = examine(ks, Some(ledger), ks.domain()).ok()?;
+        let (insp, verdict) = examine_to_predict(ks, ledger).ok()?;
         if refusal(&verdict, ks.domain(), self.revoke.is_some()).is_some() {
             // The run will refuse the store: it creates nothing, so records nothing.
             return None;

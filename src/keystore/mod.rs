@@ -9,6 +9,7 @@ mod algorithm;
 pub mod custody;
 pub mod manifest;
 pub mod pkcs11;
+mod seen;
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -88,7 +89,7 @@ impl Half {
 
 /// What is on disk, verified: the manifest, each live version's public key, and the
 /// files the manifest does not (or no longer) account for.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Inspection {
     pub manifest: Manifest,
     pub publics: BTreeMap<u64, PublicKey>,
@@ -108,6 +109,12 @@ pub struct Inspection {
     /// published is never reused for another key.
     pub next_version: u64,
     pub exists: bool,
+    /// The bytes of `jwks.json` as this inspection read them, when it is a regular
+    /// file (`None`: absent, a symlink, unreadable). What the repair check and the
+    /// rotation's first publication compare with instead of reading it again: under
+    /// the lock nothing of keyrotate's writes it in between, and a change by anyone
+    /// else in between is no different from one just after a second read.
+    pub jwks_seen: Option<Vec<u8>>,
 }
 
 /// What the ledger knows about the runs that may have touched a domain's key files.
@@ -307,17 +314,29 @@ pub fn judge(insp: &Inspection, prov: &Provenance) -> Verdict {
 
 /// The version numbers named by the `kid`s of a `jwks.json` (`v000007-…`).
 fn published_versions(bytes: &[u8]) -> Vec<u64> {
+    /// The key set as keyrotate writes it, read without building a `Value` tree.
+    #[derive(serde::Deserialize)]
+    struct Set<'a> {
+        #[serde(borrow)]
+        keys: Vec<Key<'a>>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Key<'a> {
+        #[serde(borrow)]
+        kid: Option<std::borrow::Cow<'a, str>>,
+    }
+    let number = |kid: &str| kid.strip_prefix('v')?.split('-').next()?.parse().ok();
+    if let Ok(set) = serde_json::from_slice::<Set>(bytes) {
+        return set.keys.iter().filter_map(|k| number(k.kid.as_deref()?)).collect();
+    }
+    // Any other shape (edited by hand, damaged): every string `kid` of every object
+    // in `keys` still counts, as far as the document parses at all.
     let Ok(doc) = serde_json::from_slice::<Value>(bytes) else {
         return Vec::new();
     };
     doc["keys"]
         .as_array()
-        .map(|keys| {
-            keys.iter()
-                .filter_map(|k| k["kid"].as_str())
-                .filter_map(|kid| kid.strip_prefix('v')?.split('-').next()?.parse().ok())
-                .collect()
-        })
+        .map(|keys| keys.iter().filter_map(|k| number(k["kid"].as_str()?)).collect())
         .unwrap_or_default()
 }
 
@@ -359,9 +378,14 @@ impl Keystore {
         if let Some(c) = &self.token_config {
             return Some(c.clone());
         }
+        /// Only the member wanted: the rest of the manifest is skipped unvalidated
+        /// (a manifest that does not verify still names its token), not built.
+        #[derive(serde::Deserialize)]
+        struct TokenOnly {
+            pkcs11: Option<TokenConfig>,
+        }
         let bytes = fsutil::read_nofollow(&self.dir.join(MANIFEST), MANIFEST_LIMIT).ok()?;
-        let doc: Value = serde_json::from_slice(&bytes).ok()?;
-        serde_json::from_value(doc.get("pkcs11")?.clone()).ok()
+        serde_json::from_slice::<TokenOnly>(&bytes).ok()?.pkcs11
     }
 
     /// The logged-in token session (opened once per store and its clones).
@@ -459,6 +483,15 @@ impl Keystore {
     /// the key store folder gets the traversal it needs (never less than it had: other
     /// domains may share it).
     pub fn prepare(&self) -> Result<(), String> {
+        if seen::prepared_before(&self.root, &self.dir, &self.access) {
+            return Ok(());
+        }
+        self.prepare_anew()?;
+        seen::prepared(&self.root, &self.dir, &self.access);
+        Ok(())
+    }
+
+    fn prepare_anew(&self) -> Result<(), String> {
         fsutil::ensure_private_dir(&self.root, "keystore")?;
         let Some(access) = &self.access else {
             return fsutil::ensure_private_dir(&self.dir, "key folder");
@@ -471,11 +504,8 @@ impl Keystore {
         let entries =
             fs::read_dir(&self.dir).map_err(|e| format!("{}: {}", self.dir.display(), fsutil::io_reason(&e)))?;
         for entry in entries {
-            let Ok(name) = entry
-                .map_err(|e| format!("{}: {}", self.dir.display(), fsutil::io_reason(&e)))?
-                .file_name()
-                .into_string()
-            else {
+            let entry = entry.map_err(|e| format!("{}: {}", self.dir.display(), fsutil::io_reason(&e)))?;
+            let Ok(name) = entry.file_name().into_string() else {
                 continue;
             };
             let perms = if name == JWKS {
@@ -489,6 +519,14 @@ impl Keystore {
                 gid: Some(gid),
                 ..perms
             };
+            // One stat from the listing's folder: only a regular file whose mode or
+            // group differs is opened (without following a symlink) and changed.
+            if entry.metadata().is_ok_and(|m| {
+                use std::os::unix::fs::MetadataExt;
+                !m.is_file() || (m.mode() & 0o7777 == perms.mode && Some(m.gid()) == perms.gid)
+            }) {
+                continue;
+            }
             fsutil::set_file_perms(&self.dir, &name, perms).map_err(|e| {
                 format!(
                     "cannot set the mode of {}: {}",
@@ -511,16 +549,49 @@ impl Keystore {
     /// the store unusable, since the revocation destroys and unpublishes it anyway.
     /// It is left out of the public keys.
     pub fn inspect_revoking(&self, revoking: Option<u64>) -> Result<Inspection, String> {
+        self.inspect_seen(revoking).map(|(insp, _)| Arc::unwrap_or_clone(insp))
+    }
+
+    /// [`Keystore::inspect_revoking`], reusing this process's last inspection of the
+    /// folder when nothing it read has changed since (see `seen`), with the
+    /// inspection's generation: two results with the same `Some` generation come from
+    /// the same reads of an unchanged folder. `None`: an inspection that cannot be
+    /// vouched for (a token's objects, a file changed in the tick it was read). Shared,
+    /// not copied: the manifest it holds grows with the domain's history.
+    pub fn inspect_seen(&self, revoking: Option<u64>) -> Result<(Arc<Inspection>, Option<u64>), String> {
+        // A store with a configured token lists its objects in every inspection, so
+        // none is remembered; nor may one made without the token be reused for it.
+        let recalled = match self.token_config {
+            None => seen::recall(&self.dir, &self.domain, revoking),
+            Some(_) => None,
+        };
+        if let Some((insp, generation)) = recalled {
+            return Ok((insp, Some(generation)));
+        }
+        let mut reads = seen::Reads::start();
+        let insp = Arc::new(self.inspect_anew(revoking, &mut reads)?);
+        let generation = seen::remember(&self.dir, &self.domain, revoking, reads, &insp);
+        Ok((insp, generation))
+    }
+
+    fn inspect_anew(&self, revoking: Option<u64>, reads: &mut seen::Reads) -> Result<Inspection, String> {
         let manifest_path = self.dir.join(MANIFEST);
-        let (manifest, exists) = match fsutil::read_nofollow(&manifest_path, MANIFEST_LIMIT) {
-            Ok(bytes) => (Manifest::parse(&bytes, &self.domain)?, true),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => (Manifest::empty(&self.domain), false),
+        let (manifest, exists) = match fsutil::read_nofollow_meta(&manifest_path, MANIFEST_LIMIT) {
+            Ok((bytes, meta)) => {
+                reads.read(&manifest_path, &meta);
+                (Manifest::parse(&bytes, &self.domain)?, true)
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                reads.absent(&manifest_path);
+                (Manifest::empty(&self.domain), false)
+            }
             Err(e) => return Err(format!("{}: {}", manifest_path.display(), fsutil::io_reason(&e))),
         };
         // The token objects under this domain's prefix, listed once: they prove each
         // live token version present and are judged like files below.
         let uses_token = self.token_config.is_some() || manifest.versions.iter().any(|v| v.in_token());
         let objects = if uses_token {
+            reads.unprovable();
             // The token the manifest's versions are in, whatever the config now says.
             Some(Pkcs11Custody.list_present(self)?)
         } else {
@@ -551,9 +622,9 @@ impl Keystore {
                         v.version
                     ));
                 }
-                Half::Private(self.load_file(v)?)
+                Half::Private(self.load_file(v, Some(&mut *reads))?)
             } else {
-                match self.load_half(v) {
+                match self.load_half_read(v, reads) {
                     Err(e) if revoking == Some(v.version) => {
                         tracing::warn!("the key of v{} being revoked cannot be loaded: {e}", v.version);
                         continue;
@@ -569,6 +640,7 @@ impl Keystore {
         let mut temporaries = Vec::new();
         let mut unlisted = Vec::new();
         let mut next_version = manifest.max_version() + 1;
+        reads.before_reading(&self.dir);
         match fs::read_dir(&self.dir) {
             Ok(entries) => {
                 for entry in entries {
@@ -615,8 +687,13 @@ impl Keystore {
         // dropped the staged file's directory entry (the file and the jwks rename
         // may reach the disk in either order): never reuse it. Reading the kids costs
         // no fsync, unlike making each staged name durable before publishing.
-        if let Ok(bytes) = fsutil::read_nofollow(&self.dir.join(JWKS), MANIFEST_LIMIT) {
-            if let Some(n) = published_versions(&bytes).into_iter().max() {
+        let jwks_path = self.dir.join(JWKS);
+        reads.before_reading(&jwks_path);
+        let jwks_seen = fsutil::read_nofollow(&jwks_path, MANIFEST_LIMIT)
+            .ok()
+            .map(|b| b.to_vec());
+        if let Some(bytes) = &jwks_seen {
+            if let Some(n) = published_versions(bytes).into_iter().max() {
                 next_version = next_version.max(n + 1);
             }
         }
@@ -631,6 +708,7 @@ impl Keystore {
             unlisted,
             next_version,
             exists,
+            jwks_seen,
         })
     }
 
@@ -639,6 +717,15 @@ impl Keystore {
     pub fn load_half(&self, v: &VersionEntry) -> Result<Half, String> {
         if private_half_allowed(v) {
             return self.load_version(v).map(Half::Private);
+        }
+        Keystore::public_half(v).map(Half::Public)
+    }
+
+    /// [`Keystore::load_half`], stamping the file it reads.
+    fn load_half_read(&self, v: &VersionEntry, reads: &mut seen::Reads) -> Result<Half, String> {
+        if private_half_allowed(v) {
+            let key = self.load_file(v, Some(reads))?;
+            return self.in_its_token(v, key).map(Half::Private);
         }
         Keystore::public_half(v).map(Half::Public)
     }
@@ -665,7 +752,12 @@ impl Keystore {
     /// Reads one version's file and checks it against its manifest entry; a token
     /// version's key is found in the token, ready to sign.
     pub fn load_version(&self, v: &VersionEntry) -> Result<KeyFile, String> {
-        let key = self.load_file(v)?;
+        let key = self.load_file(v, None)?;
+        self.in_its_token(v, key)
+    }
+
+    /// A token version's key as its token holds it; a file version's as it is.
+    fn in_its_token(&self, v: &VersionEntry, key: KeyFile) -> Result<KeyFile, String> {
         let Some(label) = &v.object else {
             return Ok(key);
         };
@@ -682,9 +774,9 @@ impl Keystore {
 
     /// Reads one version's file (a token version's public part) and checks it
     /// against its manifest entry.
-    fn load_file(&self, v: &VersionEntry) -> Result<KeyFile, String> {
+    fn load_file(&self, v: &VersionEntry, reads: Option<&mut seen::Reads>) -> Result<KeyFile, String> {
         let path = self.dir.join(&v.file);
-        let bytes = fsutil::read_nofollow(&path, KEY_FILE_LIMIT).map_err(|e| {
+        let (bytes, meta) = fsutil::read_nofollow_meta(&path, KEY_FILE_LIMIT).map_err(|e| {
             format!(
                 "v{} ({}) is {} version but its file {}: {}",
                 v.version,
@@ -699,6 +791,9 @@ impl Keystore {
             Some(_) => KeyFile::parse_token_file(v.algorithm(), &bytes),
         }
         .map_err(|e| format!("v{} file {} is damaged: {e}", v.version, v.file))?;
+        if let Some(reads) = reads {
+            reads.read(&path, &meta);
+        }
         if key.fingerprint() != v.fingerprint {
             return Err(format!(
                 "v{} file {} has fingerprint {} but keyring.json records {}",
@@ -741,7 +836,7 @@ impl Keystore {
                 todo.push(format!("point {name} at v{}", active.version));
             }
         }
-        if self.jwks_stale(&insp.manifest, &insp.publics) {
+        if self.jwks_stale_given(&insp.manifest, &insp.publics, insp.jwks_seen.as_deref()) {
             todo.push("rewrite jwks.json from keyring.json".into());
         }
         if !insp.destroyed_files.is_empty() {
@@ -769,6 +864,16 @@ impl Keystore {
     }
 
     fn jwks_stale(&self, manifest: &Manifest, publics: &BTreeMap<u64, PublicKey>) -> bool {
+        self.jwks_stale_given(manifest, publics, None)
+    }
+
+    /// [`Keystore::jwks_stale`], given what `jwks.json` holds when that is known
+    /// (see [`Inspection::jwks_seen`]); otherwise it is read.
+    fn jwks_stale_given(&self, manifest: &Manifest, publics: &BTreeMap<u64, PublicKey>, seen: Option<&[u8]>) -> bool {
+        if let Some(old) = seen {
+            let bytes = jwks_bytes(manifest, publics).unwrap_or_else(empty_jwks);
+            return old != bytes.as_slice();
+        }
         let path = self.dir.join(JWKS);
         match jwks_bytes(manifest, publics) {
             None => fs::symlink_metadata(&path).is_ok() && !fs::read(&path).is_ok_and(|b| b == empty_jwks()),
@@ -868,17 +973,50 @@ impl Keystore {
         publics: &BTreeMap<u64, PublicKey>,
         sync: DirSync,
     ) -> io::Result<bool> {
+        self.publish_jwks_over(manifest, publics, sync, None)
+    }
+
+    /// [`Keystore::publish_jwks`] over a `jwks.json` known to be a regular file holding
+    /// `current` (what this run's inspection read, or what it last wrote there itself),
+    /// instead of reading it again; `None`: read it.
+    pub fn publish_jwks_over(
+        &self,
+        manifest: &Manifest,
+        publics: &BTreeMap<u64, PublicKey>,
+        sync: DirSync,
+        current: Option<&[u8]>,
+    ) -> io::Result<bool> {
+        self.publish_jwks_holding(manifest, publics, sync, current)
+            .map(|(wrote, _)| wrote)
+    }
+
+    /// [`Keystore::publish_jwks_over`], also returning what `jwks.json` then holds
+    /// (when it is a file with the manifest's key set): the `current` of the next
+    /// publication, which the run makes without anything else writing it in between.
+    pub fn publish_jwks_holding(
+        &self,
+        manifest: &Manifest,
+        publics: &BTreeMap<u64, PublicKey>,
+        sync: DirSync,
+        current: Option<&[u8]>,
+    ) -> io::Result<(bool, Option<Vec<u8>>)> {
         let path = self.dir.join(JWKS);
-        let bytes = match jwks_bytes(manifest, publics) {
-            Some(b) => b,
-            None if fs::symlink_metadata(&path).is_err() => return Ok(false),
-            None => empty_jwks(),
+        let bytes = match (jwks_bytes(manifest, publics), current) {
+            (Some(b), _) => b,
+            // A regular file is there: the key set to write is the empty one.
+            (None, Some(_)) => empty_jwks(),
+            (None, None) if fs::symlink_metadata(&path).is_err() => return Ok((false, None)),
+            (None, None) => empty_jwks(),
         };
-        if fs::read(&path).is_ok_and(|old| old == bytes) {
-            return Ok(false);
+        let unchanged = match current {
+            Some(old) => old == bytes.as_slice(),
+            None => fs::read(&path).is_ok_and(|old| old == bytes),
+        };
+        if unchanged {
+            return Ok((false, Some(bytes)));
         }
         fsutil::write_atomic_with(&self.dir, JWKS, &bytes, "jwks", sync, self.access().jwks_perms())?;
-        Ok(true)
+        Ok((true, Some(bytes)))
     }
 
     /// The commit point: atomically replaces `keyring.json`.
@@ -988,11 +1126,25 @@ impl Keystore {
     /// halves of retired signature keys. Files are unlinked; a token version's object
     /// is destroyed through its custody ([`Custody::destroy_private`]).
     pub fn destroy_files(&self, manifest: &Manifest, sync: DirSync) -> io::Result<()> {
+        // One listing of the folder rather than a stat per version the manifest ever
+        // had (it keeps every destroyed version's entry): the cost stays with what is
+        // on disk, not with the domain's history.
+        let mut present = std::collections::BTreeSet::new();
+        let entries = match fs::read_dir(&self.dir) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            listing => Some(listing?),
+        };
+        for entry in entries.into_iter().flatten() {
+            if let Ok(name) = entry?.file_name().into_string() {
+                if parse_version_file(&name).is_some() {
+                    present.insert(name);
+                }
+            }
+        }
         let files: Vec<String> = manifest
             .versions
             .iter()
-            .filter(|v| !private_half_allowed(v))
-            .filter(|v| fs::symlink_metadata(self.dir.join(&v.file)).is_ok())
+            .filter(|v| !private_half_allowed(v) && present.contains(&v.file))
             .map(|v| v.file.clone())
             .collect();
         // Token objects: only those still present (old destroyed versions are long gone).
@@ -1030,10 +1182,65 @@ pub fn kid(v: &VersionEntry) -> String {
     format!("v{:06}-{}", v.version, &fp[..fp.len().min(8)])
 }
 
+/// `jwks.json`'s bytes for `manifest`: [`jwks`] as pretty JSON, serialized straight
+/// from the public keys (no `Value` tree is built and no JWK copied). The same bytes,
+/// as `jwks_bytes_match_the_key_set_value` checks.
 fn jwks_bytes(manifest: &Manifest, publics: &BTreeMap<u64, PublicKey>) -> Option<Vec<u8>> {
-    let mut bytes = serde_json::to_vec_pretty(&jwks(manifest, publics)?).expect("json");
+    /// One published key: its JWK members, with its `kid` where `jwks` puts it
+    /// (replacing one already there in place, else last).
+    struct Jwk<'a> {
+        members: &'a serde_json::Map<String, Value>,
+        kid: String,
+    }
+    impl serde::Serialize for Jwk<'_> {
+        fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            use serde::ser::SerializeMap;
+            let has_kid = self.members.contains_key("kid");
+            let mut map = s.serialize_map(Some(self.members.len() + usize::from(!has_kid)))?;
+            for (k, v) in self.members {
+                if k == "kid" {
+                    map.serialize_entry(k, &self.kid)?;
+                } else {
+                    map.serialize_entry(k, v)?;
+                }
+            }
+            if !has_kid {
+                map.serialize_entry("kid", &self.kid)?;
+            }
+            map.end()
+        }
+    }
+    #[derive(serde::Serialize)]
+    struct Set<'a> {
+        keys: Vec<Jwk<'a>>,
+    }
+    let live = published(manifest, publics);
+    if live.is_empty() {
+        return None;
+    }
+    let keys = live
+        .into_iter()
+        .map(|v| Jwk {
+            members: &publics[&v.version].jwk,
+            kid: kid(v),
+        })
+        .collect();
+    let mut bytes = serde_json::to_vec_pretty(&Set { keys }).expect("json");
     bytes.push(b'\n');
     Some(bytes)
+}
+
+/// The versions `jwks.json` publishes, in its order: pending, then active, then
+/// retired, newest first within each; only those with a public key.
+fn published<'a>(manifest: &'a Manifest, publics: &BTreeMap<u64, PublicKey>) -> Vec<&'a VersionEntry> {
+    let order = |s: VersionState| match s {
+        VersionState::Pending => 0,
+        VersionState::Active => 1,
+        _ => 2,
+    };
+    let mut live: Vec<&VersionEntry> = manifest.live().filter(|v| publics.contains_key(&v.version)).collect();
+    live.sort_by_key(|v| (order(v.state), std::cmp::Reverse(v.version)));
+    live
 }
 
 fn empty_jwks() -> Vec<u8> {
@@ -1044,13 +1251,7 @@ fn empty_jwks() -> Vec<u8> {
 
 /// The RFC 7517 key set for `manifest`, or `None` when no version has a public key.
 pub fn jwks(manifest: &Manifest, publics: &BTreeMap<u64, PublicKey>) -> Option<Value> {
-    let order = |s: VersionState| match s {
-        VersionState::Pending => 0,
-        VersionState::Active => 1,
-        _ => 2,
-    };
-    let mut live: Vec<&VersionEntry> = manifest.live().filter(|v| publics.contains_key(&v.version)).collect();
-    live.sort_by_key(|v| (order(v.state), std::cmp::Reverse(v.version)));
+    let live = published(manifest, publics);
     if live.is_empty() {
         return None;
     }
@@ -1094,6 +1295,71 @@ mod tests {
             }],
         };
         assert_eq!(judge(&insp, &prov).next_version, 12);
+    }
+
+    #[test]
+    fn jwks_bytes_match_the_key_set_value() {
+        let key = |alg: Algorithm| alg.generate().unwrap();
+        let keys = [
+            key(Algorithm::Ed25519),
+            key(Algorithm::EcdsaP256),
+            key(Algorithm::Ed25519),
+            key(Algorithm::EcdsaP384),
+        ];
+        let mut m = Manifest::empty("d");
+        let mut publics = BTreeMap::new();
+        for (i, (k, state)) in keys
+            .iter()
+            .zip([
+                VersionState::Retired,
+                VersionState::Retired,
+                VersionState::Active,
+                VersionState::Pending,
+            ])
+            .enumerate()
+        {
+            let version = i as u64 + 1;
+            m.versions.push(VersionEntry {
+                version,
+                state,
+                algorithm: k.algorithm().name().to_string(),
+                created_at: "2026-01-01T00:00:00Z".into(),
+                activated_at: None,
+                retired_at: None,
+                destroyed_at: None,
+                compromised_at: None,
+                compromise_reason: None,
+                fingerprint: k.fingerprint().to_string(),
+                file: manifest::version_file(version, k.algorithm()),
+                created_by_run: "r".into(),
+                object: None,
+                public_key: None,
+            });
+            publics.insert(version, k.public().unwrap().clone());
+        }
+        let mut expected = serde_json::to_vec_pretty(&jwks(&m, &publics).unwrap()).unwrap();
+        expected.push(b'\n');
+        assert_eq!(
+            String::from_utf8(jwks_bytes(&m, &publics).unwrap()).unwrap(),
+            String::from_utf8(expected).unwrap()
+        );
+        // The kids read back in the order written.
+        assert_eq!(published_versions(&jwks_bytes(&m, &publics).unwrap()), [4, 3, 2, 1]);
+        assert!(jwks_bytes(&Manifest::empty("d"), &publics).is_none());
+    }
+
+    #[test]
+    fn kids_are_read_from_any_shape_of_key_set() {
+        // Not keyrotate's shape (a key that is not an object, a kid that is not a
+        // string): every string kid of an object still counts.
+        let odd = br#"{"keys":[7,{"kid":5},{"kid":"v000004-x"},{"kid":"v000009-y","extra":[1]}]}"#;
+        assert_eq!(published_versions(odd), [4, 9]);
+        assert_eq!(
+            published_versions(br#"{"keys":{"kid":"v000003-z"}}"#),
+            Vec::<u64>::new()
+        );
+        assert_eq!(published_versions(b"not json"), Vec::<u64>::new());
+        assert_eq!(published_versions(br#"{"keys":[{"kid":"v\u0030000012-e"}]}"#), [12]);
     }
 
     #[test]
