@@ -325,7 +325,9 @@ impl Db<'_, '_> {
         let [a, b, c, d] = ids;
         self.query(
             label,
-            &format!("SELECT {COLUMNS} FROM rotations WHERE id IN ($1, $2, $3, $4) OR run_id = $5"),
+            // Equalities, not `id IN (…)`: SQLite builds a temporary table for an IN
+            // list of parameters on every run of the statement.
+            &format!("SELECT {COLUMNS} FROM rotations WHERE id = $1 OR id = $2 OR id = $3 OR id = $4 OR run_id = $5"),
             &[a.into(), b.into(), c.into(), d.into(), run_id.into()],
             run_row,
         )
@@ -343,7 +345,9 @@ impl Db<'_, '_> {
             .query(
                 label,
                 &format!(
-                    "SELECT (SELECT id FROM rotations WHERE domain = $1 AND {} ORDER BY id LIMIT 1), \
+                    // No ORDER BY for the run in flight: the unique partial index
+                    // `rotations_one_in_flight` allows one, and ordering it cost a sort.
+                    "SELECT (SELECT id FROM rotations WHERE domain = $1 AND {} LIMIT 1), \
                      (SELECT id FROM rotations WHERE domain = $1 AND state = 'needs_review' ORDER BY id LIMIT 1), \
                      (SELECT id FROM rotations WHERE domain = $1 AND {LAST_SUCCESS} ORDER BY id DESC LIMIT 1), \
                      (SELECT id FROM rotations WHERE domain = $1 ORDER BY id DESC LIMIT 1)",
@@ -583,24 +587,28 @@ impl Ledger {
                 (Some(!known.is_empty()), known.into_iter().next().flatten())
             }
         };
-        let rows = db.query(
+        // In event order, sorted here: a few dozen rows, where an ORDER BY made SQLite
+        // build a temporary b-tree on every run.
+        let mut rows = db.query(
             &self.label,
-            "SELECT r.run_id, r.state, e.phase, e.detail FROM rotations r \
+            "SELECT e.id, r.run_id, r.state, e.phase, e.detail FROM rotations r \
              JOIN rotation_events e ON e.run_id = r.run_id \
              WHERE r.id IN (SELECT id FROM rotations WHERE domain = $1 AND state <> 'refused' ORDER BY id DESC LIMIT 32) \
-             AND e.phase IN ('staging', 'committed', 'unlisted') ORDER BY e.id",
+             AND e.phase IN ('staging', 'committed', 'unlisted')",
             &[domain.into()],
             |r| {
                 Ok((
-                    r.text(0)?.unwrap_or_default(),
+                    r.int(0)?.unwrap_or_default(),
                     r.text(1)?.unwrap_or_default(),
                     r.text(2)?.unwrap_or_default(),
                     r.text(3)?.unwrap_or_default(),
+                    r.text(4)?.unwrap_or_default(),
                 ))
             },
         )?;
+        rows.sort_by_key(|row| row.0);
         let mut runs: Vec<crate::keystore::RunRecord> = Vec::new();
-        for (run_id, state, phase, detail) in rows {
+        for (_, run_id, state, phase, detail) in rows {
             let i = match runs.iter().position(|r| r.run_id == run_id) {
                 Some(i) => i,
                 None => {
@@ -753,24 +761,12 @@ impl Ledger {
         failpoint::hit("ledger", op).map_err(|e| format!("ledger {}: {e}", self.label))?;
         let label = self.label.clone();
         match &mut self.conn {
-            Conn::Sqlite(s) => {
-                if !flush {
-                    s.set_flush(false).map_err(|e| sqlite::err(&label, e))?;
-                }
-                let result = (|| {
-                    let tx = s.begin().map_err(|e| sqlite::err(&label, e))?;
-                    let out = f(&Writer {
-                        db: Db::Sqlite(&tx),
-                        label: &label,
-                    })?;
-                    tx.commit().map_err(|e| sqlite::err(&label, e))?;
-                    Ok(out)
-                })();
-                if !flush {
-                    s.set_flush(true).map_err(|e| sqlite::err(&label, e))?;
-                }
-                result
-            }
+            Conn::Sqlite(s) => s.transaction(&label, flush, |conn| {
+                f(&Writer {
+                    db: Db::Sqlite(conn),
+                    label: &label,
+                })
+            }),
             Conn::Postgres(c) => {
                 let mut client = c.borrow_mut();
                 let mut tx = client.transaction().map_err(|e| postgres::err(&label, e))?;
