@@ -136,6 +136,15 @@ impl RunState {
         )
     }
 
+    /// `(state = 'a' OR state = 'b')` for a statement's WHERE: SQLite builds a
+    /// temporary table for a constant IN list of three or more on every run of the
+    /// statement, and compares an OR of equalities in place. (The partial index of runs
+    /// in flight is written with IN, and a query that uses it keeps [`RunState::sql_in`].)
+    fn sql_any(states: &[RunState]) -> String {
+        let list: Vec<String> = states.iter().map(|s| format!("state = '{}'", s.as_str())).collect();
+        format!("({})", list.join(" OR "))
+    }
+
     /// `state IN ('a','b')` for a query.
     fn sql_in(states: &[RunState]) -> String {
         let list: Vec<String> = states.iter().map(|s| format!("'{}'", s.as_str())).collect();
@@ -588,13 +597,13 @@ impl Ledger {
             }
         };
         // In event order, sorted here: a few dozen rows, where an ORDER BY made SQLite
-        // build a temporary b-tree on every run.
+        // build a temporary b-tree on every run (and an IN list of phases another).
         let mut rows = db.query(
             &self.label,
             "SELECT e.id, r.run_id, r.state, e.phase, e.detail FROM rotations r \
              JOIN rotation_events e ON e.run_id = r.run_id \
              WHERE r.id IN (SELECT id FROM rotations WHERE domain = $1 AND state <> 'refused' ORDER BY id DESC LIMIT 32) \
-             AND e.phase IN ('staging', 'committed', 'unlisted')",
+             AND (e.phase = 'staging' OR e.phase = 'committed' OR e.phase = 'unlisted')",
             &[domain.into()],
             |r| {
                 Ok((
@@ -635,7 +644,7 @@ impl Ledger {
             // checked against its run: a handful of rows however long the domain's
             // history. No ORDER BY: it would make SQLite scan every event by id.
             "SELECT e.id, e.run_id, e.detail FROM rotation_events e WHERE e.phase = 'compromised' \
-             AND (SELECT r.domain = $1 AND r.state NOT IN ('aborted', 'timed_out', 'refused') \
+             AND (SELECT r.domain = $1 AND r.state <> 'aborted' AND r.state <> 'timed_out' AND r.state <> 'refused' \
              FROM rotations r WHERE r.run_id = e.run_id)",
             &[domain.into()],
             |r| {
@@ -882,7 +891,7 @@ impl Writer<'_, '_> {
                 "UPDATE rotations SET state = $2, exit_code = $3, reason = $4, ended_at = $5, \
                  from_version = COALESCE($6, from_version), to_version = COALESCE($7, to_version) \
                  WHERE run_id = $1 AND {}",
-                RunState::sql_in(&RunState::IN_FLIGHT)
+                RunState::sql_any(&RunState::IN_FLIGHT)
             ),
             &[
                 run_id.into(),
