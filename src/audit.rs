@@ -320,9 +320,14 @@ impl Tail {
     /// After `line`: its seq (0 when it has none: a line from before the chain, or a
     /// torn one, which `verify` reports) and its hash.
     fn after(line: &[u8], torn: bool) -> Tail {
-        let seq = serde_json::from_slice::<serde_json::Value>(line)
+        // Only `seq` is read: the other fields are skipped, not built into a tree.
+        #[derive(serde::Deserialize)]
+        struct Seq {
+            seq: Option<u64>,
+        }
+        let seq = serde_json::from_slice::<Seq>(line)
             .ok()
-            .and_then(|v| v.get("seq").and_then(serde_json::Value::as_u64))
+            .and_then(|s| s.seq)
             .unwrap_or(0);
         Tail {
             seq,
@@ -334,8 +339,14 @@ impl Tail {
 
 /// SHA-256 (lowercase hex) of a line's bytes, without its newline.
 pub fn line_hash(line: &[u8]) -> String {
+    use std::fmt::Write as _;
     let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, line);
-    d.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+    // One string, written in place (a `format!` per byte allocated 32 strings).
+    let mut hex = String::with_capacity(64);
+    for b in d.as_ref() {
+        let _ = write!(hex, "{b:02x}");
+    }
+    hex
 }
 
 /// `<file>.N`, the name logrotate gives the N-th older file.
@@ -348,31 +359,31 @@ pub fn rotated_path(path: &Path, n: u32) -> PathBuf {
 /// The last line of a file, without its newline, and whether it was complete (ended
 /// with a newline). Reads backwards in blocks, so the cost does not grow with the file.
 fn last_line(f: &File) -> io::Result<Option<(Vec<u8>, bool)>> {
+    const BLOCK: u64 = 8192;
     let len = f.metadata()?.len();
     if len == 0 {
         return Ok(None);
     }
-    let mut last = [0u8; 1];
-    f.read_exact_at(&mut last, len - 1)?;
-    let complete = last[0] == b'\n';
-    let end = if complete { len - 1 } else { len };
-    let mut tail: Vec<u8> = Vec::new();
-    let mut pos = end;
-    const BLOCK: u64 = 8192;
-    while pos > 0 {
+    // The file's bytes from `pos` to its end; the first block read also tells whether
+    // the file ends with a newline (one read where a line fits in a block).
+    let mut buf: Vec<u8> = Vec::new();
+    let mut pos = len;
+    loop {
         let start = pos.saturating_sub(BLOCK);
-        let mut buf = vec![0u8; (pos - start) as usize];
-        f.read_exact_at(&mut buf, start)?;
-        if let Some(i) = buf.iter().rposition(|&b| b == b'\n') {
-            buf.drain(..=i);
-            buf.extend_from_slice(&tail);
-            return Ok(Some((buf, complete)));
-        }
-        buf.extend_from_slice(&tail);
-        tail = buf;
+        let mut block = vec![0u8; (pos - start) as usize];
+        f.read_exact_at(&mut block, start)?;
+        block.extend_from_slice(&buf);
+        buf = block;
         pos = start;
+        let complete = buf.last() == Some(&b'\n');
+        let body = &buf[..buf.len() - usize::from(complete)];
+        if let Some(i) = body.iter().rposition(|&b| b == b'\n') {
+            return Ok(Some((body[i + 1..].to_vec(), complete)));
+        }
+        if pos == 0 {
+            return Ok(Some((body.to_vec(), complete)));
+        }
     }
-    Ok(Some((tail, complete)))
 }
 
 /// A chain head the ledger recorded for one run.

@@ -26,6 +26,7 @@ mod keystore;
 #[cfg(feature = "failpoints")]
 mod keystore_safety;
 mod layering;
+mod ledger_cost;
 mod ledger_wal;
 mod lifecycle;
 mod msrv;

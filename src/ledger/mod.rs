@@ -136,6 +136,15 @@ impl RunState {
         )
     }
 
+    /// `(state = 'a' OR state = 'b')` for a statement's WHERE: SQLite builds a
+    /// temporary table for a constant IN list of three or more on every run of the
+    /// statement, and compares an OR of equalities in place. (The partial index of runs
+    /// in flight is written with IN, and a query that uses it keeps [`RunState::sql_in`].)
+    fn sql_any(states: &[RunState]) -> String {
+        let list: Vec<String> = states.iter().map(|s| format!("state = '{}'", s.as_str())).collect();
+        format!("({})", list.join(" OR "))
+    }
+
     /// `state IN ('a','b')` for a query.
     fn sql_in(states: &[RunState]) -> String {
         let list: Vec<String> = states.iter().map(|s| format!("'{}'", s.as_str())).collect();
@@ -317,29 +326,65 @@ impl Db<'_, '_> {
         )
     }
 
-    fn get(&self, label: &str, run_id: &str) -> Result<Option<RunRow>, String> {
-        Ok(self.runs(label, "run_id = $1", &[run_id.into()])?.pop())
+    /// The rows with these ids, or with this run id: the one statement that reads whole
+    /// rows by key, shared by [`Db::get`] and [`Db::domain_record`]. A statement of
+    /// every column costs SQLite more to compile (each result column's names and type)
+    /// than to run, so a run compiles it once instead of once per question.
+    fn rows_by_key(&self, label: &str, ids: [Option<i64>; 4], run_id: Option<&str>) -> Result<Vec<RunRow>, String> {
+        let [a, b, c, d] = ids;
+        self.query(
+            label,
+            // Equalities, not `id IN (…)`: SQLite builds a temporary table for an IN
+            // list of parameters on every run of the statement.
+            &format!("SELECT {COLUMNS} FROM rotations WHERE id = $1 OR id = $2 OR id = $3 OR id = $4 OR run_id = $5"),
+            &[a.into(), b.into(), c.into(), d.into(), run_id.into()],
+            run_row,
+        )
     }
 
+    fn get(&self, label: &str, run_id: &str) -> Result<Option<RunRow>, String> {
+        Ok(self.rows_by_key(label, [None; 4], Some(run_id))?.pop())
+    }
+
+    /// One statement finds the ids of the four rows (each through the index the
+    /// question needs), and [`Db::rows_by_key`] reads them: two statements (and, on
+    /// PostgreSQL, two round trips) where one per question took four.
     fn domain_record(&self, label: &str, domain: &str) -> Result<DomainRecord, String> {
-        let one = |filter: &str| -> Result<Option<RunRow>, String> {
-            Ok(self
-                .runs(label, &format!("domain = $1 AND {filter} LIMIT 1"), &[domain.into()])?
-                .pop())
-        };
+        let ids = self
+            .query(
+                label,
+                &format!(
+                    // No ORDER BY for the run in flight: the unique partial index
+                    // `rotations_one_in_flight` allows one, and ordering it cost a sort.
+                    "SELECT (SELECT id FROM rotations WHERE domain = $1 AND {} LIMIT 1), \
+                     (SELECT id FROM rotations WHERE domain = $1 AND state = 'needs_review' ORDER BY id LIMIT 1), \
+                     (SELECT id FROM rotations WHERE domain = $1 AND {LAST_SUCCESS} ORDER BY id DESC LIMIT 1), \
+                     (SELECT id FROM rotations WHERE domain = $1 ORDER BY id DESC LIMIT 1)",
+                    RunState::sql_in(&RunState::IN_FLIGHT)
+                ),
+                &[domain.into()],
+                |r| Ok([r.int(0)?, r.int(1)?, r.int(2)?, r.int(3)?]),
+            )?
+            .pop()
+            .unwrap_or_default();
+        if ids.iter().all(Option::is_none) {
+            return Ok(DomainRecord::default());
+        }
+        let rows = self.rows_by_key(label, ids, None)?;
+        let pick = |id: Option<i64>| id.and_then(|id| rows.iter().find(|r| r.id == id).cloned());
         Ok(DomainRecord {
-            in_flight: one(&format!("{} ORDER BY id", RunState::sql_in(&RunState::IN_FLIGHT)))?,
-            blocking: one("state = 'needs_review' ORDER BY id")?,
-            // The due clock follows the active key: a revocation that left the active
-            // version as it was (a retired or pending key revoked) is not a rotation.
-            last_success: one(
-                "state = 'succeeded' AND NOT (trigger = 'revoke' AND from_version IS NOT NULL \
-                 AND to_version = from_version) ORDER BY id DESC",
-            )?,
-            last_run: one("TRUE ORDER BY id DESC")?,
+            in_flight: pick(ids[0]),
+            blocking: pick(ids[1]),
+            last_success: pick(ids[2]),
+            last_run: pick(ids[3]),
         })
     }
 }
+
+/// The runs that restart the due clock. It follows the active key: a revocation that
+/// left the active version as it was (a retired or pending key revoked) is not a rotation.
+const LAST_SUCCESS: &str = "state = 'succeeded' AND NOT (trigger = 'revoke' AND from_version IS NOT NULL \
+    AND to_version = from_version)";
 
 enum Conn {
     Sqlite(sqlite::Sqlite),
@@ -533,47 +578,46 @@ impl Ledger {
 
     fn provenance_raw(&self, domain: &str, manifest_run: Option<&str>) -> Result<crate::keystore::Provenance, String> {
         let db = self.db();
-        let manifest_run_known = match manifest_run {
-            None => None,
-            Some(run) => Some(
-                !db.runs(&self.label, "run_id = $1 AND domain = $2", &[run.into(), domain.into()])?
-                    .is_empty(),
-            ),
-        };
-        // Only a row of the same host counts: a key store is local to its host, and a
-        // shared ledger also records other hosts' commits of their own stores.
-        let later_commit = match (manifest_run, manifest_run_known) {
-            (Some(run), Some(true)) => db
-                .query(
+        // Whether the ledger knows the manifest's run (a row, or none) and, if so, the
+        // latest later run of the domain that committed, in one statement. Only a row of
+        // the same host counts: a key store is local to its host, and a shared ledger
+        // also records other hosts' commits of their own stores.
+        let (manifest_run_known, later_commit) = match manifest_run {
+            None => (None, None),
+            Some(run) => {
+                let known = db.query(
                     &self.label,
-                    "SELECT r.run_id FROM rotations r JOIN rotation_events e ON e.run_id = r.run_id \
-                     WHERE r.domain = $1 AND e.phase = 'committed' \
-                     AND r.host = (SELECT host FROM rotations WHERE run_id = $2) \
-                     AND r.id > (SELECT id FROM rotations WHERE run_id = $2) ORDER BY r.id DESC LIMIT 1",
-                    &[domain.into(), run.into()],
-                    |r| Ok(r.text(0)?.unwrap_or_default()),
-                )?
-                .pop(),
-            _ => None,
+                    "SELECT (SELECT r.run_id FROM rotations r JOIN rotation_events e ON e.run_id = r.run_id \
+                     WHERE r.domain = m.domain AND e.phase = 'committed' AND r.host = m.host AND r.id > m.id \
+                     ORDER BY r.id DESC LIMIT 1) FROM rotations m WHERE m.run_id = $1 AND m.domain = $2",
+                    &[run.into(), domain.into()],
+                    |r| r.text(0),
+                )?;
+                (Some(!known.is_empty()), known.into_iter().next().flatten())
+            }
         };
-        let rows = db.query(
+        // In event order, sorted here: a few dozen rows, where an ORDER BY made SQLite
+        // build a temporary b-tree on every run (and an IN list of phases another).
+        let mut rows = db.query(
             &self.label,
-            "SELECT r.run_id, r.state, e.phase, e.detail FROM rotations r \
+            "SELECT e.id, r.run_id, r.state, e.phase, e.detail FROM rotations r \
              JOIN rotation_events e ON e.run_id = r.run_id \
              WHERE r.id IN (SELECT id FROM rotations WHERE domain = $1 AND state <> 'refused' ORDER BY id DESC LIMIT 32) \
-             AND e.phase IN ('staging', 'committed', 'unlisted') ORDER BY e.id",
+             AND (e.phase = 'staging' OR e.phase = 'committed' OR e.phase = 'unlisted')",
             &[domain.into()],
             |r| {
                 Ok((
-                    r.text(0)?.unwrap_or_default(),
+                    r.int(0)?.unwrap_or_default(),
                     r.text(1)?.unwrap_or_default(),
                     r.text(2)?.unwrap_or_default(),
                     r.text(3)?.unwrap_or_default(),
+                    r.text(4)?.unwrap_or_default(),
                 ))
             },
         )?;
+        rows.sort_by_key(|row| row.0);
         let mut runs: Vec<crate::keystore::RunRecord> = Vec::new();
-        for (run_id, state, phase, detail) in rows {
+        for (_, run_id, state, phase, detail) in rows {
             let i = match runs.iter().position(|r| r.run_id == run_id) {
                 Some(i) => i,
                 None => {
@@ -600,7 +644,7 @@ impl Ledger {
             // checked against its run: a handful of rows however long the domain's
             // history. No ORDER BY: it would make SQLite scan every event by id.
             "SELECT e.id, e.run_id, e.detail FROM rotation_events e WHERE e.phase = 'compromised' \
-             AND (SELECT r.domain = $1 AND r.state NOT IN ('aborted', 'timed_out', 'refused') \
+             AND (SELECT r.domain = $1 AND r.state <> 'aborted' AND r.state <> 'timed_out' AND r.state <> 'refused' \
              FROM rotations r WHERE r.run_id = e.run_id)",
             &[domain.into()],
             |r| {
@@ -726,24 +770,12 @@ impl Ledger {
         failpoint::hit("ledger", op).map_err(|e| format!("ledger {}: {e}", self.label))?;
         let label = self.label.clone();
         match &mut self.conn {
-            Conn::Sqlite(s) => {
-                if !flush {
-                    s.set_flush(false).map_err(|e| sqlite::err(&label, e))?;
-                }
-                let result = (|| {
-                    let tx = s.begin().map_err(|e| sqlite::err(&label, e))?;
-                    let out = f(&Writer {
-                        db: Db::Sqlite(&tx),
-                        label: &label,
-                    })?;
-                    tx.commit().map_err(|e| sqlite::err(&label, e))?;
-                    Ok(out)
-                })();
-                if !flush {
-                    s.set_flush(true).map_err(|e| sqlite::err(&label, e))?;
-                }
-                result
-            }
+            Conn::Sqlite(s) => s.transaction(&label, flush, |conn| {
+                f(&Writer {
+                    db: Db::Sqlite(conn),
+                    label: &label,
+                })
+            }),
             Conn::Postgres(c) => {
                 let mut client = c.borrow_mut();
                 let mut tx = client.transaction().map_err(|e| postgres::err(&label, e))?;
@@ -786,14 +818,13 @@ impl Writer<'_, '_> {
     /// PostgreSQL `FOR UPDATE` (a concurrent writer of the row waits, then reads what
     /// this one wrote); SQLite's IMMEDIATE transaction already excludes other writers.
     pub fn get_for_update(&self, run_id: &str) -> Result<Option<RunRow>, String> {
-        let lock = match self.db {
-            Db::Sqlite(_) => "",
-            _ => " FOR UPDATE",
-        };
-        Ok(self
-            .db
-            .runs(self.label, &format!("run_id = $1{lock}"), &[run_id.into()])?
-            .pop())
+        match self.db {
+            Db::Sqlite(_) => self.db.get(self.label, run_id),
+            _ => Ok(self
+                .db
+                .runs(self.label, "run_id = $1 FOR UPDATE", &[run_id.into()])?
+                .pop()),
+        }
     }
 
     /// Inserts the run's row: in flight (`started`) when `end` is `None`, else closed
@@ -860,7 +891,7 @@ impl Writer<'_, '_> {
                 "UPDATE rotations SET state = $2, exit_code = $3, reason = $4, ended_at = $5, \
                  from_version = COALESCE($6, from_version), to_version = COALESCE($7, to_version) \
                  WHERE run_id = $1 AND {}",
-                RunState::sql_in(&RunState::IN_FLIGHT)
+                RunState::sql_any(&RunState::IN_FLIGHT)
             ),
             &[
                 run_id.into(),

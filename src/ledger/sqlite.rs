@@ -110,11 +110,40 @@ impl Sqlite {
         &self.conn
     }
 
-    /// `synchronous=FULL` (every commit flushed) or `NORMAL` (a WAL commit is flushed
-    /// with the next FULL one).
-    pub(super) fn set_flush(&self, flush: bool) -> rusqlite::Result<()> {
-        self.conn
-            .pragma_update(None, "synchronous", if flush { "FULL" } else { "NORMAL" })
+    /// Runs `f` in one IMMEDIATE transaction (the write lock taken up front) and commits
+    /// it, or rolls it back when `f` or the commit fails. With `flush` the commit is
+    /// flushed (`synchronous=FULL`, the connection's setting); without, it is written
+    /// with `NORMAL` and becomes durable with the next flushed commit. The transaction
+    /// and synchronous statements are compiled once per connection (cached), not at
+    /// every transaction.
+    pub(super) fn transaction<T>(
+        &self,
+        label: &str,
+        flush: bool,
+        f: impl FnOnce(&Connection) -> Result<T, String>,
+    ) -> Result<T, String> {
+        let c = &self.conn;
+        let run = |sql: &str| {
+            c.prepare_cached(sql)
+                .and_then(|mut st| st.execute([]))
+                .map(|_| ())
+                .map_err(|e| err(label, e))
+        };
+        if !flush {
+            run("PRAGMA synchronous=NORMAL")?;
+        }
+        let result = run("BEGIN IMMEDIATE").and_then(|()| {
+            let out = f(c).and_then(|out| run("COMMIT").map(|()| out));
+            if out.is_err() && !c.is_autocommit() {
+                // Nothing of a failed transaction stays; its own error is the one to report.
+                let _ = c.execute_batch("ROLLBACK");
+            }
+            out
+        });
+        if !flush {
+            run("PRAGMA synchronous=FULL")?;
+        }
+        result
     }
 
     pub(super) fn begin(&mut self) -> rusqlite::Result<rusqlite::Transaction<'_>> {
