@@ -54,3 +54,4 @@ mod shared_store;
 mod shared_storm;
 #[cfg(feature = "failpoints")]
 mod staging_at_admission;
+mod startup;
