@@ -8,12 +8,13 @@
 //!     cargo bench --bench rotate -- --quick            # fewer runs, smaller ledger
 //!     cargo bench --bench rotate -- --custody          # only pkcs11 vs file custody
 //!     cargo bench --bench rotate -- --shared-only      # only the shared key store case
-//!     cargo bench --bench rotate -- --static PATH      # also a static glibc build
+//!     cargo bench --bench rotate -- --static PATH      # also a faster build (README, Install)
 //!
-//! The static build of the README's install section
-//! (`target/x86_64-unknown-linux-gnu/release/keyrotate`) is measured beside the default
-//! dynamic one when it exists (or `--static PATH` names one): same rotations, same
-//! interleaving, and its process start.
+//! The faster build of the README's install section (`-C relocation-model=static`,
+//! dynamic or static glibc: `target/x86_64-unknown-linux-gnu/release/keyrotate`) is
+//! measured beside the default one when it exists (or `--static PATH` names one): same
+//! rotations, same interleaving, its process start and its instructions per rotation.
+//! The report says which kind of binary it measured (see `build_kind`).
 //!
 //! Each figure is the median of interleaved runs (A B A B …), so drift in the
 //! machine's speed hits both sides alike; ratios are computed pair by pair.
@@ -106,7 +107,7 @@ fn find_baseline(args: &[String]) -> Option<PathBuf> {
     .find(|p| p.exists())
 }
 
-/// A static glibc build to measure beside the default one: `--static PATH`, else the
+/// A faster build to measure beside the default one: `--static PATH`, else the
 /// README's `--target x86_64-unknown-linux-gnu` build when it is there.
 fn find_static(args: &[String]) -> Option<PathBuf> {
     if let Some(i) = args.iter().position(|a| a == "--static") {
@@ -114,6 +115,36 @@ fn find_static(args: &[String]) -> Option<PathBuf> {
     }
     let built = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/x86_64-unknown-linux-gnu/release/keyrotate");
     built.exists().then_some(built)
+}
+
+/// Which kind of build `bin` is (the README's Install section lists them), read from
+/// its ELF header: position-independent or not (type DYN or EXEC), and dynamically
+/// linked or not (a PT_INTERP program header names the loader).
+fn build_kind(bin: &Path) -> &'static str {
+    let Ok(elf) = std::fs::read(bin) else {
+        return "unreadable";
+    };
+    let u16_at = |o: usize| elf.get(o..o + 2).map_or(0, |b| u16::from_le_bytes([b[0], b[1]]));
+    let u32_at = |o: usize| {
+        elf.get(o..o + 4)
+            .map_or(0, |b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    };
+    let u64_at = |o: usize| {
+        elf.get(o..o + 8)
+            .map_or(0, |b| u64::from_le_bytes(b.try_into().unwrap()))
+    };
+    if elf.get(..5) != Some(b"\x7fELF\x02".as_slice()) {
+        return "not a 64-bit ELF file";
+    }
+    let (phoff, phentsize, phnum) = (u64_at(32) as usize, u16_at(54) as usize, u16_at(56) as usize);
+    let interp = (0..phnum).any(|i| u32_at(phoff + i * phentsize) == 3);
+    match (u16_at(16), interp) {
+        (2, true) => "dynamic, not position-independent",
+        (2, false) => "static, not position-independent",
+        (3, true) => "dynamic, position-independent (the default build)",
+        (3, false) => "static-pie: relocates itself at start",
+        _ => "unknown ELF type",
+    }
 }
 
 fn find_floor_source(args: &[String]) -> Option<PathBuf> {
@@ -292,19 +323,20 @@ fn main() {
     match &static_bin {
         Some(bin) => {
             println!(
-                "  static glibc build      {:8.2} ms wall  {:6.2} ms cpu  ({})",
+                "  fast build (Install)    {:8.2} ms wall  {:6.2} ms cpu  ({}; {})",
                 median(st),
                 median(st_cpu),
-                bin.display()
+                bin.display(),
+                build_kind(bin)
             );
             if !st_ratios.is_empty() {
                 println!(
-                    "  static / floor          {:8.2}x  (median of pairwise ratios; target <= 1.5x)",
+                    "  fast build / floor      {:8.2}x  (median of pairwise ratios; target <= 1.5x)",
                     median(st_ratios)
                 );
             }
         }
-        None => println!("  static glibc build not found: see README, Install, or pass --static PATH"),
+        None => println!("  fast build not found: see README, Install, or pass --static PATH"),
     }
 
     // 2. the floor: what keyrotate's own durable writes cost on this file system with no
@@ -332,7 +364,7 @@ fn main() {
             stat.push(ms(run(Command::new(bin).arg("--version")).wall));
         }
         println!(
-            "  process start, dynamic / static glibc (interleaved) {:6.2} ms / {:6.2} ms",
+            "  process start, default / fast build (interleaved) {:6.2} ms / {:6.2} ms",
             median(dynamic),
             median(stat)
         );
@@ -497,7 +529,7 @@ fn main() {
     shared_store(dir, runs);
 
     // 9. instructions per rotation: the figure a loaded machine does not blur
-    instructions_per_rotation(dir);
+    instructions_per_rotation(dir, static_bin.as_deref());
 
     // 10. custody: a rotation whose key is generated in a PKCS#11 token vs one kept in a
     //    file, interleaved
@@ -506,26 +538,27 @@ fn main() {
 
 /// User-space instructions of one steady-state rotation, counted by valgrind's
 /// callgrind (deterministic up to the growth of the files a rotation reads), with three
-/// domains configured and with 5,000.
-fn instructions_per_rotation(dir: &Path) {
+/// domains configured and with 5,000; and of `--version`, what every invocation pays
+/// before any command's work. The faster build of the README, when there is one, is
+/// counted beside the default one.
+fn instructions_per_rotation(dir: &Path, static_bin: Option<&Path>) {
     if Command::new("valgrind").arg("--version").output().is_err() {
         println!("\ninstructions per rotation: SKIPPED (valgrind not installed)");
         return;
     }
-    let count = |config: &Path, domain: &str| -> Option<u64> {
-        let out = Command::new("valgrind")
-            .args(["--tool=callgrind", "--callgrind-out-file=/dev/null"])
-            .arg(KEYROTATE)
-            .arg("--config")
-            .arg(config)
-            .args(["-q", "rotate", "--domain", domain, "--deadline", "1m", "--force"])
-            .stdin(Stdio::null())
-            .output()
-            .ok()?;
-        let text = String::from_utf8_lossy(&out.stderr);
-        let line = text.lines().find(|l| l.contains("Collected :"))?;
-        line.rsplit(':').next()?.trim().replace(',', "").parse().ok()
+    let rotation = |bin: &Path, config: &Path, domain: &str| {
+        callgrind(bin, |c| {
+            c.arg("--config")
+                .arg(config)
+                .args(["-q", "rotate", "--domain", domain, "--deadline", "1m", "--force"]);
+        })
     };
+    let shown = |i: Option<u64>| {
+        i.map_or("SKIPPED (callgrind gave no count)".to_string(), |i| {
+            format!("{:.2} M", i as f64 / 1e6)
+        })
+    };
+    let dynamic = Path::new(KEYROTATE);
     println!("\ninstructions per rotation (callgrind, user space, after 5 warm-up rotations)");
     for n in [3usize, 5_000] {
         let sub = dir.join(format!("instructions-{n}"));
@@ -535,11 +568,43 @@ fn instructions_per_rotation(dir: &Path) {
         for _ in 0..5 {
             run(&mut rotate(&config, "d00001"));
         }
-        match count(&config, "d00001") {
-            Some(i) => println!("  {n:5} domains configured  {:8.2} M", i as f64 / 1e6),
-            None => println!("  {n:5} domains configured  SKIPPED (callgrind gave no count)"),
+        println!(
+            "  {n:5} domains configured  {:>8}",
+            shown(rotation(dynamic, &config, "d00001"))
+        );
+        // On the same state: one more rotation of the same domain.
+        if let Some(bin) = static_bin {
+            println!(
+                "  {n:5} domains, fast build  {}",
+                shown(rotation(bin, &config, "d00001"))
+            );
         }
     }
+    let version = |bin: &Path| {
+        callgrind(bin, |c| {
+            c.arg("--version");
+        })
+    };
+    match static_bin {
+        Some(bin) => println!(
+            "  process start (--version), default / fast build: {} / {}",
+            shown(version(dynamic)),
+            shown(version(bin))
+        ),
+        None => println!("  process start (--version): {}", shown(version(dynamic))),
+    }
+}
+
+/// The user-space instructions callgrind counts for one run of `bin` with the
+/// arguments `args` adds.
+fn callgrind(bin: &Path, args: impl FnOnce(&mut Command)) -> Option<u64> {
+    let mut c = Command::new("valgrind");
+    c.args(["--tool=callgrind", "--callgrind-out-file=/dev/null"]).arg(bin);
+    args(&mut c);
+    let out = c.stdin(Stdio::null()).output().ok()?;
+    let text = String::from_utf8_lossy(&out.stderr);
+    let line = text.lines().find(|l| l.contains("Collected :"))?;
+    line.rsplit(':').next()?.trim().replace(',', "").parse().ok()
 }
 
 /// Where Debian and other distributions put SoftHSM2's module.

@@ -59,3 +59,4 @@ mod shared_storm;
 mod staging_at_admission;
 #[cfg(feature = "failpoints")]
 mod threads_and_locks;
+mod startup;
