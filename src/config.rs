@@ -698,6 +698,27 @@ fn resolve(base: &Path, p: &Path) -> PathBuf {
 
 type KeyError = (&'static str, String);
 
+/// Built with a static glibc (`+crt-static`, README "A faster-starting binary")? Such a
+/// process loads shared modules through glibc's static `dlopen`, which brings in a second
+/// libc: an NSS module reached by a group lookup (a group not in `/etc/group`) or a
+/// PKCS#11 module crashes it (SIGSEGV, exit 139, which Control-M reads as a kill). So
+/// the config is refused (2) before anything would load one.
+const STATIC_GLIBC: bool = cfg!(all(target_env = "gnu", target_feature = "crt-static"));
+
+/// Refuses `what` in a static glibc build (see [`STATIC_GLIBC`]).
+fn not_in_a_static_build(key: &'static str, what: &str) -> Result<(), KeyError> {
+    if STATIC_GLIBC {
+        return Err((
+            key,
+            format!(
+                "{what} needs a shared module, which this static glibc build of keyrotate cannot load \
+                 safely: use the default (dynamic) build"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// The value, or `None` with its problem added to `errs`.
 fn take<T>(errs: &mut Vec<KeyError>, r: Result<T, KeyError>) -> Option<T> {
     r.map_err(|e| errs.push(e)).ok()
@@ -744,7 +765,10 @@ fn domain(name: &str, d: RawDomain, base: &Path, ctx: &DomainCtx) -> Result<Doma
     // a host outside the designated pool must still answer NOT_DESIGNATED (6), so the
     // lookup's failure is kept for `check` and for the commands that write.
     let mut unresolved_group = None;
-    let group = d.group.and_then(|name| match crate::fsutil::lookup_group(&name) {
+    let group_name = d
+        .group
+        .filter(|_| take(&mut errs, not_in_a_static_build("group", "a group lookup")).is_some());
+    let group = group_name.and_then(|name| match crate::fsutil::lookup_group(&name) {
         Some(gid) => Some(crate::fsutil::Group { name, gid }),
         None => {
             unresolved_group = Some(format!("no such group {name:?} on this host"));
@@ -882,6 +906,7 @@ fn custody(custody: Option<&str>, pkcs11: Option<&TokenConfig>) -> Result<Option
     match custody {
         None | Some("file") => Ok(None),
         Some("pkcs11") => {
+            not_in_a_static_build("custody", "a PKCS#11 token")?;
             let t = pkcs11.ok_or((
                 "custody",
                 "\"pkcs11\" needs a [pkcs11] table (module, token, and pin_file or pin_env)".to_string(),
@@ -960,6 +985,7 @@ fn kek_source(kek: Option<&str>, base: &Path, pkcs11: Option<&TokenConfig>) -> R
         return Ok(KekSource::File(resolve(base, Path::new(path))));
     }
     if let Some(attrs) = kek.strip_prefix("pkcs11:") {
+        not_in_a_static_build("kek", "a KEK in a PKCS#11 token")?;
         let object = attrs.strip_prefix("object=").ok_or((
             "kek",
             format!(

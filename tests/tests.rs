@@ -57,6 +57,7 @@ mod shared_store;
 mod shared_storm;
 #[cfg(feature = "failpoints")]
 mod staging_at_admission;
+mod startup;
+mod static_build;
 #[cfg(feature = "failpoints")]
 mod threads_and_locks;
-mod startup;
