@@ -75,3 +75,246 @@ fn a_holder_record_written_after_a_longer_one_landed_between_open_and_flock_is_e
         assert_eq!(bytes.lines().count(), 1, "{bytes:?}");
     }
 }
+
+/// A run paused after its admission (it has inspected the store twice by then and
+/// remembered the inspection), while the test changes what it read.
+fn paused_after_admission(env: &Env, run_id: &str) -> Child {
+    let log = env.path(&format!("{run_id}.steps"));
+    let child = env
+        .rotate("sig")
+        .args(["--force", "--run-id", run_id])
+        .env("KEYROTATE_FAILPOINT_LOG", &log)
+        .env("KEYROTATE_FAILPOINTS", "audit.preflight=sleep(1500)")
+        .spawn();
+    wait_for_step(&log, "audit.preflight");
+    child
+}
+
+/// Another valid Ed25519 key file, the same length as `env`'s v1.
+fn foreign_key(env: &Env) -> Vec<u8> {
+    let other = Env::new();
+    other.rotate("sig").status(0);
+    let theirs = std::fs::read(other.key_dir("sig").join("v000001.pem")).unwrap();
+    assert_eq!(
+        std::fs::read(env.key_dir("sig").join("v000001.pem")).unwrap().len(),
+        theirs.len()
+    );
+    theirs
+}
+
+fn touch_like(path: &Path, reference: &Path) {
+    let ok = std::process::Command::new("touch")
+        .arg("-r")
+        .arg(reference)
+        .arg(path)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "touch -r");
+}
+
+/// Held: the same inode rewritten with another valid key of the same size and its
+/// mtime put back (`touch -r`): only the change time tells, and the reused inspection
+/// is dropped for it.
+#[test]
+fn a_key_swapped_in_place_with_its_mtime_restored_after_admission_stops_the_rotation() {
+    let env = Env::new();
+    env.rotate("sig").status(0);
+    let theirs = foreign_key(&env);
+    let ours = env.key_dir("sig").join("v000001.pem");
+    let saved = env.path("mtime-ref");
+    std::fs::write(&saved, b"").unwrap();
+    touch_like(&saved, &ours);
+    let child = paused_after_admission(&env, "PAUSED");
+    std::fs::write(&ours, &theirs).unwrap();
+    touch_like(&ours, &saved);
+    let (code, text) = finished(child);
+    assert_eq!(code, 4, "{text}");
+    assert!(text.contains("fingerprint"), "{text}");
+    assert_eq!(env.key_files("sig"), ["v000001.pem"], "nothing was staged");
+}
+
+/// Held: another key of the same size renamed over ours (another inode), its mtime
+/// set to the old one with `touch -d`.
+#[test]
+fn a_key_renamed_over_ours_with_the_old_mtime_after_admission_stops_the_rotation() {
+    let env = Env::new();
+    env.rotate("sig").status(0);
+    let theirs = foreign_key(&env);
+    let ours = env.key_dir("sig").join("v000001.pem");
+    let when = {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(&ours).unwrap();
+        format!("@{}.{:09}", m.mtime(), m.mtime_nsec())
+    };
+    let child = paused_after_admission(&env, "PAUSED");
+    let tmp = env.key_dir("sig").join(".swap");
+    std::fs::write(&tmp, &theirs).unwrap();
+    assert!(std::process::Command::new("touch")
+        .args(["-d", &when])
+        .arg(&tmp)
+        .status()
+        .unwrap()
+        .success());
+    std::fs::rename(&tmp, &ours).unwrap();
+    let (code, text) = finished(child);
+    assert_eq!(code, 4, "{text}");
+    assert!(text.contains("fingerprint"), "{text}");
+}
+
+/// Held: `keyring.json` put back from an older copy (`cp -p`: old bytes, old mtime)
+/// while a run is paused after admission. The rotation judges the restored manifest
+/// (a key the ledger says was committed later is missing from it), exactly as a run
+/// started after the restore does, and writes nothing over it.
+#[test]
+fn a_keyring_restored_with_cp_p_while_a_run_is_paused_is_judged_like_a_fresh_run_would() {
+    let env = Env::new();
+    env.rotate("sig").args(["--run-id", "R1"]).status(0);
+    let keyring = env.key_dir("sig").join("keyring.json");
+    let backup = env.path("keyring.backup");
+    assert!(std::process::Command::new("cp")
+        .arg("-p")
+        .arg(&keyring)
+        .arg(&backup)
+        .status()
+        .unwrap()
+        .success());
+    env.rotate("sig").args(["--force", "--run-id", "R2"]).status(0);
+    let child = paused_after_admission(&env, "PAUSED");
+    assert!(std::process::Command::new("cp")
+        .arg("-p")
+        .arg(&backup)
+        .arg(&keyring)
+        .status()
+        .unwrap()
+        .success());
+    let (code, text) = finished(child);
+    let restored = std::fs::read(&keyring).unwrap();
+    assert_eq!(
+        restored,
+        std::fs::read(&backup).unwrap(),
+        "nothing written over it: {text}"
+    );
+    // The same judgement as a run that starts after the restore.
+    let fresh = env.rotate("sig").args(["--force", "--run-id", "AFTER"]).output();
+    assert_ne!(code, 0, "a rotation built on the newer manifest committed: {text}");
+    assert_eq!(
+        code, fresh.code,
+        "paused: {text}\nfresh: {}{}",
+        fresh.stdout, fresh.stderr
+    );
+}
+
+/// Held: a huge (sparse) lock file left by someone is written over in place and cut
+/// to the holder's record.
+#[test]
+fn a_huge_lock_file_is_cut_to_the_holder_record() {
+    let env = Env::new();
+    env.rotate("sig").status(0);
+    let lock = env.path("state/locks/sig.lock");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&lock)
+        .unwrap()
+        .set_len(1 << 30)
+        .unwrap();
+    env.rotate("sig").args(["--force", "--run-id", "BIG"]).status(0);
+    let bytes = std::fs::read_to_string(&lock).unwrap();
+    assert!(bytes.len() < 4096, "{} bytes left", bytes.len());
+    let holder: serde_json::Value = serde_json::from_str(bytes.trim()).unwrap();
+    assert_eq!(holder["run_id"], "BIG");
+}
+
+/// Held: a FIFO in place of the lock file is refused at once (no hang on open, no
+/// pwrite into a pipe), named in one line.
+#[test]
+fn a_fifo_lock_file_is_refused_without_hanging() {
+    let env = Env::new();
+    env.rotate("sig").status(0);
+    let lock = env.path("state/locks/sig.lock");
+    std::fs::remove_file(&lock).unwrap();
+    assert!(std::process::Command::new("mkfifo")
+        .arg(&lock)
+        .status()
+        .unwrap()
+        .success());
+    let start = std::time::Instant::now();
+    let out = env.rotate("sig").args(["--force", "--run-id", "FIFO"]).output();
+    assert!(start.elapsed().as_secs() < 20);
+    assert_eq!(out.code, 3, "{}{}", out.stdout, out.stderr);
+    assert!(
+        (out.stdout.clone() + &out.stderr).contains("not a regular file"),
+        "{}{}",
+        out.stdout,
+        out.stderr
+    );
+    assert_eq!(env.manifest("sig")["primary"], 1, "nothing rotated");
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, bytes)
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn audit_lines(env: &Env) -> Vec<Vec<u8>> {
+    std::fs::read(env.path("state/audit.jsonl"))
+        .unwrap()
+        .split(|&b| b == b'\n')
+        .map(<[u8]>::to_vec)
+        .collect()
+}
+
+/// Held: a last audit line longer than the tail's read block (20 000 bytes, three
+/// blocks, its newline before it exactly on a block boundary from the end) is found
+/// whole: the next line chains to its seq and hash.
+#[test]
+fn an_audit_line_longer_than_the_tail_block_is_chained_to_whole() {
+    let env = Env::new();
+    env.rotate("sig").status(0);
+    let path = env.path("state/audit.jsonl");
+    let mut line = br#"{"seq":777,"note":""#.to_vec();
+    // 16 384 bytes of line plus its newline: the previous newline sits two blocks back.
+    while line.len() < 16384 - 2 {
+        line.push(b'a');
+    }
+    line.extend_from_slice(b"\"}");
+    assert_eq!(line.len(), 16384);
+    let mut f = std::fs::OpenOptions::new().append(true).open(&path).unwrap();
+    std::io::Write::write_all(&mut f, &line).unwrap();
+    std::io::Write::write_all(&mut f, b"\n").unwrap();
+    drop(f);
+    env.rotate("sig").args(["--force", "--run-id", "LONG"]).status(0);
+    let lines = audit_lines(&env);
+    let at = lines.iter().position(|l| *l == line).expect("the long line is kept");
+    let next: serde_json::Value = serde_json::from_slice(&lines[at + 1]).unwrap();
+    assert_eq!(next["seq"], 778, "{next}");
+    assert_eq!(next["prev"], sha256_hex(&line), "{next}");
+}
+
+/// Held: an audit trail cut mid-line (a full disk), its last line long and without a
+/// newline: the next line starts on its own line, the cut one kept for `verify`.
+#[test]
+fn an_audit_trail_cut_mid_line_gets_the_next_line_on_its_own() {
+    let env = Env::new();
+    env.rotate("sig").status(0);
+    let path = env.path("state/audit.jsonl");
+    let mut cut = br#"{"seq":5,"note":""#.to_vec();
+    cut.resize(9000, b'z');
+    let mut f = std::fs::OpenOptions::new().append(true).open(&path).unwrap();
+    std::io::Write::write_all(&mut f, &cut).unwrap();
+    drop(f);
+    env.rotate("sig").args(["--force", "--run-id", "CUT"]).status(0);
+    let lines = audit_lines(&env);
+    let at = lines
+        .iter()
+        .position(|l| *l == cut)
+        .expect("the cut line is kept as it was");
+    let next: serde_json::Value = serde_json::from_slice(&lines[at + 1]).expect("own line");
+    assert_eq!(next["prev"], sha256_hex(&cut), "{next}");
+    assert!(lines.last().unwrap().is_empty(), "the trail ends with a newline");
+    let verify = env.cmd().args(["audit", "verify"]).output();
+    assert_ne!(verify.code, 0, "the cut line is reported: {}", verify.stdout);
+}
