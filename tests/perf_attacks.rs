@@ -318,3 +318,48 @@ fn an_audit_trail_cut_mid_line_gets_the_next_line_on_its_own() {
     let verify = env.cmd().args(["audit", "verify"]).output();
     assert_ne!(verify.code, 0, "the cut line is reported: {}", verify.stdout);
 }
+
+/// Bug caught: `sync` against a database that stops answering (a DBA's `LOCK TABLE` on
+/// the shared keyring held by another session) had its statement cancelled by the
+/// `statement_timeout` set to the time left, right at the deadline and before the
+/// timer's backstop, and answered ABORTED (3). It is the deadline's: TIMED_OUT (8) by
+/// deadline + 1 s, the host's copy as it was.
+#[test]
+fn a_sync_whose_database_hangs_on_a_table_lock_ends_by_deadline_plus_one_second_with_8() {
+    use crate::common::pg::{server, Database, ADMIN_PASSWORD, ADMIN_USER};
+    use crate::common::shared::{copy_of, host, sync};
+    if !server() {
+        println!("SKIPPED: PostgreSQL is not reachable here (KEYROTATE_TEST_PG)");
+        return;
+    }
+    let db = Database::new();
+    let a = host(&db, "host-a", "pool-a", &["pool-a"]);
+    let b = host(&db, "host-b", "pool-b", &["pool-a"]);
+    a.rotate("mac").status(0);
+    sync(&b, None).status(0);
+    a.rotate("mac").status(0);
+    let before = copy_of(&b, "mac");
+    let mut holder = postgres::Client::connect(
+        &format!(
+            "host=127.0.0.1 user={ADMIN_USER} password={ADMIN_PASSWORD} dbname={}",
+            db.0
+        ),
+        postgres::NoTls,
+    )
+    .unwrap();
+    holder
+        .batch_execute("BEGIN; LOCK TABLE shared_keyrings IN ACCESS EXCLUSIVE MODE")
+        .unwrap();
+    let start = std::time::Instant::now();
+    let out = b.cmd().args(["sync", "--domain", "mac", "--deadline", "2s"]).output();
+    let took = start.elapsed();
+    holder.batch_execute("COMMIT").unwrap();
+    assert_eq!(out.code, 8, "{}{}", out.stdout, out.stderr);
+    assert!(out.stdout.contains("TIMED_OUT mac"), "{}", out.stdout);
+    // The deadline is 2 s; the timer ends the process a second later. Slack for a
+    // loaded machine's start-up, not for another wait.
+    assert!(took < std::time::Duration::from_millis(5500), "took {took:?}");
+    assert_eq!(copy_of(&b, "mac"), before, "the copy is as it was");
+    sync(&b, Some("mac")).status(0);
+    assert_ne!(copy_of(&b, "mac"), before, "the next sync does the work");
+}
