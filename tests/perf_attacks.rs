@@ -363,3 +363,109 @@ fn a_sync_whose_database_hangs_on_a_table_lock_ends_by_deadline_plus_one_second_
     sync(&b, Some("mac")).status(0);
     assert_ne!(copy_of(&b, "mac"), before, "the next sync does the work");
 }
+
+/// Held: every file's mtime set far into the future or the past (a clock that was
+/// wrong, `touch -d`) proves nothing either way: the reuse rests on change times the
+/// kernel sets, so a same-size swap after admission is still seen.
+#[test]
+fn mtimes_from_a_wrong_clock_do_not_let_a_swap_after_admission_through() {
+    let env = Env::new();
+    env.rotate("sig").status(0);
+    let theirs = foreign_key(&env);
+    let dir = env.key_dir("sig");
+    for (name, when) in [
+        ("keyring.json", "2099-01-01"),
+        ("v000001.pem", "1999-01-01"),
+        ("jwks.json", "2099-01-01"),
+    ] {
+        assert!(std::process::Command::new("touch")
+            .args(["-d", when])
+            .arg(dir.join(name))
+            .status()
+            .unwrap()
+            .success());
+    }
+    env.rotate("sig").args(["--force", "--run-id", "SKEWED"]).status(0);
+    let ours = dir.join("v000002.pem");
+    let other = Env::new();
+    other.rotate("sig").status(0);
+    other.rotate("sig").arg("--force").status(0);
+    let theirs2 = std::fs::read(other.key_dir("sig").join("v000002.pem")).unwrap();
+    assert_eq!(theirs2.len(), theirs.len());
+    assert!(std::process::Command::new("touch")
+        .args(["-d", "2099-01-01"])
+        .arg(&ours)
+        .status()
+        .unwrap()
+        .success());
+    let child = paused_after_admission(&env, "PAUSED");
+    std::fs::write(&ours, &theirs2).unwrap();
+    assert!(std::process::Command::new("touch")
+        .args(["-d", "2099-01-01"])
+        .arg(&ours)
+        .status()
+        .unwrap()
+        .success());
+    let (code, text) = finished(child);
+    assert_eq!(code, 4, "{text}");
+    assert!(text.contains("fingerprint"), "{text}");
+}
+
+/// Held: `jwks.json` replaced by a symlink to a file elsewhere after admission: the
+/// run never writes through it (the publication renames a new file over the link),
+/// and the file it pointed at is untouched.
+#[test]
+fn a_jwks_symlink_planted_after_admission_is_never_written_through() {
+    let env = Env::new();
+    env.rotate("sig").status(0);
+    let victim = env.path("victim.json");
+    std::fs::write(&victim, b"{\"keys\":[]}\n").unwrap();
+    let jwks = env.key_dir("sig").join("jwks.json");
+    let child = paused_after_admission(&env, "PAUSED");
+    std::fs::remove_file(&jwks).unwrap();
+    std::os::unix::fs::symlink(&victim, &jwks).unwrap();
+    let (code, text) = finished(child);
+    assert_eq!(std::fs::read(&victim).unwrap(), b"{\"keys\":[]}\n", "{text}");
+    if code == 0 {
+        let meta = std::fs::symlink_metadata(&jwks).unwrap();
+        assert!(meta.is_file(), "a file, not the planted link: {text}");
+        assert_eq!(env.published_versions("sig").len(), 2, "{text}");
+    } else {
+        assert_eq!(code, 4, "{text}");
+    }
+}
+
+/// Held: the ledger put back from an older copy (the provenance question, now one
+/// statement, meets a manifest committed by a run the ledger does not know): the
+/// domain is held for review, nothing rotated over it.
+#[test]
+fn a_ledger_restored_from_an_older_copy_holds_the_domain_for_review() {
+    let env = Env::new();
+    env.rotate("sig").args(["--run-id", "R1"]).status(0);
+    // The database and its write-ahead log, copied together (as a file backup would).
+    let files = ["ledger.sqlite3", "ledger.sqlite3-wal"];
+    for f in files {
+        if env.path(&format!("state/{f}")).exists() {
+            std::fs::copy(env.path(&format!("state/{f}")), env.path(&format!("{f}.backup"))).unwrap();
+        }
+    }
+    env.rotate("sig").args(["--force", "--run-id", "R2"]).status(0);
+    let manifest = std::fs::read(env.key_dir("sig").join("keyring.json")).unwrap();
+    for f in ["ledger.sqlite3", "ledger.sqlite3-wal", "ledger.sqlite3-shm"] {
+        let _ = std::fs::remove_file(env.path(&format!("state/{f}")));
+    }
+    for f in files {
+        if env.path(&format!("{f}.backup")).exists() {
+            std::fs::copy(env.path(&format!("{f}.backup")), env.path(&format!("state/{f}"))).unwrap();
+        }
+    }
+    assert!(env.path("state/ledger.sqlite3").exists());
+    let out = env.rotate("sig").args(["--force", "--run-id", "R3"]).output();
+    assert_eq!(out.code, 4, "{}{}", out.stdout, out.stderr);
+    assert!(out.stdout.contains("R2"), "the unknown run is named: {}", out.stdout);
+    assert_eq!(
+        std::fs::read(env.key_dir("sig").join("keyring.json")).unwrap(),
+        manifest,
+        "nothing rotated"
+    );
+}
