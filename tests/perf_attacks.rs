@@ -469,3 +469,100 @@ fn a_ledger_restored_from_an_older_copy_holds_the_domain_for_review() {
         "nothing rotated"
     );
 }
+
+/// A loop-mounted ext4 with 128-byte inodes (whole-second timestamps, as ext3, old
+/// ext4 and some NFS servers keep), unmounted on drop. `None` where this process
+/// cannot make or mount one (not root, no loop device).
+struct SecondsFs {
+    at: std::path::PathBuf,
+}
+
+impl SecondsFs {
+    fn mount(at: &Path, image: &Path) -> Option<SecondsFs> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return None;
+        }
+        let ok = |c: &mut std::process::Command| {
+            c.stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        std::fs::create_dir_all(at).ok()?;
+        let made = ok(std::process::Command::new("truncate").args(["-s", "8M"]).arg(image))
+            && ok(std::process::Command::new("mkfs.ext4")
+                .args(["-q", "-F", "-I", "128"])
+                .arg(image));
+        if !made
+            || !ok(std::process::Command::new("mount")
+                .args(["-o", "loop"])
+                .arg(image)
+                .arg(at))
+        {
+            return None;
+        }
+        Some(SecondsFs { at: at.to_path_buf() })
+    }
+}
+
+impl Drop for SecondsFs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.at).status();
+    }
+}
+
+fn ctime(path: &Path) -> (i64, i64) {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).unwrap();
+    (m.ctime(), m.ctime_nsec())
+}
+
+/// Bug caught: on a file system that keeps whole seconds, a key file changed early in
+/// a second and inspected later in the same second has a change time older than the
+/// inspection's start, so the inspection was remembered as settled; another key of
+/// the same size written in place before that second ends gets the very same stamp
+/// (inode, size, mode, mtime and ctime all equal), and the rotation reused the stale
+/// inspection. A change time with no fraction now counts as settled only two whole
+/// seconds later.
+#[test]
+fn on_a_whole_second_file_system_a_swap_in_the_same_second_is_still_seen() {
+    for attempt in 0..6 {
+        let env = Env::new();
+        let Some(_fs) = SecondsFs::mount(&env.path("keys"), &env.path("keys.img")) else {
+            println!("SKIPPED: cannot loop-mount an ext4 with whole-second timestamps here (needs root)");
+            return;
+        };
+        env.rotate("sig").status(0);
+        let theirs = foreign_key(&env);
+        let ours = env.key_dir("sig").join("v000001.pem");
+        let mine = std::fs::read(&ours).unwrap();
+        // Early in a fresh second: rewrite our own bytes (a backup tool, a chmod would
+        // do), so the file's change time is this second.
+        while std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_millis()
+            > 30
+        {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        std::fs::write(&ours, &mine).unwrap();
+        let changed = ctime(&ours);
+        assert_eq!(changed.1, 0, "whole-second change times on this file system");
+        let child = paused_after_admission(&env, "PAUSED");
+        std::fs::write(&ours, &theirs).unwrap();
+        if ctime(&ours) != changed {
+            // The run or the swap spilled into the next second: its stamp differs
+            // anyway, which proves nothing about the same-second case. Try again.
+            let _ = finished(child);
+            println!("attempt {attempt}: the swap landed in the next second; again");
+            continue;
+        }
+        let (code, text) = finished(child);
+        assert_eq!(code, 4, "the stale inspection was reused: {text}");
+        assert!(text.contains("fingerprint"), "{text}");
+        return;
+    }
+    println!("SKIPPED: this machine never fitted a run's admission and the swap in one second");
+}
