@@ -566,3 +566,37 @@ fn on_a_whole_second_file_system_a_swap_in_the_same_second_is_still_seen() {
     }
     println!("SKIPPED: this machine never fitted a run's admission and the swap in one second");
 }
+
+/// Bug caught: the audit tail's last line was joined block by block onto everything
+/// read so far and searched whole each time, so its cost grew with the square of its
+/// length. A trail ending in 20 MB without a newline (a torn write, a hostile append)
+/// held a rotation with a one-minute deadline for over seven minutes, the deadline's
+/// own audit line reading the same tail again. Now it costs the line's length.
+#[test]
+fn a_megabytes_long_torn_audit_tail_costs_its_length_not_its_square() {
+    let env = Env::new();
+    env.rotate("sig").status(0);
+    let path = env.path("state/audit.jsonl");
+    let mut f = std::fs::OpenOptions::new().append(true).open(&path).unwrap();
+    std::io::Write::write_all(&mut f, &vec![b'a'; 20_000_000]).unwrap();
+    drop(f);
+    let start = std::time::Instant::now();
+    env.cmd()
+        .args([
+            "rotate",
+            "--domain",
+            "sig",
+            "--deadline",
+            "30s",
+            "--force",
+            "--run-id",
+            "TAIL",
+        ])
+        .status(0);
+    let took = start.elapsed();
+    assert!(took < std::time::Duration::from_secs(15), "took {took:?}");
+    let lines = audit_lines(&env);
+    let torn = lines.iter().position(|l| l.len() == 20_000_000).expect("kept");
+    let next: serde_json::Value = serde_json::from_slice(&lines[torn + 1]).expect("own line");
+    assert_eq!(next["prev"], sha256_hex(&lines[torn]), "{next}");
+}
