@@ -364,26 +364,42 @@ fn last_line(f: &File) -> io::Result<Option<(Vec<u8>, bool)>> {
     if len == 0 {
         return Ok(None);
     }
-    // The file's bytes from `pos` to its end; the first block read also tells whether
-    // the file ends with a newline (one read where a line fits in a block).
-    let mut buf: Vec<u8> = Vec::new();
+    // Blocks from the end, the last first. Only each new block is searched and the
+    // line is joined once at the end: a long last line (a torn write of megabytes, a
+    // hostile append) costs its length. Joining every block onto the bytes read so far
+    // and searching them all again cost its length squared: 20 MB without a newline
+    // held a run for minutes past its deadline, and the deadline's own audit line
+    // read the same tail again.
+    let mut blocks: Vec<Vec<u8>> = Vec::new();
+    let mut complete = false;
     let mut pos = len;
     loop {
         let start = pos.saturating_sub(BLOCK);
         let mut block = vec![0u8; (pos - start) as usize];
         f.read_exact_at(&mut block, start)?;
-        block.extend_from_slice(&buf);
-        buf = block;
-        pos = start;
-        let complete = buf.last() == Some(&b'\n');
-        let body = &buf[..buf.len() - usize::from(complete)];
-        if let Some(i) = body.iter().rposition(|&b| b == b'\n') {
-            return Ok(Some((body[i + 1..].to_vec(), complete)));
+        // The file's last byte, in its last block (read first, the one read where a
+        // line fits in a block): a final newline ends the last line, not another.
+        let mut search = block.len();
+        if blocks.is_empty() && block.last() == Some(&b'\n') {
+            complete = true;
+            search -= 1;
         }
-        if pos == 0 {
-            return Ok(Some((body.to_vec(), complete)));
+        pos = start;
+        let found = block[..search].iter().rposition(|&b| b == b'\n');
+        if let Some(i) = found {
+            block.drain(..=i);
+        }
+        blocks.push(block);
+        if found.is_some() || pos == 0 {
+            break;
         }
     }
+    blocks.reverse();
+    let mut line = blocks.concat();
+    if complete {
+        line.pop();
+    }
+    Ok(Some((line, complete)))
 }
 
 /// A chain head the ledger recorded for one run.
@@ -635,4 +651,37 @@ fn read_trail_file(path: &Path) -> Result<Vec<u8>, String> {
     let mut bytes = Vec::new();
     io::Read::read_to_end(&mut f, &mut bytes).map_err(fail)?;
     Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::last_line;
+
+    /// The last line of `bytes` as `last_line` finds it in a file holding them.
+    fn of(bytes: &[u8]) -> Option<(Vec<u8>, bool)> {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("a");
+        std::fs::write(&p, bytes).unwrap();
+        last_line(&std::fs::File::open(&p).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn the_last_line_at_every_block_boundary() {
+        assert_eq!(of(b""), None);
+        assert_eq!(of(b"\n"), Some((vec![], true)));
+        assert_eq!(of(b"abc"), Some((b"abc".to_vec(), false)));
+        assert_eq!(of(b"a\nbc"), Some((b"bc".to_vec(), false)));
+        assert_eq!(of(b"a\nbc\n"), Some((b"bc".to_vec(), true)));
+        assert_eq!(of(b"a\n\n"), Some((vec![], true)));
+        for n in [8190, 8191, 8192, 8193, 16383, 16384, 16385, 30000] {
+            let line = vec![b'x'; n];
+            for end in [&b""[..], b"\n"] {
+                let mut bytes = b"first line\n".to_vec();
+                bytes.extend_from_slice(&line);
+                bytes.extend_from_slice(end);
+                assert_eq!(of(&bytes), Some((line.clone(), !end.is_empty())), "{n} {end:?}");
+                assert_eq!(of(&bytes[11..]), Some((line.clone(), !end.is_empty())), "{n} alone");
+            }
+        }
+    }
 }

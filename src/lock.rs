@@ -36,7 +36,8 @@ impl Holder {
 pub struct DomainLock {
     file: File,
     path: PathBuf,
-    /// The file's length when opened: the holder record is written over it in place.
+    /// The file's length when the lock was taken: the holder record is written over it
+    /// in place.
     len: u64,
 }
 
@@ -50,8 +51,8 @@ pub fn lock_path(lock_dir: &Path, domain: &str) -> PathBuf {
     lock_dir.join(format!("{domain}.lock"))
 }
 
-/// The lock file, opened (created if absent), and its length.
-fn open_lock_file(path: &Path) -> io::Result<(File, u64)> {
+/// The lock file, opened (created if absent).
+fn open_lock_file(path: &Path) -> io::Result<File> {
     let f = OpenOptions::new()
         .read(true)
         .write(true)
@@ -67,24 +68,31 @@ fn open_lock_file(path: &Path) -> io::Result<(File, u64)> {
     if meta.mode() & 0o077 != 0 {
         f.set_permissions(fs::Permissions::from_mode(0o600))?;
     }
-    Ok((f, meta.len()))
+    Ok(f)
 }
 
 impl DomainLock {
     /// Tries once to take the lock; never waits.
     pub fn try_acquire(path: &Path) -> Result<Acquire, String> {
-        let (file, len) = open_lock_file(path).map_err(|e| {
+        let file = open_lock_file(path).map_err(|e| {
             // O_NOFOLLOW's ELOOP reads as "too many levels of symbolic links": say what it is.
             check_openable(path)
                 .err()
                 .unwrap_or_else(|| format!("lock file {}: {}", path.display(), crate::fsutil::io_reason(&e)))
         })?;
         match file.try_lock() {
-            Ok(()) => Ok(Acquire::Acquired(DomainLock {
-                file,
-                path: path.to_path_buf(),
-                len,
-            })),
+            Ok(()) => {
+                // The length once the lock is ours, not when the file was opened: the
+                // last holder may have written a longer record in between (it held the
+                // flock then), and `write_holder` must cut that record's tail. Unknown
+                // length: cut whatever is there.
+                let len = file.metadata().map_or(u64::MAX, |m| m.len());
+                Ok(Acquire::Acquired(DomainLock {
+                    file,
+                    path: path.to_path_buf(),
+                    len,
+                }))
+            }
             Err(std::fs::TryLockError::WouldBlock) => Ok(Acquire::Busy(read_holder(path))),
             Err(std::fs::TryLockError::Error(e)) => Err(format!(
                 "lock file {}: {}",

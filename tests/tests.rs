@@ -33,6 +33,8 @@ mod msrv;
 mod observability;
 mod operator_safety;
 mod output_errors;
+#[cfg(feature = "failpoints")]
+mod perf_attacks;
 mod pg_dba;
 mod pg_fencing;
 mod pg_hook;

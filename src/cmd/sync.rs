@@ -175,6 +175,20 @@ fn prepare(cli: &Cli, args: &SyncArgs) -> Result<Ctx, Failure> {
     })
 }
 
+/// A failure that came once the deadline had passed is the deadline's (8), as a
+/// rotation's is: the database's `statement_timeout` and `lock_timeout` are set to the
+/// time left, so a statement that waits on a lock (a DBA's `LOCK TABLE`) is cancelled
+/// right at the deadline, a second before the timer's backstop, and its "canceling
+/// statement" error must not read as ABORTED (3), which sends the operator to fix
+/// something rather than to sync again.
+fn past_deadline(ctx: &Ctx, f: Failure) -> Failure {
+    if f.outcome == Outcome::Aborted && ctx.guard.deadline().expired() {
+        Failure::new(Outcome::TimedOut, f.message)
+    } else {
+        f
+    }
+}
+
 fn failed(d: &DomainConfig, f: Failure) -> DomainSync {
     DomainSync {
         domain: d.name.clone(),
@@ -212,7 +226,7 @@ fn sync_all(ctx: &Ctx) -> Vec<DomainSync> {
                 .domains
                 .iter()
                 .map(|d| {
-                    let r = failed(d, Failure::new(Outcome::Aborted, why.clone()));
+                    let r = failed(d, past_deadline(ctx, Failure::new(Outcome::Aborted, why.clone())));
                     audit(ctx, &r);
                     r
                 })
@@ -269,7 +283,7 @@ fn sync_one(ctx: &Ctx, ledger: &mut Ledger, d: &DomainConfig) -> DomainSync {
     let kek = Kek::from_source(&store.kek).map_err(|e| aborted(format!("this host's KEK: {e}")));
     let synced = kek.and_then(|kek| shared::sync_domain(ledger, &ks, &kek, &d.name, &|s| ctx.guard.checkpoint(s)));
     match synced {
-        Err(f) => failed(d, f),
+        Err(f) => failed(d, past_deadline(ctx, f)),
         Ok(s) => {
             let (outcome, written, reason) = match s.local {
                 Local::Unchanged if s.epoch == 0 => ("CURRENT", Vec::new(), "nothing committed yet".to_string()),

@@ -16,7 +16,8 @@
 //! were taken (`start`). So a stamp whose ctime is older than `start` cannot be
 //! reproduced by a later change; a stamp whose ctime is not older (the file changed
 //! in the same clock tick as the inspection began: the "racy" case git's index knows)
-//! could, and such an inspection is never remembered. Replacing a file by another
+//! could, and such an inspection is never remembered. A file system that keeps whole
+//! seconds makes that tick a second (two on FAT): see `settled_before`. Replacing a file by another
 //! one (rename over it) gives the path another inode. Token objects are not files:
 //! an inspection that listed a token is never remembered either.
 
@@ -77,6 +78,22 @@ fn coarse_now() -> (i64, i64) {
     (ts.tv_sec, ts.tv_nsec)
 }
 
+/// Whether a change at `ctime` can no longer be reproduced by a change at `start` or
+/// later. A change time with no fraction of a second may come from a file system that
+/// keeps whole seconds (ext4 with 128-byte inodes, ext3, an NFS server that does) or
+/// two (FAT): there a later change in the same second (or two) gets the very same
+/// change time, however much later than `start` it comes, so such a stamp proves
+/// nothing until two whole seconds have passed. (On a nanosecond file system a change
+/// time falls on a whole second about once in the coarse clock's ticks per second: that
+/// run merely inspects again.)
+fn settled_before(ctime: (i64, i64), start: (i64, i64)) -> bool {
+    if ctime.1 == 0 {
+        ctime.0.saturating_add(2) <= start.0
+    } else {
+        ctime < start
+    }
+}
+
 /// The stamps of one inspection, gathered while it reads.
 pub(super) struct Reads {
     start: (i64, i64),
@@ -125,7 +142,7 @@ impl Reads {
                 .stamps
                 .iter()
                 .filter_map(|(_, s)| s.as_ref())
-                .all(|s| s.ctime < self.start)
+                .all(|s| settled_before(s.ctime, self.start))
     }
 
     /// The stamps, read again now, are unchanged.
@@ -256,6 +273,15 @@ mod tests {
         };
         assert!(!reads.settled());
         assert!(reads.unchanged());
+    }
+
+    #[test]
+    fn a_whole_second_change_time_is_settled_only_two_seconds_later() {
+        assert!(!settled_before((100, 0), (100, 900_000_000)));
+        assert!(!settled_before((100, 0), (101, 999_999_999)));
+        assert!(settled_before((100, 0), (102, 0)));
+        assert!(settled_before((100, 1), (100, 2)));
+        assert!(!settled_before((100, 2), (100, 2)));
     }
 
     #[test]
