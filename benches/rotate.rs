@@ -10,6 +10,9 @@
 //!     cargo bench --bench rotate -- --shared-only      # only the shared key store case
 //!     cargo bench --bench rotate -- --static PATH      # also a faster build (README, Install)
 //!
+//! Beside the C floor, the bench runs itself as a "stack floor" (`stack_floor`): the
+//! same 9 durable writes with the SQLite ledger and an AWS-LC key, nothing else.
+//!
 //! The faster build of the README's install section (`-C relocation-model=static`,
 //! dynamic or static glibc: `target/x86_64-unknown-linux-gnu/release/keyrotate`) is
 //! measured beside the default one when it exists (or `--static PATH` names one): same
@@ -221,11 +224,100 @@ fn durable_floor(dir: &Path, n: usize) -> (f64, usize) {
     (median(times), 9)
 }
 
+/// The least a rotation on this project's stack can cost, run as its own process
+/// (`--stack-floor DIR`, the bench re-running itself): the C floor's 9 durable writes,
+/// with the ledger in SQLite as keyrotate keeps it (the same bundled SQLite and build
+/// flags, WAL kept across processes, `synchronous=FULL`, an admission row and a closing
+/// update) and an ed25519 key generated and self-tested by AWS-LC. Nothing else: no
+/// config, lock files, inspection, provenance, audit chain or report. The gap between
+/// it and the C floor is what the two libraries cost before keyrotate does anything.
+fn stack_floor(dir: &Path) {
+    use aws_lc_rs::signature::{Ed25519KeyPair, KeyPair, UnparsedPublicKey, ED25519};
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let atomic = |name: &str, body: &[u8]| {
+        let tmp = dir.join(format!(".{name}.tmp"));
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .unwrap();
+        f.write_all(body).unwrap();
+        f.sync_all().unwrap();
+        std::fs::rename(&tmp, dir.join(name)).unwrap();
+    };
+    let sync_dir = || std::fs::File::open(dir).unwrap().sync_all().unwrap();
+    let fresh = !dir.exists();
+    std::fs::create_dir_all(dir).unwrap();
+    let db = rusqlite::Connection::open(dir.join("ledger.sqlite3")).unwrap();
+    db.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true)
+        .unwrap();
+    db.execute_batch(
+        "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA wal_autocheckpoint=100; \
+         CREATE TABLE IF NOT EXISTS runs(id INTEGER PRIMARY KEY, state TEXT NOT NULL, at TEXT NOT NULL);",
+    )
+    .unwrap();
+    if fresh {
+        sync_dir();
+    }
+    db.execute("INSERT INTO runs(state, at) VALUES ('admitted', datetime('now'))", [])
+        .unwrap(); // 1: admission
+    let id = db.last_insert_rowid();
+    let pair = Ed25519KeyPair::generate().unwrap();
+    let sig = pair.sign(b"self-test");
+    UnparsedPublicKey::new(&ED25519, pair.public_key().as_ref())
+        .verify(b"self-test", sig.as_ref())
+        .unwrap();
+    let der = pair.to_pkcs8v1().unwrap();
+    let pem = pem::encode(&pem::Pem::new("PRIVATE KEY", der.as_ref().to_vec()));
+    let key = format!("v{id:06}.pem");
+    let mut k = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(dir.join(&key))
+        .unwrap();
+    k.write_all(pem.as_bytes()).unwrap();
+    k.sync_all().unwrap(); // 2: staged key
+    let jwks = format!(
+        "{{\"keys\":[{{\"kid\":\"{key}\",\"x\":\"{:?}\"}}]}}",
+        pair.public_key().as_ref()
+    );
+    atomic("jwks.json", jwks.as_bytes()); // 3
+    sync_dir(); // 4
+    atomic("keyring.json", jwks.as_bytes()); // 5: the commit
+    sync_dir(); // 6
+    let _ = std::fs::remove_file(dir.join(".current.tmp"));
+    std::os::unix::fs::symlink(&key, dir.join(".current.tmp")).unwrap();
+    std::fs::rename(dir.join(".current.tmp"), dir.join("current.pem")).unwrap();
+    if id > 3 {
+        let _ = std::fs::remove_file(dir.join(format!("v{:06}.pem", id - 3)));
+    }
+    atomic("jwks.json", jwks.as_bytes()); // 7: tidy-up
+    db.execute("UPDATE runs SET state = 'succeeded' WHERE id = ?1", [id])
+        .unwrap(); // 8: closed
+    drop(db);
+    let mut audit = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o600)
+        .open(dir.join("audit.jsonl"))
+        .unwrap();
+    audit.write_all(b"{\"event\":\"rotation.succeeded\"}\n").unwrap();
+    audit.sync_data().unwrap(); // 9
+}
+
 #[allow(clippy::zombie_processes)] // children are reaped with wait4
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.iter().any(|a| a == "--list") {
         return; // `cargo bench -- --list` from tooling
+    }
+    if let Some(i) = args.iter().position(|a| a == "--stack-floor") {
+        stack_floor(Path::new(&args[i + 1]));
+        return;
     }
     let quick = args.iter().any(|a| a == "--quick");
     let runs = if quick { 11 } else { 31 };
@@ -262,6 +354,9 @@ fn main() {
     let mut rss = Vec::new();
     let static_bin = find_static(&args);
     let (mut st, mut st_cpu, mut st_ratios) = (Vec::new(), Vec::new(), Vec::new());
+    let me = std::env::current_exe().unwrap();
+    let stack_state = dir.join("stack-floor");
+    let (mut stack_c, mut stack_ratios) = (Vec::new(), Vec::new());
     for _ in 0..runs {
         let a = run(&mut rotate(&config, "bench"));
         assert_eq!(a.code, 0, "keyrotate rotate failed");
@@ -280,6 +375,10 @@ fn main() {
             assert_eq!(s.code, 0, "the floor program failed");
             floor_c.push(ms(s.wall));
             floor_ratios.push(ms(a.wall) / ms(s.wall));
+            let k = run(Command::new(&me).arg("--stack-floor").arg(&stack_state));
+            assert_eq!(k.code, 0, "the stack floor failed");
+            stack_c.push(ms(k.wall));
+            stack_ratios.push(ms(k.wall) / ms(s.wall));
             if let Some(b) = &b {
                 st_ratios.push(ms(b.wall) / ms(s.wall));
             }
@@ -316,6 +415,14 @@ fn main() {
         println!(
             "  keyrotate / floor       {:8.2}x  (median of pairwise ratios; target <= 1.5x)",
             median(floor_ratios)
+        );
+        println!(
+            "  stack floor             {:8.2} ms wall  (this bench as a minimal Rust rotation: SQLite ledger + AWS-LC key + the 9 writes)",
+            median(stack_c)
+        );
+        println!(
+            "  stack floor / floor     {:8.2}x  (median of pairwise ratios: what the libraries alone cost)",
+            median(stack_ratios)
         );
     } else {
         println!("  floor.c not found or no `cc`: pass --floor PATH");
