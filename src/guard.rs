@@ -3,8 +3,9 @@
 //! `checkpoint` is called before every step that cannot be undone; it turns a pending
 //! SIGTERM/SIGINT/SIGHUP into ABORTED and an expired deadline into TIMED_OUT. A step
 //! that hangs never reaches the next checkpoint, so a watchdog (on the process's one
-//! timer thread, see [`timer`]) fires at the deadline and ends the process itself (the hung step is abandoned, exactly like a
-//! crash before the commit: the old manifest stays authoritative). The main thread and
+//! timer thread, see the `timer` module below) fires at the deadline and ends the
+//! process itself (the hung step is abandoned, exactly like a crash before the commit:
+//! the old manifest stays authoritative). The main thread and
 //! the watchdog race for one atomic phase, so the watchdog can never fire once the
 //! commit has begun, and the commit can never begin once the watchdog has fired.
 

@@ -72,11 +72,7 @@ fn a_file_planted_after_admission_is_judged_by_the_rotation() {
 /// Runs `run` under `strace -f`, recording the file syscalls; `None` when strace
 /// cannot run here.
 fn traced(run: crate::common::Run<'_>, trace: &Path) -> Option<crate::common::Out> {
-    let works = std::process::Command::new("strace")
-        .args(["-f", "-qq", "-o", "/dev/null", "true"])
-        .status()
-        .is_ok_and(|s| s.success());
-    if !works {
+    if !crate::common::strace_works() {
         return None;
     }
     let prefix = format!(

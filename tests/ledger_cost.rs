@@ -3,20 +3,12 @@
 //! descriptor. Each bound is what one steady-state rotation needs today; a change that
 //! adds a read transaction or a read of the audit file per line shows here.
 
-use std::process::{Command, Stdio};
-
 use crate::common::Env;
 
 /// The system calls named in `trace` made by one forced rotation of `sig`, one line
 /// each; `None` (after printing SKIPPED) when `strace` cannot run here.
 fn traced_rotation(env: &Env, trace: &str, log: &str) -> Option<Vec<String>> {
-    let usable = Command::new("strace")
-        .args(["-f", "-qq", "-e", "trace=none", "true"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !usable {
+    if !crate::common::strace_works() {
         println!("SKIPPED: strace is not installed or cannot trace here");
         return None;
     }

@@ -8,7 +8,7 @@
 use std::path::Path;
 use std::process::Child;
 
-use crate::common::{wait_for_step, Env};
+use crate::common::{strace_works, wait_for_step, Env};
 
 fn finished(child: Child) -> (i32, String) {
     let out = child.wait_with_output().unwrap();
@@ -16,13 +16,6 @@ fn finished(child: Child) -> (i32, String) {
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
     )
-}
-
-fn strace_works() -> bool {
-    std::process::Command::new("strace")
-        .args(["-f", "-qq", "-o", "/dev/null", "true"])
-        .status()
-        .is_ok_and(|s| s.success())
 }
 
 /// Bug caught: the lock file's length was taken when it was opened, before the

@@ -89,7 +89,6 @@ fn hung_run_is_bounded(test: &str, dry: bool) {
     // record locks on it, and the snapshot reads the token's files.
     let snapshot = files_but_token(&env);
     let held = TokenHeld::new(&env);
-    let start = Instant::now();
     let mut run = hsm
         .with(env.cmd())
         .args(["rotate", "--domain", "ed", "--force", "--deadline", "3s"]);
@@ -97,18 +96,7 @@ fn hung_run_is_bounded(test: &str, dry: bool) {
         run = run.arg("--dry-run");
     }
     let mut child = run.spawn();
-    let mut code = None;
-    while start.elapsed() < Duration::from_secs(20) {
-        if let Some(s) = child.try_wait().unwrap() {
-            code = s.code();
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let took = start.elapsed();
-    if code.is_none() {
-        let _ = child.kill();
-    }
+    let (code, took) = crate::common::wait_at_most(&mut child, Duration::from_secs(20));
     drop(held);
     let _ = child.wait();
     assert!(

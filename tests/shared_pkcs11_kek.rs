@@ -100,6 +100,20 @@ fn copy_token(from: &Env, to: &Env, module: &Path) -> Hsm {
     Hsm::adopt(to, module, "")
 }
 
+/// Host-a and host-b sharing one token KEK (copied token), `mac` rotated twice on
+/// host-a and synced by host-b after the first: host-b's copy is one epoch behind.
+fn two_hosts_b_one_epoch_behind(test: &str, module: &Path) -> (Database, Env, Env, Hsm, Hsm) {
+    let db = Database::new();
+    let a = host(&db, module, "host-a", "pool-a");
+    let b = host(&db, module, "host-b", "pool-b");
+    let hsm_a = fresh_token(&a, test, Some(("AES:32", &["--sensitive"])));
+    let hsm_b = copy_token(&a, &b, module);
+    hsm_a.with(a.rotate("mac")).status(0);
+    hsm_b.with(sync(&b, Some("mac"))).status(0);
+    hsm_a.with(a.rotate("mac")).status(0);
+    (db, a, b, hsm_a, hsm_b)
+}
+
 /// Every row of the shared store's and the ledger's tables, as text.
 fn database_text(db: &Database) -> String {
     db.sql(
@@ -210,14 +224,7 @@ fn three_hosts_share_one_token_kek_and_the_database_holds_no_plaintext_key() {
 fn a_host_whose_token_lacks_the_kek_or_holds_another_key_fails_its_sync_and_keeps_its_copy() {
     let test = "a_host_whose_token_lacks_the_kek_or_holds_another_key_fails_its_sync_and_keeps_its_copy";
     let Some(module) = needs(test) else { return };
-    let db = Database::new();
-    let a = host(&db, &module, "host-a", "pool-a");
-    let b = host(&db, &module, "host-b", "pool-b");
-    let hsm_a = fresh_token(&a, test, Some(("AES:32", &["--sensitive"])));
-    let hsm_b = copy_token(&a, &b, &module);
-    hsm_a.with(a.rotate("mac")).status(0);
-    hsm_b.with(sync(&b, Some("mac"))).status(0);
-    hsm_a.with(a.rotate("mac")).status(0);
+    let (_db, a, b, _hsm_a, _hsm_b) = two_hosts_b_one_epoch_behind(test, &module);
     let kept = copy_of(&b, "mac");
 
     // Another AES key under the same label (a token made on its own, not copied).
@@ -338,22 +345,14 @@ fn check_names_each_kek_problem_and_a_rotation_without_the_kek_aborts() {
 /// the same sync succeeds.
 #[test]
 fn a_sync_whose_token_hangs_ends_at_its_deadline_and_keeps_the_copy() {
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
     let test = "a_sync_whose_token_hangs_ends_at_its_deadline_and_keeps_the_copy";
     let Some(module) = needs(test) else { return };
-    let db = Database::new();
-    let a = host(&db, &module, "host-a", "pool-a");
-    let b = host(&db, &module, "host-b", "pool-b");
-    let hsm_a = fresh_token(&a, test, Some(("AES:32", &["--sensitive"])));
-    let hsm_b = copy_token(&a, &b, &module);
-    hsm_a.with(a.rotate("mac")).status(0);
-    hsm_b.with(sync(&b, Some("mac"))).status(0);
-    hsm_a.with(a.rotate("mac")).status(0);
+    let (_db, a, b, _hsm_a, hsm_b) = two_hosts_b_one_epoch_behind(test, &module);
     let kept = copy_of(&b, "mac");
 
     for json in [false, true] {
         let held = crate::pkcs11_attacks::TokenHeld::new(&b);
-        let start = Instant::now();
         let mut cmd = hsm_b
             .with(b.cmd())
             .args(["sync", "--domain", "mac", "--deadline", "3s"]);
@@ -361,18 +360,7 @@ fn a_sync_whose_token_hangs_ends_at_its_deadline_and_keeps_the_copy() {
             cmd = cmd.args(["--output", "json"]);
         }
         let mut child = cmd.spawn();
-        let mut code = None;
-        while start.elapsed() < Duration::from_secs(30) {
-            if let Some(s) = child.try_wait().unwrap() {
-                code = s.code();
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let took = start.elapsed();
-        if code.is_none() {
-            let _ = child.kill();
-        }
+        let (code, took) = crate::common::wait_at_most(&mut child, Duration::from_secs(30));
         drop(held);
         let out = child.wait_with_output().unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout);

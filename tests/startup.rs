@@ -5,17 +5,7 @@
 
 use std::process::{Command, Stdio};
 
-use crate::common::Env;
-
-/// Whether `strace` runs here (installed, and ptrace allowed in this container).
-fn strace_works() -> bool {
-    Command::new("strace")
-        .args(["-f", "-e", "trace=none", "-o", "/dev/null", "true"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
+use crate::common::{strace_works, Env};
 
 /// A rotation's threads (the deadline watchdog, hook watchers) allocate in the main
 /// malloc arena. glibc would otherwise give the first allocating thread an arena of

@@ -469,3 +469,28 @@ pub fn have_openssl() -> bool {
 pub mod softhsm;
 
 pub mod shared;
+
+/// Whether `strace` can trace a child here (installed, and ptrace allowed in this
+/// container): the system-call count tests say SKIPPED when it cannot.
+pub fn strace_works() -> bool {
+    Command::new("strace")
+        .args(["-f", "-qq", "-e", "trace=none", "-o", "/dev/null", "true"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Waits for `child` at most `limit`: its exit code (`None` for a signal), or `None`
+/// after killing it when it was still running then. Also how long it took.
+pub fn wait_at_most(child: &mut Child, limit: std::time::Duration) -> (Option<i32>, std::time::Duration) {
+    let start = std::time::Instant::now();
+    while start.elapsed() < limit {
+        if let Some(s) = child.try_wait().unwrap() {
+            return (s.code(), start.elapsed());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let _ = child.kill();
+    (None, start.elapsed())
+}
