@@ -18,6 +18,23 @@ fn finished(child: Child) -> (i32, String) {
     )
 }
 
+/// `touch -d WHEN PATH`: a file's mtime set to any instant, as an operator's tools do.
+fn touch_d(path: &Path, when: &str) {
+    assert!(std::process::Command::new("touch")
+        .args(["-d", when])
+        .arg(path)
+        .status()
+        .unwrap()
+        .success());
+}
+
+/// The paused run, let go, stops with 4 naming the key file's fingerprint mismatch.
+fn stopped_on_the_fingerprint(child: Child) {
+    let (code, text) = finished(child);
+    assert_eq!(code, 4, "{text}");
+    assert!(text.contains("fingerprint"), "{text}");
+}
+
 /// Bug caught: the lock file's length was taken when it was opened, before the
 /// flock. A run that opened the file while a shorter record was in it, then waited
 /// for its flock while another run wrote a longer one, wrote its own record over the
@@ -121,9 +138,7 @@ fn a_key_swapped_in_place_with_its_mtime_restored_after_admission_stops_the_rota
     let child = paused_after_admission(&env, "PAUSED");
     std::fs::write(&ours, &theirs).unwrap();
     touch_like(&ours, &saved);
-    let (code, text) = finished(child);
-    assert_eq!(code, 4, "{text}");
-    assert!(text.contains("fingerprint"), "{text}");
+    stopped_on_the_fingerprint(child);
     assert_eq!(env.key_files("sig"), ["v000001.pem"], "nothing was staged");
 }
 
@@ -143,16 +158,9 @@ fn a_key_renamed_over_ours_with_the_old_mtime_after_admission_stops_the_rotation
     let child = paused_after_admission(&env, "PAUSED");
     let tmp = env.key_dir("sig").join(".swap");
     std::fs::write(&tmp, &theirs).unwrap();
-    assert!(std::process::Command::new("touch")
-        .args(["-d", &when])
-        .arg(&tmp)
-        .status()
-        .unwrap()
-        .success());
+    touch_d(&tmp, &when);
     std::fs::rename(&tmp, &ours).unwrap();
-    let (code, text) = finished(child);
-    assert_eq!(code, 4, "{text}");
-    assert!(text.contains("fingerprint"), "{text}");
+    stopped_on_the_fingerprint(child);
 }
 
 /// Held: `keyring.json` put back from an older copy (`cp -p`: old bytes, old mtime)
@@ -385,23 +393,11 @@ fn mtimes_from_a_wrong_clock_do_not_let_a_swap_after_admission_through() {
     other.rotate("sig").arg("--force").status(0);
     let theirs2 = std::fs::read(other.key_dir("sig").join("v000002.pem")).unwrap();
     assert_eq!(theirs2.len(), theirs.len());
-    assert!(std::process::Command::new("touch")
-        .args(["-d", "2099-01-01"])
-        .arg(&ours)
-        .status()
-        .unwrap()
-        .success());
+    touch_d(&ours, "2099-01-01");
     let child = paused_after_admission(&env, "PAUSED");
     std::fs::write(&ours, &theirs2).unwrap();
-    assert!(std::process::Command::new("touch")
-        .args(["-d", "2099-01-01"])
-        .arg(&ours)
-        .status()
-        .unwrap()
-        .success());
-    let (code, text) = finished(child);
-    assert_eq!(code, 4, "{text}");
-    assert!(text.contains("fingerprint"), "{text}");
+    touch_d(&ours, "2099-01-01");
+    stopped_on_the_fingerprint(child);
 }
 
 /// Held: `jwks.json` replaced by a symlink to a file elsewhere after admission: the
