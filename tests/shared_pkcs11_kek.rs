@@ -378,6 +378,13 @@ fn a_sync_whose_token_hangs_ends_at_its_deadline_and_keeps_the_copy() {
             assert!(stdout.contains("TIMED_OUT mac: deadline"), "{stdout}");
         }
         assert_eq!(copy_of(&b, "mac"), kept, "the local copy changed");
+        // The attempt is in the audit trail, as every sync's is.
+        let trail = std::fs::read_to_string(b.path("state/audit.jsonl")).unwrap();
+        let last: serde_json::Value = serde_json::from_str(trail.lines().last().unwrap()).unwrap();
+        assert_eq!(last["event"], "sync.failed", "{last}");
+        assert_eq!(last["outcome"], "TIMED_OUT", "{last}");
+        assert_eq!(last["domain"], "mac", "{last}");
+        assert_eq!(last["exit_code"], 8, "{last}");
     }
     let out = hsm_b.with(sync(&b, Some("mac"))).status(0);
     assert!(out.stdout.contains("SYNCED mac: epoch 2"), "{}", out.stdout);

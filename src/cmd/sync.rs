@@ -55,6 +55,9 @@ struct Ctx {
     audit: Audit,
     /// Names this sync in the lock file and the audit lines.
     id: String,
+    /// The domains whose outcome is already audited: a sync ended by its timer reports
+    /// (and audits) TIMED_OUT only for the others.
+    finished: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 pub fn run(cli: &Cli, args: &SyncArgs) -> Outcome {
@@ -83,12 +86,17 @@ pub fn run(cli: &Cli, args: &SyncArgs) -> Outcome {
     outcome
 }
 
-/// What the timer does when a sync is still waiting a second after its deadline: the
-/// report the operator and Control-M read (TIMED_OUT, 8), then the end of the process.
-/// No ledger row or audit line: writing either could wait on the very thing that hangs.
+/// What the timer does when a sync is still waiting a second after its deadline: a
+/// `sync.failed` audit line (TIMED_OUT) for each domain not yet finished, the report
+/// the operator and Control-M read (8), then the end of the process. The audit lines
+/// are written by a thread the timer waits for at most a second: the trail's disk may
+/// be what hangs, and the process must end either way. No `shared_syncs` row: the
+/// database may be what hangs.
 fn timed_out(ctx: &Ctx, output: OutputFormat) -> impl FnOnce() + Send + 'static {
-    let (host, pool) = (ctx.host.clone(), ctx.pool.clone());
+    let (host, pool, id) = (ctx.host.clone(), ctx.pool.clone(), ctx.id.clone());
+    let audit_file = ctx.config.audit_file.clone();
     let domains: Vec<String> = ctx.domains.iter().map(|d| d.name.clone()).collect();
+    let finished = std::sync::Arc::clone(&ctx.finished);
     let deadline = crate::time::rfc3339(ctx.guard.deadline().at());
     move || {
         let reason = format!(
@@ -97,25 +105,44 @@ fn timed_out(ctx: &Ctx, output: OutputFormat) -> impl FnOnce() + Send + 'static 
              new one): sync again once it answers"
         );
         tracing::error!("TIMED_OUT: {reason}");
+        let done = finished.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let stopped: Vec<DomainSync> = domains
+            .iter()
+            .filter(|d| !done.contains(d))
+            .map(|d| DomainSync {
+                domain: d.clone(),
+                outcome: Outcome::TimedOut.name(),
+                exit_code: Outcome::TimedOut.code(),
+                epoch: None,
+                written: Vec::new(),
+                reason: reason.clone(),
+                code: Outcome::TimedOut,
+            })
+            .collect();
+        let events: Vec<Event> = stopped.iter().map(|r| event(&id, &host, &pool, r)).collect();
+        let (wrote, written) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let trail = Audit::new(&audit_file);
+            for e in events {
+                if let Err(e) = trail.emit(e) {
+                    tracing::warn!("{e}");
+                }
+            }
+            let _ = wrote.send(());
+        });
+        if written.recv_timeout(std::time::Duration::from_secs(1)).is_err() {
+            tracing::warn!("the audit trail did not take the TIMED_OUT lines within a second");
+        }
         match output {
             OutputFormat::Json => print_json(&serde_json::json!({
                 "host": host,
                 "pool": pool,
                 "exit_code": Outcome::TimedOut.code(),
-                "domains": domains.iter().map(|d| serde_json::json!({
-                    "domain": d,
-                    "outcome": Outcome::TimedOut.name(),
-                    "exit_code": Outcome::TimedOut.code(),
-                    "reason": reason,
-                })).collect::<Vec<_>>(),
+                "domains": stopped,
             })),
             OutputFormat::Text => {
-                for d in &domains {
-                    out!(
-                        "{} {d}: {reason} ({})",
-                        Outcome::TimedOut.name(),
-                        Outcome::TimedOut.code()
-                    );
+                for r in &stopped {
+                    out!("{} {}: {} ({})", r.outcome, r.domain, r.reason, r.exit_code);
                 }
             }
         }
@@ -172,6 +199,7 @@ fn prepare(cli: &Cli, args: &SyncArgs) -> Result<Ctx, Failure> {
         domains,
         pool,
         guard,
+        finished: Default::default(),
     })
 }
 
@@ -239,6 +267,10 @@ fn sync_all(ctx: &Ctx) -> Vec<DomainSync> {
             let r = sync_one(ctx, &mut ledger, d);
             let r = record(ctx, &mut ledger, r);
             audit(ctx, &r);
+            ctx.finished
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(r.domain.clone());
             r
         })
         .collect()
@@ -343,26 +375,30 @@ fn record(ctx: &Ctx, ledger: &mut Ledger, mut r: DomainSync) -> DomainSync {
 }
 
 fn audit(ctx: &Ctx, r: &DomainSync) {
+    if let Err(e) = ctx.audit.emit(event(&ctx.id, &ctx.host, &ctx.pool, r)) {
+        tracing::warn!("{e}");
+    }
+}
+
+/// The audit line of one domain's sync outcome.
+fn event(id: &str, host: &str, pool: &str, r: &DomainSync) -> Event {
     let event = if r.code == Outcome::Rotated {
         "sync.completed"
     } else {
         "sync.failed"
     };
-    let line = Event {
+    Event {
         ts: String::new(),
         event,
-        run_id: ctx.id.clone(),
+        run_id: id.to_string(),
         domain: r.domain.clone(),
-        host: ctx.host.clone(),
-        pool: Some(ctx.pool.clone()),
+        host: host.to_string(),
+        pool: Some(pool.to_string()),
         operator: Some(super::operator(None)),
         exit_code: Some(r.exit_code),
         outcome: Some(r.outcome),
         reason: Some(r.reason.clone()),
         ..Event::default()
-    };
-    if let Err(e) = ctx.audit.emit(line) {
-        tracing::warn!("{e}");
     }
 }
 
