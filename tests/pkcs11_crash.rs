@@ -22,27 +22,10 @@ algorithm = "ed25519"
 custody = "pkcs11"
 "#;
 
-fn copy_tree(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        let (src, dst) = (e.path(), to.join(e.file_name()));
-        let ft = e.file_type().unwrap();
-        if ft.is_symlink() {
-            std::os::unix::fs::symlink(std::fs::read_link(&src).unwrap(), &dst).unwrap();
-        } else if ft.is_dir() {
-            copy_tree(&src, &dst);
-            std::fs::set_permissions(&dst, e.metadata().unwrap().permissions()).unwrap();
-        } else {
-            std::fs::copy(&src, &dst).unwrap();
-        }
-    }
-}
-
 /// A copy of `base`'s folder, token included, with its config and token pointed at it.
 fn clone_env(base: &Env, module: &Path) -> (Env, Hsm) {
     let env = Env::new();
-    copy_tree(base.dir.path(), env.dir.path());
+    crate::crash::copy_tree(base.dir.path(), env.dir.path());
     let config = std::fs::read_to_string(base.config_path()).unwrap();
     std::fs::write(env.config_path(), config).unwrap();
     let hsm = Hsm::adopt(&env, module, "");

@@ -55,26 +55,9 @@ fn base(domain: &str) -> Env {
     env
 }
 
-fn copy_tree(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        let (src, dst) = (e.path(), to.join(e.file_name()));
-        let ft = e.file_type().unwrap();
-        if ft.is_symlink() {
-            std::os::unix::fs::symlink(std::fs::read_link(&src).unwrap(), &dst).unwrap();
-        } else if ft.is_dir() {
-            copy_tree(&src, &dst);
-            std::fs::set_permissions(&dst, e.metadata().unwrap().permissions()).unwrap();
-        } else {
-            std::fs::copy(&src, &dst).unwrap();
-        }
-    }
-}
-
 fn clone_env(from: &Env) -> Env {
     let env = Env::new();
-    copy_tree(from.dir.path(), env.dir.path());
+    crate::crash::copy_tree(from.dir.path(), env.dir.path());
     env
 }
 
