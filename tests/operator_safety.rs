@@ -852,10 +852,25 @@ fn check_catches_exposed_key_files_and_a_key_store_it_cannot_write() {
     }
     // As another user who owns everything, a key folder it cannot write (0500) is a
     // problem, as is one still owned by root.
+    // The binary copied where the other user can run it: the checkout may sit in a
+    // folder only root can enter (a clone in `mktemp -d` is 0700).
+    let bin = env.path("keyrotate-as-other");
+    std::fs::copy(env!("CARGO_BIN_EXE_keyrotate"), &bin).unwrap();
     chown_tree(env.dir.path(), OTHER_UID);
     let as_other = |args: &[&str]| {
         use std::os::unix::process::CommandExt;
-        let mut c = env.cmd().args(args).command();
+        let run = env.cmd().args(args).command();
+        let mut c = std::process::Command::new(&bin);
+        c.args(run.get_args());
+        for (k, v) in run.get_envs() {
+            match v {
+                Some(v) => c.env(k, v),
+                None => c.env_remove(k),
+            };
+        }
+        if let Some(d) = run.get_current_dir() {
+            c.current_dir(d);
+        }
         c.uid(OTHER_UID).gid(OTHER_UID);
         let o = c.output().unwrap();
         (o.status.code(), String::from_utf8_lossy(&o.stdout).into_owned())
